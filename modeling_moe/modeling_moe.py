@@ -1,0 +1,721 @@
+"""DeepSeek-style Mixture-of-Experts language model: MLA or GQA attention, fine-grained routed + shared experts,
+softmax or sigmoid group-limited routing, aux-loss-free load balancing and multi-token prediction.
+
+This file is also exported next to `config.json` by `save_pretrained`, so a folder loads with `trust_remote_code=True`
+where the `modeling_moe` package is not installed: it imports only torch, transformers and its sibling files.
+"""
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.integrations import use_experts_implementation
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import can_return_tuple
+
+from .configuration_moe import MoEConfig
+
+# transformers renamed the cache argument and output field from `past_key_values` to `cache` in 5.2x.
+CACHE_FIELD = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+class MoERMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class MoERotaryEmbedding(nn.Module):
+    """cos/sin tables of the rotary part of each head (`qk_rope_head_dim` in MLA, `head_dim` in GQA)."""
+
+    inv_freq: torch.Tensor
+
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        rope_type = config.rope_parameters.get("rope_type", "default")
+        if rope_type == "default":
+            dim, base = config.head_dim, config.rope_parameters["rope_theta"]
+            inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+            self.attention_scaling = 1.0
+        else:
+            inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float32)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotate `x` [batch, heads, seq, dim] by the [batch, seq, dim] tables.
+
+    Interleaved weights (DeepSeek's layout) rotate pairs (x0, x1), (x2, x3), ...; the result is written de-interleaved
+    (evens then odds), which leaves every query-key dot product unchanged.
+    """
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    if not interleaved:
+        return x * cos + rotate_half(x) * sin
+    half = x.shape[-1] // 2
+    cos, sin = cos[..., :half], sin[..., :half]
+    even, odd = x[..., 0::2], x[..., 1::2]
+    return torch.cat((even * cos - odd * sin, odd * cos + even * sin), dim=-1)
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Reference attention: explicit softmax in fp32 over [batch, heads, q, k] scores."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    scores = add_attention_mask(scores, attention_mask)
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = F.dropout(probs, p=dropout, training=module.training)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+
+
+def add_attention_mask(scores: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Apply a transformers 4D mask, boolean (True = attend) or additive, to attention scores."""
+    if attention_mask is None:
+        return scores
+    attention_mask = attention_mask[..., : scores.shape[-1]]
+    if attention_mask.dtype == torch.bool:
+        return scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    return scores + attention_mask
+
+
+def yarn_softmax_scale(config: MoEConfig, head_dim: int) -> float:
+    """Softmax scale; YaRN with `mscale_all_dim` also sharpens it by mscale^2 as in DeepSeek-V2/V3."""
+    scale = head_dim**-0.5
+    rope = config.rope_parameters
+    if rope.get("rope_type") == "yarn" and rope.get("mscale_all_dim") and rope["factor"] > 1:
+        mscale = 0.1 * rope["mscale_all_dim"] * torch.log(torch.tensor(float(rope["factor"]))).item() + 1.0
+        scale = scale * mscale * mscale
+    return scale
+
+
+class MoEMultiHeadLatentAttention(nn.Module):
+    """Multi-head Latent Attention (DeepSeek-V2): the cache holds only the `kv_lora_rank` latent and one shared
+    rotary key per token.
+
+    Training and prefill expand the latent to per-head keys and values through `kv_b_proj`. A step that extends an
+    existing cache uses the absorbed form instead: `kv_b_proj`'s key half is folded into the query and its value half
+    into the output, so attention runs directly over the cached latents and nothing is expanded.
+    """
+
+    def __init__(self, config: MoEConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_groups = 1
+        self.is_causal = True
+        self.kv_lora_rank = config.kv_lora_rank
+        self.qk_nope_head_dim, self.qk_rope_head_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
+        self.v_head_dim = config.v_head_dim
+        self.qk_head_dim = config.qk_head_dim
+        self.scaling = yarn_softmax_scale(config, self.qk_head_dim)
+        self.attention_dropout = config.attention_dropout
+
+        q_out = self.num_heads * self.qk_head_dim
+        if config.q_lora_rank is None:
+            self.q_proj = nn.Linear(config.hidden_size, q_out, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(config.hidden_size, config.q_lora_rank, bias=config.attention_bias)
+            self.q_a_layernorm = MoERMSNorm(config.q_lora_rank, eps=config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, q_out, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(
+            config.hidden_size, self.kv_lora_rank + self.qk_rope_head_dim, bias=config.attention_bias
+        )
+        self.kv_a_layernorm = MoERMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, config.hidden_size, bias=config.attention_bias)
+
+    def project_query(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.config.q_lora_rank is None:
+            return self.q_proj(hidden_states)
+        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
+        batch, seq_len = hidden_states.shape[:-1]
+        query = self.project_query(hidden_states).view(batch, seq_len, self.num_heads, self.qk_head_dim).transpose(1, 2)
+        q_nope, q_rope = query.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+
+        latent, k_rope = self.kv_a_proj_with_mqa(hidden_states).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent).view(batch, 1, seq_len, self.kv_lora_rank)
+        k_rope = k_rope.view(batch, 1, seq_len, self.qk_rope_head_dim)
+
+        cos, sin = position_embeddings
+        q_rope = apply_rotary(q_rope, cos, sin, self.config.rope_interleave)
+        k_rope = apply_rotary(k_rope, cos, sin, self.config.rope_interleave)
+
+        extends_cache = cache is not None and cache.get_seq_length(self.layer_idx) > 0
+        if cache is not None:
+            latent, k_rope = cache.update(latent, k_rope, self.layer_idx)
+
+        if extends_cache:
+            attn_output = self.absorbed_attention(q_nope, q_rope, latent, k_rope, attention_mask)
+        else:
+            attn_output = self.expanded_attention(q_nope, q_rope, latent, k_rope, attention_mask, **kwargs)
+        return self.o_proj(attn_output.reshape(batch, seq_len, -1))
+
+    def expanded_attention(self, q_nope, q_rope, latent, k_rope, attention_mask, **kwargs):
+        batch, _, kv_len, _ = latent.shape
+        kv = self.kv_b_proj(latent).view(batch, kv_len, self.num_heads, -1).transpose(1, 2)
+        k_nope, value = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        key = torch.cat((k_nope, k_rope.expand(-1, self.num_heads, -1, -1)), dim=-1)
+        query = torch.cat((q_nope, q_rope), dim=-1)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, _ = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        return attn_output
+
+    def absorbed_attention(self, q_nope, q_rope, latent, k_rope, attention_mask):
+        """Attention over the cached latents: scores = (q_nope W_uk) c^T + q_rope k_rope^T, output = (p c) W_uv^T."""
+        w_kv = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        w_uk, w_uv = w_kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
+        q_latent = torch.einsum("bhsd,hdr->bhsr", q_nope, w_uk)
+        scores = torch.matmul(q_latent, latent.transpose(2, 3)) + torch.matmul(q_rope, k_rope.transpose(2, 3))
+        scores = add_attention_mask(scores * self.scaling, attention_mask)
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(latent.dtype)
+        out_latent = torch.matmul(probs, latent)
+        return torch.einsum("bhsr,hvr->bshv", out_latent, w_uv)
+
+
+class MoEGroupedQueryAttention(nn.Module):
+    """Grouped-query attention (Mixtral / Qwen3-MoE style) with a standard per-head key/value cache."""
+
+    def __init__(self, config: MoEConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_kv_heads
+        self.is_causal = True
+        self.scaling = yarn_softmax_scale(config, self.head_dim)
+        self.attention_dropout = config.attention_dropout
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
+        batch, seq_len = hidden_states.shape[:-1]
+        query = self.q_proj(hidden_states).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
+        cos, sin = position_embeddings
+        query = apply_rotary(query, cos, sin, self.config.rope_interleave)
+        key = apply_rotary(key, cos, sin, self.config.rope_interleave)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, _ = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        return self.o_proj(attn_output.reshape(batch, seq_len, -1))
+
+
+class MoEMLP(nn.Module):
+    """SwiGLU feed-forward: the dense layers and the shared experts."""
+
+    def __init__(self, config: MoEConfig, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoETopkRouter(nn.Module):
+    """Scores every expert in fp32 and picks the top-k per token.
+
+    `e_score_correction_bias` only steers the selection (aux-loss-free balancing); the routing weights come from the
+    unbiased scores. While training it counts the tokens each expert receives, for `update_expert_bias`.
+    """
+
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        self.config = config
+        self.num_experts, self.top_k = config.n_routed_experts, config.num_experts_per_tok
+        self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, dtype=torch.float32))
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
+        # A plain attribute, not a buffer: DDP would overwrite every rank's counts with rank 0's at each forward.
+        self.tokens_per_expert: torch.Tensor | None = None
+
+    def scores(self, router_logits: torch.Tensor) -> torch.Tensor:
+        if self.config.scoring_func == "softmax":
+            return router_logits.softmax(dim=-1)
+        return router_logits.sigmoid()
+
+    @torch.no_grad()
+    def select(self, scores: torch.Tensor) -> torch.Tensor:
+        """Top-k expert indices [tokens, k] from the scores plus bias, limited to the best groups if configured."""
+        biased = scores + self.e_score_correction_bias
+        config = self.config
+        if config.topk_method == "group_limited" and config.topk_group < config.n_group:
+            grouped = biased.view(-1, config.n_group, self.num_experts // config.n_group)
+            if config.scoring_func == "sigmoid":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            else:
+                group_scores = grouped.amax(dim=-1)
+            best_groups = group_scores.topk(config.topk_group, dim=-1, sorted=False).indices
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best_groups, True)
+            biased = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(-1, self.num_experts)
+        return biased.topk(self.top_k, dim=-1, sorted=False).indices
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        router_logits = F.linear(hidden_states.reshape(-1, hidden_states.shape[-1]).float(), self.weight.float())
+        scores = self.scores(router_logits)
+        topk_indices = self.select(scores)
+        topk_weights = scores.gather(1, topk_indices)
+        if self.config.norm_topk_prob:
+            topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
+        topk_weights = topk_weights * self.config.routed_scaling_factor
+        if self.training and not is_recomputing_for_backward():
+            self.count_tokens(topk_indices)
+        return router_logits, topk_weights, topk_indices
+
+    @torch.no_grad()
+    def count_tokens(self, topk_indices: torch.Tensor):
+        if self.tokens_per_expert is None:
+            self.tokens_per_expert = torch.zeros(self.num_experts, dtype=torch.float32, device=topk_indices.device)
+        ones = torch.ones(topk_indices.numel(), dtype=torch.float32, device=topk_indices.device)
+        self.tokens_per_expert.index_add_(0, topk_indices.flatten(), ones)
+
+
+def is_recomputing_for_backward() -> bool:
+    """True while autograd replays a checkpointed forward: those tokens were already counted once."""
+    return torch._C._current_graph_task_id() != -1
+
+
+@use_experts_implementation
+class MoEExperts(nn.Module):
+    """The routed experts, stacked: `gate_up_proj` [E, 2I, H] (gate rows first) and `down_proj` [E, H, I].
+
+    This loop is the readable reference ("eager"); `experts_implementation` swaps in faster ones. Every implementation
+    reads the parameters at call time, so PEFT's `target_parameters` LoRA applies to all of them.
+    """
+
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        self.num_experts = config.n_routed_experts
+        self.gate_up_proj = nn.Parameter(
+            torch.empty(self.num_experts, 2 * config.moe_intermediate_size, config.hidden_size)
+        )
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, config.moe_intermediate_size))
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        output = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
+        for expert in top_k_index.unique().tolist():
+            token_idx, slot = torch.where(top_k_index == expert)
+            gate, up = F.linear(hidden_states[token_idx], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            expert_out = F.linear(self.act_fn(gate) * up, self.down_proj[expert])
+            output.index_add_(0, token_idx, expert_out.float() * top_k_weights[token_idx, slot, None])
+        return output.to(hidden_states.dtype)
+
+
+class MoESparseMoeBlock(nn.Module):
+    """Routed experts plus always-on shared experts."""
+
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        self.gate = MoETopkRouter(config)
+        self.experts = MoEExperts(config)
+        self.shared_experts = (
+            MoEMLP(config, config.moe_intermediate_size * config.n_shared_experts) if config.n_shared_experts else None
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        router_logits, topk_weights, topk_indices = self.gate(hidden_states)
+        routed = self.experts(hidden_states.reshape(-1, hidden_states.shape[-1]), topk_indices, topk_weights)
+        output = routed.view_as(hidden_states)
+        if self.shared_experts is not None:
+            output = output + self.shared_experts(hidden_states)
+        return output, router_logits
+
+
+ATTENTION_CLASSES = {"mla": MoEMultiHeadLatentAttention, "gqa": MoEGroupedQueryAttention}
+
+
+class MoEDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: MoEConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = ATTENTION_CLASSES[config.attention_type](config, layer_idx)
+        self.is_moe = config.is_moe_layer(layer_idx)
+        self.mlp = MoESparseMoeBlock(config) if self.is_moe else MoEMLP(config, config.intermediate_size)
+        self.input_layernorm = MoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = MoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, **kwargs):
+        """Returns the new hidden states and this layer's router logits (None in a dense layer)."""
+        residual = hidden_states
+        hidden_states = self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache=cache, **kwargs
+        )
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        router_logits = None
+        if self.is_moe:
+            hidden_states, router_logits = self.mlp(hidden_states)
+        else:
+            hidden_states = self.mlp(hidden_states)
+        return residual + hidden_states, router_logits
+
+
+class MoEMultiTokenPredictionLayer(MoEDecoderLayer):
+    """DeepSeek-V3 MTP module: predicts the token `depth` positions further from the previous depth's hidden states
+    and the embedding of the next known token. It shares the embedding and output head with the main model."""
+
+    def __init__(self, config: MoEConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.enorm = MoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.hnorm = MoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.norm = MoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, previous_hidden, next_embeds, position_embeddings, attention_mask=None, **kwargs):
+        hidden_states = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(previous_hidden)), dim=-1))
+        hidden_states, router_logits = super().forward(hidden_states, position_embeddings, attention_mask, **kwargs)
+        return self.norm(hidden_states), router_logits
+
+
+class MoEPreTrainedModel(PreTrainedModel):
+    config_class = MoEConfig
+    config: MoEConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MoEDecoderLayer", "MoEMultiTokenPredictionLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+    _keep_in_fp32_modules_strict = ["e_score_correction_bias", "gate.weight"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            module.weight.normal_(0.0, std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.normal_(0.0, std)
+        elif isinstance(module, MoERMSNorm):
+            module.weight.fill_(1.0)
+        elif isinstance(module, MoETopkRouter):
+            module.weight.normal_(0.0, std)
+            module.e_score_correction_bias.zero_()
+        elif isinstance(module, MoEExperts):
+            module.gate_up_proj.normal_(0.0, std)
+            module.down_proj.normal_(0.0, std)
+        elif isinstance(module, MoERotaryEmbedding):
+            module.inv_freq.copy_(MoERotaryEmbedding(self.config).inv_freq)
+
+    def routers(self) -> list[MoETopkRouter]:
+        return [module for module in self.modules() if isinstance(module, MoETopkRouter)]
+
+    @torch.no_grad()
+    def update_expert_bias(self, update_speed: float | None = None, process_group=None) -> dict[str, torch.Tensor]:
+        """Aux-loss-free load balancing step (DeepSeek-V3): call once per optimizer step.
+
+        Sums the tokens each expert received since the last call over the data-parallel ranks (when torch.distributed
+        is initialised), moves each router's bias by `update_speed * sign(mean load - load)` (centred so the biases
+        keep a zero mean), resets the counts and returns per-layer statistics: `tokens_per_expert` [layers, experts]
+        and `maxvio` [layers], (max load - mean load) / mean load.
+        """
+        routers = self.routers()
+        if not routers:
+            return {"tokens_per_expert": torch.empty(0, 0), "maxvio": torch.empty(0)}
+        speed = self.config.bias_update_speed if update_speed is None else update_speed
+        device = routers[0].e_score_correction_bias.device
+        load = torch.stack([
+            r.tokens_per_expert.to(device) if r.tokens_per_expert is not None
+            else torch.zeros(r.num_experts, device=device)
+            for r in routers
+        ])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(load, group=process_group)
+        mean = load.mean(dim=-1, keepdim=True)
+        if speed > 0:
+            delta = speed * torch.sign(mean - load)
+            delta -= delta.mean(dim=-1, keepdim=True)
+            for router, router_delta in zip(routers, delta):
+                router.e_score_correction_bias += router_delta
+        for router in routers:
+            router.tokens_per_expert = None
+        maxvio = (load.amax(dim=-1) - mean.squeeze(-1)) / mean.squeeze(-1).clamp(min=1e-9)
+        return {"tokens_per_expert": load, "maxvio": maxvio}
+
+    def num_parameters_summary(self) -> dict[str, int]:
+        """Total parameters and parameters activated per token (without the input embedding table, the convention of
+        the DeepSeek reports; MTP modules excluded from the activated count as they are skipped at inference)."""
+        config = self.config
+        total = sum(p.numel() for p in self.parameters())
+        experts = [m for m in self.modules() if isinstance(m, MoEExperts)]
+        inactive = sum(
+            (m.gate_up_proj.numel() + m.down_proj.numel()) * (1 - config.num_experts_per_tok / m.num_experts)
+            for m in experts
+        )
+        mtp = sum(p.numel() for name, p in self.named_parameters() if ".mtp_layers." in f".{name}")
+        mtp_inactive = sum(
+            (m.gate_up_proj.numel() + m.down_proj.numel()) * (1 - config.num_experts_per_tok / m.num_experts)
+            for name, m in self.named_modules() if isinstance(m, MoEExperts) and ".mtp_layers." in f".{name}"
+        )
+        embed = self.get_input_embeddings().weight.numel()
+        activated = total - embed - inactive - (mtp - mtp_inactive)
+        return {"total": total, "activated": int(activated)}
+
+
+class MoEModel(MoEPreTrainedModel):
+    def __init__(self, config: MoEConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(MoEDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = MoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = MoERotaryEmbedding(config)
+        self.mtp_layers = nn.ModuleList(
+            MoEMultiTokenPredictionLayer(config, config.num_hidden_layers + depth)
+            for depth in range(config.num_nextn_predict_layers)
+        )
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> MoeModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        cache = cache if cache is not None else past_key_values
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if not use_cache:
+            cache = None
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if position_ids is None:
+            past_seen = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past_seen
+
+        # Positional arguments: the cache keyword was renamed across transformers 5.x.
+        causal_mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+
+        hidden_states = inputs_embeds
+        all_hidden_states = () if output_hidden_states else None
+        router_logits = ()
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states, layer_router_logits = layer(
+                hidden_states, position_embeddings, attention_mask=causal_mask, cache=cache, **kwargs
+            )
+            if layer_router_logits is not None:
+                router_logits += (layer_router_logits,)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+
+        return MoeModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            hidden_states=all_hidden_states,
+            router_logits=router_logits,
+            **{CACHE_FIELD: cache},
+        )
+
+    def multi_token_prediction(self, hidden_states, input_ids, attention_mask=None, position_ids=None, **kwargs):
+        """Run the MTP modules in sequence; depth d's hidden states at position i predict token i + d + 1.
+
+        Returns one (normed hidden states [batch, seq - d, hidden], router logits) pair per depth.
+        """
+        seq_len = input_ids.shape[1]
+        if position_ids is None:
+            position_ids = torch.arange(seq_len, device=input_ids.device).unsqueeze(0)
+        outputs = []
+        for depth, layer in enumerate(self.mtp_layers, start=1):
+            keep = seq_len - depth
+            embeds = self.embed_tokens(input_ids[:, depth:])
+            mask = attention_mask[:, :keep] if attention_mask is not None else None
+            positions = position_ids[..., :keep]
+            causal_mask = create_causal_mask(self.config, embeds, mask, None, positions)
+            hidden_states, router_logits = layer(
+                hidden_states[:, :keep], embeds, self.rotary_emb(embeds, positions), causal_mask, **kwargs
+            )
+            outputs.append((hidden_states, router_logits))
+        return outputs
+
+
+def expert_balance_loss(router: MoETopkRouter, router_logits: torch.Tensor, num_sequences: int = 1) -> torch.Tensor:
+    """DeepSeek's expert-level balance loss sum_i f_i * P_i, averaged over `num_sequences` equal slices of the tokens.
+
+    f_i = E / (k T) * (tokens routed to expert i), P_i = mean affinity of expert i (scores normalised per token);
+    a perfectly balanced router gives 1. One slice is the batch-wise loss; one slice per sequence is DeepSeek-V3's
+    sequence-wise loss.
+    """
+    scores = router.scores(router_logits)
+    scores = scores / scores.sum(dim=-1, keepdim=True)
+    selected = router.select(scores.detach())
+    experts, top_k = router.num_experts, router.top_k
+    scores = scores.view(num_sequences, -1, experts)
+    counts = torch.zeros(num_sequences, experts, device=scores.device, dtype=scores.dtype)
+    counts.scatter_add_(1, selected.view(num_sequences, -1), torch.ones_like(selected, dtype=scores.dtype).view(num_sequences, -1))
+    fraction = counts * experts / (top_k * scores.shape[1])
+    return (fraction * scores.mean(dim=1)).sum(dim=-1).mean()
+
+
+class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MoEConfig):
+        super().__init__(config)
+        self.model = MoEModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> MoeCausalLMOutputWithPast:
+        output_router_logits = self.config.output_router_logits if output_router_logits is None else output_router_logits
+        kwargs.pop("output_attentions", None)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache if cache is not None else past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+
+        router_logits = outputs.router_logits
+        moe_routers = [layer.mlp.gate for layer in self.model.layers if layer.is_moe]
+        aux_loss = None
+        if output_router_logits and router_logits:
+            aux_loss = torch.stack([expert_balance_loss(r, l) for r, l in zip(moe_routers, router_logits)]).mean()
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            if aux_loss is not None and self.config.router_aux_loss_coef:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
+            if self.training and self.config.seq_aux_loss_coef and router_logits:
+                batch = hidden_states.shape[0]
+                seq_aux = torch.stack(
+                    [expert_balance_loss(r, l, num_sequences=batch) for r, l in zip(moe_routers, router_logits)]
+                ).mean()
+                loss = loss + self.config.seq_aux_loss_coef * seq_aux
+            if self.model.mtp_layers and input_ids is not None:
+                loss = loss + self.config.mtp_loss_weight * self.mtp_loss(
+                    hidden_states, input_ids, labels, attention_mask, position_ids, **kwargs
+                )
+
+        return MoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            router_logits=router_logits if output_router_logits else None,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
+        )
+
+    def mtp_loss(self, hidden_states, input_ids, labels, attention_mask=None, position_ids=None, **kwargs):
+        """Mean over depths of the cross-entropy of MTP depth d, whose position i predicts labels[i + d + 1]."""
+        kwargs.pop("num_items_in_batch", None)
+        losses = []
+        for depth, (mtp_hidden, _) in enumerate(
+            self.model.multi_token_prediction(hidden_states, input_ids, attention_mask, position_ids), start=1
+        ):
+            losses.append(
+                self.loss_function(
+                    logits=self.lm_head(mtp_hidden), labels=labels[:, depth:], vocab_size=self.config.vocab_size
+                )
+            )
+        return torch.stack(losses).mean()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Also loads DeepSeek-V2/V3 checkpoints (transformers' or the original Hub layout), mapping their config."""
+        from .deepseek_checkpoint import is_deepseek_checkpoint, load_deepseek_checkpoint
+
+        if is_deepseek_checkpoint(pretrained_model_name_or_path):
+            return load_deepseek_checkpoint(cls, pretrained_model_name_or_path, *args, **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+
+__all__ = ["MoEPreTrainedModel", "MoEModel", "MoEForCausalLM"]
