@@ -5,6 +5,7 @@ This file is also exported next to `config.json` by `save_pretrained`, so a fold
 where the `modeling_moe` package is not installed: it imports only torch, transformers and its sibling files.
 """
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -35,7 +36,7 @@ class MoERMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
+        hidden_states = hidden_states.to(torch.promote_types(input_dtype, torch.float32))
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
         hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
         return self.weight * hidden_states.to(input_dtype)
@@ -59,7 +60,8 @@ class MoERotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float32)
+        dtype = torch.promote_types(x.dtype, torch.float32)  # never below fp32: positions reach the thousands
+        freqs = position_ids[..., None].to(dtype) * self.inv_freq.to(device=x.device, dtype=dtype)
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
 
@@ -90,9 +92,13 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     scores = add_attention_mask(scores, attention_mask)
-    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = softmax_in_at_least_fp32(scores).to(query.dtype)
     probs = F.dropout(probs, p=dropout, training=module.training)
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+
+
+def softmax_in_at_least_fp32(scores: torch.Tensor) -> torch.Tensor:
+    return F.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
 
 
 def add_attention_mask(scores: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -100,9 +106,11 @@ def add_attention_mask(scores: torch.Tensor, attention_mask: torch.Tensor | None
     if attention_mask is None:
         return scores
     attention_mask = attention_mask[..., : scores.shape[-1]]
+    lowest = torch.finfo(scores.dtype).min
     if attention_mask.dtype == torch.bool:
-        return scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-    return scores + attention_mask
+        return scores.masked_fill(~attention_mask, lowest)
+    # Clamped so that fully masked rows (left padding) stay finite instead of turning into NaN.
+    return (scores + attention_mask).clamp(min=lowest)
 
 
 def yarn_softmax_scale(config: MoEConfig, head_dim: int) -> float:
@@ -110,7 +118,7 @@ def yarn_softmax_scale(config: MoEConfig, head_dim: int) -> float:
     scale = head_dim**-0.5
     rope = config.rope_parameters
     if rope.get("rope_type") == "yarn" and rope.get("mscale_all_dim") and rope["factor"] > 1:
-        mscale = 0.1 * rope["mscale_all_dim"] * torch.log(torch.tensor(float(rope["factor"]))).item() + 1.0
+        mscale = 0.1 * rope["mscale_all_dim"] * math.log(rope["factor"]) + 1.0
         scale = scale * mscale * mscale
     return scale
 
@@ -208,7 +216,7 @@ class MoEMultiHeadLatentAttention(nn.Module):
         q_latent = torch.einsum("bhsd,hdr->bhsr", q_nope, w_uk)
         scores = torch.matmul(q_latent, latent.transpose(2, 3)) + torch.matmul(q_rope, k_rope.transpose(2, 3))
         scores = add_attention_mask(scores * self.scaling, attention_mask)
-        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(latent.dtype)
+        probs = softmax_in_at_least_fp32(scores).to(latent.dtype)
         out_latent = torch.matmul(probs, latent)
         return torch.einsum("bhsr,hvr->bshv", out_latent, w_uv)
 
@@ -310,7 +318,8 @@ class MoETopkRouter(nn.Module):
         return biased.topk(self.top_k, dim=-1, sorted=False).indices
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        router_logits = F.linear(hidden_states.reshape(-1, hidden_states.shape[-1]).float(), self.weight.float())
+        dtype = torch.promote_types(hidden_states.dtype, torch.float32)  # routing decisions in at least fp32
+        router_logits = F.linear(hidden_states.reshape(-1, hidden_states.shape[-1]).to(dtype), self.weight.to(dtype))
         scores = self.scores(router_logits)
         topk_indices = self.select(scores)
         topk_weights = scores.gather(1, topk_indices)
@@ -352,12 +361,14 @@ class MoEExperts(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
-        output = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
+        # Combine in at least fp32, whatever the activations' dtype.
+        accumulate_dtype = torch.promote_types(hidden_states.dtype, torch.float32)
+        output = torch.zeros(hidden_states.shape, dtype=accumulate_dtype, device=hidden_states.device)
         for expert in top_k_index.unique().tolist():
             token_idx, slot = torch.where(top_k_index == expert)
             gate, up = F.linear(hidden_states[token_idx], self.gate_up_proj[expert]).chunk(2, dim=-1)
             expert_out = F.linear(self.act_fn(gate) * up, self.down_proj[expert])
-            output.index_add_(0, token_idx, expert_out.float() * top_k_weights[token_idx, slot, None])
+            output.index_add_(0, token_idx, expert_out.to(accumulate_dtype) * top_k_weights[token_idx, slot, None])
         return output.to(hidden_states.dtype)
 
 

@@ -1,0 +1,37 @@
+"""Small configurations shared by the tests."""
+
+from modeling_moe import MoEConfig
+
+
+def small_config(**overrides) -> MoEConfig:
+    """A few-layer MLA model with every feature on: q compression, groups, shared experts, a dense first layer."""
+    kwargs = dict(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        kv_lora_rank=16,
+        q_lora_rank=24,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=12,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=3,
+        n_group=4,
+        topk_group=2,
+        topk_method="group_limited",
+        first_k_dense_replace=1,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    kwargs.update(overrides)
+    return MoEConfig(**kwargs)
+
+
+def gqa_config(**overrides) -> MoEConfig:
+    return small_config(attention_type="gqa", num_key_value_heads=2, head_dim=8, **overrides)

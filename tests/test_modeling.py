@@ -1,0 +1,402 @@
+"""Model core against float64 references written from the math, independent of the model's code paths."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from modeling_moe import MoEForCausalLM
+from modeling_moe.modeling_moe import MoESparseMoeBlock, expert_balance_loss
+
+from .helpers import gqa_config, small_config
+
+
+def seeded_model(config, seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    model = MoEForCausalLM(config).to(dtype)
+    if dtype == torch.float64:
+        model.set_experts_implementation("eager")  # grouped_mm has no float64 kernel
+    # Random biases and norm weights so that no term hides behind a zero or a one.
+    with torch.no_grad():
+        for router in model.routers():
+            router.e_score_correction_bias.normal_(0, 0.05)
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(1.0, 0.1)
+    return model.eval()
+
+
+# ---------------------------------------------------------------- routing and experts
+
+
+def reference_routing(config, logits, bias):
+    """Per-token loop over the routing rules of DeepSeek-V2 (softmax, max-score groups) and V3 (sigmoid, top-2 sums)."""
+    experts, k = config.n_routed_experts, config.num_experts_per_tok
+    per_group = experts // config.n_group
+    weights = torch.zeros(logits.shape[0], experts, dtype=torch.float64)
+    for t, row in enumerate(logits.double()):
+        scores = row.softmax(-1) if config.scoring_func == "softmax" else row.sigmoid()
+        biased = scores + bias.double()
+        allowed = list(range(experts))
+        if config.topk_method == "group_limited":
+            groups = [biased[g * per_group:(g + 1) * per_group] for g in range(config.n_group)]
+            rank = [
+                (g.max().item() if config.scoring_func == "softmax" else sorted(g.tolist())[-2:][0] + g.max().item())
+                for g in groups
+            ]
+            best = sorted(range(config.n_group), key=lambda g: -rank[g])[: config.topk_group]
+            allowed = [e for e in allowed if e // per_group in best]
+        chosen = sorted(allowed, key=lambda e: -biased[e].item())[:k]
+        w = scores[chosen]
+        if config.norm_topk_prob:
+            w = w / w.sum()
+        weights[t, chosen] = w * config.routed_scaling_factor
+    return weights
+
+
+def reference_moe_block(block, config, x):
+    """Every expert on every token, combined with the reference routing weights."""
+    x2 = x.reshape(-1, x.shape[-1]).double()
+    logits = x2 @ block.gate.weight.double().T
+    weights = reference_routing(config, logits, block.gate.e_score_correction_bias)
+    out = torch.zeros_like(x2)
+    inter = config.moe_intermediate_size
+    for e in range(config.n_routed_experts):
+        w1 = block.experts.gate_up_proj[e].double()
+        h = F.silu(x2 @ w1[:inter].T) * (x2 @ w1[inter:].T)
+        out += weights[:, e : e + 1] * (h @ block.experts.down_proj[e].double().T)
+    shared = block.shared_experts
+    h = F.silu(x2 @ shared.gate_proj.weight.double().T) * (x2 @ shared.up_proj.weight.double().T)
+    out += h @ shared.down_proj.weight.double().T
+    return out.view(x.shape)
+
+
+@pytest.mark.parametrize(
+    "routing",
+    [
+        dict(scoring_func="sigmoid", topk_method="group_limited"),
+        dict(scoring_func="softmax", topk_method="group_limited", norm_topk_prob=False, routed_scaling_factor=1.0),
+        dict(scoring_func="sigmoid", topk_method="greedy", routed_scaling_factor=2.5),
+        dict(scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1),
+        dict(num_experts_per_tok=1, topk_method="greedy"),
+        dict(num_experts_per_tok=8, topk_method="greedy"),
+    ],
+)
+@pytest.mark.parametrize(
+    "experts_implementation, dtype, tol", [("eager", torch.float64, 1e-10), ("grouped_mm", torch.float32, 1e-5)]
+)
+def test_moe_block_matches_reference(routing, experts_implementation, dtype, tol):
+    config = small_config(**routing)
+    config._experts_implementation = experts_implementation
+    torch.manual_seed(1)
+    block = MoESparseMoeBlock(config).to(dtype)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.3)
+        block.gate.e_score_correction_bias.normal_(0, 0.1)
+    x = torch.randn(2, 7, config.hidden_size, dtype=dtype)
+    out, router_logits = block(x)
+    torch.testing.assert_close(out, reference_moe_block(block, config, x).to(dtype), rtol=tol, atol=tol)
+    assert router_logits.shape == (14, config.n_routed_experts) and router_logits.dtype == dtype
+
+
+def test_router_logits_stay_fp32_in_bf16_model():
+    model = MoEForCausalLM(small_config()).to(torch.bfloat16)
+    assert all(r.weight.dtype == torch.bfloat16 for r in model.routers())  # .to() casts; the forward upcasts
+    out = model(torch.randint(3, 97, (1, 5)), output_router_logits=True)
+    assert all(logits.dtype == torch.float32 for logits in out.router_logits)
+
+
+def test_experts_implementations_agree_on_loss_and_gradients():
+    config = small_config()
+    ids = torch.randint(3, 97, (2, 9))
+    results = {}
+    for impl in ("eager", "grouped_mm"):
+        model = seeded_model(config, dtype=torch.float32).train()
+        model.set_experts_implementation(impl)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        results[impl] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(results["eager"][0], results["grouped_mm"][0])
+    for name, grad in results["eager"][1].items():
+        torch.testing.assert_close(grad, results["grouped_mm"][1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------- attention
+
+
+def reference_mla(attn, config, x, positions):
+    """Naive per-head MLA in float64 from the weights: expanded keys and values, explicit causal softmax."""
+    x = x.double()
+    heads, nope, rope, vdim = config.num_attention_heads, config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+    if config.q_lora_rank is None:
+        q = x @ attn.q_proj.weight.double().T
+    else:
+        qa = x @ attn.q_a_proj.weight.double().T
+        qa = qa * torch.rsqrt(qa.pow(2).mean(-1, keepdim=True) + config.rms_norm_eps) * attn.q_a_layernorm.weight.double()
+        q = qa @ attn.q_b_proj.weight.double().T
+    q = q.view(*x.shape[:2], heads, nope + rope)
+    kv = x @ attn.kv_a_proj_with_mqa.weight.double().T
+    latent, k_rope = kv[..., : config.kv_lora_rank], kv[..., config.kv_lora_rank:]
+    latent = latent * torch.rsqrt(latent.pow(2).mean(-1, keepdim=True) + config.rms_norm_eps) * attn.kv_a_layernorm.weight.double()
+    kvb = (latent @ attn.kv_b_proj.weight.double().T).view(*x.shape[:2], heads, nope + vdim)
+    theta = config.rope_parameters["rope_theta"]
+    inv_freq = 1.0 / theta ** (torch.arange(0, rope, 2, dtype=torch.float64) / rope)
+    # The model keeps the frequencies in fp32 like every transformers model: use exactly those values.
+    torch.testing.assert_close(attn_inv_freq := attn.rotary_inv_freq.double(), inv_freq, rtol=1e-6, atol=0)
+    inv_freq = attn_inv_freq
+    angle = positions.double()[..., None] * inv_freq  # [b, s, rope/2]
+
+    def rotate_pairs(v):  # interleaved pairs (v0, v1), (v2, v3), ... as complex numbers
+        c = torch.view_as_complex(v.reshape(*v.shape[:-1], -1, 2).contiguous())
+        rot = torch.polar(torch.ones_like(angle), angle)
+        return torch.view_as_real(c * (rot if v.dim() == 3 else rot[:, :, None])).flatten(-2)
+
+    q_rope = rotate_pairs(q[..., nope:])
+    k_rope = rotate_pairs(k_rope)
+    scale = 1 / math.sqrt(nope + rope)
+    out = torch.zeros(*x.shape[:2], heads, vdim, dtype=torch.float64)
+    seq = x.shape[1]
+    for h in range(heads):
+        scores = q[:, :, h, :nope] @ kvb[:, :, h, :nope].transpose(1, 2) + q_rope[:, :, h] @ k_rope.transpose(1, 2)
+        scores = (scores * scale).masked_fill(torch.ones(seq, seq, dtype=torch.bool).triu(1), float("-inf"))
+        out[:, :, h] = scores.softmax(-1) @ kvb[:, :, h, nope:]
+    return out.flatten(2) @ attn.o_proj.weight.double().T
+
+
+@pytest.mark.parametrize("q_lora_rank", [None, 24])
+def test_mla_matches_reference(q_lora_rank):
+    config = small_config(q_lora_rank=q_lora_rank)
+    model = seeded_model(config)
+    attn = model.model.layers[0].self_attn
+    attn.rotary_inv_freq = model.model.rotary_emb.inv_freq
+    x = torch.randn(2, 6, config.hidden_size, dtype=torch.float64)
+    positions = torch.arange(6).expand(2, -1)
+    out = attn(x, model.model.rotary_emb(x, positions), attention_mask=None)
+    torch.testing.assert_close(out, reference_mla(attn, config, x, positions), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("make_config", [small_config, gqa_config], ids=["mla", "gqa"])
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_incremental_decode_equals_full_forward(make_config, attn_implementation):
+    """MLA decode runs in absorbed form over the latent cache; it must reproduce the expanded full forward."""
+    config = make_config()
+    config._attn_implementation = attn_implementation
+    model = seeded_model(config)
+    ids = torch.randint(3, 97, (2, 11))
+    full = model(ids).logits
+    out = model(ids[:, :6], use_cache=True)
+    logits = [out.logits]
+    cache = out.past_key_values if hasattr(out, "past_key_values") else out.cache
+    for step in range(6, 11, 2):  # 2 tokens per step: speculative-verification sized
+        out = model(ids[:, step:step + 2], past_key_values=cache, use_cache=True)
+        logits.append(out.logits)
+    torch.testing.assert_close(torch.cat(logits, dim=1), full, rtol=1e-9, atol=1e-9)
+
+
+def test_latent_cache_holds_only_latent_and_rotary_key():
+    config = small_config()
+    model = seeded_model(config, dtype=torch.bfloat16)
+    out = model(torch.randint(3, 97, (3, 10)), use_cache=True)
+    cache = out.past_key_values if hasattr(out, "past_key_values") else out.cache
+    per_token = 0
+    for layer in cache.layers:
+        assert layer.keys.shape == (3, 1, 10, config.kv_lora_rank)
+        assert layer.values.shape == (3, 1, 10, config.qk_rope_head_dim)
+        per_token += (layer.keys.shape[-1] + layer.values.shape[-1]) * layer.keys.element_size()
+    assert per_token == (config.kv_lora_rank + config.qk_rope_head_dim) * config.num_hidden_layers * 2
+
+
+def test_sdpa_and_eager_attention_agree_with_padding():
+    config = small_config()
+    ids = torch.randint(3, 97, (2, 8))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    logits = {}
+    for impl in ("sdpa", "eager"):
+        model = seeded_model(config)
+        model.set_attn_implementation(impl)
+        logits[impl] = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(logits["sdpa"][0, 3:], logits["eager"][0, 3:])
+    torch.testing.assert_close(logits["sdpa"][1], logits["eager"][1])
+
+
+@pytest.mark.parametrize("make_config", [small_config, gqa_config], ids=["mla", "gqa"])
+def test_left_padded_batch_generates_what_each_prompt_generates_alone(make_config):
+    model = seeded_model(make_config(), dtype=torch.float32)
+    prompts = [[5, 17, 33, 8, 61, 12], [44, 9, 70]]
+    alone = [
+        model.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False, pad_token_id=0)[0, len(p):]
+        for p in prompts
+    ]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    batch = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)[:, width:]
+    for row, expected in zip(batch, alone):
+        assert row.tolist() == expected.tolist()
+
+
+def test_yarn_scaling_matches_deepseek_formula():
+    rope = {
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "original_max_position_embeddings": 64,
+        "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707,
+    }
+    config = small_config(rope_parameters=rope)
+    attn = MoEForCausalLM(config).model.layers[0].self_attn
+    mscale = 0.1 * 0.707 * math.log(40.0) + 1.0
+    assert attn.scaling == pytest.approx(mscale**2 / math.sqrt(16))
+
+
+# ---------------------------------------------------------------- load balancing
+
+
+def test_balance_loss_matches_formula_and_is_one_when_balanced():
+    config = small_config(scoring_func="softmax", topk_method="greedy", num_experts_per_tok=2)
+    router = MoESparseMoeBlock(config).gate.double()
+    torch.nn.init.zeros_(router.e_score_correction_bias)
+    logits = torch.randn(12, 8, dtype=torch.float64)
+    probs = logits.softmax(-1)
+    chosen = probs.topk(2, dim=-1).indices
+    f = torch.zeros(8, dtype=torch.float64).index_add_(0, chosen.flatten(), torch.ones(24, dtype=torch.float64))
+    f = f * 8 / (2 * 12)
+    expected = (f * probs.mean(0)).sum()
+    torch.testing.assert_close(expected, expert_balance_loss(router, logits))
+    # Per-sequence: the mean of the loss of each half.
+    halves = torch.stack([expert_balance_loss(router, part) for part in logits.chunk(2)]).mean()
+    torch.testing.assert_close(halves, expert_balance_loss(router, logits, num_sequences=2))
+    # Uniform scores with every expert picked equally often give exactly 1.
+    assert expert_balance_loss(router, torch.zeros(8, 8, dtype=torch.float64)).item() == pytest.approx(1.0)
+
+
+def count_tokens(model, batches, **kwargs):
+    model.train()
+    for ids in batches:
+        model(ids, labels=ids, **kwargs).loss.backward()
+    return torch.stack([r.tokens_per_expert for r in model.routers()])
+
+
+def test_update_expert_bias_rule_and_statistics():
+    config = small_config(bias_update_speed=0.01)
+    model = seeded_model(config, dtype=torch.float32)
+    before = torch.stack([r.e_score_correction_bias.clone() for r in model.routers()])
+    batches = [torch.randint(3, 97, (2, 8)) for _ in range(3)]  # three micro-batches of one optimizer step
+    load = count_tokens(model, batches)
+    assert load.sum(dim=-1).tolist() == [3 * 16 * config.num_experts_per_tok] * len(model.routers())
+    stats = model.update_expert_bias()
+    after = torch.stack([r.e_score_correction_bias for r in model.routers()])
+    delta = 0.01 * torch.sign(load.mean(-1, keepdim=True) - load)
+    torch.testing.assert_close(after - before, delta - delta.mean(-1, keepdim=True))
+    torch.testing.assert_close(stats["tokens_per_expert"], load)
+    mean = load.mean(-1)
+    torch.testing.assert_close(stats["maxvio"], (load.max(-1).values - mean) / mean)
+    assert all(r.tokens_per_expert is None for r in model.routers())  # reset
+
+
+def test_gradient_checkpointing_counts_once_and_keeps_gradients():
+    config = small_config()
+    batches = [torch.randint(3, 97, (2, 8))]
+    plain = seeded_model(config, dtype=torch.float32)
+    load = count_tokens(plain, batches)
+    for use_reentrant in (False, True):
+        ckpt = seeded_model(config, dtype=torch.float32)
+        ckpt.gradient_checkpointing_enable({"use_reentrant": use_reentrant})
+        torch.testing.assert_close(count_tokens(ckpt, batches), load)
+        for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+            if p.grad is not None:
+                torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def test_eval_forward_counts_nothing():
+    model = seeded_model(small_config())
+    with torch.no_grad():
+        model(torch.randint(3, 97, (2, 8)))
+    assert all(r.tokens_per_expert is None for r in model.routers())
+    assert model.update_expert_bias()["tokens_per_expert"].sum() == 0
+
+
+def test_balanced_routing_is_driven_by_bias_updates():
+    """With a router that sends every token to the same experts, the bias updates alone spread the load."""
+    config = small_config(bias_update_speed=0.01, topk_method="greedy", n_group=1, topk_group=1)
+    model = seeded_model(config, dtype=torch.float32)
+    with torch.no_grad():
+        for router in model.routers():
+            router.weight.normal_(0, 0.3)
+            router.e_score_correction_bias.zero_()
+            router.e_score_correction_bias[:3] = 0.3  # experts 0-2 take every token
+    ids = torch.randint(3, 97, (4, 16))
+    maxvio = []
+    for _ in range(30):
+        model.zero_grad()
+        count_tokens(model, [ids])
+        maxvio.append(model.update_expert_bias()["maxvio"])
+    assert (maxvio[0] > 0.6).all()
+    assert (torch.stack(maxvio[-5:]).mean(0) < 0.3 * maxvio[0]).all()
+
+
+def test_aux_losses_and_router_logits_in_output():
+    config = small_config(output_router_logits=True, router_aux_loss_coef=0.1, seq_aux_loss_coef=0.2)
+    model = seeded_model(config, dtype=torch.float32).train()
+    ids = torch.randint(3, 97, (2, 8))
+    out = model(ids, labels=ids)
+    moe_layers = config.num_hidden_layers - config.first_k_dense_replace
+    assert len(out.router_logits) == moe_layers
+    routers = model.routers()
+    aux = torch.stack([expert_balance_loss(r, l) for r, l in zip(routers, out.router_logits)]).mean()
+    seq = torch.stack([expert_balance_loss(r, l, 2) for r, l in zip(routers, out.router_logits)]).mean()
+    torch.testing.assert_close(out.aux_loss, aux)
+    plain = model(ids, labels=ids, output_router_logits=False)
+    assert plain.aux_loss is None and plain.router_logits is None
+    ce = F.cross_entropy(out.logits[:, :-1].reshape(-1, 97), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, ce + 0.1 * aux + 0.2 * seq, rtol=1e-6, atol=1e-6)
+    out.loss.backward()
+    assert model.model.layers[1].mlp.gate.weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- multi-token prediction
+
+
+def test_mtp_loss_matches_manual_computation_and_is_skipped_at_inference():
+    config = small_config(num_nextn_predict_layers=2, mtp_loss_weight=0.5)
+    model = seeded_model(config)
+    ids = torch.randint(3, 97, (2, 10))
+    out = model(ids, labels=ids)
+    hidden = model.model(ids).last_hidden_state
+    positions = torch.arange(10).unsqueeze(0)
+    losses = []
+    for depth, layer in enumerate(model.model.mtp_layers, start=1):
+        keep = 10 - depth
+        emb = model.model.embed_tokens(ids[:, depth:])
+        h = layer.eh_proj(torch.cat([layer.enorm(emb), layer.hnorm(hidden[:, :keep])], -1))
+        pe = model.model.rotary_emb(h, positions[:, :keep])
+        h = h + layer.self_attn(layer.input_layernorm(h), pe, None)
+        h = h + layer.mlp(layer.post_attention_layernorm(h))[0]
+        logits = model.lm_head(layer.norm(h))
+        # position i of depth d predicts token i + d + 1
+        losses.append(F.cross_entropy(logits[:, :-1].reshape(-1, 97), ids[:, depth + 1:].reshape(-1)))
+        hidden = layer.norm(h)
+    ce = F.cross_entropy(out.logits[:, :-1].reshape(-1, 97), ids[:, 1:].reshape(-1))
+    # transformers' causal-LM loss upcasts the logits to fp32 whatever the model's dtype.
+    torch.testing.assert_close(out.loss.double(), ce + 0.5 * torch.stack(losses).mean(), rtol=1e-6, atol=1e-6)
+    # Inference ignores the MTP modules entirely.
+    without = MoEForCausalLM(small_config()).double().eval()
+    without.set_experts_implementation("eager")
+    without.load_state_dict(model.state_dict(), strict=False)
+    torch.testing.assert_close(without(ids).logits, model(ids).logits)
+
+
+# ---------------------------------------------------------------- bookkeeping
+
+
+def test_parameter_counts_total_and_activated():
+    config = small_config(num_nextn_predict_layers=1)
+    model = MoEForCausalLM(config)
+    counts = model.num_parameters_summary()
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    h, i, e, k = config.hidden_size, config.moe_intermediate_size, config.n_routed_experts, config.num_experts_per_tok
+    moe_layers = config.num_hidden_layers - config.first_k_dense_replace
+    mtp = sum(p.numel() for p in model.model.mtp_layers.parameters())
+    inactive_experts = moe_layers * (e - k) * 3 * h * i
+    expected = counts["total"] - config.vocab_size * h - mtp - inactive_experts
+    assert counts["activated"] == expected
