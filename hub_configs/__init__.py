@@ -1,0 +1,1 @@
+"""Preset model folders (config, generation config, tokenizer, model card) to instantiate models from."""

@@ -1,0 +1,1 @@
+"""Triton kernels for modeling_moe; each with a pure PyTorch reference."""

@@ -1,0 +1,1 @@
+"""Training loops and data for modeling_moe models: pretraining on the embedded corpus, SFT and RL with TRL."""

@@ -1,0 +1,169 @@
+"""The embedded pretraining corpus, and packing of tokenized documents into fixed-length blocks.
+
+The corpus is real English prose that ships inside the `gensim` wheel (`gensim/test/test_data/`), so pretraining
+needs no download: the articles of its shortened English Wikipedia dump, and the news stories of the Lee corpus.
+"""
+
+import bz2
+import functools
+import html
+import importlib.util
+import random
+import re
+import xml.etree.ElementTree as ET
+from itertools import chain
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+LEE_NEWS = "lee_background.cor"
+MIN_ARTICLE_CHARS = 500  # what is left of disambiguation pages and stubs is mostly lists of links
+
+_INNERMOST_TEMPLATE = re.compile(r"\{\{[^{}]*\}\}")
+_INNERMOST_TABLE = re.compile(r"\{\|(?:(?!\{\|).)*?\|\}", re.DOTALL)
+_INNERMOST_LINK = re.compile(r"\[\[([^\[\]]*)\]\]")
+_TAIL_SECTIONS = re.compile(r"^==+\s*(References|Notes|See also|External links|Further reading|Bibliography)\b", re.M)
+_NON_ARTICLE_LINK = re.compile(r"^:?(File|Image|Category|[a-z]{2,3}(-[a-z]+)?):")
+
+
+def _test_data_dir() -> Path:
+    # `find_spec` avoids importing gensim (and with it scipy) just to find its data folder.
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("The pretraining corpus ships with the `gensim` package: pip install gensim")
+    return Path(next(iter(spec.submodule_search_locations))) / "test" / "test_data"
+
+
+def _resolve_link(match: re.Match) -> str:
+    target, _, label = match.group(1).rpartition("|")
+    if _NON_ARTICLE_LINK.match(target or label):
+        return ""
+    return label
+
+
+def _repeat_until_stable(pattern: re.Pattern, repl, text: str) -> str:
+    # Templates, tables and links nest: removing the innermost ones first needs no parser.
+    while True:
+        text, n = pattern.subn(repl, text)
+        if n == 0:
+            return text
+
+
+def strip_wiki_markup(text: str) -> str:
+    """Plain text of a MediaWiki article: prose and section titles, without templates, tables, formulas, references
+    or media."""
+    text = _TAIL_SECTIONS.split(text, maxsplit=1)[0]
+    text = re.sub(r"<!--.*?-->", "", text, flags=re.DOTALL)
+    text = re.sub(r"<ref[^>]*/>|<(ref|math|gallery)\b[^>]*>.*?</\1>", "", text, flags=re.DOTALL)
+    text = _repeat_until_stable(_INNERMOST_TEMPLATE, "", text)
+    text = _repeat_until_stable(_INNERMOST_TABLE, "", text)
+    text = _repeat_until_stable(_INNERMOST_LINK, _resolve_link, text)
+    text = re.sub(r"\[https?://\S+\s*([^\]]*)\]", r"\1", text)
+    text = re.sub(r"<[^>]+>", "", text)
+    text = re.sub(r"'{2,}", "", text)
+    text = re.sub(r"^(=+)\s*(.*?)\s*\1\s*$", r"\2", text, flags=re.M)
+    text = re.sub(r"^[*#:;]+\s*", "", text, flags=re.M)
+    text = html.unescape(text)
+    lines = (line.strip() for line in text.splitlines())
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def load_wikipedia_articles() -> list[str]:
+    """Main-namespace, non-redirect articles of gensim's shortened English Wikipedia dump, as plain text."""
+    articles = []
+    with bz2.open(_test_data_dir() / WIKI_DUMP) as dump:
+        for _, element in ET.iterparse(dump):
+            if not element.tag.endswith("}page"):
+                continue
+            fields = {child.tag.rpartition("}")[2]: child for child in element.iter()}
+            if fields["ns"].text == "0" and "redirect" not in fields:
+                text = strip_wiki_markup(fields["text"].text or "")
+                if len(text) >= MIN_ARTICLE_CHARS:
+                    articles.append(f"{fields['title'].text}\n\n{text}")
+            element.clear()
+    return articles
+
+
+def load_lee_news() -> list[str]:
+    """The Lee background corpus: Australian news stories, one per line."""
+    lines = (_test_data_dir() / LEE_NEWS).read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip()]
+
+
+@functools.cache
+def _corpus() -> tuple[str, ...]:
+    return tuple(load_wikipedia_articles() + load_lee_news())
+
+
+def load_corpus_texts() -> list[str]:
+    """All documents of the embedded corpus: Wikipedia articles, then news stories (parsed once per process)."""
+    return list(_corpus())
+
+
+def train_eval_split(docs: list, eval_fraction: float, seed: int = 0) -> tuple[list, list]:
+    """Deterministic split of whole documents: `round(len(docs) * eval_fraction)` of them (at least one when the
+    fraction is positive) are held out. Both parts keep the original order."""
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    n_eval = max(1, round(len(docs) * eval_fraction)) if eval_fraction > 0 and docs else 0
+    held_out = set(random.Random(seed).sample(range(len(docs)), n_eval))
+    train = [doc for i, doc in enumerate(docs) if i not in held_out]
+    evaluation = [doc for i, doc in enumerate(docs) if i in held_out]
+    return train, evaluation
+
+
+def tokenize_documents(tokenizer, docs: list[str]) -> list[list[int]]:
+    """Token ids of each document, without special tokens (packing adds the EOS separators)."""
+    return tokenizer(docs, add_special_tokens=False)["input_ids"]
+
+
+def pack_documents(token_lists: list[list[int]], seq_len: int, eos_id: int) -> dict[str, torch.Tensor]:
+    """Pack tokenized documents into `[num_blocks, seq_len]` tensors `input_ids`, `labels` and `position_ids`.
+
+    Each document is followed by `eos_id`, which belongs to it (the model learns where a document ends), and the
+    stream of documents is cut into consecutive blocks; the incomplete last block is dropped.
+    - `labels` equal `input_ids` (the model shifts them), except that the first token of every document is -100:
+      nothing of its own document precedes it, so it would only be predicted from the previous document's EOS.
+    - `position_ids` count from 0 at the first token of every document and of every block, so each piece of a
+      document inside a block looks like a sequence of its own (what varlen / document-masked attention expects).
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    stream = torch.tensor(list(chain.from_iterable([*doc, eos_id] for doc in token_lists)), dtype=torch.long)
+    doc_lengths = torch.tensor([len(doc) + 1 for doc in token_lists], dtype=torch.long)
+    starts_doc = torch.zeros(len(stream), dtype=torch.bool)
+    starts_doc[doc_lengths.cumsum(0)[:-1]] = True
+    if len(stream):
+        starts_doc[0] = True
+
+    n_tokens = len(stream) // seq_len * seq_len
+    stream, starts_doc = stream[:n_tokens], starts_doc[:n_tokens]
+    index = torch.arange(n_tokens)
+    restarts = starts_doc | (index % seq_len == 0)
+    position_ids = index - torch.where(restarts, index, 0).cummax(0).values
+    labels = stream.masked_fill(starts_doc, -100)
+    return {
+        "input_ids": stream.view(-1, seq_len),
+        "labels": labels.view(-1, seq_len),
+        "position_ids": position_ids.view(-1, seq_len),
+    }
+
+
+class PackedCorpus(Dataset):
+    """Packed documents as a map-style dataset of `{"input_ids", "labels", "position_ids"}` rows (see
+    `pack_documents`), ready for `transformers.Trainer` with the default collator."""
+
+    def __init__(self, token_lists: list[list[int]], seq_len: int, eos_id: int):
+        self.blocks = pack_documents(token_lists, seq_len, eos_id)
+
+    def __len__(self) -> int:
+        return len(self.blocks["input_ids"])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {name: rows[i] for name, rows in self.blocks.items()}
+
+    @property
+    def num_tokens(self) -> int:
+        return self.blocks["input_ids"].numel()
