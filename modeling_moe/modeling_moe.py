@@ -6,6 +6,8 @@ where the `modeling_moe` package is not installed: it imports only torch, transf
 """
 
 import math
+import os
+import tempfile
 from collections.abc import Callable
 
 import torch
@@ -469,6 +471,18 @@ class MoEPreTrainedModel(PreTrainedModel):
             module.down_proj.normal_(0.0, std)
         elif isinstance(module, MoERotaryEmbedding):
             module.inv_freq.copy_(MoERotaryEmbedding(self.config).inv_freq)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, written into a temporary sibling folder and then moved in, config last:
+        an interrupted save never leaves a half-written checkpoint behind a valid-looking config."""
+        save_directory = os.path.abspath(os.fspath(save_directory))
+        os.makedirs(os.path.dirname(save_directory), exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=os.path.dirname(save_directory), prefix=".saving-") as staging:
+            result = super().save_pretrained(staging, *args, **kwargs)
+            os.makedirs(save_directory, exist_ok=True)
+            for name in sorted(os.listdir(staging), key=lambda name: name == "config.json"):
+                os.replace(os.path.join(staging, name), os.path.join(save_directory, name))
+        return result
 
     def routers(self) -> list[MoETopkRouter]:
         return [module for module in self.modules() if isinstance(module, MoETopkRouter)]
