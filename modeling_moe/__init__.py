@@ -6,6 +6,7 @@ Importing the package registers the classes with transformers' Auto classes, and
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from . import presets
 from .configuration_moe import MoEConfig
 from .modeling_moe import MoEForCausalLM, MoEModel, MoEPreTrainedModel
 

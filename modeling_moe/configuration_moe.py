@@ -33,7 +33,8 @@ class MoEConfig(PretrainedConfig):
           `aux_loss` (TRL's SFT and GRPO trainers read these fields and `num_experts`).
 
     Multi-token prediction: `num_nextn_predict_layers` DeepSeek-V3 MTP modules (sharing the embedding and the head)
-    add `mtp_loss_weight` times their mean loss when labels are given; they are skipped at inference.
+    add `mtp_loss_weight` times their mean loss in training forwards with labels; they are skipped otherwise, so an
+    evaluation loss is the plain language-modelling loss.
     """
 
     model_type = "modeling_moe"

@@ -80,7 +80,9 @@ def deepseek_config_to_moe(config_dict: dict) -> MoEConfig:
     """
     model_type = config_dict.get("model_type")
     if model_type not in DEEPSEEK_CONFIG_CLASSES:
-        raise ValueError(f"model_type={model_type!r} is not a DeepSeek checkpoint; expected one of {DEEPSEEK_MODEL_TYPES}.")
+        raise ValueError(
+            f"model_type={model_type!r} is not a DeepSeek checkpoint; expected one of {DEEPSEEK_MODEL_TYPES}."
+        )
     _refuse_unsupported(config_dict)
     source = DEEPSEEK_CONFIG_CLASSES[model_type].from_dict(dict(config_dict))
     fields = {name: getattr(source, name) for name in SHARED_FIELDS}
@@ -118,7 +120,7 @@ def _refuse_unsupported(config_dict: dict):
 def _v3_routing(source) -> dict:
     scoring = getattr(source, "scoring_func", None) or "sigmoid"
     if scoring != "sigmoid":
-        raise ValueError(f"scoring_func={scoring!r} is not supported for deepseek_v3: DeepSeek-V3 routes with 'sigmoid'.")
+        raise ValueError(f"scoring_func={scoring!r} is not supported for deepseek_v3: DeepSeek-V3 routes with sigmoid.")
     method = getattr(source, "topk_method", None) or "noaux_tc"
     if method != "noaux_tc":
         raise ValueError(f"topk_method={method!r} is not supported for deepseek_v3: only 'noaux_tc' is.")
@@ -130,7 +132,7 @@ def _v3_routing(source) -> dict:
 def _v2_routing(source) -> dict:
     scoring = getattr(source, "scoring_func", None) or "softmax"
     if scoring != "softmax":
-        raise ValueError(f"scoring_func={scoring!r} is not supported for deepseek_v2: DeepSeek-V2 routes with 'softmax'.")
+        raise ValueError(f"scoring_func={scoring!r} is not supported for deepseek_v2: DeepSeek-V2 routes with softmax.")
     method = source.topk_method or "greedy"
     if method == "greedy":
         grouping = {"topk_method": "greedy", "n_group": 1, "topk_group": 1}
@@ -213,7 +215,9 @@ def _check_exportable(config: MoEConfig):
             f"attention_type={config.attention_type!r} cannot be exported: DeepSeek-V2/V3 checkpoints use 'mla'."
         )
     if not config.n_shared_experts:
-        raise ValueError("n_shared_experts=0 cannot be exported: transformers' DeepSeek models always build shared experts.")
+        raise ValueError(
+            "n_shared_experts=0 cannot be exported: transformers' DeepSeek models always build shared experts."
+        )
     if config.scoring_func == "softmax" and config.norm_topk_prob:
         raise ValueError(
             "norm_topk_prob=True with scoring_func='softmax' cannot be exported: transformers' DeepseekV2 never "
@@ -427,7 +431,8 @@ def _single_device(device_map) -> torch.device:
     if isinstance(device_map, dict):
         devices = set(device_map.values())
         if len(devices) != 1:
-            raise ValueError(f"device_map must name one device for a DeepSeek checkpoint, got {sorted(map(str, devices))}.")
+            names = sorted(map(str, devices))
+            raise ValueError(f"device_map must name one device for a DeepSeek checkpoint, got {names}.")
         device_map = devices.pop()
     return torch.device(device_map)
 
@@ -516,7 +521,7 @@ def _load_weights(model, key_files: dict, path: str):
 def _copy(target: torch.Tensor, slot, tensor: torch.Tensor, key: str):
     view = target if slot is None else _slot_view(target, slot)
     if view.shape != tensor.shape:
-        raise ValueError(f"{key} has shape {tuple(tensor.shape)} in the checkpoint but {tuple(view.shape)} in the model.")
+        raise ValueError(f"{key} has shape {tuple(tensor.shape)} in the checkpoint, {tuple(view.shape)} in the model.")
     view.copy_(tensor)
 
 
@@ -564,8 +569,8 @@ def save_deepseek_checkpoint(model, save_directory, max_shard_size="5GB"):
         _write_shards(tensors, staging, convert_file_size_to_int(max_shard_size))
         with open(os.path.join(staging, "config.json"), "w") as f:
             json.dump(config_dict, f, indent=2, sort_keys=True)
-        generation_config = getattr(model, "generation_config", None) or GenerationConfig.from_model_config(model.config)
-        generation_config.save_pretrained(staging)
+        generation_config = getattr(model, "generation_config", None)
+        (generation_config or GenerationConfig.from_model_config(model.config)).save_pretrained(staging)
         _replace_directory(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

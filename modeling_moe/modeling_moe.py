@@ -705,7 +705,7 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
                     [expert_balance_loss(r, l, num_sequences=batch) for r, l in zip(moe_routers, router_logits)]
                 ).mean()
                 loss = loss + self.config.seq_aux_loss_coef * seq_aux
-            if self.model.mtp_layers and input_ids is not None:
+            if self.training and self.model.mtp_layers and input_ids is not None:
                 loss = loss + self.config.mtp_loss_weight * self.mtp_loss(
                     hidden_states, input_ids, labels, attention_mask, position_ids, **kwargs
                 )

@@ -8,7 +8,7 @@ install as `modeling_moe.hub_configs`:
     from modeling_moe.presets import load_preset_config, preset_path
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(preset_path("tiny"))            # or load_preset_config("tiny", num_hidden_layers=4)
+    config = AutoConfig.from_pretrained(preset_path("tiny"))  # or load_preset_config("tiny", num_hidden_layers=4)
     model = AutoModelForCausalLM.from_config(config)
 
 Regenerate the folders after editing a preset: `python -m modeling_moe.presets --write hub_configs`.
@@ -283,7 +283,9 @@ def _canonical_name(name: str) -> str | None:
 
 
 def _unknown_preset(name) -> ValueError:
-    return ValueError(f"Unknown preset {name!r}. Known presets: {', '.join(preset_names())} (or pass a folder with a config.json).")
+    return ValueError(
+        f"Unknown preset {name!r}. Known presets: {', '.join(preset_names())} (or pass a folder with a config.json)."
+    )
 
 
 def _hub_configs_dir() -> Path:
@@ -320,7 +322,8 @@ def load_preset_config(name_or_path: str | os.PathLike, **overrides) -> MoEConfi
     Overrides go through `MoEConfig.__init__`, so derived fields and validation follow them (e.g. `head_dim` in MLA);
     a field MoEConfig does not know raises `ValueError` instead of being stored silently.
     """
-    unknown = sorted(key for key in overrides if key not in _EXTRA_CONFIG_KWARGS and not hasattr(_default_config(), key))
+    default = _default_config()
+    unknown = sorted(key for key in overrides if key not in _EXTRA_CONFIG_KWARGS and not hasattr(default, key))
     if unknown:
         raise ValueError(f"Unknown MoEConfig field(s) {unknown}; RoPE settings go in `rope_parameters`.")
     canonical = _canonical_name(name_or_path) if isinstance(name_or_path, str) else None
@@ -434,7 +437,7 @@ def _write_compact_tokenizer(tokenizer, folder: Path):
     path.write_text(json.dumps(data, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
 
 
-def _model_card(name: str, config: MoEConfig, counts: dict, kv: dict) -> str:
+def _model_card(name: str, config: MoEConfig, counts: dict, kv: dict, with_code: bool = False) -> str:
     info = PRESET_INFO[name]
     mla = config.attention_type == "mla"
     tags = ["modeling_moe", "moe", "mixture-of-experts", "mla" if mla else "gqa", *info["tags"], "text-generation"]
@@ -477,7 +480,7 @@ def _model_card(name: str, config: MoEConfig, counts: dict, kv: dict) -> str:
         balance.append(f"sequence-wise loss {config.seq_aux_loss_coef:g}")
     if config.router_aux_loss_coef:
         balance.append(f"batch-wise loss {config.router_aux_loss_coef:g} (with output_router_logits)")
-    dense = config.first_k_dense_replace
+    dense, mtp = config.first_k_dense_replace, config.num_nextn_predict_layers
     rows = [
         ("vocab_size", f"{config.vocab_size}"),
         ("hidden_size", f"{config.hidden_size}"),
@@ -491,7 +494,7 @@ def _model_card(name: str, config: MoEConfig, counts: dict, kv: dict) -> str:
         ),
         ("routing", routing),
         ("load balancing", "; ".join(balance) or "none"),
-        ("multi-token prediction", f"{config.num_nextn_predict_layers} module" + ("s" * (config.num_nextn_predict_layers != 1))),
+        ("multi-token prediction", f"{mtp} module" + ("s" if mtp != 1 else "")),
         ("context", f"{config.max_position_embeddings} positions"),
         ("RoPE", rope_text),
         ("tied embeddings", "yes" if config.tie_word_embeddings else "no"),
@@ -526,11 +529,11 @@ def _model_card(name: str, config: MoEConfig, counts: dict, kv: dict) -> str:
             f"The MTP layers hold {_human(counts['mtp'])} of their own: they share the embedding table and the output "
             "head with the main model"
         )
-        if name.startswith("deepseek"):
+        if name == "deepseek-v3":
             embed_and_head = 2 * config.vocab_size * config.hidden_size
             note += (
                 f". DeepSeek's released checkpoint stores its own copies of both ({_human(embed_and_head)} more), "
-                f"which makes its {_human(counts['total'] + embed_and_head)}"
+                f"hence its {_human(counts['total'] + embed_and_head)} (published as 685B)"
             )
         lines.append(note + ".")
 
@@ -606,9 +609,19 @@ def _model_card(name: str, config: MoEConfig, counts: dict, kv: dict) -> str:
         f'config = load_preset_config("{name}", num_hidden_layers=4)',
         "```",
         "",
-        "`config.json`'s `auto_map` names the classes that `model.save_pretrained` exports next to the weights, so a "
-        "saved model also loads with `trust_remote_code=True` where `modeling_moe` is not installed; this folder "
-        "itself holds no code and needs `import modeling_moe`.",
+    ]
+    if with_code:
+        lines.append(
+            "The folder also holds the modeling code named by `config.json`'s `auto_map`, so it loads with "
+            "`trust_remote_code=True` where `modeling_moe` is not installed."
+        )
+    else:
+        lines.append(
+            "`config.json`'s `auto_map` names the classes that `model.save_pretrained` exports next to the weights, "
+            "so a saved model also loads with `trust_remote_code=True` where `modeling_moe` is not installed; this "
+            "folder itself holds no code and needs `import modeling_moe`."
+        )
+    lines += [
         "",
         "This folder is generated from `modeling_moe/presets.py` by `python -m modeling_moe.presets --write "
         "hub_configs`; edit the preset there and regenerate rather than editing these files.",
@@ -617,8 +630,12 @@ def _model_card(name: str, config: MoEConfig, counts: dict, kv: dict) -> str:
     return "\n".join(lines)
 
 
-def write_preset(name: str, out_dir: str | os.PathLike, tokenizer=None) -> Path:
-    """(Re)write the folder of preset `name` under `out_dir`; returns the folder."""
+def write_preset(name: str, out_dir: str | os.PathLike, tokenizer=None, with_code: bool = False) -> Path:
+    """(Re)write the folder of preset `name` under `out_dir`; returns the folder.
+
+    `with_code` also copies the modeling source files next to config.json, making the folder loadable with
+    `trust_remote_code=True` without `modeling_moe` installed (e.g. to push it to the Hub as its own repo).
+    """
     from transformers import GenerationConfig
 
     name = _canonical_name(name) or name
@@ -634,6 +651,8 @@ def write_preset(name: str, out_dir: str | os.PathLike, tokenizer=None) -> Path:
     # save_pretrained also exports configuration_moe.py for the auto_map; the folder holds no code.
     for exported in folder.glob("*.py"):
         exported.unlink()
+    if with_code:
+        copy_model_code(folder)
 
     info = PRESET_INFO[name]
     generation = GenerationConfig(
@@ -656,11 +675,11 @@ def write_preset(name: str, out_dir: str | os.PathLike, tokenizer=None) -> Path:
 
     counts = parameter_counts(config)
     kv = kv_cache_bytes_per_token(config)
-    (folder / "README.md").write_text(_model_card(name, config, counts, kv), encoding="utf-8")
+    (folder / "README.md").write_text(_model_card(name, config, counts, kv, with_code), encoding="utf-8")
     return folder
 
 
-def write_presets(out_dir: str | os.PathLike, names: list[str] | None = None) -> list[Path]:
+def write_presets(out_dir: str | os.PathLike, names: list[str] | None = None, with_code: bool = False) -> list[Path]:
     """(Re)generate the folders of `names` (default: every preset) under `out_dir`; returns them."""
     names = preset_names() if names is None else names
     tokenizer = None
@@ -668,12 +687,11 @@ def write_presets(out_dir: str | os.PathLike, names: list[str] | None = None) ->
         from .tokenization import gpt2_tokenizer
 
         tokenizer = gpt2_tokenizer()  # built once, shared by the presets that ship it
-    return [write_preset(name, out_dir, tokenizer=tokenizer) for name in names]
+    return [write_preset(name, out_dir, tokenizer=tokenizer, with_code=with_code) for name in names]
 
 
 def copy_model_code(folder: str | os.PathLike):
-    """Copy the modeling source files next to a preset's config.json, making the folder loadable with
-    `trust_remote_code=True` without `modeling_moe` installed (e.g. before pushing it to the Hub as its own repo)."""
+    """Copy `modeling_moe.py` and the package files it imports (what `model.save_pretrained` exports) into `folder`."""
     from transformers.dynamic_module_utils import get_relative_import_files
 
     from . import modeling_moe as modeling
@@ -713,9 +731,7 @@ def main(argv: list[str] | None = None):
     names = args.preset or preset_names()
     _print_summary(names)
     if args.write:
-        for folder in write_presets(args.write, names):
-            if args.with_code:
-                copy_model_code(folder)
+        for folder in write_presets(args.write, names, with_code=args.with_code):
             print(f"wrote {folder}")
 
 
