@@ -359,7 +359,7 @@ def test_aux_losses_and_router_logits_in_output():
 
 def test_mtp_loss_matches_manual_computation_and_is_skipped_at_inference():
     config = small_config(num_nextn_predict_layers=2, mtp_loss_weight=0.5)
-    model = seeded_model(config)
+    model = seeded_model(config).train()  # no dropout: train mode only switches the MTP loss on
     ids = torch.randint(3, 97, (2, 10))
     out = model(ids, labels=ids)
     hidden = model.model(ids).last_hidden_state
@@ -379,7 +379,9 @@ def test_mtp_loss_matches_manual_computation_and_is_skipped_at_inference():
     ce = F.cross_entropy(out.logits[:, :-1].reshape(-1, 97), ids[:, 1:].reshape(-1))
     # transformers' causal-LM loss upcasts the logits to fp32 whatever the model's dtype.
     torch.testing.assert_close(out.loss.double(), ce + 0.5 * torch.stack(losses).mean(), rtol=1e-6, atol=1e-6)
-    # Inference ignores the MTP modules entirely.
+    # Evaluation reports the plain LM loss and inference ignores the MTP modules entirely.
+    model.eval()
+    torch.testing.assert_close(model(ids, labels=ids).loss.double(), ce, rtol=1e-6, atol=1e-6)
     without = MoEForCausalLM(small_config()).double().eval()
     without.set_experts_implementation("eager")
     without.load_state_dict(model.state_dict(), strict=False)
