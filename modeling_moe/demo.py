@@ -35,7 +35,7 @@ GENERATE_IN_FRESH_PROCESS = textwrap.dedent(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, prompt, max_new_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     print(f"loaded {type(model).__module__}.{type(model).__name__} through trust_remote_code")
     inputs = tokenizer(prompt, return_tensors="pt")
@@ -83,14 +83,16 @@ def pretrain(model, train_set, eval_set, args) -> list[dict]:
         if batch is None:
             batches = iter(loader)
             batch = next(batches)
-        loss = model(**batch).loss
-        loss.backward()
+        output = model(**batch)
+        output.loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         balance = model.update_expert_bias()
-        record = {"step": step, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0],
+        # The training loss also holds the weighted MTP loss; log the language-modelling part, comparable to eval.
+        lm_loss = model.loss_function(logits=output.logits, labels=batch["labels"], vocab_size=model.config.vocab_size)
+        record = {"step": step, "loss": lm_loss.item(), "train_objective": output.loss.item(), "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0],
                   "maxvio": [round(v, 4) for v in balance["maxvio"].tolist()]}
         progress.set_postfix(loss=f"{record['loss']:.3f}", maxvio=f"{max(record['maxvio']):.2f}")
         if step % args.logging_steps == 0 or step == args.max_steps:
@@ -109,7 +111,7 @@ def plot_losses(history, path):
     fig, ax = plt.subplots(figsize=(6, 4))
     train = [(r["step"], r["loss"]) for r in history if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]
-    ax.plot(*zip(*train), label="train loss (LM + weighted MTP)")
+    ax.plot(*zip(*train), label="training LM loss")
     ax.plot(*zip(*evals), "o-", label="held-out LM loss")
     ax.axhline(math.log(50257), color="grey", linestyle=":", label="uniform over the vocabulary")
     ax.set_xlabel("optimizer step")
