@@ -742,5 +742,12 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
             return load_deepseek_checkpoint(cls, pretrained_model_name_or_path, *args, **kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
+    def save_pretrained_deepseek(self, save_directory, **kwargs):
+        """Save as a DeepSeek-V3 (sigmoid routing) or V2 (softmax) checkpoint in the original Hub layout, which
+        transformers' own classes, vLLM and SGLang load."""
+        from .deepseek_checkpoint import save_deepseek_checkpoint
+
+        return save_deepseek_checkpoint(self, save_directory, **kwargs)
+
 
 __all__ = ["MoEPreTrainedModel", "MoEModel", "MoEForCausalLM"]

@@ -1,0 +1,340 @@
+"""DeepSeek-V2/V3 checkpoints: loading transformers' and the original Hub layouts, saving, and the errors."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
+
+from modeling_moe import MoEConfig, MoEForCausalLM
+from modeling_moe.deepseek_checkpoint import (
+    SHARED_FIELDS,
+    TRAINING_FIELDS,
+    deepseek_config_to_moe,
+    deepseek_state_dict_to_moe,
+    moe_config_to_deepseek,
+    moe_state_dict_to_deepseek,
+    save_deepseek_checkpoint,
+)
+
+TINY = dict(
+    vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+    num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+    v_head_dim=8, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
+    max_position_embeddings=64, bos_token_id=0, eos_token_id=1,
+)
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
+        "mscale": 0.9, "mscale_all_dim": 0.8, "beta_fast": 32, "beta_slow": 1}
+HUB_YARN = {"type": "yarn", **{key: value for key, value in YARN.items() if key not in ("rope_type", "rope_theta")}}
+ROUTING_FIELDS = ("scoring_func", "topk_method", "n_group", "topk_group", "norm_topk_prob", "rope_interleave",
+                  "rope_parameters", "num_nextn_predict_layers", "n_shared_experts", "attention_type")
+
+
+def v3_config(**overrides):
+    return DeepseekV3Config(**{**TINY, "q_lora_rank": 24, "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5,
+                               "rope_interleave": True, "rope_parameters": dict(YARN), **overrides})
+
+
+def v2_config(topk_method):
+    return DeepseekV2Config(**TINY, q_lora_rank=None, topk_method=topk_method, n_group=4, topk_group=2,
+                            routed_scaling_factor=1.5, rope_parameters=dict(YARN))
+
+
+def moe_config(**overrides):
+    return MoEConfig(**{**TINY, "q_lora_rank": 24, "scoring_func": "sigmoid", "topk_method": "group_limited",
+                        "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5, "num_nextn_predict_layers": 1,
+                        "rope_parameters": dict(YARN), **overrides})
+
+
+@torch.no_grad()
+def randomize(model, seed=0, bias=True):
+    """Weights large enough for decisive routing, and (V3) a non-zero expert bias that changes the selection."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        noise = torch.randn(param.shape, generator=generator)
+        param.copy_(1 + 0.1 * noise if name.endswith("norm.weight") else 0.1 * noise)
+    for name, buffer in model.named_buffers():
+        if name.endswith("e_score_correction_bias") and bias:
+            buffer.copy_(0.05 * torch.randn(buffer.shape, generator=generator))
+    return model.eval()
+
+
+@torch.no_grad()
+def assert_same_logits(ours, theirs, vocab_size=TINY["vocab_size"]):
+    input_ids = torch.randint(2, vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    left_padded = torch.ones_like(input_ids)
+    left_padded[1, :4] = 0
+    for mask in (None, left_padded):
+        ours_logits = ours(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+        theirs_logits = theirs(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+        real = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
+        assert (ours_logits[real] - theirs_logits[real]).abs().max() < 1e-4
+
+
+def hub_layout(state_dict):
+    """transformers' stacked experts split into the original per-expert tensors."""
+    hub = {}
+    for key, tensor in state_dict.items():
+        prefix = key.rsplit(".", 1)[0]
+        if key.endswith("mlp.experts.gate_up_proj"):
+            gate, up = tensor.chunk(2, dim=1)
+            for expert in range(tensor.shape[0]):
+                hub[f"{prefix}.{expert}.gate_proj.weight"] = gate[expert].clone()
+                hub[f"{prefix}.{expert}.up_proj.weight"] = up[expert].clone()
+        elif key.endswith("mlp.experts.down_proj"):
+            for expert in range(tensor.shape[0]):
+                hub[f"{prefix}.{expert}.down_proj.weight"] = tensor[expert].clone()
+        else:
+            hub[key] = tensor.clone()
+    return hub
+
+
+def write_sharded(state_dict, config_dict, path, shards=2):
+    os.makedirs(path, exist_ok=True)
+    keys, weight_map = list(state_dict), {}
+    for number in range(shards):
+        file = f"model-{number + 1:05d}-of-{shards:05d}.safetensors"
+        part = keys[number * len(keys) // shards:(number + 1) * len(keys) // shards]
+        save_file({key: state_dict[key].contiguous() for key in part}, os.path.join(path, file), {"format": "pt"})
+        weight_map.update(dict.fromkeys(part, file))
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config_dict, f)
+
+
+def rewrite_checkpoint(path, edit):
+    """Apply `edit` to the state dict of a sharded checkpoint, in place."""
+    with open(os.path.join(path, "model.safetensors.index.json")) as f:
+        files = sorted(set(json.load(f)["weight_map"].values()))
+    state_dict = {}
+    for file in files:
+        state_dict.update(load_file(os.path.join(path, file)))
+        os.remove(os.path.join(path, file))
+    edit(state_dict)
+    with open(os.path.join(path, "config.json")) as f:
+        config_dict = json.load(f)
+    write_sharded(state_dict, config_dict, path)
+
+
+# ------------------------------------------------------------------------------------------- transformers' models
+
+
+@pytest.mark.parametrize("original_format", [True, False], ids=["per_expert", "stacked"])
+def test_v3_from_transformers(tmp_path, original_format):
+    reference = randomize(DeepseekV3ForCausalLM(v3_config()))
+    reference.save_pretrained(tmp_path, save_original_format=original_format)
+
+    model = MoEForCausalLM.from_pretrained(tmp_path)
+
+    config = model.config
+    assert (config.scoring_func, config.topk_method, config.n_group, config.topk_group) == (
+        "sigmoid", "group_limited", 4, 2
+    )
+    assert config.rope_parameters["rope_type"] == "yarn" and config.rope_interleave
+    assert config.num_nextn_predict_layers == 0  # declared by DeepseekV3Config's default, absent from the weights
+    assert not model.training
+    bias = reference.model.layers[1].mlp.gate.e_score_correction_bias
+    assert torch.equal(model.model.layers[1].mlp.gate.e_score_correction_bias, bias) and bias.abs().sum() > 0
+    assert_same_logits(model, reference)
+
+
+@pytest.mark.parametrize("topk_method", ["greedy", "group_limited_greedy"])
+def test_v2_from_transformers(tmp_path, topk_method):
+    reference = randomize(DeepseekV2ForCausalLM(v2_config(topk_method)))
+    reference.save_pretrained(tmp_path)
+
+    model = MoEForCausalLM.from_pretrained(tmp_path)
+
+    config = model.config
+    assert (config.scoring_func, config.norm_topk_prob, config.q_lora_rank) == ("softmax", False, None)
+    assert config.topk_method == ("greedy" if topk_method == "greedy" else "group_limited")
+    assert not model.model.layers[1].mlp.gate.e_score_correction_bias.any()
+    assert_same_logits(model, reference)
+
+
+# ----------------------------------------------------------------------------------------- original Hub layout
+
+
+HUB_COMMON = {
+    **TINY, "architectures": ["DeepseekForCausalLM"], "auto_map": {"AutoModelForCausalLM": "modeling_deepseek.X"},
+    "aux_loss_alpha": 0.001, "seq_aux": True, "ep_size": 1, "moe_layer_freq": 1, "rope_scaling": HUB_YARN,
+    "rope_theta": 10000, "torch_dtype": "float32", "transformers_version": "4.33.1", "pretraining_tp": 1,
+}
+HUB_V3 = {**HUB_COMMON, "model_type": "deepseek_v3", "q_lora_rank": 24, "topk_method": "noaux_tc",
+          "scoring_func": "sigmoid", "n_group": 4, "topk_group": 2, "norm_topk_prob": True,
+          "routed_scaling_factor": 2.5, "num_nextn_predict_layers": 1}
+HUB_V2 = {**HUB_COMMON, "model_type": "deepseek_v2", "q_lora_rank": None, "topk_method": "group_limited_greedy",
+          "scoring_func": "softmax", "n_group": 4, "topk_group": 2, "norm_topk_prob": False,
+          "routed_scaling_factor": 16.0}
+
+
+def mtp_weights(hub_config, layer):
+    """The Hub layout's MTP module: a full decoder layer at index `layer` plus its own norms and projection."""
+    donor_config = DeepseekV3Config.from_dict({**hub_config, "num_hidden_layers": layer + 1})
+    donor = randomize(DeepseekV3ForCausalLM(donor_config), seed=2)
+    prefix = f"model.layers.{layer}."
+    weights = {key: tensor for key, tensor in hub_layout(donor.state_dict()).items() if key.startswith(prefix)}
+    generator = torch.Generator().manual_seed(3)
+    hidden = hub_config["hidden_size"]
+    for name in ("enorm", "hnorm", "shared_head.norm"):
+        weights[f"{prefix}{name}.weight"] = 1 + 0.1 * torch.randn(hidden, generator=generator)
+    weights[f"{prefix}eh_proj.weight"] = 0.1 * torch.randn(hidden, 2 * hidden, generator=generator)
+    return weights
+
+
+@pytest.mark.parametrize("hub_config", [HUB_V3, HUB_V2], ids=["v3_mtp", "v2"])
+def test_original_hub_layout(tmp_path, hub_config):
+    classes = {
+        "deepseek_v3": (DeepseekV3Config, DeepseekV3ForCausalLM),
+        "deepseek_v2": (DeepseekV2Config, DeepseekV2ForCausalLM),
+    }
+    config_cls, model_cls = classes[hub_config["model_type"]]
+    reference = randomize(model_cls(config_cls.from_dict(dict(hub_config))))
+    weights = hub_layout(reference.state_dict())
+    layers = hub_config["num_hidden_layers"]
+    if hub_config.get("num_nextn_predict_layers"):
+        mtp = mtp_weights(hub_config, layers)
+        weights.update(mtp)
+        weights[f"model.layers.{layers}.embed_tokens.weight"] = weights["model.embed_tokens.weight"].clone()
+        weights[f"model.layers.{layers}.shared_head.head.weight"] = weights["lm_head.weight"].clone()
+    write_sharded(weights, hub_config, tmp_path)
+
+    model = MoEForCausalLM.from_pretrained(tmp_path)
+
+    assert_same_logits(model, reference)
+    if hub_config.get("num_nextn_predict_layers"):
+        module = model.model.mtp_layers[0]
+        assert torch.equal(module.eh_proj.weight, mtp[f"model.layers.{layers}.eh_proj.weight"])
+        assert torch.equal(module.norm.weight, mtp[f"model.layers.{layers}.shared_head.norm.weight"])
+        gate_up = torch.cat([mtp[f"model.layers.{layers}.mlp.experts.3.{p}_proj.weight"] for p in ("gate", "up")])
+        assert torch.equal(module.mlp.experts.gate_up_proj[3], gate_up)
+
+
+# ------------------------------------------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("variant", ["v3_mtp", "v2", "v3_not_interleaved", "v3_tied"])
+def test_round_trip(tmp_path, variant):
+    overrides = {
+        "v3_mtp": {},
+        "v2": {"scoring_func": "softmax", "norm_topk_prob": False, "q_lora_rank": None, "num_nextn_predict_layers": 0},
+        "v3_not_interleaved": {"rope_interleave": False, "topk_method": "greedy"},
+        "v3_tied": {"tie_word_embeddings": True},
+    }[variant]
+    model = randomize(MoEForCausalLM(moe_config(**overrides)), bias=variant != "v2")
+    model.save_pretrained_deepseek(tmp_path / "checkpoint")
+
+    reference_cls = DeepseekV2ForCausalLM if variant == "v2" else DeepseekV3ForCausalLM
+    assert_same_logits(model, reference_cls.from_pretrained(tmp_path / "checkpoint"))
+
+    reloaded = MoEForCausalLM.from_pretrained(tmp_path / "checkpoint")
+    if variant == "v3_not_interleaved":  # exported with interleaved rotary rows: same function, permuted weights
+        assert reloaded.config.rope_interleave
+        assert_same_logits(reloaded, model)
+        return
+    expected, actual = model.state_dict(), reloaded.state_dict()
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+    for name in SHARED_FIELDS + TRAINING_FIELDS + ROUTING_FIELDS:
+        assert getattr(reloaded.config, name) == getattr(model.config, name), name
+
+
+def test_state_dict_conversions_are_inverse():
+    config = moe_config()
+    state_dict = randomize(MoEForCausalLM(config)).state_dict()
+    hub = moe_state_dict_to_deepseek(state_dict, config)
+    assert "model.layers.3.shared_head.norm.weight" in hub and "model.layers.1.mlp.experts.7.down_proj.weight" in hub
+    back = deepseek_state_dict_to_moe(hub, config)
+    assert back.keys() == state_dict.keys()
+    assert all(torch.equal(back[name], state_dict[name]) for name in state_dict)
+
+
+def test_exported_config_is_accepted_by_transformers():
+    softmax = moe_config(scoring_func="softmax", norm_topk_prob=False)
+    for config, config_cls in ((moe_config(), DeepseekV3Config), (softmax, DeepseekV2Config)):
+        exported = moe_config_to_deepseek(config)
+        parsed = config_cls(**{key: value for key, value in exported.items() if key != "model_type"})
+        assert parsed.rope_parameters["factor"] == YARN["factor"] and exported["rope_scaling"]["type"] == "yarn"
+        mapped = deepseek_config_to_moe(exported)
+        for name in SHARED_FIELDS + TRAINING_FIELDS + ROUTING_FIELDS:
+            assert getattr(mapped, name) == getattr(config, name), name
+
+
+def test_save_keeps_other_files_and_replaces_stale_shards(tmp_path):
+    target = tmp_path / "checkpoint"
+    target.mkdir()
+    (target / "tokenizer.json").write_text("{}")
+    (target / "model-00001-of-00009.safetensors").write_text("stale")
+    save_deepseek_checkpoint(randomize(MoEForCausalLM(moe_config())), target, max_shard_size="20KB")
+
+    files = sorted(os.listdir(target))
+    assert "tokenizer.json" in files and "model-00001-of-00009.safetensors" not in files
+    assert len([f for f in files if f.endswith(".safetensors")]) > 1
+    assert {"config.json", "generation_config.json", "model.safetensors.index.json"} <= set(files)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint"]  # no temporary folder left behind
+
+
+# ------------------------------------------------------------------------------------------------------ errors
+
+
+@pytest.fixture
+def saved_checkpoint(tmp_path):
+    path = tmp_path / "checkpoint"
+    save_deepseek_checkpoint(randomize(MoEForCausalLM(moe_config())), path)
+    return path
+
+
+@pytest.mark.parametrize("key", [
+    "model.layers.1.mlp.experts.3.up_proj.weight",
+    "model.layers.2.self_attn.kv_b_proj.weight",
+    "model.layers.3.shared_head.norm.weight",
+    "model.layers.1.mlp.gate.e_score_correction_bias",
+])
+def test_missing_weight_is_named(saved_checkpoint, key):
+    rewrite_checkpoint(saved_checkpoint, lambda state_dict: state_dict.pop(key))
+    with pytest.raises(ValueError, match="1 missing weight") as error:
+        MoEForCausalLM.from_pretrained(saved_checkpoint)
+    assert key in str(error.value)
+
+
+@pytest.mark.parametrize("key", ["model.layers.0.self_attn.extra.weight", "model.layers.2.mlp.experts.8.up_proj.weight",
+                                 "model.layers.4.enorm.weight"])
+def test_unexpected_weight_is_named(saved_checkpoint, key):
+    rewrite_checkpoint(saved_checkpoint, lambda state_dict: state_dict.update({key: torch.zeros(16, 32)}))
+    with pytest.raises(ValueError, match="1 unexpected weight") as error:
+        MoEForCausalLM.from_pretrained(saved_checkpoint)
+    assert key in str(error.value)
+
+
+def test_load_options(saved_checkpoint):
+    model = MoEForCausalLM.from_pretrained(saved_checkpoint, dtype=torch.bfloat16)
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.model.layers[1].mlp.gate.weight.dtype == torch.float32
+    with pytest.raises(TypeError, match="revision"):
+        MoEForCausalLM.from_pretrained(saved_checkpoint, revision="main")
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"moe_layer_freq": 2}, "moe_layer_freq"),
+    ({"quantization_config": {"quant_method": "fp8"}}, "quantization_config"),
+    ({"scoring_func": "softmax"}, "scoring_func"),
+    ({"topk_method": "greedy"}, "topk_method"),
+])
+def test_unsupported_deepseek_configs(change, field):
+    with pytest.raises(ValueError, match=field):
+        deepseek_config_to_moe({**HUB_V3, **change})
+
+
+def test_unexportable_models(tmp_path):
+    with pytest.raises(ValueError, match="attention_type"):
+        moe_config_to_deepseek(moe_config(attention_type="gqa", num_key_value_heads=2, head_dim=8))
+    with pytest.raises(ValueError, match="norm_topk_prob"):
+        moe_config_to_deepseek(moe_config(scoring_func="softmax", norm_topk_prob=True))
+    model = randomize(MoEForCausalLM(moe_config(scoring_func="softmax", norm_topk_prob=False)), bias=True)
+    with pytest.raises(ValueError, match="e_score_correction_bias"):
+        save_deepseek_checkpoint(model, tmp_path / "checkpoint")
+    assert os.listdir(tmp_path) == []
