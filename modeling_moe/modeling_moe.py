@@ -99,6 +99,24 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
 
 
+def attend(module, query, key, value, attention_mask, **kwargs) -> torch.Tensor:
+    """[batch, heads, seq, dim] attention through the `attn_implementation` chosen in the config (sdpa, eager, ...)."""
+    attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+        module.config._attn_implementation, eager_attention_forward
+    )
+    attn_output, _ = attention_interface(
+        module,
+        query,
+        key,
+        value,
+        attention_mask,
+        dropout=module.attention_dropout if module.training else 0.0,
+        scaling=module.scaling,
+        **kwargs,
+    )
+    return attn_output
+
+
 def softmax_in_at_least_fp32(scores: torch.Tensor) -> torch.Tensor:
     return F.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
 
@@ -196,20 +214,7 @@ class MoEMultiHeadLatentAttention(nn.Module):
         k_nope, value = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         key = torch.cat((k_nope, k_rope.expand(-1, self.num_heads, -1, -1)), dim=-1)
         query = torch.cat((q_nope, q_rope), dim=-1)
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        attn_output, _ = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=self.attention_dropout if self.training else 0.0,
-            scaling=self.scaling,
-            **kwargs,
-        )
-        return attn_output
+        return attend(self, query, key, value, attention_mask, **kwargs)
 
     def absorbed_attention(self, q_nope, q_rope, latent, k_rope, attention_mask):
         """Attention over the cached latents: scores = (q_nope W_uk) c^T + q_rope k_rope^T, output = (p c) W_uv^T."""
@@ -252,19 +257,7 @@ class MoEGroupedQueryAttention(nn.Module):
         key = apply_rotary(key, cos, sin, self.config.rope_interleave)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        attn_output, _ = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=self.attention_dropout if self.training else 0.0,
-            scaling=self.scaling,
-            **kwargs,
-        )
+        attn_output = attend(self, query, key, value, attention_mask, **kwargs)
         return self.o_proj(attn_output.reshape(batch, seq_len, -1))
 
 
