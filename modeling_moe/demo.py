@@ -145,7 +145,7 @@ def main(argv=None):
 
     history = pretrain(model, train_set, eval_set, args)
 
-    model_dir = os.path.join(args.output_dir, "model")
+    model_dir = os.path.abspath(os.path.join(args.output_dir, "model"))
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     with open(os.path.join(args.output_dir, "metrics.jsonl"), "w") as f:
@@ -156,7 +156,7 @@ def main(argv=None):
     logger.info("reloading with trust_remote_code in a fresh process and generating")
     subprocess.run(
         [sys.executable, "-c", GENERATE_IN_FRESH_PROCESS, model_dir, args.prompt, str(args.max_new_tokens)],
-        check=True, cwd=args.output_dir,
+        check=True,
     )
 
 
