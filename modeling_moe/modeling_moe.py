@@ -220,11 +220,16 @@ class MoEMultiHeadLatentAttention(nn.Module):
         """Attention over the cached latents: scores = (q_nope W_uk) c^T + q_rope k_rope^T, output = (p c) W_uv^T."""
         w_kv = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_uk, w_uv = w_kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
+        batch, heads, q_len, _ = q_nope.shape
         q_latent = torch.einsum("bhsd,hdr->bhsr", q_nope, w_uk)
-        scores = torch.matmul(q_latent, latent.transpose(2, 3)) + torch.matmul(q_rope, k_rope.transpose(2, 3))
-        scores = add_attention_mask(scores * self.scaling, attention_mask)
+        # Heads folded into rows: one [heads * q, r] x [r, kv] product per sequence reads the cache once; a
+        # broadcasting matmul over the single latent "head" would copy the cache once per head.
+        latent, k_rope = latent.squeeze(1), k_rope.squeeze(1)
+        scores = torch.bmm(q_latent.reshape(batch, heads * q_len, -1), latent.transpose(1, 2))
+        scores = scores + torch.bmm(q_rope.reshape(batch, heads * q_len, -1), k_rope.transpose(1, 2))
+        scores = add_attention_mask(scores.view(batch, heads, q_len, -1) * self.scaling, attention_mask)
         probs = softmax_in_at_least_fp32(scores).to(latent.dtype)
-        out_latent = torch.matmul(probs, latent)
+        out_latent = torch.bmm(probs.view(batch, heads * q_len, -1), latent).view(batch, heads, q_len, -1)
         return torch.einsum("bhsr,hvr->bshv", out_latent, w_uv)
 
 

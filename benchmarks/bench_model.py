@@ -1,0 +1,383 @@
+"""modeling_moe.MoEForCausalLM against transformers' own DeepseekV3ForCausalLM: same shapes, same weights, same run.
+
+Parts (`--parts`, default all):
+  check     identical weights give the same logits (full forward, and one decode step over a cache).
+  train     forward + backward + AdamW step of a 1.26B model, batch 8 x 2048: tokens/s, peak memory.
+  generate  greedy generate, batch 16, prompt 256, 256 new tokens: tokens/s.
+  decode    one MLA layer, batch 32, 8192 cached tokens, one new token: ms per step, latent-cache GB/s.
+
+Every figure is reported as an absolute value and as a ratio to the transformers ("hf") row measured in the same
+run. JSON lines go to $OUT/bench_model.jsonl, or to benchmarks/out/ when OUT is unset. See benchmarks/README.md.
+"""
+import argparse
+import gc
+import inspect
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
+from transformers.cache_utils import DynamicCache
+from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_deepseek
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's modeling_moe
+import modeling_moe  # noqa: E402,F401  (registers MoEConfig with the Auto classes)
+from modeling_moe import MoEConfig  # noqa: E402
+from modeling_moe.modeling_moe import MoEMultiHeadLatentAttention, MoERotaryEmbedding  # noqa: E402
+from modeling_moe.presets import parameter_counts  # noqa: E402
+
+# transformers 5.2x renamed the cache keyword (and output field) from `past_key_values` to `cache`.
+CACHE_KW = "cache" if "cache" in inspect.signature(DeepseekV3ForCausalLM.forward).parameters else "past_key_values"
+
+# The anchors' 1.26B model (/work/shared/anchors/hf_anchor_bench.py).
+MODEL = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512,
+             num_hidden_layers=12, num_attention_heads=16, n_routed_experts=64, num_experts_per_tok=6,
+             n_shared_experts=2, n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=None,
+             kv_lora_rank=256, qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=64)
+V2LITE_ATTN = dict(hidden_size=2048, num_attention_heads=16, q_lora_rank=None, kv_lora_rank=512, qk_rope_head_dim=64,
+                   qk_nope_head_dim=128, v_head_dim=128)
+V3_ATTN = dict(V2LITE_ATTN, hidden_size=7168, num_attention_heads=128, q_lora_rank=1536)
+# Exercises q compression and group-limited routing, which the timed model does not.
+CHECK = dict(MODEL, vocab_size=1000, hidden_size=256, intermediate_size=512, moe_intermediate_size=64,
+             num_hidden_layers=3, num_attention_heads=8, n_routed_experts=16, num_experts_per_tok=4, n_group=4,
+             topk_group=2, q_lora_rank=96, kv_lora_rank=64, qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=32)
+FULL = dict(model=MODEL, train=(8, 2048), generate=(16, 256, 256), decode=(32, 8192),
+            attention={"v2lite-like 16 heads": V2LITE_ATTN, "v3-like 128 heads q_lora": V3_ATTN})
+SMALL_MODEL = dict(MODEL, vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                   num_hidden_layers=3, num_attention_heads=4, n_routed_experts=16, num_experts_per_tok=4,
+                   kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16)
+SMALL_ATTN = dict(hidden_size=64, num_attention_heads=4, q_lora_rank=None, kv_lora_rank=32, qk_rope_head_dim=16,
+                  qk_nope_head_dim=32, v_head_dim=32)
+SMALL = dict(model=SMALL_MODEL, train=(2, 64), generate=(2, 16, 8), decode=(2, 128),
+             attention={"v2lite-like (small)": SMALL_ATTN,
+                        "v3-like (small)": dict(SMALL_ATTN, hidden_size=128, num_attention_heads=8, q_lora_rank=48)})
+MAIN = {"train": "tokens_per_s", "generate": "tokens_per_s", "decode": "cache_GB_per_s"}
+RECORDS = []
+
+
+def configs(shape: dict, max_positions: int = 4096) -> tuple[DeepseekV3Config, MoEConfig]:
+    """The same model in transformers' and in our config class (our MTP off, DeepSeek-V3 sigmoid routing)."""
+    common = dict(shape, num_key_value_heads=shape["num_attention_heads"], routed_scaling_factor=2.5,
+                  norm_topk_prob=True, rope_interleave=True, max_position_embeddings=max_positions,
+                  bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+    topk_method = "group_limited" if shape["n_group"] > 1 else "greedy"
+    ours = MoEConfig(**common, scoring_func="sigmoid", topk_method=topk_method, num_nextn_predict_layers=0)
+    hf = DeepseekV3Config(**common)
+    for config in (hf, ours):
+        config._attn_implementation = "sdpa"
+    return hf, ours
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, dev, warmup: int, iters: int) -> float:
+    """Median seconds of `iters` calls after `warmup` calls, each synchronised."""
+    for _ in range(warmup):
+        fn()
+    sync(dev)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        sync(dev)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def free():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def sig(x: float, digits: int = 4) -> float:
+    return float(f"{x:.{digits}g}")
+
+
+def peak_gib(dev):
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev.type == "cuda" else None
+
+
+def meta_model(config, dtype):
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def random_state(module: torch.nn.Module, dev, std: float = 0.02) -> dict:
+    """N(0, std) for every matrix and stacked expert tensor, ones for norms, zeros for biases; kept on the CPU.
+
+    `module` may live on the meta device: only names, shapes and dtypes are read."""
+    gen = torch.Generator(device=dev).manual_seed(0)
+    state = {}
+    for name, t in module.state_dict().items():
+        if t.dim() >= 2:
+            state[name] = torch.empty(t.shape, dtype=t.dtype, device=dev).normal_(0, std, generator=gen).cpu()
+        else:
+            fill = torch.ones if name.endswith("norm.weight") else torch.zeros
+            state[name] = fill(t.shape, dtype=t.dtype, device="cpu")
+    return state
+
+
+def build(config, impl: str, state: dict, dev, dtype):
+    """transformers' or our causal LM (picked by the config class), routers in the dtype the class keeps them."""
+    with torch.device(dev):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, experts_implementation=impl,
+                                                 attn_implementation="sdpa")
+    model.load_state_dict(state)
+    return model
+
+
+def cache_of(output):
+    return output.cache if getattr(output, "cache", None) is not None else output.past_key_values
+
+
+def measure(fn, *args) -> dict:
+    """Run one measurement; a failure is printed and recorded instead of ending the part."""
+    try:
+        return fn(*args)
+    except Exception as error:
+        traceback.print_exc()
+        result = {"error": describe(error)}
+    free()  # after the except block, once the traceback no longer holds the failed run's tensors
+    return result
+
+
+def describe(error: Exception) -> str:
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+
+
+def report(part: str, case: str, rows: dict, **info):
+    """One record per row; `vs_hf` divides each number by the same number of the "hf" row of this case."""
+    anchor = rows.get("hf", {})
+    for model, metrics in rows.items():
+        ratios = {key: round(value / anchor[key], 3) for key, value in metrics.items()
+                  if isinstance(value, (int, float)) and not isinstance(value, bool) and anchor.get(key)}
+        RECORDS.append(dict(part=part, case=case, model=model, **info, **metrics, vs_hf=ratios))
+
+
+def row(part, case, model, figure, ratio, other):
+    print(f"{part:<9}{case:<42}{model:<28}{figure:>22}{ratio:>7}  {other}")
+
+
+# --------------------------------------------------------------------------------------------------------- parts
+
+
+def part_check(S, args, dev, dtype):
+    hf_cfg, our_cfg = configs(CHECK, max_positions=256)
+    state = random_state(meta_model(hf_cfg, dtype), dev)
+    models = {"hf": build(hf_cfg, "grouped_mm", state, dev, dtype).eval(),
+              "ours": build(our_cfg, "grouped_mm", state, dev, dtype).eval()}
+    ids = torch.randint(0, CHECK["vocab_size"], (2, 48), device=dev)
+    logits, step = {}, {}
+    with torch.no_grad():
+        for name, model in models.items():
+            logits[name] = model(input_ids=ids, use_cache=False).logits.float()
+            cache = cache_of(model(input_ids=ids[:, :-1], use_cache=True))  # prefill, then one step over the cache
+            step[name] = model(input_ids=ids[:, -1:], use_cache=True, **{CACHE_KW: cache}).logits[:, -1].float()
+    scale = logits["hf"].abs().max().item()
+    tolerance = (3e-2 if dtype == torch.bfloat16 else 1e-4) * scale
+    forward_diff = (logits["ours"] - logits["hf"]).abs().max().item()
+    decode_diff = (step["ours"] - step["hf"]).abs().max().item()
+    RECORDS.append(dict(part="check", case="identical weights, %s" % str(dtype).replace("torch.", ""), model="ours",
+                        forward_max_abs_diff=forward_diff, decode_step_max_abs_diff=decode_diff,
+                        max_abs_logit=scale, tolerance=tolerance,
+                        passed=bool(forward_diff <= tolerance and decode_diff <= tolerance)))
+
+
+def part_train(S, args, dev, dtype):
+    batch, seq = S["train"]
+    hf_cfg, our_cfg = configs(S["model"], max_positions=seq + 512)
+    state = random_state(meta_model(hf_cfg, dtype), dev)
+    ids = torch.randint(0, hf_cfg.vocab_size, (batch, seq), device=dev)
+    flops_per_token = (6 * parameter_counts(our_cfg)["activated"]
+                       + 3 * seq * our_cfg.num_hidden_layers * our_cfg.num_attention_heads
+                       * (our_cfg.qk_head_dim + our_cfg.v_head_dim))  # causal attention: half the score matrix
+
+    def run(cfg, impl, update_bias=False):
+        model = build(cfg, impl, state, dev, dtype).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True if dev.type == "cuda" else None)
+
+        def step():
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if update_bias:
+                model.update_expert_bias()
+
+        free()
+        seconds = timed(step, dev, args.warmup, args.steps)
+        result = dict(step_ms=sig(seconds * 1e3), tokens_per_s=sig(batch * seq / seconds),
+                      tflops=sig(flops_per_token * batch * seq / seconds / 1e12), peak_gib=peak_gib(dev))
+        del model, opt
+        free()
+        return result
+
+    for impl in ["grouped_mm"] + (["eager"] if args.with_eager else []):
+        rows = {"hf": measure(run, hf_cfg, impl), "ours": measure(run, our_cfg, impl)}
+        if impl == "grouped_mm":
+            rows["ours + update_expert_bias"] = measure(run, our_cfg, impl, True)
+        report("train", f"experts={impl} B{batch}xS{seq}", rows, gflop_per_token=sig(flops_per_token / 1e9))
+
+
+def part_generate(S, args, dev, dtype):
+    """Both models resident, runs interleaved (hf, ours, hf, ours, ...) so that drift in clocks or host load hits
+    both alike; a whole-length warmup first (the first long generate of a process runs slow)."""
+    batch, prompt_len, new = S["generate"]
+    hf_cfg, our_cfg = configs(S["model"], max_positions=prompt_len + new + 64)
+    state = random_state(meta_model(hf_cfg, dtype), dev)
+    prompt = torch.randint(2, hf_cfg.vocab_size, (batch, prompt_len), device=dev)
+    kwargs = dict(attention_mask=torch.ones_like(prompt), do_sample=False, pad_token_id=1,
+                  max_new_tokens=new, min_new_tokens=new)  # min = max: no early stop
+
+    def generate_seconds(model):
+        sync(dev)
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(prompt, **kwargs)
+        sync(dev)
+        assert out.shape[1] == prompt_len + new, out.shape
+        return time.perf_counter() - start
+
+    def build_and_warm(cfg, impl):
+        model = build(cfg, impl, state, dev, dtype).eval()
+        generate_seconds(model)
+        return model
+
+    for impl in ["grouped_mm"] + (["eager"] if args.with_eager else []):
+        variants = {"hf": hf_cfg, "ours (absorbed MLA decode)": our_cfg}
+        models = {name: measure(build_and_warm, cfg, impl) for name, cfg in variants.items()}
+        times = {name: [] for name, model in models.items() if not isinstance(model, dict)}
+        for _ in range(args.gen_runs):
+            for name in times:
+                times[name].append(generate_seconds(models[name]))
+        rows = {name: models[name] if name not in times else
+                dict(seconds=sig(statistics.median(times[name])),
+                     tokens_per_s=sig(batch * new / statistics.median(times[name])))
+                for name in variants}
+        report("generate", f"experts={impl} B{batch} prompt {prompt_len} +{new}", rows, runs=args.gen_runs)
+        del models
+        free()
+
+
+def part_decode(S, args, dev, dtype):
+    batch, cache_len = S["decode"]
+    for case, shape in S["attention"].items():
+        hf_cfg, our_cfg = configs(dict(CHECK, **shape), max_positions=cache_len + 64)
+        with torch.device("meta"):
+            meta_attention = hf_deepseek.DeepseekV3Attention(hf_cfg, 0).to(dtype)
+        state = random_state(meta_attention, dev)
+        rank, rope = shape["kv_lora_rank"], shape["qk_rope_head_dim"]
+        latent = torch.randn(batch, 1, cache_len, rank, device=dev, dtype=dtype)
+        k_rope = torch.randn(batch, 1, cache_len, rope, device=dev, dtype=dtype)
+        x = torch.randn(batch, 1, shape["hidden_size"], device=dev, dtype=dtype)
+        positions = torch.full((batch, 1), cache_len, device=dev)
+        outputs = []
+        cache_bytes = latent.numel() * latent.element_size() + k_rope.numel() * k_rope.element_size()
+
+        def run(attn_cls, rotary_cls, cfg):
+            with torch.device(dev):
+                attn = attn_cls(cfg, 0).to(dtype).eval()
+            attn.load_state_dict(state)
+            position_embeddings = rotary_cls(cfg).to(dev)(x, positions)
+            cache = DynamicCache()
+            cache.update(latent, k_rope, 0)
+
+            def step():  # one new token over the whole cache, then crop the cache back to cache_len
+                with torch.no_grad():
+                    out = attn(x, position_embeddings, None, cache)  # 4th positional: the cache, under either name
+                cache.layers[0].keys, cache.layers[0].values = latent, k_rope
+                return out[0] if isinstance(out, tuple) else out  # transformers also returns attention weights
+
+            outputs.append(step())
+            free()
+            seconds = timed(step, dev, args.warmup, max(args.steps, 10))
+            result = dict(step_ms=sig(seconds * 1e3), cache_GB_per_s=sig(cache_bytes / seconds / 1e9),
+                          peak_gib=peak_gib(dev))
+            del attn, cache
+            free()
+            return result
+
+        rows = {"hf": measure(run, hf_deepseek.DeepseekV3Attention, hf_deepseek.DeepseekV3RotaryEmbedding, hf_cfg),
+                "ours (absorbed)": measure(run, MoEMultiHeadLatentAttention, MoERotaryEmbedding, our_cfg)}
+        if len(outputs) == 2:  # same weights and cache: the absorbed output against the expanded one
+            hf_out, our_out = outputs
+            relative = (our_out - hf_out).abs().max() / hf_out.abs().max()
+            rows["ours (absorbed)"]["output_rel_diff_vs_hf"] = sig(relative.item(), 2)
+        report("decode", f"{case} B{batch} cache {cache_len}", rows, cache_MB=sig(cache_bytes / 1e6))
+        del latent, k_rope
+        free()
+
+
+# -------------------------------------------------------------------------------------------------------- output
+
+
+def print_table():
+    print()
+    row("part", "case", "model", "figure", "x hf", "other figures")
+    for r in RECORDS:
+        if r["part"] == "check":
+            row("check", r["case"], "ours vs hf", "PASS" if r["passed"] else "FAIL", "",
+                f"max|diff| forward {r['forward_max_abs_diff']:.3g}, decode step {r['decode_step_max_abs_diff']:.3g} "
+                f"(max|logit| {r['max_abs_logit']:.3g}, tolerance {r['tolerance']:.3g})")
+        elif "error" in r:
+            row(r["part"], r["case"], r["model"], "ERROR", "", r["error"][:120])
+        else:
+            key, ratios = MAIN[r["part"]], r["vs_hf"]
+            shown = {"part", "case", "model", "vs_hf", key}
+            other = ", ".join(f"{k} {v}" + (f" ({ratios[k]:.2f}x)" if k in ratios and r["model"] != "hf" else "")
+                              for k, v in r.items() if k not in shown and v is not None)
+            row(r["part"], r["case"], r["model"], f"{r[key]:,.5g} {key.replace('_per_s', '/s')}",
+                f"{ratios[key]:.2f}" if key in ratios else "-", other)
+    print("x hf: this figure / the same figure of the hf row of the same case, measured in this run "
+          "(higher is better for /s, lower for ms and GiB)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default="check,train,generate,decode", help="comma-separated subset")
+    parser.add_argument("--steps", type=int, default=5, help="timed iterations (median); decode uses max(steps, 10)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--gen-runs", type=int, default=3, help="timed generate runs per model (median)")
+    parser.add_argument("--with-eager", action="store_true", help="also time eager experts (slow on a GPU)")
+    parser.add_argument("--small", action="store_true", help="tiny shapes: a CPU smoke test in well under a minute")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    dev = torch.device(args.device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32  # CPU: fp32, no fused AdamW
+    shapes = SMALL if args.small else FULL
+    transformers.logging.set_verbosity_error()
+    env = dict(part="env", torch=torch.__version__, transformers=transformers.__version__, dtype=str(dtype),
+               device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", args=vars(args))
+    print(json.dumps(env), flush=True)
+    parts = {"check": part_check, "train": part_train, "generate": part_generate, "decode": part_decode}
+    for name in args.parts.split(","):
+        start = time.perf_counter()
+        torch.manual_seed(0)
+        try:
+            parts[name](shapes, args, dev, dtype)
+        except Exception as error:
+            traceback.print_exc()
+            RECORDS.append(dict(part=name, case="(whole part)", model="-", error=describe(error)))
+        free()
+        print(f"[{name}: {time.perf_counter() - start:.1f} s]", flush=True)
+    print_table()
+    out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "bench_model.jsonl")
+    with open(path, "w") as f:
+        for record in [env] + RECORDS:
+            f.write(json.dumps(record) + "\n")
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
