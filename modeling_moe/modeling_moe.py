@@ -26,6 +26,13 @@ from transformers.utils import can_return_tuple
 
 from .configuration_moe import MoEConfig
 
+# experts_implementation="fused" (Triton kernels, modeling_moe.kernels) is registered when the modeling_moe package is
+# installed, also for this file's exported trust_remote_code copy; without the package the default stays grouped_mm.
+try:
+    import modeling_moe.kernels as moe_kernels
+except ImportError:
+    moe_kernels = None
+
 # transformers renamed the cache argument and output field from `past_key_values` to `cache` in 5.2x.
 CACHE_FIELD = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
@@ -449,6 +456,13 @@ class MoEPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = False
     _supports_attention_backend = True
     _keep_in_fp32_modules_strict = ["e_score_correction_bias", "gate.weight"]
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        """Default to the fused Triton experts where they run (a CUDA GPU, Triton installed); transformers' choice
+        (grouped_mm) otherwise. An explicit `experts_implementation` always wins."""
+        if requested_experts is None and moe_kernels is not None and moe_kernels.preferred_by_default():
+            requested_experts = "fused"
+        return super().get_correct_experts_implementation(requested_experts)
 
     @torch.no_grad()
     def _init_weights(self, module):

@@ -1,0 +1,450 @@
+"""MoE layer (routed + shared experts) on one GPU: our fused Triton experts against transformers, in one run.
+
+    python benchmarks/bench_moe_layer.py [--parts layer,breakdown,decode,model] [--shapes v2lite,v3,small]
+
+Per anchor shape (../shared/anchors/README.md; bf16, routers fp32, weights N(0, 0.02), random inputs):
+  layer      transformers' DeepseekV3MoE with grouped_mm (and eager: forward at v2lite and small, forward+backward at
+             small only, it is slow), our MoESparseMoeBlock with grouped_mm and with fused: forward and
+             forward+backward ms, TFLOP/s (forward = 2 T (k + shared) 3 H I, forward+backward = 3x), peak memory;
+             the same weights in all of them; our fused output and gradients checked against our grouped_mm; the
+             dense-GEMM ceiling (one GEMM chain with the routed FLOPs, as the anchors).
+  breakdown  each fused kernel alone (routing, GEMM1+SwiGLU, GEMM2, combine, dgrad_h, wgrad down / gate_up,
+             dgrad_x) with the configs in use.
+  decode     forward latency at 16, 64 and 256 tokens (no grad), grouped_mm vs fused (ours) and transformers.
+  model      training step (AdamW) of the anchors' 1.26B model (our MoEForCausalLM, batch 8 x 2048), grouped_mm
+             vs fused experts: tokens/s.
+The autotune (a handful of configs per kernel and token bucket, cached) is on unless --no-autotune.
+Prints JSON lines and a table last; writes $OUT/bench_moe_layer.jsonl when OUT is set.
+"""
+import argparse
+import gc
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import transformers  # noqa: E402
+from transformers import DeepseekV3Config  # noqa: E402
+from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf  # noqa: E402
+
+import modeling_moe  # noqa: E402
+from modeling_moe import MoEConfig  # noqa: E402
+
+
+def load_kernels():
+    """`modeling_moe.kernels`, also from a checkout that is not pip-installed (kernels/ sits at the repo's top)."""
+    try:
+        import modeling_moe.kernels as kernels
+    except ImportError:
+        spec = importlib.util.spec_from_file_location("modeling_moe.kernels", ROOT / "kernels" / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT / "kernels")])
+        kernels = importlib.util.module_from_spec(spec)
+        sys.modules["modeling_moe.kernels"] = kernels
+        spec.loader.exec_module(kernels)
+        modeling_moe.kernels = kernels
+    return kernels
+
+
+kernels = load_kernels()
+from modeling_moe.kernels import fused_moe_ops as fm  # noqa: E402
+from modeling_moe.modeling_moe import MoEForCausalLM, MoESparseMoeBlock  # noqa: E402
+
+SHAPES = {  # name: H, I, E, k, shared, n_group, topk_group, tokens
+    "v2lite": (2048, 1408, 64, 6, 2, 1, 1, 16384),
+    "v3": (7168, 2048, 256, 8, 1, 8, 4, 8192),
+    "small": (1024, 512, 64, 6, 2, 1, 1, 16384),
+}
+RECORDS = []
+T0 = time.time()
+dev = "cuda"
+DTYPE = torch.bfloat16
+DRY = "--dry-run" in sys.argv  # CPU smoke test of this script: TRITON_INTERPRET=1 python ... --dry-run
+if DRY:
+    dev, DTYPE = "cpu", torch.float32
+    SHAPES = {"v2lite": (48, 40, 6, 2, 2, 1, 1, 20), "v3": (32, 24, 8, 3, 1, 4, 2, 12),
+              "small": (32, 16, 4, 2, 2, 1, 1, 16)}
+
+
+def sync():
+    if dev == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_gib():
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == "cuda" else 0.0
+
+
+def do_bench(fn, warmup=10, rep=50, return_mode="median"):
+    if dev == "cuda":
+        from triton.testing import do_bench as triton_do_bench
+
+        return triton_do_bench(fn, warmup=warmup, rep=rep, return_mode=return_mode)
+    return bench(fn, 1, 2)
+
+
+def emit(**record):
+    RECORDS.append(record)
+    print(json.dumps(record), flush=True)
+
+
+def bench(fn, warm=3, iters=10):
+    """Median milliseconds (CUDA events) of `iters` calls after `warm` calls."""
+    if DRY:
+        warm, iters = min(warm, 1), min(iters, 1)
+    for _ in range(warm):
+        fn()
+    sync()
+    times = []
+    for _ in range(iters):
+        if dev != "cuda":
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+            continue
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def free():
+    gc.collect()
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def hf_layer(H, I, E, k, shared, ng, tg, impl):
+    config = DeepseekV3Config(hidden_size=H, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=k,
+                              n_shared_experts=shared, n_group=ng, topk_group=tg, num_hidden_layers=1,
+                              num_attention_heads=16, num_key_value_heads=16, vocab_size=1000)
+    config._experts_implementation = impl
+    with torch.device(dev):
+        layer = hf.DeepseekV3MoE(config).to(DTYPE)
+    layer.gate.weight.data = layer.gate.weight.data.float()
+    return layer
+
+
+def our_block(H, I, E, k, shared, ng, tg, impl):
+    config = MoEConfig(hidden_size=H, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=k,
+                       n_shared_experts=shared, n_group=ng, topk_group=tg, scoring_func="sigmoid",
+                       topk_method="group_limited" if ng > 1 else "greedy", routed_scaling_factor=2.5,
+                       norm_topk_prob=True, num_hidden_layers=1, num_attention_heads=16, vocab_size=1000,
+                       bias_update_speed=0.0)
+    config._experts_implementation = impl
+    with torch.device(dev):
+        block = MoESparseMoeBlock(config).to(DTYPE)
+    block.gate.weight.data = block.gate.weight.data.float()
+    return block
+
+
+def set_impl(module, impl):
+    for m in module.modules():
+        if hasattr(m, "config") and hasattr(m.config, "_experts_implementation"):
+            m.config._experts_implementation = impl
+
+
+def timings(layer, x, flops, warm_f=3, it_f=10, warm_b=2, it_b=6, backward=True):
+    def forward():
+        out = layer(x)
+        return out[0] if isinstance(out, tuple) else out
+
+    def forward_backward():
+        forward().float().pow(2).mean().backward()
+
+    result = {}
+    with torch.no_grad():
+        t = bench(forward, warm_f, it_f)
+    result.update(fwd_ms=round(t, 3), fwd_tflops=round(flops / t / 1e9, 1))
+    if backward:
+        t = bench(forward_backward, warm_b, it_b)
+        sync()
+        if dev == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        forward_backward()
+        sync()
+        result.update(fwdbwd_ms=round(t, 3), fwdbwd_tflops=round(3 * flops / t / 1e9, 1), peak_gib=peak_gib())
+    return result
+
+
+def rel(a, b, chunk=1 << 26):
+    """||a - b|| / ||b||, in chunks (a v3 expert gradient is 22 GB in bf16)."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    num = den = 0.0
+    for i in range(0, a.numel(), chunk):
+        x, y = a[i:i + chunk].double(), b[i:i + chunk].double()
+        num += float((x - y).pow(2).sum())
+        den += float(y.pow(2).sum())
+    return (num / max(den, 1e-300)) ** 0.5
+
+
+def part_layer(name, args):
+    H, I, E, k, shared, ng, tg, T = SHAPES[name]
+    fwd_flops = 2 * T * (k + shared) * 3 * H * I
+    routed_flops = 2 * T * k * 3 * H * I
+    torch.manual_seed(0)
+    x0 = torch.randn(T, H, device=dev, dtype=DTYPE)
+    block = our_block(H, I, E, k, shared, ng, tg, "grouped_mm")
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.02)
+    state = block.state_dict()
+
+    # transformers: same weights (the parameter names coincide)
+    for impl in ["grouped_mm", "eager"]:
+        if impl == "eager" and name == "v3":
+            emit(part="layer", shape=name, impl="hf eager", skipped="about 6 s per forward+backward at v3")
+            continue
+        try:
+            layer = hf_layer(H, I, E, k, shared, ng, tg, impl)
+            missing = layer.load_state_dict(state, strict=False)
+            x = x0.clone().view(1, T, H).requires_grad_(True)
+            small_eager = impl == "eager"
+            res = timings(layer, x, fwd_flops, *((1, 3, 1, 3) if small_eager else (3, 10, 2, 6)),
+                          backward=not small_eager or name == "small")
+            emit(part="layer", shape=name, impl=f"hf {impl}", tokens=T, **res,
+                 state_mismatch=len(missing.missing_keys) + len(missing.unexpected_keys))
+            del layer, x
+        except Exception as error:
+            traceback.print_exc()
+            emit(part="layer", shape=name, impl=f"hf {impl}", error=f"{type(error).__name__}: {str(error)[:300]}")
+        free()
+
+    # ours: grouped_mm then fused, same weights, same input; fused checked against grouped_mm
+    x = x0.clone().view(1, T, H).requires_grad_(True)
+    grad = torch.randn(1, T, H, device=dev, dtype=DTYPE)
+    reference = {}
+    for impl in ["grouped_mm", "fused"]:
+        set_impl(block, impl)
+        try:
+            block.zero_grad(set_to_none=True)
+            x.grad = None
+            out = block(x)[0]
+            out.backward(grad)
+            grads = {"x": x.grad, "gate_up_proj": block.experts.gate_up_proj.grad,
+                     "down_proj": block.experts.down_proj.grad, "router": block.gate.weight.grad}
+            if impl == "grouped_mm":
+                reference = dict(out=out.detach(), **{n: g.clone() for n, g in grads.items()})
+                check = {}
+            else:
+                check = {f"relerr_{n}": float(f"{rel(g, reference[n]):.3g}") for n, g in grads.items()}
+                check["relerr_out"] = float(f"{rel(out.detach(), reference['out']):.3g}")
+            del out, grads
+            block.zero_grad(set_to_none=True)
+            x.grad = None
+            free()
+            res = timings(block, x, fwd_flops)
+            emit(part="layer", shape=name, impl=f"ours {impl}", tokens=T, **res, **check)
+        except Exception as error:
+            traceback.print_exc()
+            emit(part="layer", shape=name, impl=f"ours {impl}", error=f"{type(error).__name__}: {str(error)[:300]}")
+        free()
+    reference.clear()
+    if "breakdown" in args.parts:
+        try:
+            part_breakdown(name, block, x0)
+        except Exception as error:
+            traceback.print_exc()
+            emit(part="breakdown", shape=name, error=f"{type(error).__name__}: {str(error)[:300]}")
+    del block, x, grad, state
+    free()
+
+    a = torch.randn(T * k, H, device=dev, dtype=DTYPE)
+    w1 = torch.randn(H, 2 * I, device=dev, dtype=DTYPE)
+    w2 = torch.randn(I, H, device=dev, dtype=DTYPE)
+    t = bench(lambda: (a @ w1)[:, :I] @ w2)
+    emit(part="ceiling", shape=name, what="dense GEMM chain, same routed FLOPs", ms=round(t, 3),
+         tflops=round(routed_flops / t / 1e9, 1))
+    del a, w1, w2
+    free()
+
+
+def part_breakdown(name, block, x0):
+    """Each fused kernel alone, with the configs the layer runs (already chosen/tuned by the layer part)."""
+    H, I, E, k, shared, ng, tg, T = SHAPES[name]
+    N = T * k
+    with torch.no_grad():
+        _, weights, index = block.gate(x0)
+    gate_up, down = block.experts.gate_up_proj.detach(), block.experts.down_proj.detach()
+    x = x0.contiguous()
+    w_flat = weights.contiguous().reshape(-1)
+    perm, inv, offsets = fm.build_routing(index, E)
+    counts = (offsets[1:] - offsets[:-1]).float()
+    schedules = fm._Schedules(offsets, N, E)
+    key = fm._shape_key(x, gate_up, down, N)
+    cfg = lambda kind, family: fm.chosen_config(kind, key, fm._candidates(family, N, E, x.dtype))  # noqa: E731
+    h = torch.empty(N, I, dtype=x.dtype, device=dev)
+    gu = torch.empty(N, 2 * I, dtype=x.dtype, device=dev)
+    y = torch.empty(N, H, dtype=x.dtype, device=dev)
+    out = torch.empty(T, H, dtype=x.dtype, device=dev)
+    dgu = torch.empty_like(gu)
+    hw = torch.empty_like(h)
+    dxs = torch.empty_like(y)
+    dgrad_out = torch.randn_like(x)
+    dgate_up, ddown = torch.empty_like(gate_up), torch.empty_like(down)
+    c_dh = cfg("dgrad_h", "dgrad_h")
+    dw = torch.empty(fm.triton_cdiv(I, c_dh.block_n), N, dtype=torch.float32, device=dev)
+    down_t = (down.stride(0), down.stride(2), down.stride(1))
+    down_n = (down.stride(0), down.stride(1), down.stride(2))
+    gate_up_n = (gate_up.stride(0), gate_up.stride(1), gate_up.stride(2))
+    c1, c2, cx = cfg("gemm1", "gemm1"), cfg("gemm2", "gemm2"), cfg("dgrad_x", "dgrad_x")
+    cwd, cwg = cfg("wgrad_down", "wgrad"), cfg("wgrad_gate_up", "wgrad")
+    gemm = 2 * N * H * I
+    steps = {
+        "routing": (lambda: fm.build_routing(index, E), 0),
+        "schedule": (lambda: fm.tile_schedule(offsets, c1.block_m, N, E), 0),
+        "gemm1_swiglu": (lambda: fm._launch_gemm1(c1, x, gate_up, h, gu, perm, schedules, k, True), 2 * gemm, c1),
+        "gemm2": (lambda: fm._launch_grouped(c2, h, down, y, perm, schedules, k, H, I, down_t, False), gemm, c2),
+        "combine": (lambda: fm._launch_combine(y, inv, w_flat, out, k), 0),
+        "dgrad_h": (lambda: fm._launch_grouped(c_dh, dgrad_out, down, dgu, perm, schedules, k, I, H, down_n, True,
+                                               epilogue=1, gu=gu, h=hw, topk_w=w_flat, dw=dw), gemm, c_dh),
+        "wgrad_down": (lambda: fm._launch_wgrad(cwd, dgrad_out, hw, ddown, perm, offsets, k, True, False), gemm,
+                       cwd),
+        "wgrad_gate_up": (lambda: fm._launch_wgrad(cwg, dgu, x, dgate_up, perm, offsets, k, False, True),
+                          2 * gemm, cwg),
+        "dgrad_x": (lambda: fm._launch_grouped(cx, dgu, gate_up, dxs, perm, schedules, k, H, 2 * I, gate_up_n,
+                                               False), 2 * gemm, cx),
+        "combine_dx": (lambda: fm._launch_combine(dxs, inv, None, out, k), 0),
+    }
+    total = 0.0
+    for step, (fn, flops, *config) in steps.items():
+        ms = do_bench(fn, warmup=10, rep=50, return_mode="median")
+        total += ms
+        emit(part="breakdown", shape=name, step=step, ms=round(ms, 4),
+             tflops=round(flops / ms / 1e9, 1) if flops else None, config=str(config[0]) if config else None)
+    emit(part="breakdown", shape=name, step="sum", ms=round(total, 3),
+         rows_per_expert_min_max=[int(counts.min()), int(counts.max())])
+
+
+def part_decode(name, args):
+    H, I, E, k, shared, ng, tg, _ = SHAPES[name]
+    block = our_block(H, I, E, k, shared, ng, tg, "grouped_mm")
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.02)
+    layer = hf_layer(H, I, E, k, shared, ng, tg, "grouped_mm")
+    layer.load_state_dict(block.state_dict(), strict=False)
+    for tokens in [16, 64, 256]:
+        x = torch.randn(1, tokens, H, device=dev, dtype=DTYPE)
+        row = {}
+        for label, module, impl in [("hf grouped_mm", layer, "grouped_mm"), ("ours grouped_mm", block, "grouped_mm"),
+                                    ("ours fused", block, "fused")]:
+            set_impl(module, impl)
+            with torch.no_grad():
+                row[label] = round(bench(lambda: module(x), 5, 30) * 1000, 1)
+        emit(part="decode", shape=name, tokens=tokens, latency_us=row,
+             fused_vs_grouped=round(row["ours grouped_mm"] / row["ours fused"], 2))
+    del block, layer
+    free()
+
+
+def part_model(args):
+    shape = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512,
+                 num_hidden_layers=12, num_attention_heads=16, n_routed_experts=64, num_experts_per_tok=6,
+                 n_shared_experts=2, kv_lora_rank=256, qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=64)
+    batch, seq = 8, 2048
+    if DRY:
+        shape = dict(vocab_size=97, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+                     num_attention_heads=4, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                     kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+        batch, seq = 2, 8
+    config = MoEConfig(**shape, n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=None,
+                       scoring_func="sigmoid", routed_scaling_factor=2.5, max_position_embeddings=2560,
+                       bos_token_id=0, eos_token_id=1)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = MoEForCausalLM(config).to(DTYPE)
+    for r in model.routers():
+        r.weight.data = r.weight.data.float()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev == "cuda")
+    ids = torch.randint(0, config.vocab_size, (batch, seq), device=dev)
+    for impl in ["grouped_mm", "fused"]:
+        set_impl(model, impl)
+
+        def step():
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        try:
+            t = bench(step, 2, 5)
+            emit(part="model", impl=impl, batch=batch, seq=seq, step_ms=round(t, 1),
+                 tokens_per_s=round(batch * seq / t * 1e3), peak_gib=peak_gib())
+        except Exception as error:
+            traceback.print_exc()
+            emit(part="model", impl=impl, error=f"{type(error).__name__}: {str(error)[:300]}")
+        free()
+    del model, optimizer
+    free()
+
+
+def table():
+    print("\n=== MoE layer (routed + shared), bf16, TFLOP/s of counted FLOPs (fwd = 2T(k+s)3HI, fwd+bwd = 3x)")
+    print(f"{'shape':<8}{'impl':<18}{'fwd ms':>9}{'fwd TF/s':>10}{'f+b ms':>9}{'f+b TF/s':>10}{'peak GiB':>10}  check")
+    for r in RECORDS:
+        if r["part"] == "layer":
+            check = {k: v for k, v in r.items() if k.startswith("relerr")}
+            print(f"{r['shape']:<8}{r['impl']:<18}{r.get('fwd_ms', '-'):>9}{r.get('fwd_tflops', '-'):>10}"
+                  f"{r.get('fwdbwd_ms', '-'):>9}{r.get('fwdbwd_tflops', '-'):>10}{r.get('peak_gib', '-'):>10}  "
+                  f"{check or r.get('error', r.get('skipped', ''))}")
+        elif r["part"] == "ceiling":
+            print(f"{r['shape']:<8}{'dense ceiling':<18}{r['ms']:>9}{r['tflops']:>10}")
+    for r in RECORDS:
+        if r["part"] == "breakdown" and "step" in r:
+            print(f"breakdown {r['shape']:<8}{r['step']:<15}{r['ms']:>9} ms {r.get('tflops') or '':>8} "
+                  f"{r.get('config') or r.get('rows_per_expert_min_max') or ''}")
+    for r in RECORDS:
+        if r["part"] in ("decode", "model"):
+            print({k: v for k, v in r.items() if k != "part"} | {"part": r["part"]})
+    for r in fm.TUNING_LOG:
+        print("tune", r)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--parts", default="layer,breakdown,decode,model")
+    parser.add_argument("--shapes", default="v2lite,v3,small")
+    parser.add_argument("--no-autotune", action="store_true")
+    parser.add_argument("--budget-s", type=float, default=420, help="skip the remaining parts past this")
+    parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU (with TRITON_INTERPRET=1)")
+    args = parser.parse_args()
+    args.parts = args.parts.split(",")
+    kernels.set_autotune(not args.no_autotune)
+    import triton
+    emit(part="env", torch=torch.__version__, transformers=transformers.__version__, triton=triton.__version__,
+         gpu=torch.cuda.get_device_name() if dev == "cuda" else "cpu (dry run)", date=time.strftime("%Y-%m-%d %H:%M"), autotune=not args.no_autotune)
+    for name in args.shapes.split(","):
+        if "layer" in args.parts and time.time() - T0 < args.budget_s:
+            part_layer(name, args)
+    kernels.set_autotune(False)  # decode-sized buckets: the defaults (tuning them would cost compile time here)
+    for name in args.shapes.split(","):
+        if "decode" in args.parts and time.time() - T0 < args.budget_s:
+            try:
+                part_decode(name, args)
+            except Exception as error:
+                traceback.print_exc()
+                emit(part="decode", shape=name, error=f"{type(error).__name__}: {str(error)[:300]}")
+    if "model" in args.parts and time.time() - T0 < args.budget_s:
+        part_model(args)
+    emit(part="tuning", log=fm.TUNING_LOG, seconds=round(time.time() - T0, 1))
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "bench_moe_layer.jsonl"), "w") as f:
+            for r in RECORDS:
+                f.write(json.dumps(r) + "\n")
+    table()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""Triton kernels of the fused MoE experts (imported lazily: only when the Triton path runs).
+
+Layout shared by every kernel: the N = T * k (token, expert) slots are sorted by expert (stable), `perm[i]` is the
+slot at sorted position i (slot = t * k + j, so its token is perm[i] // k), `inv[slot]` its sorted position, and
+`offsets[e]:offsets[e + 1]` the sorted rows of expert e. The row-tiled ("M-grouped") GEMMs walk a tile list built on
+the GPU (`tile_expert[i]`, `tile_row[i]`): each tile holds at most BLOCK_M rows of a single expert, so tiles never
+cross an expert boundary and no activation is padded or copied; the grid is a fixed upper bound on the number of
+tiles (cdiv(N, BLOCK_M) + E), the programs past the real tile count exit at once. No host sync anywhere.
+
+Index arithmetic that can pass 2^31 (expert * stride, row * stride) is done in int64.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """Grouped ordering: GROUP_M consecutive row tiles share each column tile (weights stay in L2)."""
+    num_pid_in_group = GROUP_M * num_n
+    group_id = pid // num_pid_in_group
+    first_m = group_id * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % num_pid_in_group) % group_size
+    pid_n = (pid % num_pid_in_group) // group_size
+    return pid_m, pid_n
+
+
+@triton.jit
+def _schedule_kernel(offsets_ptr, tile_expert_ptr, tile_row_ptr, num_experts, max_tiles,
+                     BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr):
+    """One program: per-expert tile counts, their prefix sum, and for every tile id its expert and first row.
+
+    Tile ids past the real count get expert = num_experts (the GEMM programs on them return at once)."""
+    offs_e = tl.arange(0, BLOCK_E)
+    mask_e = offs_e < num_experts
+    start = tl.load(offsets_ptr + offs_e, mask=mask_e, other=0)
+    end = tl.load(offsets_ptr + offs_e + 1, mask=mask_e, other=0)
+    tiles = (end - start + BLOCK_M - 1) // BLOCK_M
+    cum = tl.cumsum(tiles, axis=0)
+    first = cum - tiles
+    for t0 in range(0, max_tiles, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        expert = tl.sum((cum[None, :] <= t[:, None]).to(tl.int32), axis=1)
+        expert = tl.minimum(expert, num_experts)
+        onehot = offs_e[None, :] == expert[:, None]
+        first_e = tl.sum(tl.where(onehot, first[None, :], 0), axis=1)
+        start_e = tl.sum(tl.where(onehot, start[None, :], 0), axis=1)
+        row = start_e + (t - first_e) * BLOCK_M
+        mask_t = t < max_tiles
+        tl.store(tile_expert_ptr + t, expert.to(tl.int32), mask=mask_t)
+        tl.store(tile_row_ptr + t, row.to(tl.int32), mask=mask_t)
+
+
+@triton.jit
+def _inverse_kernel(perm_ptr, inv_ptr, N, BLOCK: tl.constexpr):
+    """inv[perm[i]] = i (a permutation: every index written once, no conflicts)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    p = tl.load(perm_ptr + offs, mask=mask, other=0)
+    tl.store(inv_ptr + p, offs.to(tl.int32), mask=mask)
+
+
+@triton.jit
+def _gemm1_swiglu_kernel(
+    x_ptr, w_ptr, h_ptr, gu_ptr, perm_ptr, tile_expert_ptr, tile_row_ptr, offsets_ptr,
+    H, I, num_m_tiles, top_k, num_experts,
+    stride_xt, stride_xh, stride_we, stride_wn, stride_wk,
+    stride_hm, stride_hn, stride_gm, stride_gn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr, STORE_GU: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """h[rows, n] = silu(x[tok] @ Wg[e].T) * (x[tok] @ Wu[e].T), the token gather fused into the A loads.
+
+    Two accumulators (gate and up columns n of the same tile), SwiGLU in the epilogue; optionally stores the
+    pre-activations (gate | up) for the backward."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(I, BLOCK_N)
+    pid_m, pid_n = _swizzle(pid, num_m_tiles, num_n, GROUP_M)
+    expert = tl.load(tile_expert_ptr + pid_m)
+    if expert >= num_experts:
+        return
+    row_start = tl.load(tile_row_ptr + pid_m)
+    row_end = tl.load(offsets_ptr + expert + 1)
+    offs_m = row_start + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < row_end
+    slot = tl.load(perm_ptr + offs_m, mask=mask_m, other=0)
+    tok = (slot // top_k).to(tl.int64)  # rows past the expert read token 0: finite, never stored
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n_ld = offs_n % I  # columns past I wrap: in bounds, never stored
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :] * stride_xh
+    w_base = w_ptr + expert.to(tl.int64) * stride_we
+    bg_ptrs = w_base + offs_n_ld[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    bu_ptrs = bg_ptrs + I * stride_wn
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(H, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            bg = tl.load(bg_ptrs)
+            bu = tl.load(bu_ptrs)
+        else:
+            k_left = H - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            bg = tl.load(bg_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            bu = tl.load(bu_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc_g = tl.dot(a, bg, acc_g, input_precision=DOT_PREC)
+        acc_u = tl.dot(a, bu, acc_u, input_precision=DOT_PREC)
+        a_ptrs += BLOCK_K * stride_xh
+        bg_ptrs += BLOCK_K * stride_wk
+        bu_ptrs += BLOCK_K * stride_wk
+    h = acc_g * tl.sigmoid(acc_g) * acc_u
+    rows = offs_m.to(tl.int64)
+    mask = mask_m[:, None] & (offs_n[None, :] < I)
+    tl.store(h_ptr + rows[:, None] * stride_hm + offs_n[None, :] * stride_hn, h.to(h_ptr.dtype.element_ty), mask=mask)
+    if STORE_GU:
+        g_ptrs = gu_ptr + rows[:, None] * stride_gm + offs_n[None, :] * stride_gn
+        tl.store(g_ptrs, acc_g.to(gu_ptr.dtype.element_ty), mask=mask)
+        tl.store(g_ptrs + I * stride_gn, acc_u.to(gu_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    a_ptr, b_ptr, c_ptr, perm_ptr, tile_expert_ptr, tile_row_ptr, offsets_ptr,
+    gu_ptr, h_ptr, topk_w_ptr, dw_ptr,
+    N, K, num_m_tiles, top_k, num_experts,
+    stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
+    stride_gm, stride_gn, stride_hm, stride_hn, stride_dw,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    GATHER_A: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, EPILOGUE: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """C[rows, n] = A[rows] @ B[e] over the row tiles of each expert; B[e][k, n] at b + e*stride_be + k*stride_bk
+    + n*stride_bn, so both a weight and its transpose are read in place.
+
+    GATHER_A: A's row r is a_ptr's row perm[r] // top_k (a per-token tensor read in sorted slot order).
+    EPILOGUE 0: store C. EPILOGUE 1 (backward of GEMM2 + SwiGLU, C = dgu [N, 2I], the GEMM is dA = dY[tok] @ Wd[e]):
+        h = silu(gate) * up from the saved pre-activations gu = (gate | up)
+        dw_partial[pid_n, r] = sum_n dA[r, n] * h[r, n]           (routing-weight gradient, per column tile)
+        dh = w[r] * dA;  dgate = dh * up * silu'(gate);  dup = dh * silu(gate);  hw[r] = w[r] * h (into h_ptr)
+    """
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = _swizzle(pid, num_m_tiles, num_n, GROUP_M)
+    expert = tl.load(tile_expert_ptr + pid_m)
+    if expert >= num_experts:
+        return
+    row_start = tl.load(tile_row_ptr + pid_m)
+    row_end = tl.load(offsets_ptr + expert + 1)
+    offs_m = row_start + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < row_end
+    if GATHER_A or EPILOGUE == 1:
+        slot = tl.load(perm_ptr + offs_m, mask=mask_m, other=0)
+    if GATHER_A:
+        a_rows = (slot // top_k).to(tl.int64)
+    else:
+        a_rows = tl.where(mask_m, offs_m, row_start).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if EVEN_N:
+        offs_n_ld = offs_n  # keeps the contiguity of n visible to the compiler (vector loads when n is contiguous)
+    else:
+        offs_n_ld = offs_n % N  # the last column tile wraps: in bounds, never stored
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + expert.to(tl.int64) * stride_be + offs_k[:, None] * stride_bk + offs_n_ld[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    rows = offs_m.to(tl.int64)
+    mask_n = offs_n < N
+    mask = mask_m[:, None] & mask_n[None, :]
+    if EPILOGUE == 0:
+        tl.store(c_ptr + rows[:, None] * stride_cm + offs_n[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty),
+                 mask=mask)
+    else:
+        # h is recomputed from the saved pre-activations (the forward keeps only gate | up)
+        g_ptrs = gu_ptr + rows[:, None] * stride_gm + offs_n[None, :] * stride_gn
+        gate = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(g_ptrs + N * stride_gn, mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(gate)
+        silu = gate * sig
+        h = (silu * up).to(c_ptr.dtype.element_ty).to(tl.float32)  # the h GEMM2 consumed, up to rounding
+        dw = tl.sum(acc * h, axis=1)
+        tl.store(dw_ptr + pid_n * stride_dw + rows, dw, mask=mask_m)
+        w = tl.load(topk_w_ptr + slot, mask=mask_m, other=0.0).to(tl.float32)
+        dh = acc * w[:, None]
+        dgate = dh * up * (sig + silu * (1.0 - sig))
+        dup = dh * silu
+        c_ptrs = c_ptr + rows[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        tl.store(c_ptrs, dgate.to(c_ptr.dtype.element_ty), mask=mask)
+        tl.store(c_ptrs + N * stride_cn, dup.to(c_ptr.dtype.element_ty), mask=mask)
+        # w * h: the B operand of the down-projection weight gradient (no scaling inside that GEMM)
+        tl.store(h_ptr + rows[:, None] * stride_hm + offs_n[None, :] * stride_hn,
+                 (h * w[:, None]).to(h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grouped_wgrad_kernel(
+    a_ptr, b_ptr, c_ptr, perm_ptr, offsets_ptr, topk_w_ptr,
+    M, N, top_k,
+    stride_ar, stride_am, stride_br, stride_bn, stride_ce, stride_cm, stride_cn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_A: tl.constexpr, EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """C[e] = sum over the rows r of expert e of A[r]^T B[r] ([M, N] per expert; the reduction runs over the
+    expert's sorted rows, so no tile crosses an expert and experts without tokens get zeros).
+
+    GATHER_A / GATHER_B: that operand's row r is the per-token row perm[r] // top_k. SCALE_A: A's row r is scaled by
+    the routing weight of slot perm[r]."""
+    pid = tl.program_id(0)
+    expert = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = _swizzle(pid, num_m, num_n, GROUP_M)
+    start = tl.load(offsets_ptr + expert)
+    end = tl.load(offsets_ptr + expert + 1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if EVEN_M:
+        offs_m_ld = offs_m
+    else:
+        offs_m_ld = offs_m % M
+    if EVEN_N:
+        offs_n_ld = offs_n
+    else:
+        offs_n_ld = offs_n % N
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_K):
+        r = r0 + offs_k
+        mask_r = r < end
+        if GATHER_A or GATHER_B or SCALE_A:
+            slot = tl.load(perm_ptr + r, mask=mask_r, other=0)
+        if GATHER_A:
+            ra = (slot // top_k).to(tl.int64)
+        else:
+            ra = r.to(tl.int64)
+        if GATHER_B:
+            rb = (slot // top_k).to(tl.int64)
+        else:
+            rb = r.to(tl.int64)
+        a = tl.load(a_ptr + ra[None, :] * stride_ar + offs_m_ld[:, None] * stride_am, mask=mask_r[None, :], other=0.0)
+        if SCALE_A:
+            w = tl.load(topk_w_ptr + slot, mask=mask_r, other=0.0).to(tl.float32)
+            a = (a.to(tl.float32) * w[None, :]).to(a_ptr.dtype.element_ty)
+        b = tl.load(b_ptr + rb[:, None] * stride_br + offs_n_ld[None, :] * stride_bn, mask=mask_r[:, None], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    c_ptrs = (c_ptr + expert.to(tl.int64) * stride_ce + offs_m.to(tl.int64)[:, None] * stride_cm
+              + offs_n[None, :] * stride_cn)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _combine_kernel(
+    y_ptr, inv_ptr, w_ptr, out_ptr, T, H, top_k,
+    stride_ym, stride_yh, stride_ot, stride_oh,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, HAS_W: tl.constexpr,
+):
+    """out[t] = sum_j w[t, j] * y[inv[t * k + j]] in fp32, j in order (deterministic; no atomics)."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask_t = offs_t < T
+    mask = mask_t[:, None] & (offs_h[None, :] < H)
+    acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
+    for j in range(0, top_k):
+        slot = offs_t.to(tl.int64) * top_k + j
+        pos = tl.load(inv_ptr + slot, mask=mask_t, other=0).to(tl.int64)
+        y = tl.load(y_ptr + pos[:, None] * stride_ym + offs_h[None, :] * stride_yh, mask=mask, other=0.0)
+        if HAS_W:
+            w = tl.load(w_ptr + slot, mask=mask_t, other=0.0).to(tl.float32)
+            acc += y.to(tl.float32) * w[:, None]
+        else:
+            acc += y.to(tl.float32)
+    tl.store(out_ptr + offs_t.to(tl.int64)[:, None] * stride_ot + offs_h[None, :] * stride_oh,
+             acc.to(out_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,309 @@
+"""Fused MoE expert kernels (experts_implementation="fused") against a float64 PyTorch reference.
+
+On a machine without CUDA the Triton kernels run through Triton's interpreter (TRITON_INTERPRET=1, set per test by a
+fixture; the kernels module is imported lazily, at the first launch, so the setting applies) in fp32 with tiny
+shapes and 16-wide blocks; the interpreter's bf16 `tl.dot` is unreliable, so bf16 is checked on a GPU only
+(`gpu` marker).
+"""
+
+import copy
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import modeling_moe
+from modeling_moe import MoEForCausalLM
+
+try:
+    import modeling_moe.kernels  # noqa: F401
+except ImportError:  # a checkout that is not pip-installed: kernels/ sits at the top of the repository
+    _root = Path(__file__).resolve().parents[1]
+    _spec = importlib.util.spec_from_file_location("modeling_moe.kernels", _root / "kernels" / "__init__.py",
+                                                   submodule_search_locations=[str(_root / "kernels")])
+    modeling_moe.kernels = importlib.util.module_from_spec(_spec)
+    sys.modules["modeling_moe.kernels"] = modeling_moe.kernels
+    _spec.loader.exec_module(modeling_moe.kernels)
+
+from modeling_moe.kernels import KernelConfig, config_override, fused_moe, moe_experts_reference, set_autotune
+
+from .helpers import small_config
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+CUDA = torch.cuda.is_available()
+
+
+def enable_interpreter(monkeypatch):
+    """TRITON_INTERPRET=1 for this test. Triton decides at decoration time whether a @triton.jit function is
+    interpreted, and triton (with its own jit'd library: tl.sum, tl.cumsum, ...) is usually imported long before
+    this point (torch._dynamo imports it), so: our kernels module is (re)imported under the flag, and calls of the
+    library's compiled-mode JITFunctions from inside interpreted kernels are routed to interpreted copies."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    from modeling_moe.kernels import fused_moe_ops as fused_module
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    kernels = sys.modules.get("modeling_moe.kernels.fused_moe_kernels")
+    if kernels is not None and not isinstance(kernels._combine_kernel, InterpretedFunction):
+        monkeypatch.delitem(sys.modules, "modeling_moe.kernels.fused_moe_kernels")
+        monkeypatch.setattr(fused_module, "_kernels", None)
+    interpreted = {}
+
+    def call_interpreted(self, *args, **kwargs):
+        if id(self) not in interpreted:  # (a JITFunction's hash is its cache key: not computable in here)
+            interpreted[id(self)] = InterpretedFunction(self.fn)
+        return interpreted[id(self)](*args, **kwargs)
+
+    monkeypatch.setattr(JITFunction, "__call__", call_interpreted)
+
+
+@pytest.fixture
+def triton_path(monkeypatch):
+    """Force the Triton kernels: on CUDA as they are, on the CPU through the interpreter with 16-wide blocks."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    monkeypatch.delenv("MOE_FUSED_REFERENCE", raising=False)
+    set_autotune(False)
+    try:
+        if CUDA:
+            yield "cuda"
+        else:
+            enable_interpreter(monkeypatch)
+            with config_override(KernelConfig(16, 16, 16, 1, 1, 4)):
+                yield "cpu"
+    finally:
+        set_autotune(None)
+
+
+def make_case(tokens, hidden, inter, experts, top_k, routing="random", seed=0, device="cpu", dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=g)
+    gate_up = torch.randn(experts, 2 * inter, hidden, generator=g) / hidden**0.5
+    down = torch.randn(experts, hidden, inter, generator=g) / inter**0.5
+    if routing == "random":
+        index = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(tokens)]) if tokens else \
+            torch.zeros(0, top_k, dtype=torch.long)
+    elif routing == "one_expert":  # every token's first choice is expert 1; the rest (if k > 1) random
+        index = torch.stack([torch.cat([torch.tensor([1]), 2 + torch.randperm(experts - 2, generator=g)[:top_k - 1]])
+                             for _ in range(tokens)])
+    elif routing == "some_empty":  # only the first half of the experts get tokens
+        index = torch.stack([torch.randperm(experts // 2, generator=g)[:top_k] for _ in range(tokens)])
+    else:
+        raise ValueError(routing)
+    weights = torch.rand(tokens, top_k, generator=g) + 0.1
+    tensors = [t.to(device=device, dtype=dtype) for t in (x, gate_up, down)]
+    return (*tensors, index.to(device), weights.to(device))
+
+
+def relative_error(value, reference):
+    return ((value.double() - reference).norm() / reference.norm().clamp_min(1e-30)).item()
+
+
+def check_against_reference(case, tolerance, grad_seed=1):
+    x, gate_up, down, index, weights = case
+    inputs = [t.detach().clone().requires_grad_(True) for t in (x, gate_up, down, weights)]
+    out = fused_moe(inputs[0], inputs[1], inputs[2], index, inputs[3])
+    assert out.dtype == x.dtype and out.shape == x.shape
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out.device, out.dtype)
+    out.backward(grad)
+    refs = [t.detach().double().cpu().requires_grad_(True) for t in (x, gate_up, down, weights)]
+    reference = moe_experts_reference(refs[0], refs[1], refs[2], index.cpu(), refs[3])
+    reference.backward(grad.double().cpu())
+    errors = {"out": relative_error(out.cpu(), reference)}
+    for name, tensor, ref in zip(["x", "gate_up_proj", "down_proj", "top_k_weights"], inputs, refs):
+        assert tensor.grad is not None, name
+        assert torch.isfinite(tensor.grad).all(), name
+        errors[name] = relative_error(tensor.grad.cpu(), ref.grad) if ref.grad.norm() > 0 else \
+            tensor.grad.abs().max().item()
+    assert max(errors.values()) < tolerance, errors
+    return out, [t.grad for t in inputs]
+
+
+CASES = {
+    # tokens, hidden, inter, experts, top_k, routing
+    "uneven_sizes": (20, 48, 40, 6, 2, "random"),
+    "experts_without_tokens": (17, 32, 24, 6, 2, "some_empty"),
+    "all_tokens_on_one_expert": (19, 40, 24, 4, 1, "one_expert"),
+    "one_token": (1, 48, 40, 6, 3, "random"),
+    "top1": (18, 24, 40, 5, 1, "random"),
+    "topk_equals_experts": (11, 32, 24, 4, 4, "random"),
+    "block_multiples": (16, 32, 32, 4, 2, "random"),
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("name", list(CASES))
+def test_fused_matches_float64_reference(triton_path, name):
+    tokens, hidden, inter, experts, top_k, routing = CASES[name]
+    case = make_case(tokens, hidden, inter, experts, top_k, routing, seed=len(name), device=triton_path)
+    check_against_reference(case, tolerance=1e-5)
+
+
+@needs_triton
+def test_no_tokens(triton_path):
+    x, gate_up, down, index, weights = make_case(0, 16, 16, 4, 2, device=triton_path)
+    out = fused_moe(x, gate_up, down, index, weights)
+    assert out.shape == (0, 16)
+
+
+@needs_triton
+def test_deterministic_and_inference_path(triton_path):
+    case = make_case(20, 48, 40, 6, 3, seed=7, device=triton_path)
+    first, first_grads = check_against_reference(case, 1e-5)
+    second, second_grads = check_against_reference(case, 1e-5)
+    assert torch.equal(first, second)
+    for a, b in zip(first_grads, second_grads):
+        assert torch.equal(a, b)
+    with torch.no_grad():  # no activations saved for a backward: same output
+        assert torch.equal(fused_moe(*case), first.detach())
+
+
+@needs_triton
+def test_tile_schedule(triton_path):
+    from modeling_moe.kernels.fused_moe_ops import build_routing, tile_schedule
+
+    index = torch.tensor([[3, 0], [3, 1], [0, 3], [3, 2], [1, 3], [3, 0]], device=triton_path)
+    perm, inv, offsets = build_routing(index, num_experts=5)
+    assert offsets.tolist() == [0, 3, 5, 6, 12, 12]
+    assert torch.equal(perm.long()[inv.long()], torch.arange(12, device=triton_path))
+    assert torch.equal(index.flatten()[perm.long()], index.flatten().sort(stable=True).values)
+    tile_expert, tile_row, max_tiles = tile_schedule(offsets, 4, 12, 5)
+    assert max_tiles == 3 + 5
+    assert tile_expert.tolist() == [0, 1, 2, 3, 3, 5, 5, 5]
+    assert tile_row.tolist()[:5] == [0, 3, 5, 6, 10]
+
+
+@needs_triton
+def test_custom_op_fake_and_opcheck(triton_path):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, gate_up, down, index, weights = make_case(5, 16, 16, 4, 2, device=triton_path)
+    with FakeTensorMode() as mode:
+        fakes = [mode.from_tensor(t) for t in (x, gate_up, down, index, weights)]
+        out, gu, perm, inv, offsets = torch.ops.modeling_moe.fused_moe_forward(*fakes, True)
+        assert out.shape == (5, 16) and gu.shape == (10, 32) and perm.shape == (10,) and offsets.shape == (5,)
+    torch.library.opcheck(torch.ops.modeling_moe.fused_moe_forward.default, (x, gate_up, down, index, weights, False),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_reference_path_without_triton_matches_eager(monkeypatch):
+    """CPU without the interpreter: "fused" runs the PyTorch reference, same function as the eager loop."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from modeling_moe.modeling_moe import MoEExperts
+
+    x, gate_up, down, index, weights = make_case(13, 24, 16, 5, 2)
+    experts = MoEExperts(small_config(hidden_size=24, moe_intermediate_size=16, n_routed_experts=5, n_group=1,
+                                     topk_group=1))
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(gate_up)
+        experts.down_proj.copy_(down)
+    eager = type(experts).forward.__wrapped__(experts, x, index, weights)
+    torch.testing.assert_close(fused_moe(x, gate_up, down, index, weights), eager, rtol=1e-5, atol=1e-6)
+
+
+def model_pair(config):
+    torch.manual_seed(0)
+    eager = MoEForCausalLM(config)
+    fused = copy.deepcopy(eager)
+    eager.set_experts_implementation("eager")
+    fused.set_experts_implementation("fused")
+    return eager, fused
+
+
+@needs_triton
+def test_model_loss_and_gradients_fused_equal_eager(triton_path):
+    eager, fused = model_pair(small_config(num_hidden_layers=2))
+    eager.to(triton_path).train()
+    fused.to(triton_path).train()
+    ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(0)).to(triton_path)
+    losses = []
+    for model in (eager, fused):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    grads = dict(eager.named_parameters())
+    for name, param in fused.named_parameters():
+        if grads[name].grad is None:
+            assert param.grad is None, name
+            continue
+        torch.testing.assert_close(param.grad, grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@needs_triton
+def test_peft_lora_on_experts_fused_equals_eager(triton_path):
+    from peft import LoraConfig, get_peft_model
+
+    ids = torch.randint(3, 97, (2, 7), generator=torch.Generator().manual_seed(1)).to(triton_path)
+    eager, fused = model_pair(small_config(num_hidden_layers=2))
+    logits = []
+    for model in (eager, fused):
+        torch.manual_seed(1)  # same random (init_lora_weights=False) adapters on both
+        lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False, target_modules=[],
+                          target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+        peft_model = get_peft_model(model, lora).to(triton_path).eval()
+        with torch.no_grad():
+            logits.append(peft_model(input_ids=ids).logits)
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------------ GPU
+
+
+GPU_CASES = {
+    "moderate": (1000, 512, 384, 16, 4, "random"),
+    "uneven": (777, 320, 200, 12, 3, "random"),
+    "experts_without_tokens": (300, 256, 192, 16, 2, "some_empty"),
+    "all_on_one_expert": (513, 256, 128, 8, 1, "one_expert"),
+    "one_token": (1, 256, 128, 8, 8, "random"),
+    "big_expert_rows": (8192, 256, 256, 8, 2, "random"),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(GPU_CASES))
+def test_gpu_bf16_matches_float64_reference(triton_path, name):
+    tokens, hidden, inter, experts, top_k, routing = GPU_CASES[name]
+    case = make_case(tokens, hidden, inter, experts, top_k, routing, seed=len(name), device="cuda",
+                     dtype=torch.bfloat16)
+    # the reference runs on the same bf16-rounded values, in float64
+    check_against_reference(case, tolerance=1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_and_determinism(triton_path):
+    case = make_case(600, 256, 192, 8, 3, device="cuda")
+    first, grads = check_against_reference(case, 1e-5)
+    second, grads2 = check_against_reference(case, 1e-5)
+    assert torch.equal(first, second) and all(torch.equal(a, b) for a, b in zip(grads, grads2))
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture(triton_path):
+    x, gate_up, down, index, weights = make_case(256, 256, 128, 8, 2, device="cuda", dtype=torch.bfloat16)
+    expected = fused_moe(x, gate_up, down, index, weights)  # compiles the kernels
+    static_index = index.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_moe(x, gate_up, down, static_index, weights)
+    new_index = torch.stack([torch.randperm(8)[:2] for _ in range(256)]).cuda()
+    static_index.copy_(new_index)
+    graph.replay()
+    torch.testing.assert_close(out, fused_moe(x, gate_up, down, new_index, weights), rtol=0, atol=0)
+    assert not torch.equal(out, expected)
+
+
+@pytest.mark.gpu
+def test_gpu_model_bf16_fused_close_to_eager(triton_path):
+    eager, fused = model_pair(small_config(num_hidden_layers=2, hidden_size=128, moe_intermediate_size=64))
+    ids = torch.randint(3, 97, (4, 64), generator=torch.Generator().manual_seed(0)).cuda()
+    losses = []
+    for model in (eager, fused):
+        model.to("cuda", torch.bfloat16).train()
+        losses.append(model(input_ids=ids, labels=ids).loss.float())
+        losses[-1].backward()
+    torch.testing.assert_close(losses[1], losses[0], rtol=2e-2, atol=2e-2)
