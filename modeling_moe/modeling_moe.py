@@ -24,6 +24,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import can_return_tuple
 
+from .cache_moe import MoEStaticCache
 from .configuration_moe import MoEConfig
 
 # experts_implementation="fused" (Triton kernels, modeling_moe.kernels) is registered when the modeling_moe package is
@@ -32,6 +33,11 @@ try:
     import modeling_moe.kernels as moe_kernels
 except ImportError:
     moe_kernels = None
+try:  # the MLA decode kernel (Triton) likewise comes with the package
+    from modeling_moe.kernels.mla_decode import HAS_TRITON as MLA_DECODE_HAS_TRITON
+    from modeling_moe.kernels.mla_decode import mla_decode_attention
+except ImportError:
+    MLA_DECODE_HAS_TRITON, mla_decode_attention = False, None
 
 # transformers renamed the cache argument and output field from `past_key_values` to `cache` in 5.2x.
 CACHE_FIELD = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -140,6 +146,14 @@ def add_attention_mask(scores: torch.Tensor, attention_mask: torch.Tensor | None
     return (scores + attention_mask).clamp(min=lowest)
 
 
+def cache_has_tokens(cache: Cache, layer_idx: int) -> bool:
+    """Whether `cache` already holds tokens for `layer_idx`. A static cache keeps its length on the device; ours
+    answers from the host, so the choice of code path neither syncs nor breaks a compiled graph."""
+    if isinstance(cache, MoEStaticCache):
+        return cache.has_cached_tokens(layer_idx)
+    return bool(cache.get_seq_length(layer_idx) > 0)
+
+
 def yarn_softmax_scale(config: MoEConfig, head_dim: int) -> float:
     """Softmax scale; YaRN with `mscale_all_dim` also sharpens it by mscale^2 as in DeepSeek-V2/V3."""
     scale = head_dim**-0.5
@@ -205,13 +219,17 @@ class MoEMultiHeadLatentAttention(nn.Module):
         q_rope = apply_rotary(q_rope, cos, sin, self.config.rope_interleave)
         k_rope = apply_rotary(k_rope, cos, sin, self.config.rope_interleave)
 
-        extends_cache = cache is not None and cache.get_seq_length(self.layer_idx) > 0
+        extends_cache = cache is not None and cache_has_tokens(cache, self.layer_idx)
         if cache is not None:
             latent, k_rope = cache.update(latent, k_rope, self.layer_idx)
 
         if extends_cache:
             attn_output = self.absorbed_attention(q_nope, q_rope, latent, k_rope, attention_mask)
         else:
+            # A first fill: only the first seq_len positions hold keys (a static cache returns its whole buffer).
+            latent, k_rope = latent[:, :, :seq_len], k_rope[:, :, :seq_len]
+            if attention_mask is not None:
+                attention_mask = attention_mask[..., :seq_len]
             attn_output = self.expanded_attention(q_nope, q_rope, latent, k_rope, attention_mask, **kwargs)
         return self.o_proj(attn_output.reshape(batch, seq_len, -1))
 
@@ -229,6 +247,10 @@ class MoEMultiHeadLatentAttention(nn.Module):
         w_uk, w_uv = w_kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
         batch, heads, q_len, _ = q_nope.shape
         q_latent = torch.einsum("bhsd,hdr->bhsr", q_nope, w_uk)
+        if mla_decode_attention is not None and MLA_DECODE_HAS_TRITON and q_latent.is_cuda:
+            # Split-KV Triton kernel; reads only the filled part of a static cache (bounded from the mask).
+            out_latent = mla_decode_attention(q_latent, q_rope, latent, k_rope, self.scaling, attention_mask)
+            return torch.einsum("bhsr,hvr->bshv", out_latent, w_uv)
         # Heads folded into rows: one [heads * q, r] x [r, kv] product per sequence reads the cache once; a
         # broadcasting matmul over the single latent "head" would copy the cache once per head.
         latent, k_rope = latent.squeeze(1), k_rope.squeeze(1)
@@ -744,6 +766,20 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
                 )
             )
         return torch.stack(losses).mean()
+
+    def _prepare_static_cache(
+        self, cache_implementation, batch_size, max_cache_len, prefill_chunk_size=None, model_kwargs=None, **kwargs
+    ):
+        """What `generate()` builds for `cache_implementation="static"` (or "offloaded_static"): a MoEStaticCache,
+        the latent cache of MLA models. Same sizing as transformers (never below a previous call's length, so a
+        compiled decode step is reused)."""
+        max_cache_len = max(max_cache_len, getattr(self, "_previous_max_cache_length", -1))
+        cache = MoEStaticCache(self.config, max_cache_len, offloading="offloaded" in cache_implementation)
+        one_device = len(set(getattr(self, "hf_device_map", {"": self.device}).values())) == 1
+        if prefill_chunk_size is not None and one_device and (getattr(self, "_tp_size", None) or 1) == 1:
+            cache.early_initialization(batch_size, dtype=self.dtype, device=self.device)  # a compiled prefill
+        self._previous_max_cache_length = max_cache_len
+        return cache
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):

@@ -1,0 +1,483 @@
+"""MLA decode attention over the latent cache, in absorbed form: a split-KV (flash-decoding) Triton kernel, a PyTorch
+reference with the same signature, and `mla_decode_attention`, which picks one.
+
+With kv_b_proj = [W_uk; W_uv] per head, the key half is folded into the query and the value half into the output:
+
+    scores[b, h, s, t] = scale * (q_latent[b, h, s] . latent[b, t] + q_rope[b, h, s] . k_rope[b, t])
+    out_latent[b, h, s] = softmax_t(scores[b, h, s]) @ latent[b]          (the caller projects it through W_uv)
+
+where q_latent = q_nope @ W_uk ([B, H, S, r]), and the cache holds one latent [T, r] and one rotary key [T, rope] per
+sequence, shared by every head. The kernel reads each latent tile once for a block of heads (and all S query tokens):
+heads x query tokens are the rows of one [BLOCK_H * BLOCK_S, r] x [r, BLOCK_N] product.
+
+Which keys a query sees:
+  * `cache_seqlens` [B] (default: T for all): keys at positions >= cache_seqlens[b] are never read (a preallocated
+    static cache is only filled up to there); the kernel splits the filled part of each sequence across the split
+    programs, from the device-side length (no host sync: CUDA-graph safe).
+  * `key_mask`, True = may attend:
+      - None or [B, T] (padding of each sequence): the S query tokens are the last S filled positions,
+        cache_seqlens[b] - S + i for token i, and are causal among themselves;
+      - [B, S, T] (a per-query mask, e.g. transformers' 4D mask with its head dim dropped): the mask is the whole
+        rule (causality included); cache_seqlens then only bounds the keys that are read.
+  A query that sees no key at all (a fully masked row) gets a zero output.
+
+Stage 1 (grid: batch x head blocks x splits) runs an online softmax over its share of the keys, in fp32 with exp2,
+and writes a normalized partial output and its log-sum-exp; stage 2 merges the splits (log-sum-exp weights). With one
+split, stage 1 writes the output directly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:  # Triton is optional: without it everything runs the PyTorch reference
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the environment
+    HAS_TRITON = False
+
+__all__ = [
+    "HAS_TRITON",
+    "key_mask_from_attention_mask",
+    "mla_decode_attention",
+    "mla_decode_reference",
+    "mla_decode_triton",
+    "use_triton",
+]
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    """Triton on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1; MLA_DECODE_REFERENCE=1 forces PyTorch."""
+    if not HAS_TRITON or os.environ.get("MLA_DECODE_REFERENCE", "0") == "1":
+        return False
+    return tensor.is_cuda or (interpreting() and tensor.device.type == "cpu")
+
+
+# ------------------------------------------------------------------------------------------------ argument handling
+
+
+def _as_cache(tensor: torch.Tensor, name: str) -> torch.Tensor:
+    """[B, T, d], or [B, 1, T, d] as a model's cache layer holds it."""
+    if tensor.dim() == 4:
+        if tensor.shape[1] != 1:
+            raise ValueError(f"{name} must be [B, T, d] or [B, 1, T, d], got {tuple(tensor.shape)}")
+        tensor = tensor.squeeze(1)
+    if tensor.dim() != 3:
+        raise ValueError(f"{name} must be [B, T, d] or [B, 1, T, d], got {tuple(tensor.shape)}")
+    return tensor
+
+
+def _check(q_latent, q_rope, latent, k_rope, cache_seqlens, key_mask):
+    latent, k_rope = _as_cache(latent, "latent"), _as_cache(k_rope, "k_rope")
+    batch, heads, q_len, rank = q_latent.shape
+    if q_rope.shape[:3] != (batch, heads, q_len):
+        raise ValueError(f"q_rope {tuple(q_rope.shape)} does not match q_latent {tuple(q_latent.shape)}")
+    if latent.shape[0] != batch or latent.shape[2] != rank:
+        raise ValueError(f"latent {tuple(latent.shape)} does not match q_latent {tuple(q_latent.shape)}")
+    if k_rope.shape != (batch, latent.shape[1], q_rope.shape[-1]):
+        raise ValueError(f"k_rope {tuple(k_rope.shape)} does not match latent / q_rope")
+    kv_len = latent.shape[1]
+    if key_mask is not None:
+        if key_mask.dtype != torch.bool:
+            raise ValueError("key_mask must be boolean (True = may attend)")
+        if key_mask.shape not in ((batch, kv_len), (batch, q_len, kv_len)):
+            raise ValueError(
+                f"key_mask must be [B, T] or [B, S, T] = {(batch, q_len, kv_len)}, got {tuple(key_mask.shape)}"
+            )
+    if cache_seqlens is not None and cache_seqlens.shape != (batch,):
+        raise ValueError(f"cache_seqlens must be [B], got {tuple(cache_seqlens.shape)}")
+    return latent, k_rope
+
+
+def key_mask_from_attention_mask(
+    attention_mask: torch.Tensor | None, batch: int, q_len: int, kv_len: int
+) -> torch.Tensor | None:
+    """A transformers attention mask -> the boolean key mask of this module ([B, T] or [B, S, T], True = attend).
+
+    4D masks [B or 1, 1, S or 1, >= T] (boolean, or additive with 0 for "attend" and a very negative value for
+    "masked", as create_causal_mask builds them) keep their only head and their first T keys; 2D / 3D masks keep
+    their first T keys. Broadcast batch / query dims are expanded; any mask is made boolean.
+    """
+    if attention_mask is None:
+        return None
+    mask = attention_mask
+    if mask.dim() == 4:
+        if mask.shape[1] != 1:
+            raise ValueError("a 4D attention mask must hold one mask for every head ([B, 1, S, T])")
+        mask = mask[:, 0]
+    mask = mask[..., :kv_len]
+    if mask.dtype != torch.bool:
+        mask = mask > torch.finfo(mask.dtype).min / 2
+    if mask.dim() == 3:
+        return mask.expand(batch, q_len, mask.shape[-1])
+    return mask.expand(batch, mask.shape[-1])
+
+
+def _seqlens_from_mask(key_mask: torch.Tensor) -> torch.Tensor:
+    """1 + the last position any query may attend to (0 when none), per sequence, on the device (no host sync)."""
+    any_query = key_mask if key_mask.dim() == 2 else key_mask.any(dim=1)
+    positions = torch.arange(1, any_query.shape[-1] + 1, device=any_query.device, dtype=torch.int32)
+    return (any_query.to(torch.int32) * positions).amax(dim=-1).to(torch.int32)
+
+
+# ------------------------------------------------------------------------------------------------ PyTorch reference
+
+
+def mla_decode_reference(
+    q_latent: torch.Tensor,
+    q_rope: torch.Tensor,
+    latent: torch.Tensor,
+    k_rope: torch.Tensor,
+    softmax_scale: float,
+    cache_seqlens: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Same contract as `mla_decode_triton`, in PyTorch: softmax in at least fp32, output in q_latent's dtype."""
+    latent, k_rope = _check(q_latent, q_rope, latent, k_rope, cache_seqlens, key_mask)
+    batch, heads, q_len, rank = q_latent.shape
+    kv_len = latent.shape[1]
+    compute = torch.promote_types(q_latent.dtype, torch.float32)
+    # Heads folded into rows: one [H * S, r] x [r, T] product per sequence reads the latent once.
+    scores = torch.bmm(q_latent.reshape(batch, heads * q_len, rank).to(compute), latent.to(compute).transpose(1, 2))
+    scores = scores + torch.bmm(
+        q_rope.reshape(batch, heads * q_len, -1).to(compute), k_rope.to(compute).transpose(1, 2)
+    )
+    scores = scores.view(batch, heads, q_len, kv_len) * softmax_scale
+
+    device = q_latent.device
+    seqlens = (
+        torch.full((batch,), kv_len, device=device, dtype=torch.long) if cache_seqlens is None
+        else cache_seqlens.to(device=device, dtype=torch.long)
+    )
+    keys = torch.arange(kv_len, device=device)
+    allowed = (keys < seqlens[:, None])[:, None, :]  # [B, 1, T]
+    if key_mask is None or key_mask.dim() == 2:
+        last = seqlens[:, None] - q_len + torch.arange(q_len, device=device)  # [B, S]: each query's position
+        allowed = allowed & (keys <= last[..., None])
+        if key_mask is not None:
+            allowed = allowed & key_mask[:, None, :]
+    else:
+        allowed = allowed & key_mask
+    allowed = allowed[:, None]  # [B, 1, S, T]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    probs = torch.where(allowed.any(dim=-1, keepdim=True), probs, torch.zeros((), dtype=compute, device=device))
+    out = torch.bmm(probs.view(batch, heads * q_len, kv_len), latent.to(compute))
+    return out.view(batch, heads, q_len, rank).to(q_latent.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ Triton kernels
+
+_KERNELS: dict = {}
+
+
+def _kernels():
+    """The @triton.jit functions, defined on first use: Triton decides at decoration time whether a kernel runs in
+    the interpreter, so TRITON_INTERPRET set after this module's import still applies (one set per mode)."""
+    key = interpreting()
+    if key not in _KERNELS:
+        _KERNELS[key] = _define_kernels()
+    return _KERNELS[key]
+
+
+def _define_kernels():
+    @triton.jit
+    def mla_decode_split_kernel(
+        QL, QR, KL, KR, MASK, SEQLENS, O, LSE,
+        stride_qlb, stride_qlh, stride_qls, stride_qlr,
+        stride_qrb, stride_qrh, stride_qrs, stride_qrd,
+        stride_klb, stride_klt, stride_klr,
+        stride_krb, stride_krt, stride_krd,
+        stride_mb, stride_ms, stride_mt,
+        stride_ob, stride_oh, stride_os, stride_osplit, stride_or,
+        stride_lb, stride_lh, stride_ls, stride_lsplit,
+        H, S, R, DR, qk_scale,
+        HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, NUM_SPLITS: tl.constexpr, DIRECT: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        head_blocks = tl.cdiv(H, BLOCK_H)
+        pid = tl.program_id(0)
+        b = pid // head_blocks
+        head_block = pid % head_blocks
+        split = tl.program_id(1)
+
+        # Rows: heads x query tokens (row m = head h, token i with m = h * BLOCK_S + i).
+        offs_m = tl.arange(0, BLOCK_M)
+        head = head_block * BLOCK_H + offs_m // BLOCK_S
+        token = offs_m % BLOCK_S
+        row_ok = (head < H) & (token < S)
+        offs_r = tl.arange(0, BLOCK_R)
+        offs_d = tl.arange(0, BLOCK_DR)
+        r_ok = offs_r < R
+        d_ok = offs_d < DR
+
+        q_lat = tl.load(
+            QL + b * stride_qlb + head[:, None] * stride_qlh + token[:, None] * stride_qls
+            + offs_r[None, :] * stride_qlr,
+            mask=row_ok[:, None] & r_ok[None, :], other=0.0,
+        )
+        q_rot = tl.load(
+            QR + b * stride_qrb + head[:, None] * stride_qrh + token[:, None] * stride_qrs
+            + offs_d[None, :] * stride_qrd,
+            mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+        )
+
+        seqlen = tl.load(SEQLENS + b).to(tl.int32)
+        last_key = seqlen - S + token  # each query token's own position (used when CAUSAL)
+        # This split's share of the filled keys, in whole blocks; trailing splits may get nothing.
+        blocks_per_split = tl.cdiv(tl.cdiv(seqlen, BLOCK_N), NUM_SPLITS)
+        start = split * blocks_per_split * BLOCK_N
+        end = tl.minimum(start + blocks_per_split * BLOCK_N, seqlen)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        for start_n in range(start, end, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < end
+            kl = tl.load(
+                KL + b * stride_klb + offs_n[:, None] * stride_klt + offs_r[None, :] * stride_klr,
+                mask=n_ok[:, None] & r_ok[None, :], other=0.0,
+            )
+            kr = tl.load(
+                KR + b * stride_krb + offs_n[:, None] * stride_krt + offs_d[None, :] * stride_krd,
+                mask=n_ok[:, None] & d_ok[None, :], other=0.0,
+            )
+            qk = tl.dot(q_lat, tl.trans(kl), input_precision=PRECISION)
+            qk += tl.dot(q_rot, tl.trans(kr), input_precision=PRECISION)
+            allowed = row_ok[:, None] & n_ok[None, :]
+            if CAUSAL:
+                allowed = allowed & (offs_n[None, :] <= last_key[:, None])
+            if HAS_MASK:
+                key_ok = tl.load(
+                    MASK + b * stride_mb + token[:, None] * stride_ms + offs_n[None, :] * stride_mt,
+                    mask=allowed, other=0,
+                )
+                allowed = allowed & (key_ok != 0)
+            qk = tl.where(allowed, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no (-inf) - (-inf) while a row saw nothing
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(qk - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(kl.dtype), kl, input_precision=PRECISION)
+            m_i = m_new
+
+        seen = l_i > 0
+        out = acc / tl.where(seen, l_i, 1.0)[:, None]
+        o_ptrs = (
+            O + b * stride_ob + head[:, None] * stride_oh + token[:, None] * stride_os
+            + split * stride_osplit + offs_r[None, :] * stride_or
+        )
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & r_ok[None, :])
+        if not DIRECT:
+            lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))  # log2 units
+            lse_ptrs = LSE + b * stride_lb + head * stride_lh + token * stride_ls + split * stride_lsplit
+            tl.store(lse_ptrs, lse, mask=row_ok)
+
+    @triton.jit
+    def mla_decode_merge_kernel(
+        PO, LSE, O,
+        stride_pb, stride_ph, stride_ps, stride_psplit, stride_pr,
+        stride_lb, stride_lh, stride_ls, stride_lsplit,
+        stride_ob, stride_oh, stride_os, stride_or,
+        H, S, R,
+        NUM_SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        b = pid // (H * S)
+        h = (pid // S) % H
+        i = pid % S
+        offs_s = tl.arange(0, BLOCK_SPLITS)
+        s_ok = offs_s < NUM_SPLITS
+        lse = tl.load(LSE + b * stride_lb + h * stride_lh + i * stride_ls + offs_s * stride_lsplit,
+                      mask=s_ok, other=float("-inf"))
+        m = tl.max(lse, axis=0)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        weight = tl.exp2(lse - m_safe)  # 0 for the splits that saw no key
+        total = tl.sum(weight, axis=0)
+        weight = weight / tl.where(total > 0, total, 1.0)
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            r_ok = offs_r < R
+            part = tl.load(
+                PO + b * stride_pb + h * stride_ph + i * stride_ps + offs_s[:, None] * stride_psplit
+                + offs_r[None, :] * stride_pr,
+                mask=s_ok[:, None] & r_ok[None, :], other=0.0,
+            )
+            out = tl.sum(part * weight[:, None], axis=0)
+            tl.store(O + b * stride_ob + h * stride_oh + i * stride_os + offs_r * stride_or,
+                     out.to(O.dtype.element_ty), mask=r_ok)
+
+    return mla_decode_split_kernel, mla_decode_merge_kernel
+
+
+def _next_pow2(n: int, at_least: int = 1) -> int:
+    return max(at_least, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+def default_num_splits(batch: int, head_blocks: int, kv_len: int, block_n: int, device: torch.device) -> int:
+    """Enough programs for about two waves over the SMs, each split keeping >= 4 key blocks of the cache's capacity.
+
+    It depends on shapes only (the capacity, not the filled length), so a captured CUDA graph stays valid while the
+    cache fills; the kernel shares each sequence's filled keys among the splits at run time."""
+    if device.type != "cuda":
+        return 1 if kv_len <= 2 * block_n else 2
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    programs = batch * head_blocks
+    by_occupancy = -(-2 * sms // programs)
+    by_length = max(1, kv_len // (4 * block_n))
+    return int(max(1, min(by_occupancy, by_length, 64)))
+
+
+def mla_decode_triton(
+    q_latent: torch.Tensor,
+    q_rope: torch.Tensor,
+    latent: torch.Tensor,
+    k_rope: torch.Tensor,
+    softmax_scale: float,
+    cache_seqlens: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    block_h: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
+    """Split-KV MLA decode attention (see the module docstring).
+
+    q_latent [B, H, S, r], q_rope [B, H, S, rope], latent [B, T, r] (or [B, 1, T, r]), k_rope [B, T, rope] (or
+    [B, 1, T, rope]), cache_seqlens [B] int (default T), key_mask bool [B, T] or [B, S, T] (default all True).
+    Returns out_latent [B, H, S, r] in q_latent's dtype; fp32 accumulation whatever the input dtype.
+    """
+    if not HAS_TRITON:
+        raise RuntimeError("triton is not installed")
+    latent, k_rope = _check(q_latent, q_rope, latent, k_rope, cache_seqlens, key_mask)
+    split_kernel, merge_kernel = _kernels()
+    batch, heads, q_len, rank = q_latent.shape
+    kv_len, rope = latent.shape[1], k_rope.shape[-1]
+    device = q_latent.device
+    on_gpu = device.type == "cuda"
+
+    out = torch.empty_like(q_latent)
+    if q_latent.dtype != latent.dtype or q_rope.dtype != latent.dtype:  # tl.dot wants one operand dtype
+        q_latent, q_rope = q_latent.to(latent.dtype), q_rope.to(latent.dtype)
+
+    # Rows of a program: BLOCK_H heads x BLOCK_S query tokens, all reading the same latent tiles.
+    block_s = _next_pow2(q_len)
+    if block_h is None:
+        rows = 32 if on_gpu else 16  # a [32, 512] fp32 accumulator is 64 registers a thread with 8 warps
+        block_h = max(1, min(_next_pow2(heads), rows // block_s))
+    block_h = max(block_h, _next_pow2(-(-16 // block_s)))  # tl.dot needs at least 16 rows
+    block_n = block_n or (32 if on_gpu else 16)
+    block_r = _next_pow2(rank, 16)
+    block_dr = _next_pow2(rope, 16)
+    head_blocks = triton.cdiv(heads, block_h)
+    if num_splits is None:
+        num_splits = default_num_splits(batch, head_blocks, kv_len, block_n, device)
+    num_splits = max(1, int(num_splits))
+    direct = num_splits == 1
+
+    if cache_seqlens is None:
+        cache_seqlens = torch.full((batch,), kv_len, device=device, dtype=torch.int32)
+    cache_seqlens = cache_seqlens.to(device=device, dtype=torch.int32)
+    if key_mask is not None:
+        mask = key_mask if key_mask.dim() == 3 else key_mask[:, None, :]
+        mask_strides = (mask.stride(0), mask.stride(1) if key_mask.dim() == 3 else 0, mask.stride(2))
+    else:
+        mask, mask_strides = cache_seqlens, (0, 0, 0)  # never read
+
+    if direct:
+        partial = out.unsqueeze(3)  # [B, H, S, 1, r]
+        lse = torch.empty((1, 1, 1, 1), device=device, dtype=torch.float32)  # never written
+    else:
+        partial = torch.empty((batch, heads, q_len, num_splits, rank), device=device, dtype=torch.float32)
+        lse = torch.empty((batch, heads, q_len, num_splits), device=device, dtype=torch.float32)
+
+    fp32 = q_latent.dtype == torch.float32
+    precision = "ieee" if fp32 else "tf32"
+    if num_warps is None:
+        num_warps = (4 if block_h * block_s <= 16 else 8) if on_gpu else 1
+    if num_stages is None:
+        num_stages = (1 if fp32 else 2) if on_gpu else 1
+    split_kernel[(batch * head_blocks, num_splits)](
+        q_latent, q_rope, latent, k_rope, mask, cache_seqlens, partial, lse,
+        *q_latent.stride(), *q_rope.stride(), *latent.stride(), *k_rope.stride(), *mask_strides,
+        *partial.stride(), *lse.stride(),
+        heads, q_len, rank, rope, softmax_scale * 1.4426950408889634,  # log2(e): the kernel uses exp2
+        HAS_MASK=key_mask is not None, CAUSAL=key_mask is None or key_mask.dim() == 2,
+        NUM_SPLITS=num_splits, DIRECT=direct,
+        BLOCK_H=block_h, BLOCK_S=block_s, BLOCK_M=block_h * block_s, BLOCK_N=block_n, BLOCK_R=block_r,
+        BLOCK_DR=block_dr, PRECISION=precision,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if not direct:
+        merge_block_r = min(block_r, 128 if on_gpu else 32)
+        merge_kernel[(batch * heads * q_len,)](
+            partial, lse, out, *partial.stride(), *lse.stride(), *out.stride(),
+            heads, q_len, rank,
+            NUM_SPLITS=num_splits, BLOCK_SPLITS=_next_pow2(num_splits, 2), BLOCK_R=merge_block_r,
+            num_warps=4 if on_gpu else 1,
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ dispatch
+
+
+@torch.library.custom_op("modeling_moe::mla_decode", mutates_args=())
+def _mla_decode_op(
+    q_latent: torch.Tensor,
+    q_rope: torch.Tensor,
+    latent: torch.Tensor,
+    k_rope: torch.Tensor,
+    softmax_scale: float,
+    cache_seqlens: torch.Tensor | None,
+    key_mask: torch.Tensor | None,
+    num_splits: int | None,
+) -> torch.Tensor:
+    """The Triton path as an opaque op: torch.compile keeps it whole (no tracing into the launcher), and a compiled
+    decode step with it is captured in one CUDA graph (mode="reduce-overhead", as generate() compiles static caches)."""
+    return mla_decode_triton(q_latent, q_rope, latent, k_rope, softmax_scale, cache_seqlens, key_mask, num_splits)
+
+
+@_mla_decode_op.register_fake
+def _(q_latent, q_rope, latent, k_rope, softmax_scale, cache_seqlens, key_mask, num_splits):
+    return torch.empty_like(q_latent)
+
+
+def mla_decode_attention(
+    q_latent: torch.Tensor,
+    q_rope: torch.Tensor,
+    latent: torch.Tensor,
+    k_rope: torch.Tensor,
+    softmax_scale: float,
+    attention_mask: torch.Tensor | None = None,
+    cache_seqlens: torch.Tensor | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """out_latent [B, H, S, r] = attention over the latent cache in absorbed form: the Triton kernel on CUDA (or
+    under TRITON_INTERPRET=1), the PyTorch reference elsewhere.
+
+    `attention_mask` is a transformers mask (4D [B, 1, S, >= T], boolean or additive, as the model's attention
+    layers receive it), or a boolean key mask [B, T] / [B, S, T]. Without `cache_seqlens`, the keys read stop after
+    the last one the mask lets any query see (all T without a mask): a preallocated static cache is read only as far
+    as it is filled, with no host sync.
+    """
+    kv_len = _as_cache(latent, "latent").shape[1]
+    key_mask = key_mask_from_attention_mask(attention_mask, q_latent.shape[0], q_latent.shape[2], kv_len)
+    if cache_seqlens is None and key_mask is not None:
+        cache_seqlens = _seqlens_from_mask(key_mask)
+    if use_triton(q_latent):
+        return _mla_decode_op(q_latent, q_rope, latent, k_rope, softmax_scale, cache_seqlens, key_mask, num_splits)
+    return mla_decode_reference(q_latent, q_rope, latent, k_rope, softmax_scale, cache_seqlens, key_mask)

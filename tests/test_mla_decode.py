@@ -1,0 +1,310 @@
+"""MLA decode attention over the latent cache (kernels/mla_decode.py) against a float64 reference written from the math.
+
+Without CUDA the Triton kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set per test by a fixture; the
+kernels are defined at their first launch, so the setting applies) in fp32 at tiny shapes; the interpreter's bf16
+`tl.dot` is unreliable, so bf16 is checked on a GPU only (`gpu` marker).
+"""
+
+import importlib.util
+import math
+
+import pytest
+import torch
+
+from modeling_moe import MoEForCausalLM
+from modeling_moe.kernels.mla_decode import (
+    key_mask_from_attention_mask,
+    mla_decode_attention,
+    mla_decode_reference,
+    mla_decode_triton,
+)
+from modeling_moe.modeling_moe import CACHE_FIELD
+
+from .helpers import small_config
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(autouse=True)
+def one_cpu_thread():
+    """Tiny shapes: one thread is fastest, and stays so when other jobs share the CPU (a busy OpenMP pool does not)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def triton_device(monkeypatch):
+    """Where the Triton kernel runs: CUDA as it is, else the CPU through the interpreter. Triton is usually imported
+    before the flag is set (torch._dynamo imports it), so its own jit'd library functions (tl.sum, tl.max, ...) are
+    compiled-mode objects: calls to them from inside an interpreted kernel are routed to interpreted copies."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    if CUDA:
+        yield "cuda"
+        return
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("MLA_DECODE_REFERENCE", raising=False)
+    interpreted = {}
+
+    def call_interpreted(self, *args, **kwargs):
+        if id(self) not in interpreted:
+            interpreted[id(self)] = InterpretedFunction(self.fn)
+        return interpreted[id(self)](*args, **kwargs)
+
+    monkeypatch.setattr(JITFunction, "__call__", call_interpreted)
+    yield "cpu"
+
+
+def math_reference(q_latent, q_rope, latent, k_rope, scale, cache_seqlens=None, key_mask=None):
+    """Per (sequence, query token) loop in float64: the keys it may see, a softmax over them, the latent average."""
+    q_latent, q_rope, latent, k_rope = (t.double().cpu() for t in (q_latent, q_rope, latent, k_rope))
+    batch, heads, q_len, rank = q_latent.shape
+    kv_len = latent.shape[1]
+    out = torch.zeros(batch, heads, q_len, rank, dtype=torch.float64)
+    for b in range(batch):
+        filled = kv_len if cache_seqlens is None else int(cache_seqlens[b])
+        for i in range(q_len):
+            if key_mask is not None and key_mask.dim() == 3:
+                keys = [j for j in range(filled) if key_mask[b, i, j]]
+            else:
+                own_position = filled - q_len + i
+                keys = [j for j in range(filled) if j <= own_position and (key_mask is None or key_mask[b, j])]
+            if not keys:
+                continue  # a query that sees nothing: zeros
+            scores = (q_latent[b, :, i] @ latent[b, keys].T + q_rope[b, :, i] @ k_rope[b, keys].T) * scale
+            out[b, :, i] = scores.softmax(dim=-1) @ latent[b, keys]
+    return out
+
+
+def random_inputs(batch, heads, q_len, rank, rope, kv_len, dtype=torch.float32, device="cpu", seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [(batch, heads, q_len, rank), (batch, heads, q_len, rope), (batch, kv_len, rank), (batch, kv_len, rope)]
+    return [torch.randn(shape, generator=generator).to(device=device, dtype=dtype) for shape in shapes]
+
+
+def left_padding_mask(batch, kv_len, pads):
+    mask = torch.ones(batch, kv_len, dtype=torch.bool)
+    for b, pad in enumerate(pads):
+        mask[b, :pad] = False
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------- PyTorch reference
+
+
+@pytest.mark.parametrize("q_len", [1, 2])
+def test_reference_matches_the_math(q_len):
+    q_latent, q_rope, latent, k_rope = random_inputs(3, 4, q_len, 32, 8, 40, dtype=torch.float64)
+    seqlens = torch.tensor([40, 17, 5])
+    per_query = torch.rand(3, q_len, 40, generator=torch.Generator().manual_seed(1)) > 0.3
+    for cache_seqlens, key_mask in [
+        (None, None),
+        (seqlens, None),
+        (seqlens, left_padding_mask(3, 40, [0, 9, 2])),
+        (seqlens, per_query),
+        (None, per_query),
+    ]:
+        expected = math_reference(q_latent, q_rope, latent, k_rope, 0.3, cache_seqlens, key_mask)
+        got = mla_decode_reference(q_latent, q_rope, latent, k_rope, 0.3, cache_seqlens, key_mask)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_fully_masked_queries_give_zeros_not_nan():
+    q_latent, q_rope, latent, k_rope = random_inputs(2, 2, 1, 16, 8, 12, dtype=torch.float64)
+    key_mask = torch.ones(2, 12, dtype=torch.bool)
+    key_mask[1] = False
+    out = mla_decode_reference(q_latent, q_rope, latent, k_rope, 0.5, key_mask=key_mask)
+    assert torch.isfinite(out).all() and out[1].abs().max() == 0
+    torch.testing.assert_close(out, math_reference(q_latent, q_rope, latent, k_rope, 0.5, key_mask=key_mask))
+
+
+def test_transformers_masks_become_key_masks():
+    allowed = torch.rand(2, 1, 3, 10) > 0.4  # [B, 1, S, T + extra]
+    additive = torch.zeros(2, 1, 3, 10).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    for mask in (allowed, additive):
+        key_mask = key_mask_from_attention_mask(mask, batch=2, q_len=3, kv_len=8)
+        assert key_mask.dtype == torch.bool and key_mask.tolist() == allowed[:, 0, :, :8].tolist()
+    broadcast = key_mask_from_attention_mask(allowed[:1, :, -1:], batch=2, q_len=3, kv_len=10)
+    assert broadcast.shape == (2, 3, 10) and broadcast[1, 2].tolist() == allowed[0, 0, -1].tolist()
+    assert key_mask_from_attention_mask(allowed[:, 0, 0], batch=2, q_len=3, kv_len=10).shape == (2, 10)
+
+
+# ---------------------------------------------------------------------------------------------- Triton kernel
+
+
+@pytest.mark.parametrize("q_len", [1, 2])
+@pytest.mark.parametrize("masking", ["ragged", "left_padding", "per_query"])
+def test_triton_matches_float64_reference(triton_device, q_len, masking):
+    """Ragged filled lengths (one sequence shorter than a split), left padding that masks whole splits, and per-query
+    masks, with 2 and 3 splits (the log-sum-exp merge) and 1 (the direct write)."""
+    batch, kv_len = 3, 40
+    q_latent, q_rope, latent, k_rope = random_inputs(batch, 4, q_len, 32, 8, kv_len, device=triton_device)
+    seqlens = torch.tensor([40, 23, 6], dtype=torch.int32)
+    key_mask = None
+    if masking == "left_padding":
+        key_mask = left_padding_mask(batch, kv_len, [21, 3, 4])  # sequence 0: its first split sees only padding
+    elif masking == "per_query":
+        key_mask = torch.rand(batch, q_len, kv_len, generator=torch.Generator().manual_seed(2)) > 0.4
+        key_mask[2, 0] = False  # a query that sees nothing at all
+    scale = 1 / math.sqrt(40)
+    expected = math_reference(q_latent, q_rope, latent, k_rope, scale, seqlens, key_mask)
+    on = dict(device=triton_device)
+    for num_splits in (1, 2, 3):
+        got = mla_decode_triton(
+            q_latent, q_rope, latent, k_rope, scale,
+            cache_seqlens=seqlens.to(**on), key_mask=None if key_mask is None else key_mask.to(**on),
+            num_splits=num_splits,
+        )
+        assert got.dtype == torch.float32 and torch.isfinite(got).all()
+        torch.testing.assert_close(got.double().cpu(), expected, rtol=1e-4, atol=1e-5, msg=f"{num_splits} splits")
+
+
+def test_triton_heads_beyond_one_block_and_odd_sizes(triton_device):
+    """More heads than a program's block (20 heads: 2 blocks of 16, the second one partly empty), a rank and a
+    rotary size that are not powers of two, query and cache dtypes that differ."""
+    q_latent, q_rope, latent, k_rope = random_inputs(2, 20, 1, 24, 6, 19, device=triton_device)
+    q_latent, q_rope = q_latent.double(), q_rope.double()
+    seqlens = torch.tensor([19, 11], dtype=torch.int32, device=triton_device)
+    got = mla_decode_triton(q_latent, q_rope, latent, k_rope, 0.2, cache_seqlens=seqlens, num_splits=2, block_h=16)
+    assert got.dtype == torch.float64
+    expected = math_reference(q_latent, q_rope, latent, k_rope, 0.2, seqlens.cpu())
+    torch.testing.assert_close(got.double().cpu(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_wrapper_compiles_without_graph_breaks(triton_device):
+    """mla_decode_attention under torch.compile(fullgraph=True): the mask handling traces, the kernel is one opaque
+    op (what a compiled, CUDA-graphed decode step needs). A 4D boolean mask over a partly filled static buffer."""
+    q_latent, q_rope, latent, k_rope = random_inputs(2, 4, 1, 16, 8, 24, device=triton_device)
+    filled = torch.tensor([13, 20])
+    seen = (torch.arange(24) < filled[:, None]) & (torch.arange(24) >= torch.tensor([[4], [0]]))  # left padding
+    mask = seen[:, None, None, :].to(triton_device)
+    compiled = torch.compile(mla_decode_attention, backend="eager", fullgraph=True)
+    got = compiled(q_latent, q_rope, latent[:, None], k_rope[:, None], 0.25, mask, num_splits=2)
+    expected = math_reference(q_latent, q_rope, latent, k_rope, 0.25, filled, seen)
+    torch.testing.assert_close(got.double().cpu(), expected, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- in the model
+
+
+def seeded_model(config, seed=0):
+    torch.manual_seed(seed)
+    model = MoEForCausalLM(config).float().eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(1.0, 0.1)
+    return model
+
+
+def recorded_decode_step(model, q_len, attn_implementation):
+    """Prefill a left-padded batch into a static cache, then run one q_len-token step; returns each MLA layer's
+    absorbed-attention inputs with the output of the model's own PyTorch code."""
+    from modeling_moe.cache_moe import MoEStaticCache
+
+    model.set_attn_implementation(attn_implementation)
+    ids = torch.randint(3, 97, (2, 7 + q_len), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 7 + q_len, dtype=torch.long)
+    mask[1, :4] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = MoEStaticCache(model.config, max_cache_len=16)
+    calls = []
+    attention_class = type(model.model.layers[0].self_attn)
+    absorbed = attention_class.absorbed_attention
+
+    def recording(self, *args):
+        out = absorbed(self, *args)
+        calls.append((self, args, out))
+        return out
+
+    with torch.no_grad():
+        model(ids[:, :7], attention_mask=mask[:, :7], position_ids=positions[:, :7], **{CACHE_FIELD: cache})
+        attention_class.absorbed_attention = recording
+        try:
+            model(ids[:, 7:], attention_mask=mask, position_ids=positions[:, 7:], **{CACHE_FIELD: cache})
+        finally:
+            attention_class.absorbed_attention = absorbed
+    assert len(calls) == model.config.num_hidden_layers
+    return calls
+
+
+def through_mla_decode(attention, q_nope, q_rope, latent, k_rope, attention_mask, decode=mla_decode_attention):
+    """The model's absorbed attention with its core replaced by `decode`: the CUDA branch of absorbed_attention."""
+    w_kv = attention.kv_b_proj.weight.view(attention.num_heads, -1, attention.kv_lora_rank)
+    w_uk, w_uv = w_kv.split([attention.qk_nope_head_dim, attention.v_head_dim], dim=1)
+    q_latent = torch.einsum("bhsd,hdr->bhsr", q_nope, w_uk)
+    out_latent = decode(q_latent, q_rope, latent, k_rope, attention.scaling, attention_mask)
+    return torch.einsum("bhsr,hvr->bshv", out_latent, w_uv)
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("q_len", [1, 2])
+def test_model_masks_through_mla_decode_match_the_absorbed_path(triton_device, monkeypatch, attn_implementation, q_len):
+    """The masks the layers get with a static cache (whole buffer, left padding; boolean for sdpa, additive for
+    eager) drive mla_decode_attention (the PyTorch reference, then the Triton kernel) to the model's own result."""
+    if triton_device == "cuda":
+        pytest.skip("covered on the GPU by test_gpu_generate_with_the_kernel_matches_pytorch")
+    model = seeded_model(small_config())
+    calls = recorded_decode_step(model, q_len, attn_implementation)
+    monkeypatch.setenv("MLA_DECODE_REFERENCE", "1")
+    for attention, args, expected in calls:
+        mask = args[-1]
+        assert mask is not None and mask.shape[-1] == 16  # the whole static buffer
+        torch.testing.assert_close(through_mla_decode(attention, *args), expected, rtol=1e-5, atol=1e-6)
+    monkeypatch.delenv("MLA_DECODE_REFERENCE")
+    attention, args, expected = calls[0]
+    triton_decode = lambda *a: mla_decode_attention(*a, num_splits=2)  # noqa: E731
+    torch.testing.assert_close(through_mla_decode(attention, *args, decode=triton_decode), expected,
+                               rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads", [16, 128])
+@pytest.mark.parametrize("q_len", [1, 2])
+def test_gpu_bf16_at_deepseek_sizes(heads, q_len):
+    """r=512, rope=64, bf16 in / fp32 accumulation, ragged lengths with left padding, against float64."""
+    batch, kv_len = 4, 2048
+    q_latent, q_rope, latent, k_rope = random_inputs(batch, heads, q_len, 512, 64, kv_len, torch.bfloat16, "cuda")
+    q_latent, q_rope = q_latent / 8, q_rope / 8  # scores of a realistic spread
+    seqlens = torch.tensor([2048, 1500, 777, 64], dtype=torch.int32, device="cuda")
+    key_mask = left_padding_mask(batch, kv_len, [0, 300, 5, 10]).cuda()
+    scale = 1 / math.sqrt(192)
+    got = mla_decode_triton(q_latent, q_rope, latent, k_rope, scale, cache_seqlens=seqlens, key_mask=key_mask)
+    expected = mla_decode_reference(
+        *(t.double() for t in (q_latent, q_rope, latent, k_rope)), scale, seqlens, key_mask
+    )
+    torch.testing.assert_close(got.double(), expected, rtol=2e-2, atol=2e-2)
+    # With the mask 4D as the model gets it: the filled length comes from the mask.
+    mask4d = key_mask[:, None, None, :].expand(batch, 1, q_len, kv_len).clone()
+    mask4d &= torch.arange(kv_len, device="cuda") < seqlens[:, None, None, None]
+    own_position = seqlens[:, None] - q_len + torch.arange(q_len, device="cuda")  # [B, S]
+    causal = torch.arange(kv_len, device="cuda") <= own_position[..., None]
+    mask4d &= causal[:, None]
+    got = mla_decode_attention(q_latent, q_rope, latent, k_rope, scale, attention_mask=mask4d)
+    torch.testing.assert_close(got.double(), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_generate_with_the_kernel_matches_pytorch(monkeypatch):
+    """Greedy generate (static and dynamic caches, left padding): the kernel route gives the PyTorch route's tokens."""
+    import modeling_moe.modeling_moe as modeling
+
+    model = seeded_model(small_config()).cuda()
+    prompts = [[5, 17, 33, 8, 61, 12], [44, 9, 70]]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device="cuda")
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device="cuda")
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0, disable_compile=True)
+    with_kernel = {impl: model.generate(ids, cache_implementation=impl, **kwargs) for impl in (None, "static")}
+    monkeypatch.setattr(modeling, "mla_decode_attention", None)
+    for impl, tokens in with_kernel.items():
+        assert model.generate(ids, cache_implementation=impl, **kwargs).tolist() == tokens.tolist()

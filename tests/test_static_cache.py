@@ -1,0 +1,224 @@
+"""The static latent cache (modeling_moe/cache_moe.py) through generate(): what `cache_implementation="static"` builds,
+the same tokens as the dynamic cache (greedy and sampled, stopping criteria, left-padded batches), its size per token,
+and a compiled decode step without graph breaks (what CUDA graphs need)."""
+
+import pytest
+import torch
+from transformers import CompileConfig, StoppingCriteria, StoppingCriteriaList
+
+from modeling_moe import MoEForCausalLM
+from modeling_moe.cache_moe import MoELatentStaticLayer, MoEStaticCache, MoEStaticLayer
+from modeling_moe.modeling_moe import CACHE_FIELD
+
+from .helpers import gqa_config, small_config
+
+PROMPTS = [[5, 17, 33, 8, 61, 12], [44, 9, 70], [7, 81, 23, 23]]
+
+
+@pytest.fixture(autouse=True)
+def one_cpu_thread():
+    """Tiny shapes: one thread is fastest, and stays so when other jobs share the CPU (a busy OpenMP pool does not)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def seeded_model(config, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    model = MoEForCausalLM(config).to(dtype).eval()
+    with torch.no_grad():
+        for router in model.routers():
+            router.e_score_correction_bias.normal_(0, 0.05)
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(1.0, 0.1)
+    return model
+
+
+def left_padded(prompts, device="cpu"):
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask
+
+
+def cache_of(output):
+    return getattr(output, CACHE_FIELD)
+
+
+@pytest.mark.parametrize("make_config", [small_config, gqa_config], ids=["mla", "gqa"])
+def test_static_generate_matches_dynamic_and_each_prompt_alone(make_config):
+    model = seeded_model(make_config())
+    ids, mask = left_padded(PROMPTS)
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    dynamic = model.generate(ids, attention_mask=mask, **kwargs)
+    out = model.generate(
+        ids, attention_mask=mask, cache_implementation="static", return_dict_in_generate=True, **kwargs
+    )
+    cache = cache_of(out)
+    assert type(cache) is MoEStaticCache
+    layer_class = MoELatentStaticLayer if make_config is small_config else MoEStaticLayer
+    assert all(type(layer) is layer_class for layer in cache.layers)
+    assert out.sequences.tolist() == dynamic.tolist()
+    width = ids.shape[1]
+    for row, prompt in zip(out.sequences, PROMPTS):  # fresh static caches of other lengths, reused compile sizes
+        alone = model.generate(torch.tensor([prompt]), cache_implementation="static", **kwargs)
+        assert row[width:].tolist() == alone[0, len(prompt):].tolist()
+
+
+class StopOnToken(StoppingCriteria):
+    """Stops each sequence once it emits `token` (a per-sequence criterion: the others go on)."""
+
+    def __init__(self, token: int):
+        self.token = token
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return input_ids[:, -1] == self.token
+
+
+def test_generation_config_switch_with_sampling_and_stopping_criteria():
+    model = seeded_model(small_config())
+    ids, mask = left_padded(PROMPTS)
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=True, top_k=20, temperature=0.8, pad_token_id=0)
+
+    def sample(**extra):
+        torch.manual_seed(1234)
+        return model.generate(ids, return_dict_in_generate=True, **kwargs, **extra)
+
+    dynamic = sample().sequences
+    stop = int(dynamic[0, ids.shape[1] + 2])  # row 0 stops after 3 new tokens; the others keep going
+    criteria = StoppingCriteriaList([StopOnToken(stop)])
+    dynamic_stopped = sample(stopping_criteria=criteria).sequences
+
+    model.generation_config.cache_implementation = "static"
+    static = sample()
+    assert type(cache_of(static)) is MoEStaticCache
+    assert static.sequences.tolist() == dynamic.tolist()
+    static_stopped = sample(stopping_criteria=criteria).sequences
+    assert static_stopped.tolist() == dynamic_stopped.tolist()
+    assert static_stopped[0, ids.shape[1] + 3:].eq(0).all()  # padded after its stop token
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_latent_cache_bytes_per_token(dtype):
+    """(kv_lora_rank + qk_rope_head_dim) x layers x dtype size per token, preallocated for max_cache_len tokens."""
+    config = small_config()
+    model = seeded_model(config, dtype=dtype)
+    cache = MoEStaticCache(config, max_cache_len=20)
+    ids = torch.randint(3, 97, (3, 5))
+    with torch.no_grad():
+        model(ids, use_cache=True, **{CACHE_FIELD: cache})
+    per_token = (config.kv_lora_rank + config.qk_rope_head_dim) * config.num_hidden_layers * dtype.itemsize
+    assert cache.bytes_per_token() == per_token
+    for layer in cache.layers:
+        assert layer.latent.shape == (3, 1, 20, config.kv_lora_rank) and layer.latent.dtype == dtype
+        assert layer.k_rope.shape == (3, 1, 20, config.qk_rope_head_dim)
+    allocated = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    assert allocated == 3 * 20 * per_token
+
+
+def test_early_initialized_cache_is_filled_in_place():
+    """Buffers allocated before the prefill (as a graph capture needs) keep their addresses through generate()."""
+    config = small_config()
+    model = seeded_model(config)
+    ids, mask = left_padded(PROMPTS)
+    cache = MoEStaticCache(config, max_cache_len=16)
+    cache.early_initialization(batch_size=3, dtype=torch.float32, device="cpu")
+    assert all(layer.latent.shape == (3, 1, 16, config.kv_lora_rank) for layer in cache.layers)
+    assert not cache.has_cached_tokens(0)
+    addresses = [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in cache.layers]
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with_cache = model.generate(ids, **kwargs, **{CACHE_FIELD: cache})
+    assert with_cache.tolist() == model.generate(ids, **kwargs).tolist()
+    assert [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in cache.layers] == addresses
+    assert cache.has_cached_tokens(0) and int(cache.get_seq_length()) == ids.shape[1] + 5
+    cache.reset()
+    assert not cache.has_cached_tokens(0) and int(cache.get_seq_length()) == 0
+
+
+def test_compiled_decode_step_has_no_graph_break():
+    """generate()'s own compiled decode step (what it captures in CUDA graphs on a GPU), here with fullgraph=True on
+    the CPU through the eager backend: no data-dependent branch or shape in the step, the same tokens."""
+    model = seeded_model(small_config())
+    ids, mask = left_padded(PROMPTS)
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    compile_config = CompileConfig(backend="eager", fullgraph=True, mode=None)
+    compile_config._compile_all_devices = True  # generate() compiles on GPUs only otherwise
+    static = model.generate(ids, cache_implementation="static", compile_config=compile_config, **kwargs)
+    assert hasattr(model, "_compiled_call")
+    assert static.tolist() == model.generate(ids, **kwargs).tolist()
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_generate_with_cuda_graphs_matches_dynamic(dtype):
+    """On a GPU, a static cache makes generate() compile the decode step with mode="reduce-overhead" (CUDA graphs)."""
+    model = seeded_model(small_config(), dtype=dtype).cuda()
+    ids, mask = left_padded(PROMPTS, device="cuda")
+    kwargs = dict(attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    kwargs.update(return_dict_in_generate=True, output_logits=True)
+    dynamic = model.generate(ids, **kwargs)
+    static = model.generate(ids, cache_implementation="static", **kwargs)
+    assert hasattr(model, "_compiled_call") and type(cache_of(static)) is MoEStaticCache
+    if dtype == torch.float32:
+        assert static.sequences.tolist() == dynamic.sequences.tolist()
+    else:  # bf16 rounds differently in the kernel: the prefill's token is the same, the first decode step close
+        assert static.sequences[:, ids.shape[1]].tolist() == dynamic.sequences[:, ids.shape[1]].tolist()
+        torch.testing.assert_close(static.logits[1].float(), dynamic.logits[1].float(), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.gpu
+def test_gpu_decode_step_captured_in_a_cuda_graph_matches_eager():
+    """A one-token decode step over the static latent cache (the Triton kernel inside), captured with
+    torch.cuda.graph and replayed for several tokens, against the same steps run eagerly on another cache. The mask
+    is passed 4D (built outside the graph: transformers' mask creation reads the 2D mask on the host); dense layers
+    only, so that nothing but attention and the cache is under test."""
+    config = small_config(first_k_dense_replace=3)
+    model = seeded_model(config).cuda()
+    ids, mask = left_padded(PROMPTS, device="cuda")
+    batch, width, steps, max_len = ids.shape[0], ids.shape[1], 4, 16
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    next_ids = torch.randint(3, 97, (batch, steps), device="cuda")
+
+    def prefilled():
+        cache = MoEStaticCache(config, max_cache_len=max_len)
+        with torch.no_grad():
+            model(ids, attention_mask=mask, position_ids=positions, **{CACHE_FIELD: cache})
+        return cache
+
+    def keys_seen(t):  # [B, 1, 1, max_len]: the prompt without its padding, and the t + 1 new tokens
+        seen = torch.zeros(batch, max_len, dtype=torch.bool, device="cuda")
+        seen[:, :width] = mask.bool()
+        seen[:, width : width + t + 1] = True
+        return seen[:, None, None, :]
+
+    def step(cache, token, position, attention_mask):
+        return model(token, attention_mask=attention_mask, position_ids=position, **{CACHE_FIELD: cache}).logits
+
+    eager_cache, graph_cache, warm_cache = prefilled(), prefilled(), prefilled()
+    with torch.no_grad():
+        eager = [
+            step(eager_cache, next_ids[:, t : t + 1], positions[:, -1:] + 1 + t, keys_seen(t)) for t in range(steps)
+        ]
+
+        token, position, seen = next_ids[:, :1].clone(), positions[:, -1:] + 1, keys_seen(0)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (Triton compiles, allocator pools) on a third cache
+            step(warm_cache, token, position, seen)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # recorded, not run: graph_cache is still at the prompt's end
+            logits = step(graph_cache, token, position, seen)
+        captured = []
+        for t in range(steps):
+            token.copy_(next_ids[:, t : t + 1])
+            position.copy_(positions[:, -1:] + 1 + t)
+            seen.copy_(keys_seen(t))
+            graph.replay()
+            captured.append(logits.clone())
+    torch.testing.assert_close(torch.cat(captured, 1), torch.cat(eager, 1), rtol=1e-4, atol=1e-4)
