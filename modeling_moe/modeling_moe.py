@@ -224,7 +224,8 @@ class MoEMultiHeadLatentAttention(nn.Module):
             latent, k_rope = cache.update(latent, k_rope, self.layer_idx)
 
         if extends_cache:
-            attn_output = self.absorbed_attention(q_nope, q_rope, latent, k_rope, attention_mask)
+            static = isinstance(cache, MoEStaticCache)
+            attn_output = self.absorbed_attention(q_nope, q_rope, latent, k_rope, attention_mask, static)
         else:
             # A first fill: only the first seq_len positions hold keys (a static cache returns its whole buffer).
             latent, k_rope = latent[:, :, :seq_len], k_rope[:, :, :seq_len]
@@ -241,14 +242,18 @@ class MoEMultiHeadLatentAttention(nn.Module):
         query = torch.cat((q_nope, q_rope), dim=-1)
         return attend(self, query, key, value, attention_mask, **kwargs)
 
-    def absorbed_attention(self, q_nope, q_rope, latent, k_rope, attention_mask):
-        """Attention over the cached latents: scores = (q_nope W_uk) c^T + q_rope k_rope^T, output = (p c) W_uv^T."""
+    def absorbed_attention(self, q_nope, q_rope, latent, k_rope, attention_mask, static_cache=False):
+        """Attention over the cached latents: scores = (q_nope W_uk) c^T + q_rope k_rope^T, output = (p c) W_uv^T.
+
+        On CUDA a static cache goes through the split-KV Triton kernel, which reads only the filled part of the
+        preallocated buffers; an exactly-filled dynamic cache stays on the PyTorch path, as fast until the kernel is
+        tuned (benchmarks/RESULTS.md).
+        """
         w_kv = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_uk, w_uv = w_kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
         batch, heads, q_len, _ = q_nope.shape
         q_latent = torch.einsum("bhsd,hdr->bhsr", q_nope, w_uk)
-        if mla_decode_attention is not None and MLA_DECODE_HAS_TRITON and q_latent.is_cuda:
-            # Split-KV Triton kernel; reads only the filled part of a static cache (bounded from the mask).
+        if static_cache and mla_decode_attention is not None and MLA_DECODE_HAS_TRITON and q_latent.is_cuda:
             out_latent = mla_decode_attention(q_latent, q_rope, latent, k_rope, self.scaling, attention_mask)
             return torch.einsum("bhsr,hvr->bshv", out_latent, w_uv)
         # Heads folded into rows: one [heads * q, r] x [r, kv] product per sequence reads the cache once; a
