@@ -559,23 +559,23 @@ class MoEPreTrainedModel(PreTrainedModel):
         return {"tokens_per_expert": load, "maxvio": maxvio}
 
     def num_parameters_summary(self) -> dict[str, int]:
-        """Total parameters and parameters activated per token (without the input embedding table, the convention of
-        the DeepSeek reports; MTP modules excluded from the activated count as they are skipped at inference)."""
-        config = self.config
-        total = sum(p.numel() for p in self.parameters())
-        experts = [m for m in self.modules() if isinstance(m, MoEExperts)]
-        inactive = sum(
-            (m.gate_up_proj.numel() + m.down_proj.numel()) * (1 - config.num_experts_per_tok / m.num_experts)
-            for m in experts
-        )
-        mtp = sum(p.numel() for name, p in self.named_parameters() if ".mtp_layers." in f".{name}")
-        mtp_inactive = sum(
-            (m.gate_up_proj.numel() + m.down_proj.numel()) * (1 - config.num_experts_per_tok / m.num_experts)
-            for name, m in self.named_modules() if isinstance(m, MoEExperts) and ".mtp_layers." in f".{name}"
-        )
-        embed = self.get_input_embeddings().weight.numel()
-        activated = total - embed - inactive - (mtp - mtp_inactive)
-        return {"total": total, "activated": int(activated)}
+        """Parameter counts: `total`; `mtp`, the MTP modules' own (skipped at inference); `embedding`, the input table;
+        `activated` per token at inference, without the input table (the DeepSeek reports' convention) and the MTP
+        modules, with only `num_experts_per_tok` of each layer's routed experts."""
+        top_k = self.config.num_experts_per_tok
+        total = mtp = idle_experts = 0
+        seen = set()  # tied embeddings: one tensor, two modules
+        for name, module in self.named_modules():
+            own = sum(p.numel() for p in module.parameters(recurse=False) if id(p) not in seen)
+            seen.update(id(p) for p in module.parameters(recurse=False))
+            in_mtp = ".mtp_layers." in f".{name}."
+            total += own
+            mtp += own if in_mtp else 0
+            if isinstance(module, MoEExperts) and not in_mtp:
+                idle_experts += own * (module.num_experts - top_k) // module.num_experts
+        embedding = self.get_input_embeddings().weight.numel()
+        activated = total - embedding - mtp - idle_experts
+        return {"total": total, "activated": activated, "mtp": mtp, "embedding": embedding}
 
 
 class MoEModel(MoEPreTrainedModel):

@@ -367,16 +367,8 @@ def parameter_counts(config: MoEConfig) -> dict[str, int]:
     from .modeling_moe import MoEForCausalLM
 
     with torch.device("meta"):
-        model = MoEForCausalLM(config)
-    summary = model.num_parameters_summary()
-    mtp = sum(p.numel() for name, p in model.named_parameters() if ".mtp_layers." in f".{name}")
-    return {
-        "total": summary["total"],
-        "activated": summary["activated"],
-        "mtp": mtp,
-        "total_without_mtp": summary["total"] - mtp,
-        "embedding": model.get_input_embeddings().weight.numel(),
-    }
+        counts = MoEForCausalLM(config).num_parameters_summary()
+    return {**counts, "total_without_mtp": counts["total"] - counts["mtp"]}
 
 
 def kv_cache_bytes_per_token(config: MoEConfig, bytes_per_element: int = 2) -> dict[str, int]:

@@ -391,8 +391,9 @@ def test_mtp_loss_matches_manual_computation_and_is_skipped_at_inference():
 # ---------------------------------------------------------------- bookkeeping
 
 
-def test_parameter_counts_total_and_activated():
-    config = small_config(num_nextn_predict_layers=1)
+@pytest.mark.parametrize("tie_word_embeddings", [False, True])
+def test_parameter_counts_total_and_activated(tie_word_embeddings):
+    config = small_config(num_nextn_predict_layers=1, tie_word_embeddings=tie_word_embeddings)
     model = MoEForCausalLM(config)
     counts = model.num_parameters_summary()
     assert counts["total"] == sum(p.numel() for p in model.parameters())
@@ -402,3 +403,4 @@ def test_parameter_counts_total_and_activated():
     inactive_experts = moe_layers * (e - k) * 3 * h * i
     expected = counts["total"] - config.vocab_size * h - mtp - inactive_experts
     assert counts["activated"] == expected
+    assert counts["mtp"] == mtp and counts["embedding"] == config.vocab_size * h
