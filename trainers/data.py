@@ -167,3 +167,155 @@ class PackedCorpus(Dataset):
     @property
     def num_tokens(self) -> int:
         return self.blocks["input_ids"].numel()
+
+
+# ---------------------------------------------------------------------------------------------- local datasets
+
+TEXT_SUFFIXES = (".txt", ".text", ".md")
+JSON_SUFFIXES = (".jsonl", ".json")
+PARQUET_SUFFIXES = (".parquet",)
+SAMPLE_BY = ("line", "paragraph", "document")
+
+
+class DatasetReadError(ValueError):
+    """A dataset path that cannot be read as documents; the message says which file and why."""
+
+
+def _split_text(text: str, sample_by: str) -> list[str]:
+    if sample_by == "document":
+        return [text.strip()] if text.strip() else []
+    if sample_by == "paragraph":
+        return [part.strip() for part in re.split(r"\n\s*\n", text) if part.strip()]
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _read_text_file(path: Path, sample_by: str) -> list[str]:
+    try:
+        return _split_text(path.read_text(encoding="utf-8"), sample_by)
+    except UnicodeDecodeError as error:
+        raise DatasetReadError(f"{path} is not UTF-8 text ({error}).") from None
+
+
+def _read_json_file(path: Path, text_field: str) -> list[str]:
+    import json
+
+    text = path.read_text(encoding="utf-8")
+    records = None
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DatasetReadError(f"{path} is not valid JSON: {error}.") from None
+    if records is None:
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise DatasetReadError(f"{path}, line {number}: not a JSON object ({error}).") from None
+    docs = []
+    for number, record in enumerate(records, start=1):
+        if not isinstance(record, dict) or text_field not in record:
+            found = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise DatasetReadError(
+                f"{path}, record {number}: no {text_field!r} field (found {found}); pass --dataset_text_field."
+            )
+        if not isinstance(record[text_field], str):
+            raise DatasetReadError(f"{path}, record {number}: {text_field!r} is not a string.")
+        if record[text_field].strip():
+            docs.append(record[text_field])
+    return docs
+
+
+def _read_parquet_file(path: Path, text_field: str) -> list[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DatasetReadError(f"Reading {path} needs pyarrow: pip install pyarrow") from None
+    try:
+        table = pq.read_table(path)
+    except Exception as error:  # pyarrow raises its own error types for corrupt files
+        raise DatasetReadError(f"{path} is not a readable parquet file: {error}") from None
+    if text_field not in table.column_names:
+        raise DatasetReadError(
+            f"{path} has no {text_field!r} column (columns: {table.column_names}); pass --dataset_text_field."
+        )
+    return [text for text in table.column(text_field).to_pylist() if isinstance(text, str) and text.strip()]
+
+
+def _is_saved_datasets_folder(path: Path) -> bool:
+    return any((path / name).is_file() for name in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+def _read_saved_dataset(path: Path, text_field: str) -> tuple[list[str], list[str] | None]:
+    try:
+        import datasets
+    except ImportError:
+        raise DatasetReadError(f"{path} is a `datasets` folder; reading it needs: pip install datasets") from None
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as error:
+        raise DatasetReadError(f"{path} could not be loaded with datasets.load_from_disk: {error}") from None
+
+    def texts(split, name):
+        if text_field not in split.column_names:
+            raise DatasetReadError(
+                f"{path}{name} has no {text_field!r} column (columns: {split.column_names}); pass --dataset_text_field."
+            )
+        return [text for text in split[text_field] if isinstance(text, str) and text.strip()]
+
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise DatasetReadError(f"{path} holds splits {list(loaded)}, none named 'train'.")
+        held_out = next((name for name in ("validation", "test") if name in loaded), None)
+        return texts(loaded["train"], "['train']"), texts(loaded[held_out], f"[{held_out!r}]") if held_out else None
+    return texts(loaded, ""), None
+
+
+def load_documents(path, text_field: str = "text", sample_by: str = "line") -> tuple[list[str], list[str] | None]:
+    """Documents of a local dataset, and its held-out documents when it has its own split (else None).
+
+    - `.txt` / `.text` / `.md`: one document per non-empty line (`sample_by="line"`, the convention of `datasets`'
+      text loader), per blank-line separated paragraph (`"paragraph"`), or the whole file (`"document"`);
+    - `.jsonl` (or `.json`, a list or one object per line): the `text_field` of each record;
+    - `.parquet`: the `text_field` column;
+    - a folder written by `datasets`' `save_to_disk` (a `Dataset`, or a `DatasetDict` with a "train" split and
+      optionally "validation" / "test" as held-out documents);
+    - any other folder: every file of the kinds above inside it, in name order.
+
+    Raises `FileNotFoundError` for a missing path and `DatasetReadError` (a `ValueError`) naming the file otherwise.
+    """
+    if sample_by not in SAMPLE_BY:
+        raise ValueError(f"sample_by must be one of {SAMPLE_BY}, got {sample_by!r}.")
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"Dataset {str(path)!r} does not exist (expected a .txt, .jsonl, .json or .parquet "
+                                "file, a folder of them, or a `datasets` folder saved with save_to_disk).")
+    if path.is_dir() and _is_saved_datasets_folder(path):
+        train, held_out = _read_saved_dataset(path, text_field)
+    else:
+        files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+        supported = TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES
+        if path.is_dir():
+            files = [p for p in files if p.suffix.lower() in supported]
+            if not files:
+                raise DatasetReadError(f"Folder {path} holds no {', '.join(supported)} files.")
+        train, held_out = [], None
+        for file in files:
+            suffix = file.suffix.lower()
+            try:
+                if suffix in TEXT_SUFFIXES:
+                    train += _read_text_file(file, sample_by)
+                elif suffix in JSON_SUFFIXES:
+                    train += _read_json_file(file, text_field)
+                elif suffix in PARQUET_SUFFIXES:
+                    train += _read_parquet_file(file, text_field)
+                else:
+                    raise DatasetReadError(f"{file}: unsupported dataset format {suffix!r}; use one of {supported}.")
+            except OSError as error:
+                raise DatasetReadError(f"Cannot read dataset file {file}: {error.strerror or error}.") from None
+    if not train:
+        raise DatasetReadError(f"Dataset {path} holds no non-empty documents.")
+    return train, held_out

@@ -1,0 +1,381 @@
+"""The accelerate pretraining loop (`modeling_moe.trainers.pretrain`) on the CPU with the tiny preset.
+
+Single-process runs call `main()` in this process; the SIGKILL test and the 2-process runs (gloo: DDP, expert
+parallel, resume, FSDP2 + expert parallel) use subprocesses. Short sequences keep every run to seconds.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from modeling_moe.trainers.data import DatasetReadError, load_documents
+from modeling_moe.trainers.pretrain import (
+    KILL_DURING_SAVE_ENV,
+    ConfigurationError,
+    build_parser,
+    main,
+    parse_args,
+    parse_config_overrides,
+)
+
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+TINY = [
+    "--model_config", "tiny", "--seq_len", "32", "--per_device_train_batch_size", "2", "--logging_steps", "1",
+    "--max_eval_samples", "8", "--learning_rate", "3e-3", "--warmup_steps", "2", "--disable_tqdm",
+]
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory):
+    """One tokenized copy of the embedded corpus for every run of the session."""
+    return str(tmp_path_factory.mktemp("tokenized-cache"))
+
+
+def read_metrics(folder) -> list[dict]:
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(folder) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(folder) if "loss" in r]
+
+
+def run(output_dir, data_cache, *extra) -> dict:
+    return main([*TINY, "--data_cache_dir", data_cache, "--output_dir", str(output_dir), *extra])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_cache):
+    """30 steps of 4 x 32 tokens on the embedded corpus, evaluated before the first step and at steps 15 and 30."""
+    output_dir = tmp_path_factory.mktemp("pretrain-30-steps")
+    summary = run(output_dir, data_cache, "--max_steps", "30", "--eval_steps", "15", "--save_steps", "0",
+                  "--eval_on_start", "--per_device_train_batch_size", "4", "--learning_rate", "5e-3")
+    return output_dir, summary
+
+
+def test_single_process_writes_metrics_plots_and_model(trained):
+    output_dir, summary = trained
+    records = read_metrics(output_dir)
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == list(range(1, 31))
+    for record in train_records:
+        assert {"step", "loss", "lr", "grad_norm", "tokens_per_second", "mfu", "maxvio"} <= set(record)
+        assert len(record["maxvio"]) == 3  # two MoE decoder layers and the MTP layer
+        assert record["mfu"] is None  # no peak FLOP/s known for a CPU
+        assert record["tokens_per_second"] > 0
+    assert [r["step"] for r in records if "eval_loss" in r] == [0, 15, 30]
+    assert summary["final_eval_loss"] == records[-1]["eval_loss"]
+    assert summary["global_step"] == 30 and summary["tokens_seen"] == 30 * 4 * 32
+
+    for name in ("config.json", "model.safetensors", "modeling_moe.py", "tokenizer.json", "pretrain_summary.json"):
+        assert (output_dir / name).is_file(), name
+    if HAS_MATPLOTLIB:
+        for name in ("loss.png", "expert_load.png"):
+            assert (output_dir / name).stat().st_size > 5000, name
+
+
+def test_loss_falls_over_30_steps(trained):
+    output_dir, summary = trained
+    curve = [loss for _, loss in losses(output_dir)]
+    assert curve[0] > math.log(50257) - 0.5  # starts near uniform over the GPT-2 vocabulary
+    assert sum(curve[-5:]) / 5 < curve[0] - 1.5
+    evals = summary["eval_losses"]
+    assert evals[0][0] == 0 and evals[-1][1] < evals[0][1] - 1.5
+
+
+def test_saved_model_loads_like_a_hub_checkpoint(trained):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    output_dir, _ = trained
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    for trust_remote_code in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(output_dir, trust_remote_code=trust_remote_code).eval()
+        inputs = tokenizer("The history of", return_tensors="pt")
+        generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        assert generated.shape[1] == inputs["input_ids"].shape[1] + 3
+    # The aux-loss-free balancing moved the biases, and they were saved.
+    assert model.model.layers[1].mlp.gate.e_score_correction_bias.abs().sum() > 0
+
+
+def test_resume_after_sigkill_during_save_is_bitwise(tmp_path, data_cache):
+    # 8 training blocks = 4 batches per epoch: the resumed part also crosses an epoch boundary.
+    extra = ["--max_steps", "6", "--save_steps", "3", "--max_train_samples", "8", "--eval_steps", "3"]
+    reference = run(tmp_path / "reference", data_cache, *extra)
+
+    killed_dir = tmp_path / "killed"
+    command = [sys.executable, "-m", "modeling_moe.trainers.pretrain", *TINY, "--data_cache_dir", data_cache,
+               "--output_dir", str(killed_dir), *extra]
+    env = {**os.environ, KILL_DURING_SAVE_ENV: "6"}
+    process = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert process.returncode == -9, process.stderr[-3000:]
+    assert sorted(p.name for p in killed_dir.iterdir() if "checkpoint" in p.name) == [".tmp-checkpoint-6",
+                                                                                      "checkpoint-3"]
+
+    resumed = run(killed_dir, data_cache, *extra, "--resume_from_checkpoint", "latest")
+    assert resumed["resumed_from"].endswith("checkpoint-3")
+    def without_throughput(records):
+        return [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in records]
+
+    # Every logged value but the throughput is bitwise identical.
+    assert without_throughput(read_metrics(killed_dir)) == without_throughput(read_metrics(tmp_path / "reference"))
+    assert resumed["final_eval_loss"] == reference["final_eval_loss"]
+    assert not (killed_dir / ".tmp-checkpoint-6").exists()
+    assert [p.name for p in sorted(killed_dir.glob("checkpoint-*"))] == ["checkpoint-3", "checkpoint-6"]
+
+    from safetensors.torch import load_file
+
+    expected, got = load_file(tmp_path / "reference" / "model.safetensors"), load_file(killed_dir / "model.safetensors")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+
+
+DISTRIBUTED_DRIVER = textwrap.dedent(
+    """
+    import json, sys
+    import torch.distributed as dist
+    from modeling_moe.trainers.pretrain import main
+
+    out, common = sys.argv[1], sys.argv[2:]
+    dist.init_process_group("gloo")  # kept across the runs below (main leaves a caller's process group alone)
+
+    # The expert-parallel layer alone, against the unsharded one, with every token routed to rank 0's experts:
+    # rank 1's experts get nothing (the eager implementation then skips them), yet both ranks' backwards must still
+    # meet in the all-to-alls.
+    import torch
+    from modeling_moe import MoEConfig
+    from modeling_moe.modeling_moe import MoEExperts
+    from modeling_moe.trainers.expert_parallel import ExpertParallel
+
+    rank = dist.get_rank()
+    for implementation in ("eager", "grouped_mm"):
+        config = MoEConfig(hidden_size=16, moe_intermediate_size=8, n_routed_experts=8, num_experts_per_tok=2,
+                           num_attention_heads=2, experts_implementation=implementation)
+        reference = MoEExperts(config)
+        torch.nn.init.normal_(reference.gate_up_proj, std=0.1, generator=torch.Generator().manual_seed(0))
+        torch.nn.init.normal_(reference.down_proj, std=0.1, generator=torch.Generator().manual_seed(1))
+        sharded = MoEExperts(config)
+        sharded.load_state_dict(reference.state_dict())
+        ExpertParallel(2, "cpu").shard(torch.nn.ModuleDict({"experts": sharded}))
+        generator = torch.Generator().manual_seed(rank)
+        x = torch.randn(5, 16, generator=generator, requires_grad=True)
+        index = torch.stack([torch.randperm(4, generator=generator)[:2] for _ in range(5)])
+        weights = torch.rand(5, 2, generator=generator, requires_grad=True)
+        expected = reference(x, index, weights)
+        expected.square().sum().backward()
+        expected_grads = x.grad, weights.grad
+        x.grad = weights.grad = None
+        got = sharded(x, index, weights)
+        got.square().sum().backward()
+        torch.testing.assert_close(got, expected)
+        torch.testing.assert_close((x.grad, weights.grad), expected_grads)
+    main([*common, "--output_dir", out + "/ddp"])
+    main([*common, "--output_dir", out + "/ep2", "--expert_parallel_size", "2"])
+    main([*common, "--output_dir", out + "/ep2-resumed", "--expert_parallel_size", "2",
+          "--resume_from_checkpoint", out + "/ep2/checkpoint-2"])
+
+    # FSDP2 + expert parallel: accelerate only offers FSDP on accelerators, so force its FSDP2 path on these CPU
+    # processes (a test harness; on GPUs `accelerate launch --config_file trainers/accelerate_configs/fsdp2_ep.yaml`).
+    from accelerate import Accelerator
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    original_init = Accelerator.__init__
+
+    def fsdp2_init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", state_dict_type="SHARDED_STATE_DICT",
+            reshard_after_forward=True, cpu_ram_efficient_loading=False,
+        )
+        self.state.distributed_type = DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    Accelerator.__init__ = fsdp2_init
+    main([*common, "--output_dir", out + "/fsdp2-ep2", "--expert_parallel_size", "2"])
+    Accelerator.__init__ = original_init
+    dist.destroy_process_group()
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory, data_cache):
+    out = tmp_path_factory.mktemp("two-processes")
+    driver = out / "driver.py"
+    driver.write_text(DISTRIBUTED_DRIVER)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(driver), str(out), *TINY, "--data_cache_dir", data_cache, "--max_steps", "4", "--save_steps", "2",
+               "--max_train_samples", "40"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400, cwd=out)
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-6000:]
+    return out
+
+
+def test_two_process_ddp_and_expert_parallel_give_the_same_losses(two_process_runs):
+    ddp, ep2 = read_metrics(two_process_runs / "ddp"), read_metrics(two_process_runs / "ep2")
+    assert [r["step"] for r in ddp] == [r["step"] for r in ep2] == [1, 2, 3, 4]
+    for a, b in zip(ddp, ep2):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5, (a["step"], a["loss"], b["loss"])
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5 * a["grad_norm"]
+        assert a["maxvio"] == pytest.approx(b["maxvio"], abs=1e-6)  # the same global expert loads
+    assert abs(ddp[-1]["eval_loss"] - ep2[-1]["eval_loss"]) <= 1e-5
+
+    # The expert-parallel run saves an ordinary checkpoint: every expert gathered back.
+    from safetensors.torch import load_file
+
+    dense, sharded = load_file(two_process_runs / "ddp" / "model.safetensors"), load_file(
+        two_process_runs / "ep2" / "model.safetensors"
+    )
+    assert sharded["model.layers.1.mlp.experts.gate_up_proj"].shape == (8, 64, 64)
+    for name in dense:
+        torch.testing.assert_close(sharded[name], dense[name], atol=1e-4, rtol=0)
+
+
+def test_two_process_expert_parallel_resume_is_bitwise(two_process_runs):
+    full, resumed = read_metrics(two_process_runs / "ep2"), read_metrics(two_process_runs / "ep2-resumed")
+    assert [(r["step"], r["loss"], r.get("eval_loss")) for r in full] == [
+        (r["step"], r["loss"], r.get("eval_loss")) for r in resumed
+    ]
+
+
+def test_two_process_fsdp2_with_expert_parallel_matches_ddp(two_process_runs):
+    ddp, fsdp = read_metrics(two_process_runs / "ddp"), read_metrics(two_process_runs / "fsdp2-ep2")
+    for a, b in zip(ddp, fsdp, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5, (a["step"], a["loss"], b["loss"])
+    assert abs(ddp[-1]["eval_loss"] - fsdp[-1]["eval_loss"]) <= 1e-5
+    assert (two_process_runs / "fsdp2-ep2" / "checkpoint-4").is_dir()
+    assert not list((two_process_runs / "fsdp2-ep2").glob("_fsdp*.py"))  # saved as a plain MoEForCausalLM
+
+
+# ------------------------------------------------------------------------------------------------- clear errors
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--model_config", "no-such-preset"], "Unknown preset 'no-such-preset'"),
+        (["--seq_len", "1024"], "above the model's max_position_embeddings=512"),
+        (["--expert_parallel_size", "3"], "n_routed_experts=8 is not divisible by --expert_parallel_size=3"),
+        (["--expert_parallel_size", "2"], "world size (1 process) is not divisible by --expert_parallel_size=2"),
+        (["--config_overrides", "no_such_field=1"], "Unknown MoEConfig field"),
+    ],
+)
+def test_configuration_errors_are_clear(tmp_path, data_cache, extra, message):
+    with pytest.raises(ConfigurationError) as error:
+        run(tmp_path, data_cache, "--max_steps", "1", *extra)
+    assert message in str(error.value)
+
+
+def test_unreadable_datasets_are_clear(tmp_path, data_cache):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run(tmp_path / "out", data_cache, "--max_steps", "1", "--dataset", str(tmp_path / "missing.jsonl"))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "fine"}\n{not json\n')
+    with pytest.raises(DatasetReadError, match=r"broken.jsonl, line 2: not a JSON object"):
+        run(tmp_path / "out", data_cache, "--max_steps", "1", "--dataset", str(broken))
+    wrong_field = tmp_path / "wrong.jsonl"
+    wrong_field.write_text('{"body": "text"}\n')
+    with pytest.raises(DatasetReadError, match="no 'text' field"):
+        run(tmp_path / "out", data_cache, "--max_steps", "1", "--dataset", str(wrong_field))
+    unsupported = tmp_path / "data.csv"
+    unsupported.write_text("text\nhello\n")
+    with pytest.raises(DatasetReadError, match="unsupported dataset format"):
+        load_documents(unsupported)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed")
+def test_tensorboard_without_the_package_is_a_clear_error(tmp_path, data_cache):
+    with pytest.raises(ConfigurationError, match="pip install tensorboard"):
+        run(tmp_path, data_cache, "--max_steps", "1", "--report_to", "tensorboard")
+
+
+def test_existing_checkpoints_need_resume_or_overwrite(tmp_path, data_cache):
+    (tmp_path / "checkpoint-3").mkdir()
+    (tmp_path / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    with pytest.raises(ConfigurationError, match="--resume_from_checkpoint latest"):
+        run(tmp_path, data_cache, "--max_steps", "1")
+
+
+def test_cli_prints_one_line_errors(tmp_path):
+    process = subprocess.run(
+        [sys.executable, "-m", "modeling_moe.trainers.pretrain", "--model_config", "nope",
+         "--output_dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert process.returncode == 2
+    assert process.stderr.strip().splitlines()[-1].startswith("pretrain: error: Unknown preset 'nope'")
+
+
+# ------------------------------------------------------------------------------------------- arguments and data
+
+
+def test_help_lists_every_option_and_yaml_config_is_overridable(tmp_path):
+    help_text = build_parser().format_help()
+    for option in ("--output_dir", "--max_steps", "--per_device_train_batch_size", "--gradient_accumulation_steps",
+                   "--learning_rate", "--warmup_steps", "--lr_scheduler_type", "--weight_decay", "--max_grad_norm",
+                   "--save_steps", "--logging_steps", "--seed", "--bf16", "--gradient_checkpointing", "--report_to",
+                   "--resume_from_checkpoint", "--model_config", "--dataset", "--seq_len", "--expert_parallel_size",
+                   "--config"):
+        assert option in help_text, option
+    config = tmp_path / "pretrain.yaml"
+    config.write_text("max_steps: 7\nlearning_rate: 0.01\nbf16: true\nreport_to: none\nseq_len: 128\n")
+    model_args, data_args, args = parse_args(["--config", str(config), "--seq_len", "64"])
+    assert (args.max_steps, args.learning_rate, args.bf16, args.report_to) == (7, 0.01, True, ["none"])
+    assert data_args.seq_len == 64  # the command line wins
+    config.write_text("no_such_option: 1\n")
+    with pytest.raises(SystemExit):
+        parse_args(["--config", str(config)])
+
+
+def test_config_overrides_parse_json_values():
+    assert parse_config_overrides("a=1, b=true,c=1e-3,d=null,e=name,f=False") == {
+        "a": 1, "b": True, "c": 0.001, "d": None, "e": "name", "f": False,
+    }
+
+
+def test_local_dataset_formats(tmp_path):
+    (tmp_path / "a.txt").write_text("first line\n\nsecond line\nthird line\n")
+    assert load_documents(tmp_path / "a.txt") == (["first line", "second line", "third line"], None)
+    assert load_documents(tmp_path / "a.txt", sample_by="paragraph")[0] == ["first line", "second line\nthird line"]
+    assert load_documents(tmp_path / "a.txt", sample_by="document")[0] == ["first line\n\nsecond line\nthird line"]
+    (tmp_path / "b.jsonl").write_text('{"text": "one"}\n\n{"text": "two", "id": 2}\n')
+    assert load_documents(tmp_path / "b.jsonl")[0] == ["one", "two"]
+    assert load_documents(tmp_path)[0] == ["first line", "second line", "third line", "one", "two"]
+    (tmp_path / "list").mkdir()
+    (tmp_path / "list" / "c.json").write_text('[{"content": "three"}]')
+    assert load_documents(tmp_path / "list" / "c.json", text_field="content")[0] == ["three"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("datasets") is None, reason="needs datasets (and pyarrow)")
+def test_parquet_and_saved_datasets(tmp_path):
+    import datasets
+
+    train = datasets.Dataset.from_dict({"text": ["alpha", "beta", ""], "n": [1, 2, 3]})
+    train.to_parquet(str(tmp_path / "train.parquet"))
+    assert load_documents(tmp_path / "train.parquet") == (["alpha", "beta"], None)
+    datasets.DatasetDict({"train": train, "validation": datasets.Dataset.from_dict({"text": ["gamma"]})}).save_to_disk(
+        str(tmp_path / "saved")
+    )
+    assert load_documents(tmp_path / "saved") == (["alpha", "beta"], ["gamma"])
+    with pytest.raises(DatasetReadError, match="no 'body' column"):
+        load_documents(tmp_path / "train.parquet", text_field="body")
+
+
+def test_training_on_a_local_jsonl_file_without_document_attention(tmp_path, data_cache):
+    from modeling_moe.trainers.data import load_corpus_texts
+
+    documents = load_corpus_texts()[:40]
+    dataset = tmp_path / "corpus.jsonl"
+    dataset.write_text("".join(json.dumps({"text": text}) + "\n" for text in documents))
+    summary = run(tmp_path / "out", data_cache, "--dataset", str(dataset), "--max_steps", "2", "--save_steps", "0",
+                  "--validation_split_percentage", "10", "--no_document_attention")
+    assert summary["global_step"] == 2 and math.isfinite(summary["final_eval_loss"])

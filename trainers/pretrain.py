@@ -1,0 +1,1068 @@
+r"""Pretrain a modeling_moe model with accelerate: one process, DDP, FSDP2, and expert parallelism over an `ep` mesh.
+
+    # one process (CPU or one GPU), the tiny preset on the embedded corpus
+    python -m modeling_moe.trainers.pretrain --model_config tiny --output_dir outputs/tiny --max_steps 200
+
+    # several GPUs: a launch config from trainers/accelerate_configs/ (single_gpu, ddp, fsdp2, fsdp2_ep)
+    accelerate launch --config_file trainers/accelerate_configs/fsdp2_ep.yaml -m modeling_moe.trainers.pretrain \
+        --model_config moe-100m --bf16 --expert_parallel_size 2 --output_dir outputs/moe-100m
+
+    # any option from a YAML file (the command line wins over it)
+    python -m modeling_moe.trainers.pretrain --config pretrain.yaml --max_steps 10
+
+Flags carry transformers' `TrainingArguments` names where the concept exists. The default data is the embedded
+English corpus (Wikipedia and news text shipped in gensim's wheel) tokenized with the presets' GPT-2 BPE, packed into
+`--seq_len` blocks whose loss never crosses a document boundary, with held-out documents for the evaluation loss.
+
+Every optimizer step ends with `update_expert_bias()` (aux-loss-free balancing; token counts summed over all ranks).
+`output_dir` receives `metrics.jsonl` (one line per logged step), `loss.png`, `expert_load.png`, checkpoints
+`checkpoint-N/` (written to a temporary folder, then renamed: a killed run resumes from its last complete one with
+`--resume_from_checkpoint latest`), and the final model (`save_pretrained`, code files included) with its tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset, default_collate
+
+logger = logging.getLogger("modeling_moe.trainers.pretrain")
+
+CHECKPOINT_PREFIX = "checkpoint-"
+TRAINER_STATE_NAME = "trainer_state.json"
+METRICS_NAME = "metrics.jsonl"
+# Test hook: the main process SIGKILLs itself in the middle of writing this checkpoint step (after the state files,
+# before the rename), to check that a killed save leaves the previous checkpoints usable.
+KILL_DURING_SAVE_ENV = "MODELING_MOE_TEST_KILL_DURING_SAVE"
+
+
+
+
+class ConfigurationError(ValueError):
+    """A setting that cannot work (unknown preset, too long seq_len, parallel sizes that do not fit, ...)."""
+
+
+# ------------------------------------------------------------------------------------------------------ arguments
+
+
+@dataclass
+class ModelArguments:
+    model_config: str = field(
+        default="tiny",
+        metadata={"help": "A hub_configs preset name (tiny, moe-100m, gqa-moe, deepseek-v2-lite, deepseek-v3) or a "
+                          "folder with a config.json. The model is initialised from scratch."},
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated MoEConfig overrides, e.g. 'num_hidden_layers=4,bias_update_speed=0,"
+                          "router_aux_loss_coef=0.01,output_router_logits=true' (values parsed as JSON)."},
+    )
+    tokenizer_name: str | None = field(
+        default=None,
+        metadata={"help": "Tokenizer folder or preset name; default: the model_config folder's tokenizer, else the "
+                          "GPT-2 BPE of the tiny preset."},
+    )
+    torch_dtype: str | None = field(
+        default=None,
+        metadata={"help": "Dtype of the weights (and so of AdamW's states): float32 (default) or bfloat16 (pure bf16 "
+                          "training; routers stay fp32). --bf16 is autocast over fp32 weights instead."},
+    )
+    attn_implementation: str | None = field(default=None, metadata={"help": "sdpa (default), eager, ..."})
+    experts_implementation: str | None = field(
+        default=None, metadata={"help": "Routed-experts kernel: grouped_mm (default), eager, batched_mm, ..."}
+    )
+
+
+@dataclass
+class DataArguments:
+    dataset: str | None = field(
+        default=None,
+        metadata={"help": "Default: the embedded corpus. Else a local .txt / .jsonl / .json / .parquet file, a folder "
+                          "of them, or a `datasets` folder written by save_to_disk."},
+    )
+    dataset_text_field: str = field(default="text", metadata={"help": "Text field of .jsonl / .parquet / datasets."})
+    text_sample_by: str = field(
+        default="line", metadata={"help": "Documents of a .txt file: 'line', 'paragraph' or 'document' (whole file)."}
+    )
+    seq_len: int = field(default=512, metadata={"help": "Tokens per packed training sequence."})
+    validation_split_percentage: float = field(
+        default=5.0, metadata={"help": "Percentage of the documents held out for the evaluation loss."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training blocks."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only the first N held-out blocks."})
+    document_attention: bool = field(
+        default=True,
+        metadata={"help": "Pass per-document position_ids so attention stays inside each document; "
+                          "--document_attention false attends across packed documents (plain causal attention)."},
+    )
+    data_cache_dir: str | None = field(
+        default=None, metadata={"help": "Cache of tokenized datasets; default $XDG_CACHE_HOME/modeling_moe/pretrain."}
+    )
+    overwrite_cache: bool = field(default=False, metadata={"help": "Tokenize again even if a cache exists."})
+
+
+@dataclass
+class PretrainArguments:
+    output_dir: str = field(default="outputs/pretrain", metadata={"help": "Model, metrics, plots and checkpoints."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Start over in an output_dir that already holds checkpoints (deletes them)."}
+    )
+    max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; <= 0: num_train_epochs decides."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs of training blocks if max_steps <= 0."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Sequences per process and micro-batch."})
+    per_device_eval_batch_size: int | None = field(default=None, metadata={"help": "Default: the training one."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    learning_rate: float = field(default=3e-4, metadata={"help": "Peak learning rate (AdamW)."})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay of matrices (not of norms)."})
+    adam_beta1: float = field(default=0.9)
+    adam_beta2: float = field(default=0.95)
+    adam_epsilon: float = field(default=1e-8)
+    optim: str | None = field(
+        default=None, metadata={"help": "adamw_torch or adamw_torch_fused; default: fused on CUDA, adamw_torch else."}
+    )
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (<= 0: no clipping)."})
+    lr_scheduler_type: str = field(
+        default="cosine", metadata={"help": "transformers scheduler: cosine, linear, constant_with_warmup, ..."}
+    )
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warmup steps."})
+    logging_steps: int = field(default=10, metadata={"help": "Log (console, metrics.jsonl, trackers) every N steps."})
+    eval_steps: int | None = field(
+        default=None, metadata={"help": "Evaluate every N steps (always at the last step); default: only at the end."}
+    )
+    eval_on_start: bool = field(default=False, metadata={"help": "Also evaluate before the first step."})
+    save_steps: int = field(default=500, metadata={"help": "Write checkpoint-N every N steps (<= 0: never)."})
+    save_total_limit: int | None = field(default=None, metadata={"help": "Keep only the N most recent checkpoints."})
+    seed: int = field(default=42, metadata={"help": "Seed of the initialisation (the same on every rank)."})
+    data_seed: int | None = field(default=None, metadata={"help": "Seed of the data order; default: seed."})
+    bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision (accelerate autocast / FSDP2 policy)."})
+    tf32: bool | None = field(default=None, metadata={"help": "Allow TF32 matmuls on Ampere+ GPUs."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute decoder layers in backward."})
+    report_to: list[str] = field(
+        default_factory=lambda: ["none"],
+        metadata={"help": "Trackers besides metrics.jsonl: none, tensorboard, or any accelerate tracker (wandb, ...)."},
+    )
+    logging_dir: str | None = field(default=None, metadata={"help": "Tracker logs; default output_dir/runs."})
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={"help": "A checkpoint folder, or 'latest' for the newest complete checkpoint-N of output_dir "
+                          "(starts from scratch when there is none)."},
+    )
+    expert_parallel_size: int = field(
+        default=1, metadata={"help": "Ranks sharing one copy of the routed experts (all-to-all dispatch); must "
+                                     "divide the world size and the number of experts."},
+    )
+    use_cpu: bool = field(default=False, metadata={"help": "Train on the CPU even if a GPU is present."})
+    dataloader_num_workers: int = field(default=0)
+    peak_tflops: float | None = field(
+        default=None, metadata={"help": "Peak dense bf16 TFLOP/s of one device for MFU (default: known GPUs)."}
+    )
+    disable_tqdm: bool = field(default=False, metadata={"help": "No progress bar."})
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, PretrainArguments)
+
+
+def build_parser():
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(ARGUMENT_CLASSES, description=__doc__, formatter_class=_HelpFormatter)
+    parser.add_argument("--config", metavar="FILE.yaml", default=None,
+                        help="YAML (or JSON) file of option: value pairs; options on the command line override it.")
+    return parser
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, PretrainArguments]:
+    import yaml
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        path = Path(known.config)
+        if not path.is_file():
+            parser.error(f"--config {known.config}: no such file")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            parser.error(f"--config {known.config}: expected a mapping of option: value")
+        options = {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - options)
+        if unknown:
+            parser.error(f"--config {known.config}: unknown option(s) {unknown}")
+        if isinstance(values.get("report_to"), str):
+            values["report_to"] = [values["report_to"]]
+        parser.set_defaults(**values)
+    model_args, data_args, train_args, _extra = parser.parse_args_into_dataclasses(
+        args=argv, look_for_args_file=False
+    )
+    return model_args, data_args, train_args
+
+
+# ------------------------------------------------------------------------------------------------ model and data
+
+
+def parse_config_overrides(text: str | None) -> dict:
+    """'a=1,b=true,c=0.01,d=null,e=name' -> {'a': 1, 'b': True, 'c': 0.01, 'd': None, 'e': 'name'}."""
+    overrides = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigurationError(f"--config_overrides: expected key=value, got {item!r}.")
+        value = value.strip()
+        lowered = {"true": "true", "false": "false", "none": "null", "null": "null"}.get(value.lower(), value)
+        try:
+            overrides[key.strip()] = json.loads(lowered)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = value
+    return overrides
+
+
+def build_config(model_args: ModelArguments, data_args: DataArguments):
+    from modeling_moe.presets import load_preset_config
+
+    try:
+        config = load_preset_config(model_args.model_config, **parse_config_overrides(model_args.config_overrides))
+    except ValueError as error:  # unknown preset, unknown or invalid field
+        raise ConfigurationError(str(error)) from error
+    if data_args.seq_len < 2:
+        raise ConfigurationError(f"--seq_len must be at least 2, got {data_args.seq_len}.")
+    if data_args.seq_len > config.max_position_embeddings:
+        raise ConfigurationError(
+            f"--seq_len {data_args.seq_len} is above the model's max_position_embeddings="
+            f"{config.max_position_embeddings} ({model_args.model_config}): use a shorter --seq_len or "
+            f"--config_overrides max_position_embeddings={data_args.seq_len}."
+        )
+    return config
+
+
+def _model_folder(name_or_path: str) -> Path | None:
+    from modeling_moe.presets import preset_path
+
+    if os.path.isdir(name_or_path):
+        return Path(name_or_path)
+    try:
+        return preset_path(name_or_path)
+    except ValueError:
+        return None
+
+
+def load_tokenizer(model_args: ModelArguments, config):
+    from transformers import AutoTokenizer
+
+    from modeling_moe.presets import preset_path
+
+    source = model_args.tokenizer_name and _model_folder(model_args.tokenizer_name)
+    if model_args.tokenizer_name and source is None:
+        raise ConfigurationError(f"--tokenizer_name {model_args.tokenizer_name!r}: neither a folder nor a preset.")
+    if source is None:
+        folder = _model_folder(model_args.model_config)
+        tokenizer_files = ("tokenizer.json", "tokenizer_config.json")
+        if folder is not None and any((folder / name).is_file() for name in tokenizer_files):
+            source = folder
+        else:
+            source = preset_path("tiny")
+            logger.info("%s has no tokenizer: using the GPT-2 BPE tokenizer of the presets", model_args.model_config)
+    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    tokenizer.model_max_length = int(1e30)  # documents are packed into blocks: no length warning per document
+    if len(tokenizer) > config.vocab_size:
+        raise ConfigurationError(
+            f"The tokenizer ({source}) has {len(tokenizer)} tokens, more than the model's vocab_size="
+            f"{config.vocab_size}."
+        )
+    if tokenizer.eos_token_id is None:
+        raise ConfigurationError(f"The tokenizer ({source}) has no EOS token to separate packed documents.")
+    return tokenizer
+
+
+def _cache_root(data_args: DataArguments) -> Path:
+    if data_args.data_cache_dir:
+        return Path(data_args.data_cache_dir)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "modeling_moe" / "pretrain"
+
+
+def _dataset_fingerprint(data_args: DataArguments) -> dict:
+    if data_args.dataset is None:
+        from modeling_moe.trainers import data as data_module
+
+        folder = data_module._test_data_dir()
+        files = [folder / data_module.WIKI_DUMP, folder / data_module.LEE_NEWS]
+        return {"embedded": [(f.name, f.stat().st_size) for f in files], "parser": _source_hash(data_module)}
+    path = Path(data_args.dataset).expanduser().resolve()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return {
+        "files": [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files],
+        "text_field": data_args.dataset_text_field,
+        "sample_by": data_args.text_sample_by,
+    }
+
+
+def _source_hash(module) -> str:
+    return hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest()[:16]
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _flatten(token_lists: list[list[int]]) -> dict[str, torch.Tensor]:
+    lengths = torch.tensor([len(t) for t in token_lists], dtype=torch.int64)
+    flat = torch.tensor([i for t in token_lists for i in t], dtype=torch.int32)
+    return {"tokens": flat, "lengths": lengths}
+
+
+def _unflatten(packed: dict[str, torch.Tensor]) -> list[list[int]]:
+    return [part.tolist() for part in packed["tokens"].split(packed["lengths"].tolist())]
+
+
+def tokenized_documents(data_args: DataArguments, tokenizer, is_main: bool) -> tuple[list, list]:
+    """(training, held-out) token lists, from the cache when present; only the main process writes the cache."""
+    from modeling_moe.trainers.data import load_corpus_texts, load_documents, tokenize_documents, train_eval_split
+
+    if data_args.dataset is not None and not os.path.exists(os.path.expanduser(data_args.dataset)):
+        load_documents(data_args.dataset)  # raises the FileNotFoundError that names what is expected
+    key = json.dumps({
+        "dataset": _dataset_fingerprint(data_args),
+        "tokenizer": _tokenizer_fingerprint(tokenizer),
+        "validation_split_percentage": data_args.validation_split_percentage,
+        "version": 1,
+    }, sort_keys=True)
+    cache = _cache_root(data_args) / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
+    if cache.is_file() and not data_args.overwrite_cache:
+        try:
+            saved = torch.load(cache, weights_only=True)
+            return _unflatten(saved["train"]), _unflatten(saved["eval"])
+        except Exception as error:  # a corrupt cache is rebuilt
+            logger.warning("ignoring unreadable tokenized cache %s (%s)", cache, error)
+
+    if data_args.dataset is None:
+        documents, held_out = load_corpus_texts(), None
+    else:
+        documents, held_out = load_documents(data_args.dataset, data_args.dataset_text_field, data_args.text_sample_by)
+    if held_out is None:
+        if not 0 <= data_args.validation_split_percentage < 100:
+            raise ConfigurationError("--validation_split_percentage must be in [0, 100).")
+        documents, held_out = train_eval_split(documents, data_args.validation_split_percentage / 100, seed=0)
+    train_tokens, eval_tokens = tokenize_documents(tokenizer, documents), tokenize_documents(tokenizer, held_out)
+    if is_main:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            staging = cache.with_suffix(f".tmp{os.getpid()}")
+            torch.save({"train": _flatten(train_tokens), "eval": _flatten(eval_tokens)}, staging)
+            os.replace(staging, cache)
+        except OSError as error:
+            logger.warning("could not write the tokenized cache %s: %s", cache, error)
+    return train_tokens, eval_tokens
+
+
+def build_datasets(data_args: DataArguments, tokenizer, accelerator):
+    from modeling_moe.trainers.data import PackedCorpus
+
+    # The main process reads and tokenizes first (and writes the cache the others then read); a dataset error is
+    # raised on every process rather than leaving the others waiting at a barrier.
+    from accelerate.utils import broadcast_object_list
+
+    from modeling_moe.trainers.data import DatasetReadError
+
+    failure, tokens = None, None
+    if accelerator.is_main_process:
+        try:
+            tokens = tokenized_documents(data_args, tokenizer, is_main=True)
+        except (ConfigurationError, DatasetReadError, FileNotFoundError) as error:
+            failure = error
+    if accelerator.num_processes > 1:
+        failure = broadcast_object_list([failure])[0]
+    if failure is not None:
+        raise failure
+    train_tokens, eval_tokens = tokens or tokenized_documents(data_args, tokenizer, is_main=False)
+    eos = tokenizer.eos_token_id
+    train_set = PackedCorpus(train_tokens, data_args.seq_len, eos)
+    eval_set = PackedCorpus(eval_tokens, data_args.seq_len, eos) if eval_tokens else None
+    info = {
+        "train_documents": len(train_tokens),
+        "eval_documents": len(eval_tokens),
+        "train_tokens": train_set.num_tokens,
+        "eval_tokens": eval_set.num_tokens if eval_set is not None else 0,
+    }
+    if data_args.max_train_samples is not None:
+        train_set = Subset(train_set, range(min(data_args.max_train_samples, len(train_set))))
+    if eval_set is not None and data_args.max_eval_samples is not None:
+        eval_set = Subset(eval_set, range(min(data_args.max_eval_samples, len(eval_set))))
+    if eval_set is not None and len(eval_set) == 0:
+        eval_set = None
+    return train_set, eval_set, info
+
+
+def make_collate(document_attention: bool):
+    def collate(rows):
+        batch = default_collate(rows)
+        if not document_attention:
+            batch.pop("position_ids")
+        return batch
+
+    return collate
+
+
+def build_model(config, model_args: ModelArguments, seed: int):
+    from accelerate.utils import set_seed
+    from transformers import AutoModelForCausalLM
+
+    import modeling_moe  # noqa: F401  (registers the Auto classes)
+
+    kwargs = {}
+    if model_args.torch_dtype not in (None, "float32", "auto"):
+        dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+        if model_args.torch_dtype not in dtypes:
+            raise ConfigurationError(
+                f"--torch_dtype must be float32, bfloat16 or float16, got {model_args.torch_dtype!r}."
+            )
+        kwargs["dtype"] = dtypes[model_args.torch_dtype]
+    if model_args.attn_implementation:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    if model_args.experts_implementation:
+        kwargs["experts_implementation"] = model_args.experts_implementation
+    set_seed(seed)  # the same initialisation on every rank (expert parallelism slices it)
+    return AutoModelForCausalLM.from_config(config, **kwargs)
+
+
+def build_optimizer(model, args: PretrainArguments, device_type: str):
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    optim = args.optim or ("adamw_torch_fused" if device_type == "cuda" else "adamw_torch")
+    if optim not in ("adamw_torch", "adamw_torch_fused"):
+        raise ConfigurationError(f"--optim {optim!r} is not supported: use adamw_torch or adamw_torch_fused.")
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+        fused=True if optim == "adamw_torch_fused" else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+
+
+@dataclass
+class TrainerState:
+    """Loop position and history, saved in every checkpoint (registered with accelerate)."""
+
+    global_step: int = 0
+    epoch: int = 0
+    samples_in_epoch: int = 0  # training blocks drawn in the current epoch, all processes together
+    tokens_seen: int = 0
+    world_size: int = 1
+    expert_parallel_size: int = 1
+    log_history: list = field(default_factory=list)
+    first_window_load: list | None = None  # tokens per expert [MoE layers][experts] over the first logging window
+    first_window_steps: list | None = None
+    total_load: list | None = None  # ... and over the whole run
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict):
+        for key, value in state.items():
+            if hasattr(self, key):
+                setattr(self, key, value)
+
+
+def list_checkpoints(output_dir) -> list[tuple[int, Path]]:
+    """Complete checkpoints of `output_dir`, oldest first."""
+    found = []
+    root = Path(output_dir)
+    if root.is_dir():
+        for path in root.iterdir():
+            match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", path.name)
+            if match and path.is_dir() and (path / TRAINER_STATE_NAME).is_file():
+                found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def resolve_checkpoint(value: str | None, output_dir: str) -> Path | None:
+    if not value:
+        return None
+    if value == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1][1] if checkpoints else None
+    path = Path(value)
+    if not (path / TRAINER_STATE_NAME).is_file():
+        raise ConfigurationError(
+            f"--resume_from_checkpoint {value}: not a complete checkpoint folder (no {TRAINER_STATE_NAME})."
+        )
+    return path
+
+
+def save_checkpoint(accelerator, state: TrainerState, output_dir: str, save_total_limit: int | None) -> Path:
+    """`accelerator.save_state` into a temporary folder, then one rename: checkpoint-N is complete or absent."""
+    final = Path(output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
+    staging = Path(output_dir) / f".tmp-{final.name}"
+    if accelerator.is_main_process and staging.exists():
+        shutil.rmtree(staging)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if os.environ.get(KILL_DURING_SAVE_ENV) == str(state.global_step):
+            os.kill(os.getpid(), signal.SIGKILL)
+        with open(staging / TRAINER_STATE_NAME, "w") as f:
+            json.dump(state.state_dict(), f, indent=1)
+        if final.exists():  # a rerun overwriting an old checkpoint of the same step
+            trash = Path(output_dir) / f".old-{final.name}"
+            os.replace(final, trash)
+            os.replace(staging, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(staging, final)
+        if save_total_limit is not None and save_total_limit > 0:
+            for _, old in list_checkpoints(output_dir)[:-save_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def clean_stale_staging(output_dir: str):
+    for path in Path(output_dir).glob(".tmp-checkpoint-*"):
+        shutil.rmtree(path, ignore_errors=True)
+    for path in Path(output_dir).glob(".old-checkpoint-*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------------ the loop
+
+
+class Batches:
+    """Endless micro-batches over epochs; the position (epoch, samples drawn) lives in the TrainerState."""
+
+    def __init__(self, accelerator, loader, state: TrainerState, per_process_batch: int):
+        self.accelerator, self.loader, self.state = accelerator, loader, state
+        self.global_batch = per_process_batch * accelerator.num_processes
+        self._iterator = None
+
+    def _batches(self):
+        while True:
+            skip = self.state.samples_in_epoch // self.global_batch
+            self.loader.set_epoch(self.state.epoch)
+            loader = self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
+            for batch in loader:
+                self.state.samples_in_epoch += self.global_batch
+                yield batch
+            self.state.epoch += 1
+            self.state.samples_in_epoch = 0
+
+    def next(self):
+        if self._iterator is None:
+            self._iterator = self._batches()
+        return next(self._iterator)
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator) -> float:
+    """Token-weighted mean cross-entropy over the held-out blocks (plain LM loss, no MTP), exact over ranks."""
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    count = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    for batch in loader:
+        labels = batch.pop("labels")
+        logits = model(**batch, use_cache=False).logits
+        shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
+        losses = F.cross_entropy(
+            logits.float().flatten(0, 1), shifted.flatten(), ignore_index=-100, reduction="none"
+        ).view_as(shifted)
+        sums, counts = accelerator.gather_for_metrics((losses.sum(dim=1), (shifted != -100).sum(dim=1)))
+        total += sums.double().sum()
+        count += counts.double().sum()
+    model.train()
+    return (total / count.clamp(min=1)).item()
+
+
+def _router_names(model) -> list[str]:
+    names = []
+    for name, module in model.named_modules():
+        if hasattr(module, "e_score_correction_bias") and hasattr(module, "top_k"):
+            match = re.search(r"(mtp_layers|layers)\.(\d+)\.", name)
+            if match and match.group(1) == "mtp_layers":
+                names.append(f"MTP {int(match.group(2)) + 1}")
+            elif match:
+                names.append(f"layer {match.group(2)}")
+            else:
+                names.append(name)
+    return names
+
+
+def _check_trackers(report_to: list[str]) -> list[str]:
+    trackers = [t for t in report_to if t and t.lower() != "none"]
+    if any(t.lower() in ("tensorboard", "all") for t in trackers):
+        from accelerate.utils import is_tensorboard_available
+
+        if not is_tensorboard_available():
+            raise ConfigurationError("--report_to tensorboard needs the tensorboard package: pip install tensorboard")
+    return trackers
+
+
+def _scalar_config(*dataclass_objects) -> dict:
+    values = {}
+    for obj in dataclass_objects:
+        for key, value in dataclasses.asdict(obj).items():
+            values[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return values
+
+
+def _reset_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run a pretraining (arguments as on the command line) and return its summary: output_dir, first_loss,
+    last_loss, final_eval_loss, global_step, tokens_seen, throughput, the paths written."""
+    model_args, data_args, args = parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        return train(model_args, data_args, args)
+    finally:
+        _reset_accelerate_state()
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainArguments) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration
+    from transformers import get_scheduler
+
+    from modeling_moe.trainers.expert_parallel import ExpertParallel, check_expert_parallel_size
+    from modeling_moe.trainers.metrics import peak_flops_per_device, training_flops_per_token
+
+    # Cheap checks first: a wrong preset, length, parallel layout or tracker fails before any data or model work.
+    config = build_config(model_args, data_args)
+    trackers = _check_trackers(args.report_to)
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
+        if getattr(args, name) < 1:
+            raise ConfigurationError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if data_args.dataset is not None and not os.path.exists(os.path.expanduser(data_args.dataset)):
+        from modeling_moe.trainers.data import load_documents
+
+        load_documents(data_args.dataset)  # FileNotFoundError naming the accepted formats
+
+    output_dir = args.output_dir
+    # A caller that set up torch.distributed itself keeps its process group; otherwise accelerate's is torn down.
+    owns_process_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    accelerator = Accelerator(
+        mixed_precision="bf16" if args.bf16 else None,
+        cpu=args.use_cpu or not torch.cuda.is_available(),
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False
+        ),
+        dataloader_config=DataLoaderConfiguration(
+            use_seedable_sampler=True, data_seed=args.seed if args.data_seed is None else args.data_seed
+        ),
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(
+            project_dir=output_dir, logging_dir=args.logging_dir or os.path.join(output_dir, "runs")
+        ),
+        step_scheduler_with_optimizer=False,
+    )
+    main_process = accelerator.is_main_process
+    world = accelerator.num_processes
+    ep_size = args.expert_parallel_size
+    try:
+        check_expert_parallel_size(ep_size, world, config.n_routed_experts)
+    except ValueError as error:
+        raise ConfigurationError(str(error)) from error
+    if args.tf32 is not None and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        torch.backends.cudnn.allow_tf32 = args.tf32
+
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+    if args.resume_from_checkpoint == "latest" and checkpoint is None and main_process:
+        logger.info("--resume_from_checkpoint latest: no checkpoint in %s yet, starting from scratch", output_dir)
+    existing = list_checkpoints(output_dir)
+    if existing and checkpoint is None:
+        if not args.overwrite_output_dir:
+            raise ConfigurationError(
+                f"{output_dir} already holds checkpoints ({existing[-1][1].name}, ...): pass --resume_from_checkpoint "
+                "latest to continue that run, or --overwrite_output_dir to start over (deletes them)."
+            )
+        accelerator.wait_for_everyone()
+        if main_process:
+            for _, path in existing:
+                shutil.rmtree(path)
+    if main_process:
+        os.makedirs(output_dir, exist_ok=True)
+        clean_stale_staging(output_dir)
+    accelerator.wait_for_everyone()
+
+    # Data.
+    tokenizer = load_tokenizer(model_args, config)
+    train_set, eval_set, data_info = build_datasets(data_args, tokenizer, accelerator)
+    collate = make_collate(data_args.document_attention)
+    pin = accelerator.device.type == "cuda"
+    train_loader = DataLoader(
+        train_set, batch_size=args.per_device_train_batch_size, shuffle=True, drop_last=True, collate_fn=collate,
+        num_workers=args.dataloader_num_workers, pin_memory=pin,
+    )
+    eval_loader = None
+    if eval_set is not None:
+        eval_loader = DataLoader(
+            eval_set, batch_size=args.per_device_eval_batch_size or args.per_device_train_batch_size,
+            shuffle=False, collate_fn=collate, num_workers=args.dataloader_num_workers, pin_memory=pin,
+        )
+
+    # Model, expert sharding, optimizer.
+    model = build_model(config, model_args, args.seed)
+    counts = model.num_parameters_summary()
+    flops_per_token = training_flops_per_token(model, data_args.seq_len)
+    layer_names = _router_names(model)
+    if args.gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns there
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    expert_parallel = None
+    if ep_size > 1:
+        expert_parallel = ExpertParallel(ep_size, accelerator.device.type)
+        expert_parallel.shard(model)
+        if accelerator.is_fsdp2:
+            expert_parallel.fully_shard(accelerator.state.fsdp_plugin)
+        else:
+            expert_parallel.exclude_from_ddp(model)
+    model.train()
+    optimizer = build_optimizer(model, args, accelerator.device.type)
+    if eval_loader is not None:
+        model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    else:
+        model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    unwrapped = accelerator.unwrap_model(model)
+
+    micro_per_epoch = len(train_loader)
+    if micro_per_epoch < 1:
+        raise ConfigurationError(
+            f"The training set has {len(train_set)} blocks of {data_args.seq_len} tokens: fewer than one batch of "
+            f"{args.per_device_train_batch_size} x {world} processes. Use a smaller --seq_len or batch size, or more "
+            "data."
+        )
+    steps_per_epoch = max(micro_per_epoch // args.gradient_accumulation_steps, 1)
+    max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    scheduler = get_scheduler(
+        args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=max_steps
+    )
+    state = TrainerState(world_size=world, expert_parallel_size=ep_size)
+    accelerator.register_for_checkpointing(state, scheduler)
+    if expert_parallel is not None:
+        accelerator.register_for_checkpointing(expert_parallel.checkpoint_state(optimizer))
+
+    if checkpoint is not None:
+        saved = json.loads((checkpoint / TRAINER_STATE_NAME).read_text())
+        if saved.get("expert_parallel_size", 1) != ep_size:
+            raise ConfigurationError(
+                f"{checkpoint} was written with --expert_parallel_size {saved.get('expert_parallel_size', 1)}; "
+                f"resume it with the same value (got {ep_size})."
+            )
+        if saved.get("world_size", 1) != world:
+            raise ConfigurationError(
+                f"{checkpoint} was written by {saved.get('world_size', 1)} processes; resume it with as many "
+                f"(got {world}): each process restores its own random and data state."
+            )
+        accelerator.load_state(str(checkpoint))
+        state.log_history = [r for r in state.log_history if r["step"] <= state.global_step]
+        if main_process:
+            logger.info("resumed from %s at step %d", checkpoint, state.global_step)
+
+    metrics_path = os.path.join(output_dir, METRICS_NAME)
+    if main_process:
+        with open(metrics_path, "w") as f:
+            f.writelines(json.dumps(record) + "\n" for record in state.log_history)
+    if trackers:
+        accelerator.init_trackers("pretrain", config=_scalar_config(model_args, data_args, args))
+
+    peak = peak_flops_per_device(accelerator.device, args.peak_tflops)
+    if main_process:
+        logger.info(
+            "model %s: %.2fM parameters, %.2fM activated per token, %.3g training FLOPs per token; %d processes "
+            "(%s, expert parallel %d); data: %d training / %d held-out documents, %d / %d tokens",
+            model_args.model_config, counts["total"] / 1e6, counts["activated"] / 1e6, flops_per_token, world,
+            accelerator.distributed_type.value, ep_size, data_info["train_documents"], data_info["eval_documents"],
+            data_info["train_tokens"], data_info["eval_tokens"],
+        )
+
+    def record_metrics(record: dict):
+        state.log_history.append(record)
+        if main_process:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if trackers:
+            scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+            for i, value in enumerate(record.get("maxvio") or []):
+                scalars[f"maxvio/{layer_names[i] if i < len(layer_names) else i}"] = value
+            accelerator.log(scalars, step=record["step"])
+
+    batches = Batches(accelerator, train_loader, state, args.per_device_train_batch_size)
+    tokens_per_step = args.per_device_train_batch_size * data_args.seq_len * args.gradient_accumulation_steps * world
+    device = accelerator.device
+    num_layers = len(layer_names)
+    experts = config.n_routed_experts
+    # Window accumulators, summed on the device and read (one sync) at logging steps only.
+    window = {
+        "lm": torch.zeros((), device=device), "objective": torch.zeros((), device=device), "steps": 0,
+        "maxvio": torch.zeros(num_layers, device=device), "load": torch.zeros(num_layers, experts, device=device),
+        "start": time.perf_counter(), "first_step": state.global_step + 1,
+    }
+    last_window_load, last_window_steps = None, None
+    grad_norm = torch.zeros((), device=device)
+    needs_lm_loss = bool(
+        config.num_nextn_predict_layers or config.seq_aux_loss_coef
+        or (config.output_router_logits and config.router_aux_loss_coef)
+    )
+
+    if args.eval_on_start and eval_loader is not None and state.global_step == 0:
+        eval_loss = evaluate(model, eval_loader, accelerator)
+        record_metrics({"step": 0, "eval_loss": eval_loss})
+        window["start"] = time.perf_counter()
+
+    progress = None
+    if main_process and not args.disable_tqdm:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=max_steps, initial=state.global_step, desc="pretraining", unit="step", dynamic_ncols=True)
+
+    model.train()
+    while state.global_step < max_steps:
+        step = state.global_step + 1
+        objective = torch.zeros((), device=device)
+        lm = torch.zeros((), device=device)
+        for _ in range(args.gradient_accumulation_steps):
+            batch = batches.next()
+            with accelerator.accumulate(model):
+                output = model(**batch, use_cache=False)
+                accelerator.backward(output.loss)
+            with torch.no_grad():
+                objective += output.loss.detach().float()
+                if needs_lm_loss:
+                    lm += unwrapped.loss_function(
+                        logits=output.logits.detach(), labels=batch["labels"], vocab_size=config.vocab_size
+                    ).float()
+            del output
+        if not accelerator.sync_gradients:
+            raise RuntimeError("gradient accumulation fell out of step with the optimizer")
+        if expert_parallel is not None:
+            expert_parallel.finish_gradients()
+            grad_norm = expert_parallel.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        else:
+            max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        balance = unwrapped.update_expert_bias()  # once per optimizer step, counts summed over all ranks
+
+        state.global_step = step
+        state.tokens_seen += tokens_per_step
+        micro = args.gradient_accumulation_steps
+        window["objective"] += objective / micro
+        window["lm"] += (lm if needs_lm_loss else objective) / micro
+        window["steps"] += 1
+        if num_layers:
+            window["maxvio"] += balance["maxvio"].to(device)
+            window["load"] += balance["tokens_per_expert"].to(device)
+
+        record = {}
+        if step % args.logging_steps == 0 or step == max_steps:
+            losses = accelerator.reduce(torch.stack([window["lm"], window["objective"]]), reduction="mean")
+            losses = (losses / window["steps"]).tolist()
+            elapsed = max(time.perf_counter() - window["start"], 1e-9)
+            tokens_per_second = window["steps"] * tokens_per_step / elapsed
+            maxvio = (window["maxvio"] / window["steps"]).tolist()
+            load = window["load"].tolist()
+            last_window_load, last_window_steps = load, [window["first_step"], step]
+            if state.first_window_load is None:
+                state.first_window_load, state.first_window_steps = load, [window["first_step"], step]
+            state.total_load = load if state.total_load is None else [
+                [a + b for a, b in zip(row, new)] for row, new in zip(state.total_load, load)
+            ]
+            record = {
+                "step": step,
+                "epoch": round(state.epoch + state.samples_in_epoch / max(len(train_set), 1), 4),
+                "loss": losses[0],
+                "train_objective": losses[1],
+                "lr": lr,
+                "grad_norm": _to_float(grad_norm),
+                "tokens_per_second": round(tokens_per_second, 1),
+                "mfu": round(tokens_per_second * flops_per_token / (peak * world), 4) if peak else None,
+                "maxvio": [round(v, 4) for v in maxvio],
+                "tokens_seen": state.tokens_seen,
+            }
+            if progress is not None:
+                progress.set_postfix(
+                    loss=f"{losses[0]:.3f}", tok_s=f"{tokens_per_second:,.0f}",
+                    mfu=f"{record['mfu']:.1%}" if record["mfu"] is not None else "n/a",
+                    maxvio=f"{max(maxvio):.2f}" if maxvio else "n/a",
+                )
+            window.update(lm=torch.zeros((), device=device), objective=torch.zeros((), device=device), steps=0,
+                          maxvio=torch.zeros(num_layers, device=device),
+                          load=torch.zeros(num_layers, experts, device=device), first_step=step + 1)
+        evaluate_now = eval_loader is not None and (
+            step == max_steps or (args.eval_steps and args.eval_steps > 0 and step % args.eval_steps == 0)
+        )
+        if evaluate_now:
+            record.setdefault("step", step)
+            record["eval_loss"] = evaluate(model, eval_loader, accelerator)
+        if record:
+            record_metrics(record)
+        if args.save_steps > 0 and step % args.save_steps == 0:
+            save_checkpoint(accelerator, state, output_dir, args.save_total_limit)
+        if progress is not None:
+            progress.update(1)
+        if record or (args.save_steps > 0 and step % args.save_steps == 0):
+            window["start"] = time.perf_counter()  # throughput windows exclude evaluation and checkpointing
+    if progress is not None:
+        progress.close()
+
+    # A run resumed from its last step has not evaluated yet in this process.
+    if eval_loader is not None and not any(
+        r["step"] == state.global_step and r.get("eval_loss") is not None for r in state.log_history
+    ):
+        record_metrics({"step": state.global_step, "eval_loss": evaluate(model, eval_loader, accelerator)})
+
+    # Final model: every expert gathered back into one ordinary checkpoint.
+    state_dict = {  # FSDP2: full tensors (DTensors are gathered here when a torch build hands them back sharded)
+        key: value.full_tensor() if hasattr(value, "full_tensor") else value
+        for key, value in accelerator.get_state_dict(model).items()
+    }
+    if expert_parallel is not None:
+        full_experts = expert_parallel.full_expert_state_dict()
+        if main_process:
+            state_dict.update(full_experts)
+    if main_process:
+        save_final_model(config, state_dict, output_dir)
+        tokenizer.save_pretrained(output_dir)
+    accelerator.wait_for_everyone()
+
+    history = state.log_history
+    train_records = [r for r in history if r.get("loss") is not None]
+    eval_records = [r for r in history if r.get("eval_loss") is not None]
+    loss_plot = os.path.join(output_dir, "loss.png")
+    load_plot = os.path.join(output_dir, "expert_load.png")
+    if main_process:
+        if importlib.util.find_spec("matplotlib") is None:
+            logger.warning("matplotlib is not installed: no loss.png / expert_load.png (pip install matplotlib)")
+            loss_plot = load_plot = None
+        else:
+            from modeling_moe.trainers.plots import plot_expert_load, plot_loss
+
+            plot_loss(history, loss_plot, vocab_size=config.vocab_size)
+            panels = []
+            if state.first_window_load is not None:
+                first, last = state.first_window_steps, last_window_steps
+                panels.append((f"first logged window: {_steps(first)}", state.first_window_load))
+                if last_window_load is not None and last != first:
+                    panels.append((f"last logged window: {_steps(last)}", last_window_load))
+                panels.append((f"whole run: {_steps([1, state.global_step])}", state.total_load))
+            plot_expert_load(panels, layer_names, load_plot)
+    summary = {
+        "output_dir": output_dir,
+        "global_step": state.global_step,
+        "first_loss": train_records[0]["loss"] if train_records else None,
+        "last_loss": train_records[-1]["loss"] if train_records else None,
+        "final_eval_loss": eval_records[-1]["eval_loss"] if eval_records else None,
+        "eval_losses": [(r["step"], r["eval_loss"]) for r in eval_records],
+        "tokens_seen": state.tokens_seen,
+        "tokens_per_second": train_records[-1]["tokens_per_second"] if train_records else None,
+        "mfu": train_records[-1]["mfu"] if train_records else None,
+        "maxvio": train_records[-1]["maxvio"] if train_records else None,
+        "num_parameters": counts,
+        "flops_per_token": flops_per_token,
+        "world_size": world,
+        "expert_parallel_size": ep_size,
+        "resumed_from": str(checkpoint) if checkpoint is not None else None,
+        "checkpoints": [str(path) for _, path in list_checkpoints(output_dir)],
+        "metrics_file": metrics_path,
+        "loss_plot": loss_plot,
+        "expert_load_plot": load_plot,
+    }
+    if main_process:
+        with open(os.path.join(output_dir, "pretrain_summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        logger.info(
+            "done: step %d, training loss %s -> %s, held-out loss %s; model and tokenizer in %s",
+            state.global_step, _fmt(summary["first_loss"]), _fmt(summary["last_loss"]),
+            _fmt(summary["final_eval_loss"]), output_dir,
+        )
+    accelerator.wait_for_everyone()
+    if owns_process_group:
+        accelerator.end_training()
+    else:
+        for tracker in accelerator.trackers:
+            tracker.finish()
+    return summary
+
+
+def save_final_model(config, state_dict: dict, output_dir: str):
+    """`save_pretrained` of a plain MoEForCausalLM holding `state_dict` (full tensors, every expert).
+
+    The trained module itself may be an FSDP2 or expert-parallel subclass, whose class would be exported as the
+    checkpoint's remote code; a copy built on the meta device and given the tensors saves like a freshly loaded model.
+    """
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(state_dict, strict=True, assign=True)
+    plain.save_pretrained(output_dir)
+
+
+def _steps(span: list[int]) -> str:
+    return f"step {span[0]}" if span[0] == span[1] else f"steps {span[0]}-{span[1]}"
+
+
+def _to_float(tensor) -> float:
+    if hasattr(tensor, "full_tensor"):
+        tensor = tensor.full_tensor()
+    return float(tensor)
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Command line entry: a configuration mistake prints one line instead of a traceback."""
+    from modeling_moe.trainers.data import DatasetReadError
+
+    try:
+        main(argv)
+    except (ConfigurationError, DatasetReadError, FileNotFoundError) as error:
+        print(f"pretrain: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
