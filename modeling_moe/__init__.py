@@ -17,5 +17,5 @@ MoEConfig.register_for_auto_class()
 MoEModel.register_for_auto_class("AutoModel")
 MoEForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
-__all__ = ["MoEConfig", "MoEModel", "MoEForCausalLM", "MoEPreTrainedModel"]
+__all__ = ["MoEConfig", "MoEModel", "MoEForCausalLM", "MoEPreTrainedModel", "presets"]
 __version__ = "0.1.0"

@@ -1,6 +1,8 @@
-"""Small configurations shared by the tests."""
+"""Small configurations and models shared by the tests."""
 
-from modeling_moe import MoEConfig
+import torch
+
+from modeling_moe import MoEConfig, MoEForCausalLM
 
 
 def small_config(**overrides) -> MoEConfig:
@@ -35,3 +37,18 @@ def small_config(**overrides) -> MoEConfig:
 
 def gqa_config(**overrides) -> MoEConfig:
     return small_config(attention_type="gqa", num_key_value_heads=2, head_dim=8, **overrides)
+
+
+def seeded_model(config, dtype=torch.float64, seed=0):
+    """A model in eval mode with random router biases and norm weights, so that no term hides behind a zero or a one."""
+    torch.manual_seed(seed)
+    model = MoEForCausalLM(config).to(dtype)
+    if dtype == torch.float64:
+        model.set_experts_implementation("eager")  # grouped_mm has no float64 kernel
+    with torch.no_grad():
+        for router in model.routers():
+            router.e_score_correction_bias.normal_(0, 0.05)
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(1.0, 0.1)
+    return model.eval()

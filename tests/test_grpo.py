@@ -3,22 +3,9 @@
 import json
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from modeling_moe.presets import load_preset_config, preset_path
 from modeling_moe.trainers import grpo, rewards
 
 from .test_sft import save_toy_model, toy_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(load_preset_config("tiny")).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(preset_path("tiny")).save_pretrained(folder)
-    return str(folder)
 
 
 def read_history(folder):

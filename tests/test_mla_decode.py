@@ -11,7 +11,6 @@ import math
 import pytest
 import torch
 
-from modeling_moe import MoEForCausalLM
 from modeling_moe.kernels.mla_decode import (
     key_mask_from_attention_mask,
     mla_decode_attention,
@@ -20,19 +19,13 @@ from modeling_moe.kernels.mla_decode import (
 )
 from modeling_moe.modeling_moe import CACHE_FIELD
 
-from .helpers import small_config
+from .helpers import seeded_model, small_config
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 CUDA = torch.cuda.is_available()
 
 
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    """Tiny shapes: one thread is fastest, and stays so when other jobs share the CPU (a busy OpenMP pool does not)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture
@@ -193,16 +186,6 @@ def test_wrapper_compiles_without_graph_breaks(triton_device):
 # ---------------------------------------------------------------------------------------------- in the model
 
 
-def seeded_model(config, seed=0):
-    torch.manual_seed(seed)
-    model = MoEForCausalLM(config).float().eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.normal_(1.0, 0.1)
-    return model
-
-
 def recorded_decode_step(model, q_len, attn_implementation):
     """Prefill a left-padded batch into a static cache, then run one q_len-token step; returns each MLA layer's
     absorbed-attention inputs with the output of the model's own PyTorch code."""
@@ -250,7 +233,7 @@ def test_model_masks_through_mla_decode_match_the_absorbed_path(triton_device, m
     eager) drive mla_decode_attention (the PyTorch reference, then the Triton kernel) to the model's own result."""
     if triton_device == "cuda":
         pytest.skip("covered on the GPU by test_gpu_generate_with_the_kernel_matches_pytorch")
-    model = seeded_model(small_config())
+    model = seeded_model(small_config(), dtype=torch.float32)
     calls = recorded_decode_step(model, q_len, attn_implementation)
     monkeypatch.setenv("MLA_DECODE_REFERENCE", "1")
     for attention, args, expected in calls:
@@ -298,7 +281,7 @@ def test_gpu_generate_with_the_kernel_matches_pytorch(monkeypatch):
     """Greedy generate (static and dynamic caches, left padding): the kernel route gives the PyTorch route's tokens."""
     import modeling_moe.modeling_moe as modeling
 
-    model = seeded_model(small_config()).cuda()
+    model = seeded_model(small_config(), dtype=torch.float32).cuda()
     prompts = [[5, 17, 33, 8, 61, 12], [44, 9, 70]]
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device="cuda")

@@ -9,22 +9,7 @@ import torch.nn.functional as F
 from modeling_moe import MoEForCausalLM
 from modeling_moe.modeling_moe import MoESparseMoeBlock, expert_balance_loss
 
-from .helpers import gqa_config, small_config
-
-
-def seeded_model(config, seed=0, dtype=torch.float64):
-    torch.manual_seed(seed)
-    model = MoEForCausalLM(config).to(dtype)
-    if dtype == torch.float64:
-        model.set_experts_implementation("eager")  # grouped_mm has no float64 kernel
-    # Random biases and norm weights so that no term hides behind a zero or a one.
-    with torch.no_grad():
-        for router in model.routers():
-            router.e_score_correction_bias.normal_(0, 0.05)
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.normal_(1.0, 0.1)
-    return model.eval()
+from .helpers import gqa_config, seeded_model, small_config
 
 
 # ---------------------------------------------------------------- routing and experts

@@ -26,16 +26,6 @@ from .helpers import gqa_config, small_config
 pytestmark = pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys did not match")
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """The tiny preset (GPT-2 tokenizer), randomly initialised and saved with its modeling code."""
-    folder = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(load_preset_config("tiny")).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(preset_path("tiny")).save_pretrained(folder)
-    return str(folder)
-
-
 def lora_args(**overrides):
     return sft.MoEModelConfig(**{"use_peft": True, "lora_r": 8, "lora_alpha": 16, **overrides})
 

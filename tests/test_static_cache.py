@@ -6,34 +6,15 @@ import pytest
 import torch
 from transformers import CompileConfig, StoppingCriteria, StoppingCriteriaList
 
-from modeling_moe import MoEForCausalLM
 from modeling_moe.cache_moe import MoELatentStaticLayer, MoEStaticCache, MoEStaticLayer
 from modeling_moe.modeling_moe import CACHE_FIELD
 
-from .helpers import gqa_config, small_config
+from .helpers import gqa_config, seeded_model, small_config
 
 PROMPTS = [[5, 17, 33, 8, 61, 12], [44, 9, 70], [7, 81, 23, 23]]
 
 
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    """Tiny shapes: one thread is fastest, and stays so when other jobs share the CPU (a busy OpenMP pool does not)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def seeded_model(config, dtype=torch.float32, seed=0):
-    torch.manual_seed(seed)
-    model = MoEForCausalLM(config).to(dtype).eval()
-    with torch.no_grad():
-        for router in model.routers():
-            router.e_score_correction_bias.normal_(0, 0.05)
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.normal_(1.0, 0.1)
-    return model
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def left_padded(prompts, device="cpu"):
@@ -49,7 +30,7 @@ def cache_of(output):
 
 @pytest.mark.parametrize("make_config", [small_config, gqa_config], ids=["mla", "gqa"])
 def test_static_generate_matches_dynamic_and_each_prompt_alone(make_config):
-    model = seeded_model(make_config())
+    model = seeded_model(make_config(), dtype=torch.float32)
     ids, mask = left_padded(PROMPTS)
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     dynamic = model.generate(ids, attention_mask=mask, **kwargs)
@@ -78,7 +59,7 @@ class StopOnToken(StoppingCriteria):
 
 
 def test_generation_config_switch_with_sampling_and_stopping_criteria():
-    model = seeded_model(small_config())
+    model = seeded_model(small_config(), dtype=torch.float32)
     ids, mask = left_padded(PROMPTS)
     kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=True, top_k=20, temperature=0.8, pad_token_id=0)
 
@@ -121,7 +102,7 @@ def test_latent_cache_bytes_per_token(dtype):
 def test_early_initialized_cache_is_filled_in_place():
     """Buffers allocated before the prefill (as a graph capture needs) keep their addresses through generate()."""
     config = small_config()
-    model = seeded_model(config)
+    model = seeded_model(config, dtype=torch.float32)
     ids, mask = left_padded(PROMPTS)
     cache = MoEStaticCache(config, max_cache_len=16)
     cache.early_initialization(batch_size=3, dtype=torch.float32, device="cpu")
@@ -140,7 +121,7 @@ def test_early_initialized_cache_is_filled_in_place():
 def test_compiled_decode_step_has_no_graph_break():
     """generate()'s own compiled decode step (what it captures in CUDA graphs on a GPU), here with fullgraph=True on
     the CPU through the eager backend: no data-dependent branch or shape in the step, the same tokens."""
-    model = seeded_model(small_config())
+    model = seeded_model(small_config(), dtype=torch.float32)
     ids, mask = left_padded(PROMPTS)
     kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     compile_config = CompileConfig(backend="eager", fullgraph=True, mode=None)
@@ -178,7 +159,7 @@ def test_gpu_decode_step_captured_in_a_cuda_graph_matches_eager():
     is passed 4D (built outside the graph: transformers' mask creation reads the 2D mask on the host); dense layers
     only, so that nothing but attention and the cache is under test."""
     config = small_config(first_k_dense_replace=3)
-    model = seeded_model(config).cuda()
+    model = seeded_model(config, dtype=torch.float32).cuda()
     ids, mask = left_padded(PROMPTS, device="cuda")
     batch, width, steps, max_len = ids.shape[0], ids.shape[1], 4, 16
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
