@@ -377,17 +377,16 @@ def load_deepseek_checkpoint(cls, path, *args, **kwargs):
     """Load a local DeepSeek-V2/V3 checkpoint into `cls` (MoEForCausalLM), one tensor at a time, in eval mode.
 
     Supported keyword arguments: `dtype` / `torch_dtype` (a torch dtype, its name, or "auto": the config's, else the
-    checkpoint's), `device_map` (one device), `attn_implementation`; `trust_remote_code`, `local_files_only`,
-    `low_cpu_mem_usage` and `use_safetensors=True` are accepted and ignored. Missing or unexpected weights raise.
+    checkpoint's), `device_map` (one device), `attn_implementation`, `experts_implementation`; `trust_remote_code`,
+    `local_files_only`, `low_cpu_mem_usage` and `use_safetensors=True` are accepted and ignored. Missing or unexpected
+    weights raise.
     """
-    dtype, device, attn_implementation = _load_options(args, kwargs)
+    dtype, device, implementations = _load_options(args, kwargs)
     path = str(path)
     with open(os.path.join(path, "config.json")) as f:
         config = deepseek_config_to_moe(json.load(f))
     key_files = _checkpoint_keys(path)
     _drop_absent_mtp(config, key_files)
-    if attn_implementation is not None:
-        config._attn_implementation = attn_implementation
     dtype = _resolve_dtype(dtype, config, key_files)
     config.dtype = dtype
     with _default_dtype(dtype), torch.device(device), no_init_weights():
@@ -395,6 +394,10 @@ def load_deepseek_checkpoint(cls, path, *args, **kwargs):
     if config.tie_word_embeddings:
         model.tie_weights()
     _load_weights(model, key_files, path)
+    if "attn_implementation" in implementations:
+        model.set_attn_implementation(implementations["attn_implementation"])
+    if "experts_implementation" in implementations:
+        model.set_experts_implementation(implementations["experts_implementation"])
     model.config.name_or_path = path
     if os.path.isfile(os.path.join(path, "generation_config.json")):
         model.generation_config = GenerationConfig.from_pretrained(path)
@@ -408,16 +411,19 @@ def _load_options(args, kwargs):
     dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None) or "auto"
     kwargs.pop("torch_dtype", None)
     device = _single_device(kwargs.pop("device_map", None))
-    attn_implementation = kwargs.pop("attn_implementation", None)
+    implementations = {
+        name: kwargs.pop(name) for name in ("attn_implementation", "experts_implementation") if name in kwargs
+    }
     if kwargs.get("use_safetensors") is False:
         raise ValueError("use_safetensors=False: DeepSeek checkpoints are only read from *.safetensors files.")
     unsupported = sorted(set(kwargs) - set(NOOP_LOAD_KWARGS))
     if unsupported:
         raise TypeError(
             f"Unsupported keyword argument(s) for loading a DeepSeek checkpoint: {', '.join(unsupported)}. Supported: "
-            f"dtype, torch_dtype, device_map (one device), attn_implementation, {', '.join(NOOP_LOAD_KWARGS)}."
+            f"dtype, torch_dtype, device_map (one device), attn_implementation, experts_implementation, "
+            f"{', '.join(NOOP_LOAD_KWARGS)}."
         )
-    return dtype, device, attn_implementation
+    return dtype, device, implementations
 
 
 def _single_device(device_map) -> torch.device:

@@ -337,3 +337,28 @@ def test_unexportable_models(tmp_path):
     with pytest.raises(ValueError, match="e_score_correction_bias"):
         save_deepseek_checkpoint(model, tmp_path / "checkpoint")
     assert os.listdir(tmp_path) == []
+
+
+def test_training_steps_match_transformers(tmp_path):
+    """A few AdamW steps from the same V3 checkpoint: same losses and same weights as transformers' DeepseekV3, so the
+    gradients (router, experts, MLA, norms) agree too. Expert-bias updates off: transformers never makes them."""
+    reference = randomize(DeepseekV3ForCausalLM(v3_config()))
+    reference.save_pretrained(tmp_path)
+    ours = MoEForCausalLM.from_pretrained(tmp_path, experts_implementation="eager")
+    reference.set_experts_implementation("eager")
+    batches = torch.randint(2, TINY["vocab_size"], (3, 2, 12), generator=torch.Generator().manual_seed(2))
+    losses = {}
+    for name, model in (("ours", ours), ("transformers", reference)):
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        losses[name] = []
+        for ids in batches:
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses[name].append(loss.item())
+    assert losses["ours"] == pytest.approx(losses["transformers"], rel=1e-5)
+    theirs = reference.state_dict()
+    for key, value in ours.state_dict().items():
+        torch.testing.assert_close(value, theirs[key], rtol=1e-4, atol=1e-5, msg=key)
