@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import dispatch
+from .dispatch import interpreting
 from .reference import moe_experts_reference
 
 # Triton is optional (without it "fused" runs the PyTorch reference) and imported only when a kernel first runs.
@@ -46,15 +48,9 @@ def _k():
     return _kernels
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def use_triton(tensor: torch.Tensor) -> bool:
     """Triton path on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1; else the PyTorch reference."""
-    if not HAS_TRITON or os.environ.get("MOE_FUSED_REFERENCE", "0") == "1":
-        return False
-    return tensor.is_cuda or (interpreting() and tensor.device.type == "cpu")
+    return dispatch.use_triton(tensor, HAS_TRITON, "MOE_FUSED_REFERENCE")
 
 
 # ----------------------------------------------------------------------------------------------------------- configs

@@ -29,9 +29,11 @@ split, stage 1 writes the output directly.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
+
+from . import dispatch
+from .dispatch import interpreting
 
 try:  # Triton is optional: without it everything runs the PyTorch reference
     import triton
@@ -51,15 +53,9 @@ __all__ = [
 ]
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def use_triton(tensor: torch.Tensor) -> bool:
     """Triton on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1; MLA_DECODE_REFERENCE=1 forces PyTorch."""
-    if not HAS_TRITON or os.environ.get("MLA_DECODE_REFERENCE", "0") == "1":
-        return False
-    return tensor.is_cuda or (interpreting() and tensor.device.type == "cpu")
+    return dispatch.use_triton(tensor, HAS_TRITON, "MLA_DECODE_REFERENCE")
 
 
 # ------------------------------------------------------------------------------------------------ argument handling
