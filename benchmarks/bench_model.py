@@ -28,6 +28,7 @@ from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_deepseek
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's modeling_moe
 import modeling_moe  # noqa: E402,F401  (registers MoEConfig with the Auto classes)
 from modeling_moe import MoEConfig  # noqa: E402
+from modeling_moe.cache_moe import MoEStaticCache  # noqa: E402
 from modeling_moe.modeling_moe import MoEMultiHeadLatentAttention, MoERotaryEmbedding  # noqa: E402
 from modeling_moe.presets import parameter_counts  # noqa: E402
 
@@ -46,17 +47,19 @@ V3_ATTN = dict(V2LITE_ATTN, hidden_size=7168, num_attention_heads=128, q_lora_ra
 CHECK = dict(MODEL, vocab_size=1000, hidden_size=256, intermediate_size=512, moe_intermediate_size=64,
              num_hidden_layers=3, num_attention_heads=8, n_routed_experts=16, num_experts_per_tok=4, n_group=4,
              topk_group=2, q_lora_rank=96, kv_lora_rank=64, qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=32)
-FULL = dict(model=MODEL, train=(8, 2048), generate=(16, 256, 256), decode=(32, 8192),
+FULL = dict(model=MODEL, train=(8, 2048), generate=(16, 256, 256), generate_batches=(1, 64), ttft=4096,
+            decode=(32, 8192),
             attention={"v2lite-like 16 heads": V2LITE_ATTN, "v3-like 128 heads q_lora": V3_ATTN})
 SMALL_MODEL = dict(MODEL, vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
                    num_hidden_layers=3, num_attention_heads=4, n_routed_experts=16, num_experts_per_tok=4,
                    kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16)
 SMALL_ATTN = dict(hidden_size=64, num_attention_heads=4, q_lora_rank=None, kv_lora_rank=32, qk_rope_head_dim=16,
                   qk_nope_head_dim=32, v_head_dim=32)
-SMALL = dict(model=SMALL_MODEL, train=(2, 64), generate=(2, 16, 8), decode=(2, 128),
+SMALL = dict(model=SMALL_MODEL, train=(2, 64), generate=(2, 16, 8), generate_batches=(1, 3), ttft=64,
+             decode=(2, 128),
              attention={"v2lite-like (small)": SMALL_ATTN,
                         "v3-like (small)": dict(SMALL_ATTN, hidden_size=128, num_attention_heads=8, q_lora_rank=48)})
-MAIN = {"train": "tokens_per_s", "generate": "tokens_per_s", "decode": "cache_GB_per_s"}
+MAIN = ("tokens_per_s", "cache_GB_per_s", "ttft_ms")  # the figure a row shows first: the first of these it has
 RECORDS = []
 
 
@@ -90,6 +93,20 @@ def timed(fn, dev, warmup: int, iters: int) -> float:
         sync(dev)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def captured(fn):
+    """fn recorded once in a CUDA graph (after a warm-up on a side stream); returns a function that replays it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def free():
@@ -225,47 +242,106 @@ def part_train(S, args, dev, dtype):
         rows = {"hf": measure(run, hf_cfg, impl), "ours": measure(run, our_cfg, impl)}
         if impl == "grouped_mm":
             rows["ours + update_expert_bias"] = measure(run, our_cfg, impl, True)
+            if fused_available(dev):
+                rows["ours (fused experts) + update_expert_bias"] = measure(run, our_cfg, "fused", True)
         report("train", f"experts={impl} B{batch}xS{seq}", rows, gflop_per_token=sig(flops_per_token / 1e9))
 
 
-def part_generate(S, args, dev, dtype):
-    """Both models resident, runs interleaved (hf, ours, hf, ours, ...) so that drift in clocks or host load hits
-    both alike; a whole-length warmup first (the first long generate of a process runs slow)."""
-    batch, prompt_len, new = S["generate"]
-    hf_cfg, our_cfg = configs(S["model"], max_positions=prompt_len + new + 64)
-    state = random_state(meta_model(hf_cfg, dtype), dev)
-    prompt = torch.randint(2, hf_cfg.vocab_size, (batch, prompt_len), device=dev)
-    kwargs = dict(attention_mask=torch.ones_like(prompt), do_sample=False, pad_token_id=1,
-                  max_new_tokens=new, min_new_tokens=new)  # min = max: no early stop
+def fused_available(dev) -> bool:
+    """Whether our "fused" Triton experts run here (CUDA and triton; elsewhere "fused" is the PyTorch reference)."""
+    from modeling_moe.kernels import HAS_TRITON
 
-    def generate_seconds(model):
+    return dev.type == "cuda" and HAS_TRITON
+
+
+def our_generate_variants(our_cfg, dev):
+    """name -> (config, experts implementation, generate() keywords) for our model; the static-cache variants are
+    what a user gets from `generate(cache_implementation="static")`: the latent cache preallocated, the decode step
+    compiled by transformers (mode "reduce-overhead": CUDA graphs) with the Triton MLA decode kernel inside."""
+    variants = {"ours (dynamic cache, grouped_mm)": (our_cfg, "grouped_mm", {})}
+    if fused_available(dev):
+        variants["ours (dynamic cache, fused)"] = (our_cfg, "fused", {})
+        variants["ours (static cache + CUDA graphs, fused)"] = (our_cfg, "fused", dict(cache_implementation="static"))
+    return variants
+
+
+def profile_generate(model, run):
+    """Where a generate() call spends its time: the 20 busiest ops by device time, and device vs wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        wall = run()
+    events = prof.key_averages()
+    device_us = sum(e.self_device_time_total for e in events)
+    print(f"[profile] generate wall {wall * 1e3:.1f} ms, device busy {device_us / 1e3:.1f} ms")
+    print(events.table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=60), flush=True)
+
+
+def part_generate(S, args, dev, dtype):
+    """Greedy generate at the anchor's batch with every model resident, runs interleaved (hf, ours, hf, ours, ...) so
+    that drift in clocks or host load hits all alike, after a whole-length warmup (which also compiles the static-
+    cache decode step); then our fastest path alone at the other batch sizes, and the time to first token."""
+    batch, prompt_len, new = S["generate"]
+    ttft_len = S["ttft"]
+    hf_cfg, our_cfg = configs(S["model"], max_positions=max(prompt_len + new, ttft_len + 1) + 64)
+    state = random_state(meta_model(hf_cfg, dtype), dev)
+
+    def generate_seconds(model, batch_size, prompt_length, new_tokens, extra):
+        prompt = torch.randint(2, hf_cfg.vocab_size, (batch_size, prompt_length), device=dev,
+                               generator=torch.Generator(device=dev).manual_seed(batch_size))
+        kwargs = dict(attention_mask=torch.ones_like(prompt), do_sample=False, pad_token_id=1,
+                      max_new_tokens=new_tokens, min_new_tokens=new_tokens, **extra)  # min = max: no early stop
         sync(dev)
         start = time.perf_counter()
         with torch.no_grad():
             out = model.generate(prompt, **kwargs)
         sync(dev)
-        assert out.shape[1] == prompt_len + new, out.shape
+        assert out.shape[1] == prompt_length + new_tokens, out.shape
         return time.perf_counter() - start
 
-    def build_and_warm(cfg, impl):
+    def build_and_warm(cfg, impl, extra):
         model = build(cfg, impl, state, dev, dtype).eval()
-        generate_seconds(model)
+        generate_seconds(model, batch, prompt_len, new, extra)
         return model
 
-    for impl in ["grouped_mm"] + (["eager"] if args.with_eager else []):
-        variants = {"hf": hf_cfg, "ours (absorbed MLA decode)": our_cfg}
-        models = {name: measure(build_and_warm, cfg, impl) for name, cfg in variants.items()}
-        times = {name: [] for name, model in models.items() if not isinstance(model, dict)}
-        for _ in range(args.gen_runs):
-            for name in times:
-                times[name].append(generate_seconds(models[name]))
-        rows = {name: models[name] if name not in times else
-                dict(seconds=sig(statistics.median(times[name])),
-                     tokens_per_s=sig(batch * new / statistics.median(times[name])))
-                for name in variants}
-        report("generate", f"experts={impl} B{batch} prompt {prompt_len} +{new}", rows, runs=args.gen_runs)
-        del models
-        free()
+    def timed_generate(model, batch_size, extra, runs):
+        seconds = statistics.median(generate_seconds(model, batch_size, prompt_len, new, extra) for _ in range(runs))
+        return dict(seconds=sig(seconds), tokens_per_s=sig(batch_size * new / seconds))
+
+    variants = {"hf": (hf_cfg, "grouped_mm", {}), **our_generate_variants(our_cfg, dev)}
+    if args.with_eager:
+        variants["hf (eager experts)"] = (hf_cfg, "eager", {})
+    models = {name: measure(build_and_warm, *variant) for name, variant in variants.items()}
+    times = {name: [] for name, model in models.items() if not isinstance(model, dict)}
+    for _ in range(args.gen_runs):
+        for name in times:
+            times[name].append(generate_seconds(models[name], batch, prompt_len, new, variants[name][2]))
+    rows = {name: models[name] if name not in times else
+            dict(seconds=sig(statistics.median(times[name])),
+                 tokens_per_s=sig(batch * new / statistics.median(times[name])))
+            for name in variants}
+    report("generate", f"B{batch} prompt {prompt_len} +{new}", rows, runs=args.gen_runs)
+
+    fastest = max(times, key=lambda name: rows[name]["tokens_per_s"] if name != "hf" else 0)
+    if args.profile_generate:
+        profile_generate(models[fastest], lambda: generate_seconds(models[fastest], batch, prompt_len, 32,
+                                                                   variants[fastest][2]))
+    for other_batch in S["generate_batches"]:
+        generate_seconds(models[fastest], other_batch, prompt_len, new, variants[fastest][2])  # compiles this size
+        rows = {fastest: measure(timed_generate, models[fastest], other_batch, variants[fastest][2], args.gen_runs)}
+        report("generate", f"B{other_batch} prompt {prompt_len} +{new} (ours only)", rows, runs=args.gen_runs)
+
+    def ttft(name):  # prefill of one long prompt + the first token; the hf anchor and our default path
+        generate_seconds(models[name], 1, ttft_len, 1, {})
+        seconds = statistics.median(generate_seconds(models[name], 1, ttft_len, 1, {}) for _ in range(3))
+        return dict(ttft_ms=sig(seconds * 1e3))
+
+    ttft_models = ["hf", "ours (dynamic cache, fused)" if "ours (dynamic cache, fused)" in times else fastest]
+    report("generate", f"time to first token, B1 prompt {ttft_len}",
+           {name: measure(ttft, name) for name in ttft_models if name in times})
+    del models
+    free()
 
 
 def part_decode(S, args, dev, dtype):
@@ -283,7 +359,17 @@ def part_decode(S, args, dev, dtype):
         outputs = []
         cache_bytes = latent.numel() * latent.element_size() + k_rope.numel() * k_rope.element_size()
 
+        def time_step(step, cuda_graph=False):
+            outputs.append(step())
+            free()
+            if cuda_graph:
+                step = captured(step)
+            seconds = timed(step, dev, args.warmup, max(args.steps, 10))
+            return dict(step_ms=sig(seconds * 1e3), cache_GB_per_s=sig(cache_bytes / seconds / 1e9),
+                        peak_gib=peak_gib(dev))
+
         def run(attn_cls, rotary_cls, cfg):
+            """A dynamic cache holding the latents (transformers' cache; ours then runs the PyTorch absorbed path)."""
             with torch.device(dev):
                 attn = attn_cls(cfg, 0).to(dtype).eval()
             attn.load_state_dict(state)
@@ -297,21 +383,39 @@ def part_decode(S, args, dev, dtype):
                 cache.layers[0].keys, cache.layers[0].values = latent, k_rope
                 return out[0] if isinstance(out, tuple) else out  # transformers also returns attention weights
 
-            outputs.append(step())
-            free()
-            seconds = timed(step, dev, args.warmup, max(args.steps, 10))
-            result = dict(step_ms=sig(seconds * 1e3), cache_GB_per_s=sig(cache_bytes / seconds / 1e9),
-                          peak_gib=peak_gib(dev))
-            del attn, cache
-            free()
-            return result
+            return time_step(step)
+
+        def run_static(cuda_graph):
+            """Our static latent cache, as generate(cache_implementation="static") builds it: the Triton decode
+            kernel reads the filled part; a 4D mask as the model passes it. Optionally replayed from a CUDA graph."""
+            with torch.device(dev):
+                attn = MoEMultiHeadLatentAttention(our_cfg, 0).to(dtype).eval()
+            attn.load_state_dict(state)
+            position_embeddings = MoERotaryEmbedding(our_cfg).to(dev)(x, positions)
+            cache = MoEStaticCache(our_cfg, max_cache_len=cache_len + 1)
+            cache.early_initialization(batch, dtype=dtype, device=dev)
+            layer = cache.layers[0]
+            layer.keys[:, :, :cache_len] = latent
+            layer.values[:, :, :cache_len] = k_rope
+            layer.holds_tokens = True
+            mask = torch.ones(batch, 1, 1, cache_len + 1, dtype=torch.bool, device=dev)
+
+            def step():  # write the new token at cache_len, attend over cache_len + 1 keys
+                layer.cumulative_length.fill_(cache_len)
+                with torch.no_grad():
+                    return attn(x, position_embeddings, mask, cache)
+
+            return time_step(step, cuda_graph)
 
         rows = {"hf": measure(run, hf_deepseek.DeepseekV3Attention, hf_deepseek.DeepseekV3RotaryEmbedding, hf_cfg),
                 "ours (absorbed)": measure(run, MoEMultiHeadLatentAttention, MoERotaryEmbedding, our_cfg)}
-        if len(outputs) == 2:  # same weights and cache: the absorbed output against the expanded one
-            hf_out, our_out = outputs
-            relative = (our_out - hf_out).abs().max() / hf_out.abs().max()
-            rows["ours (absorbed)"]["output_rel_diff_vs_hf"] = sig(relative.item(), 2)
+        rows["ours (static cache)"] = measure(run_static, False)  # on CUDA: the Triton kernel
+        if dev.type == "cuda":
+            rows["ours (static cache, CUDA graph)"] = measure(run_static, True)
+        if "step_ms" in rows["hf"]:  # same weights and cache: each absorbed output against the expanded one
+            hf_out, *ours = outputs
+            for name, out in zip([n for n in rows if n != "hf" and "step_ms" in rows[n]], ours):
+                rows[name]["output_rel_diff_vs_hf"] = sig(((out - hf_out).abs().max() / hf_out.abs().max()).item(), 2)
         report("decode", f"{case} B{batch} cache {cache_len}", rows, cache_MB=sig(cache_bytes / 1e6))
         del latent, k_rope
         free()
@@ -331,7 +435,7 @@ def print_table():
         elif "error" in r:
             row(r["part"], r["case"], r["model"], "ERROR", "", r["error"][:120])
         else:
-            key, ratios = MAIN[r["part"]], r["vs_hf"]
+            key, ratios = next(k for k in MAIN if k in r), r["vs_hf"]
             shown = {"part", "case", "model", "vs_hf", key}
             other = ", ".join(f"{k} {v}" + (f" ({ratios[k]:.2f}x)" if k in ratios and r["model"] != "hf" else "")
                               for k, v in r.items() if k not in shown and v is not None)
@@ -348,6 +452,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--gen-runs", type=int, default=3, help="timed generate runs per model (median)")
     parser.add_argument("--with-eager", action="store_true", help="also time eager experts (slow on a GPU)")
+    parser.add_argument("--profile-generate", action="store_true",
+                        help="print a torch.profiler table of our fastest generate path (32 new tokens)")
     parser.add_argument("--small", action="store_true", help="tiny shapes: a CPU smoke test in well under a minute")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()

@@ -29,6 +29,7 @@ split, stage 1 writes the output directly.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -44,7 +45,10 @@ except Exception:  # pragma: no cover - depends on the environment
     HAS_TRITON = False
 
 __all__ = [
+    "DecodeConfig",
     "HAS_TRITON",
+    "default_config",
+    "default_num_splits",
     "key_mask_from_attention_mask",
     "mla_decode_attention",
     "mla_decode_reference",
@@ -322,17 +326,56 @@ def _next_pow2(n: int, at_least: int = 1) -> int:
     return max(at_least, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
 
-def default_num_splits(batch: int, head_blocks: int, kv_len: int, block_n: int, device: torch.device) -> int:
-    """Enough programs for about two waves over the SMs, each split keeping >= 4 key blocks of the cache's capacity.
+@dataclass(frozen=True)
+class DecodeConfig:
+    """One launch of the split kernel: rows are block_h heads x block_s query tokens; block_n keys per step."""
+
+    block_h: int
+    block_s: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def shared_memory_bytes(self, rank: int, rope: int, element_size: int) -> int:
+        """The pipelined key tiles (latent + rotary part), which dominate the kernel's shared memory."""
+        return self.num_stages * self.block_n * (rank + rope) * element_size
+
+
+def default_config(heads: int, q_len: int, dtype: torch.dtype, on_gpu: bool) -> DecodeConfig:
+    """Tile sizes picked by measurement on an H200 (benchmarks/bench_mla_decode.py, RESULTS.md):
+
+    * many heads (>= 64 rows of heads x tokens, the V3 shape): 64-row tiles with 64 keys, 8 warps, 2 stages; each
+      latent tile is read once per 64 heads (1.06 TB/s at 128 heads vs 0.34 with 32-row tiles);
+    * few heads (16: V2-Lite, the 1.26B model): up to 32 rows (all 16 heads of one token), 32 keys, 4 warps,
+      3 stages (2.2 TB/s at batch 32 x 8192 keys);
+    * fp32 (tests) and the CPU interpreter: small tiles that fit shared memory / run quickly.
+    """
+    block_s = _next_pow2(q_len)
+    if not on_gpu:
+        return DecodeConfig(max(1, min(_next_pow2(heads), 16 // block_s)), block_s, 16, 1, 1)
+    fp32 = dtype == torch.float32
+    if heads * block_s >= 64 and not fp32:
+        block_h, block_n, warps, stages = max(1, 64 // block_s), 64, 8, 2
+    else:
+        block_h, block_n, warps, stages = max(1, min(_next_pow2(heads), 32 // block_s)), 32, 4, 1 if fp32 else 3
+    return DecodeConfig(block_h, block_s, block_n, warps, stages)
+
+
+def default_num_splits(batch: int, head_blocks: int, kv_len: int, config: DecodeConfig, rank: int, rope: int,
+                       element_size: int, device: torch.device) -> int:
+    """Enough split programs to fill every SM as many times as its shared memory holds programs, each split keeping
+    >= 4 key blocks of the cache's capacity (measured: 2 waves of 16-row programs at V2-Lite, 1 of 64-row ones at V3).
 
     It depends on shapes only (the capacity, not the filled length), so a captured CUDA graph stays valid while the
     cache fills; the kernel shares each sequence's filled keys among the splits at run time."""
     if device.type != "cuda":
-        return 1 if kv_len <= 2 * block_n else 2
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return 1 if kv_len <= 2 * config.block_n else 2
+    properties = torch.cuda.get_device_properties(device)
+    shared = getattr(properties, "shared_memory_per_multiprocessor", 228 * 1024)
+    per_sm = max(1, shared // max(1, config.shared_memory_bytes(rank, rope, element_size)))
     programs = batch * head_blocks
-    by_occupancy = -(-2 * sms // programs)
-    by_length = max(1, kv_len // (4 * block_n))
+    by_occupancy = -(-properties.multi_processor_count * per_sm // programs)
+    by_length = max(1, kv_len // (4 * config.block_n))
     return int(max(1, min(by_occupancy, by_length, 64)))
 
 
@@ -370,17 +413,15 @@ def mla_decode_triton(
         q_latent, q_rope = q_latent.to(latent.dtype), q_rope.to(latent.dtype)
 
     # Rows of a program: BLOCK_H heads x BLOCK_S query tokens, all reading the same latent tiles.
-    block_s = _next_pow2(q_len)
-    if block_h is None:
-        rows = 32 if on_gpu else 16  # a [32, 512] fp32 accumulator is 64 registers a thread with 8 warps
-        block_h = max(1, min(_next_pow2(heads), rows // block_s))
-    block_h = max(block_h, _next_pow2(-(-16 // block_s)))  # tl.dot needs at least 16 rows
-    block_n = block_n or (32 if on_gpu else 16)
+    config = default_config(heads, q_len, latent.dtype, on_gpu)
+    overrides = dict(block_h=block_h, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+    config = replace(config, **{name: value for name, value in overrides.items() if value is not None})
+    config = replace(config, block_h=max(config.block_h, _next_pow2(-(-16 // config.block_s))))  # tl.dot: >= 16 rows
     block_r = _next_pow2(rank, 16)
     block_dr = _next_pow2(rope, 16)
-    head_blocks = triton.cdiv(heads, block_h)
+    head_blocks = triton.cdiv(heads, config.block_h)
     if num_splits is None:
-        num_splits = default_num_splits(batch, head_blocks, kv_len, block_n, device)
+        num_splits = default_num_splits(batch, head_blocks, kv_len, config, rank, rope, latent.element_size(), device)
     num_splits = max(1, int(num_splits))
     direct = num_splits == 1
 
@@ -400,12 +441,7 @@ def mla_decode_triton(
         partial = torch.empty((batch, heads, q_len, num_splits, rank), device=device, dtype=torch.float32)
         lse = torch.empty((batch, heads, q_len, num_splits), device=device, dtype=torch.float32)
 
-    fp32 = q_latent.dtype == torch.float32
-    precision = "ieee" if fp32 else "tf32"
-    if num_warps is None:
-        num_warps = (4 if block_h * block_s <= 16 else 8) if on_gpu else 1
-    if num_stages is None:
-        num_stages = (1 if fp32 else 2) if on_gpu else 1
+    precision = "ieee" if q_latent.dtype == torch.float32 else "tf32"
     split_kernel[(batch * head_blocks, num_splits)](
         q_latent, q_rope, latent, k_rope, mask, cache_seqlens, partial, lse,
         *q_latent.stride(), *q_rope.stride(), *latent.stride(), *k_rope.stride(), *mask_strides,
@@ -413,9 +449,9 @@ def mla_decode_triton(
         heads, q_len, rank, rope, softmax_scale * 1.4426950408889634,  # log2(e): the kernel uses exp2
         HAS_MASK=key_mask is not None, CAUSAL=key_mask is None or key_mask.dim() == 2,
         NUM_SPLITS=num_splits, DIRECT=direct,
-        BLOCK_H=block_h, BLOCK_S=block_s, BLOCK_M=block_h * block_s, BLOCK_N=block_n, BLOCK_R=block_r,
-        BLOCK_DR=block_dr, PRECISION=precision,
-        num_warps=num_warps, num_stages=num_stages,
+        BLOCK_H=config.block_h, BLOCK_S=config.block_s, BLOCK_M=config.block_h * config.block_s,
+        BLOCK_N=config.block_n, BLOCK_R=block_r, BLOCK_DR=block_dr, PRECISION=precision,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if not direct:
         merge_block_r = min(block_r, 128 if on_gpu else 32)

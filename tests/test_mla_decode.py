@@ -170,6 +170,22 @@ def test_triton_heads_beyond_one_block_and_odd_sizes(triton_device):
     torch.testing.assert_close(got.double().cpu(), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("heads, q_len", [(128, 1), (16, 2), (16, 1)])
+def test_triton_gpu_default_tile_configs(triton_device, heads, q_len):
+    """The tile configs the launcher picks for bf16 on a GPU (64-row tiles for many heads, 16-32 rows otherwise),
+    forced here so that the interpreter also runs them: ragged lengths, keys split across programs."""
+    from modeling_moe.kernels.mla_decode import default_config
+
+    config = default_config(heads, q_len, torch.bfloat16, on_gpu=True)
+    q_latent, q_rope, latent, k_rope = random_inputs(2, heads, q_len, 16, 8, 150, device=triton_device)
+    seqlens = torch.tensor([150, 37], dtype=torch.int32, device=triton_device)
+    got = mla_decode_triton(q_latent, q_rope, latent, k_rope, 0.3, cache_seqlens=seqlens, num_splits=2,
+                            block_h=config.block_h, block_n=config.block_n, num_warps=config.num_warps,
+                            num_stages=config.num_stages)
+    expected = math_reference(q_latent, q_rope, latent, k_rope, 0.3, seqlens.cpu())
+    torch.testing.assert_close(got.double().cpu(), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_wrapper_compiles_without_graph_breaks(triton_device):
     """mla_decode_attention under torch.compile(fullgraph=True): the mask handling traces, the kernel is one opaque
     op (what a compiled, CUDA-graphed decode step needs). A 4D boolean mask over a partly filled static buffer."""

@@ -1,0 +1,126 @@
+"""The MLA decode kernel alone (kernels/mla_decode.py): tile-config sweep, effective cache bandwidth, accuracy.
+
+    python benchmarks/bench_mla_decode.py [--shapes v2lite,v3,small16,small64] [--quick]
+
+For each shape (bf16 latent cache, one new token per sequence, every sequence filled to the cache length):
+  * the PyTorch absorbed path (`mla_decode_reference`, what runs without Triton) and the kernel with the launcher's
+    default config, then a sweep of (block_h, block_n, num_warps, num_stages) at the default split count, then of
+    the split count for the best tile config;
+  * time: triton.testing.do_bench (CUDA events, L2 flushed between calls), median ms;
+  * figure: effective latent-cache bandwidth = (kv_lora_rank + rope) x 2 B x batch x cache length / time; the H200's
+    HBM moves ~4.3 TB/s, so the issue's target (0.15 ms at v2lite) is ~2 TB/s;
+  * accuracy: max relative error of the default and the best config against a float64 reference.
+A failed config (e.g. shared memory) is recorded, not fatal. JSON lines to $OUT/bench_mla_decode.jsonl (or
+benchmarks/out/), a table last. The anchor for the whole decode step (transformers' DeepseekV3 attention layer,
+same run) is `bench_model.py --parts decode`; this script is for tuning the kernel's defaults.
+"""
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's modeling_moe
+from modeling_moe.kernels import mla_decode  # noqa: E402
+
+# (batch, heads, cache length, kv_lora_rank, rope): the issue's two decode shapes, and the generate regime of the
+# anchors' 1.26B model (16 heads, rank 256) at batch 16 and 64 with a ~512-token cache.
+SHAPES = {
+    "v2lite": (32, 16, 8192, 512, 64),
+    "v3": (32, 128, 8192, 512, 64),
+    "small16": (16, 16, 512, 256, 64),
+    "small64": (64, 16, 512, 256, 64),
+}
+
+
+def sweep_space(heads: int, quick: bool):
+    block_hs = [h for h in (16, 32, 64) if h <= max(16, heads)]
+    space = itertools.product(block_hs, (32, 64), (4, 8), (2, 3))
+    if quick:
+        space = itertools.product(block_hs[:2], (32, 64), (4, 8), (2,))
+    return [dict(block_h=h, block_n=n, num_warps=w, num_stages=s) for h, n, w, s in space]
+
+
+def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((out.double() - reference).abs().max() / reference.abs().max()).item()
+
+
+def bench_shape(name, shape, args, records):
+    from triton.testing import do_bench
+
+    batch, heads, cache_len, rank, rope = shape
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    randn = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16, generator=gen)  # noqa: E731
+    q_latent, q_rope = randn(batch, heads, 1, rank), randn(batch, heads, 1, rope)
+    latent, k_rope = randn(batch, cache_len, rank), randn(batch, cache_len, rope)
+    scale = 1 / (192 ** 0.5)
+    cache_bytes = (latent.numel() + k_rope.numel()) * 2
+    reference = mla_decode.mla_decode_reference(q_latent.double(), q_rope.double(), latent.double(),
+                                                k_rope.double(), scale)
+
+    def record(variant, fn, **info):
+        try:
+            out = fn()
+            ms = do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms)
+            rec = dict(shape=name, variant=variant, **info, ms=round(ms, 4),
+                       cache_GB_per_s=round(cache_bytes / ms / 1e6, 1), rel_err=float(f"{relative_error(out, reference):.2g}"))
+        except Exception as error:  # out of shared memory, register spills the compiler refuses, ...
+            rec = dict(shape=name, variant=variant, **info, error=f"{type(error).__name__}: {str(error)[:160]}")
+        records.append(rec)
+        print(json.dumps(rec), flush=True)
+        return rec
+
+    record("pytorch", lambda: mla_decode.mla_decode_reference(q_latent, q_rope, latent, k_rope, scale))
+    default = record("triton default", lambda: mla_decode.mla_decode_triton(q_latent, q_rope, latent, k_rope, scale))
+    tiles = [record("triton", lambda c=c: mla_decode.mla_decode_triton(q_latent, q_rope, latent, k_rope, scale, **c),
+                    **c) for c in sweep_space(heads, args.quick)]
+    timed = [r for r in tiles if "ms" in r]
+    if not timed:
+        return
+    best = min(timed, key=lambda r: r["ms"])
+    config = {k: best[k] for k in ("block_h", "block_n", "num_warps", "num_stages")}
+    head_blocks = -(-heads // config["block_h"])
+    tile_config = mla_decode.DecodeConfig(block_s=1, **config)
+    base = mla_decode.default_num_splits(batch, head_blocks, cache_len, tile_config, rank, rope, 2, latent.device)
+    for splits in sorted({max(1, base // 2), base * 2, base * 4, 1, 16, 32}):
+        record("triton splits", lambda s=splits: mla_decode.mla_decode_triton(
+            q_latent, q_rope, latent, k_rope, scale, num_splits=s, **config), num_splits=splits, **config)
+    overall = min((r for r in records if r["shape"] == name and "ms" in r), key=lambda r: r["ms"])
+    print(f"== {name}: default {default.get('ms')} ms, best {overall['ms']} ms "
+          f"({overall['cache_GB_per_s']} GB/s) with {overall}", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {list(SHAPES)}")
+    parser.add_argument("--quick", action="store_true", help="a smaller sweep (one stage count, two head blocks)")
+    parser.add_argument("--warmup-ms", type=float, default=10, help="do_bench warmup per config")
+    parser.add_argument("--rep-ms", type=float, default=50, help="do_bench measuring time per config")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU (the kernel's CPU path is the Triton interpreter: see tests/test_mla_decode.py)")
+    import triton
+
+    env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+               args=vars(args), date=time.strftime("%Y-%m-%d"))
+    print(json.dumps(env), flush=True)
+    records = []
+    for name in args.shapes.split(","):
+        bench_shape(name, SHAPES[name], args, records)
+    out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "bench_mla_decode.jsonl"), "w") as f:
+        for rec in [env] + records:
+            f.write(json.dumps(rec) + "\n")
+    print("\nshape    variant          config                                   ms      GB/s   rel err")
+    for r in records:
+        config = " ".join(f"{k}={r[k]}" for k in ("block_h", "block_n", "num_warps", "num_stages", "num_splits") if k in r)
+        figures = f"{r['ms']:>8} {r['cache_GB_per_s']:>8} {r['rel_err']:>8}" if "ms" in r else r["error"][:60]
+        print(f"{r['shape']:<9}{r['variant']:<17}{config:<41}{figures}")
+
+
+if __name__ == "__main__":
+    main()
