@@ -1,6 +1,7 @@
 """MoE layer (routed + shared experts) on one GPU: our fused Triton experts against transformers, in one run.
 
     python benchmarks/bench_moe_layer.py [--parts layer,breakdown,decode,model] [--shapes v2lite,v3,small]
+                                         [--variants store_wh,scale_in_wgrad]
 
 Per anchor shape (../shared/anchors/README.md; bf16, routers fp32, weights N(0, 0.02), random inputs):
   layer      transformers' DeepseekV3MoE with grouped_mm (and eager: forward at v2lite and small, forward+backward at
@@ -13,6 +14,9 @@ Per anchor shape (../shared/anchors/README.md; bf16, routers fp32, weights N(0, 
   decode     forward latency at 16, 64 and 256 tokens (no grad), grouped_mm vs fused (ours) and transformers.
   model      training step (AdamW) of the anchors' 1.26B model (our MoEForCausalLM, batch 8 x 2048), grouped_mm
              vs fused experts: tokens/s.
+--variants runs the fused layer (check, timings, peak memory), its breakdown (the kernels a variant changes:
+dgrad_h, wgrad_down) and the model step once per dgrad_h variant, on the same weights and input; without it, the
+variant in effect (MOE_DGRAD_H, default store_wh) alone.
 The autotune (a handful of configs per kernel and token bucket, cached) is on unless --no-autotune.
 Prints JSON lines and a table last; writes $OUT/bench_moe_layer.jsonl when OUT is set.
 """
@@ -226,8 +230,10 @@ def part_layer(name, args):
     x = x0.clone().view(1, T, H).requires_grad_(True)
     grad = torch.randn(1, T, H, device=dev, dtype=DTYPE)
     reference = {}
-    for impl in ["grouped_mm", "fused"]:
+    for impl, variant in [("grouped_mm", None)] + [("fused", v) for v in args.variants]:
         set_impl(block, impl)
+        fm.set_dgrad_h_variant(variant)
+        label = f"ours {impl}" + (f" [{variant}]" if variant else "")
         try:
             block.zero_grad(set_to_none=True)
             x.grad = None
@@ -246,15 +252,16 @@ def part_layer(name, args):
             x.grad = None
             free()
             res = timings(block, x, fwd_flops)
-            emit(part="layer", shape=name, impl=f"ours {impl}", tokens=T, **res, **check)
+            emit(part="layer", shape=name, impl=label, dgrad_h=variant, tokens=T, **res, **check)
         except Exception as error:
             traceback.print_exc()
-            emit(part="layer", shape=name, impl=f"ours {impl}", error=f"{type(error).__name__}: {str(error)[:300]}")
+            emit(part="layer", shape=name, impl=label, error=f"{type(error).__name__}: {str(error)[:300]}")
         free()
+    fm.set_dgrad_h_variant(None)
     reference.clear()
     if "breakdown" in args.parts:
         try:
-            part_breakdown(name, block, x0)
+            part_breakdown(name, block, x0, args.variants)
         except Exception as error:
             traceback.print_exc()
             emit(part="breakdown", shape=name, error=f"{type(error).__name__}: {str(error)[:300]}")
@@ -271,8 +278,9 @@ def part_layer(name, args):
     free()
 
 
-def part_breakdown(name, block, x0):
-    """Each fused kernel alone, with the configs the layer runs (already chosen/tuned by the layer part)."""
+def part_breakdown(name, block, x0, variants):
+    """Each fused kernel alone, with the configs the layer runs (already chosen/tuned by the layer part); dgrad_h and
+    wgrad_down once per dgrad_h variant, with a sum per variant."""
     H, I, E, k, shared, ng, tg, T = SHAPES[name]
     N = T * k
     with torch.no_grad():
@@ -282,50 +290,54 @@ def part_breakdown(name, block, x0):
     w_flat = weights.contiguous().reshape(-1)
     perm, inv, offsets = fm.build_routing(index, E)
     counts = (offsets[1:] - offsets[:-1]).float()
-    schedules = fm._Schedules(offsets, N, E)
-    key = fm._shape_key(x, gate_up, down, N)
-    cfg = lambda kind, family: fm.chosen_config(kind, key, fm._candidates(family, N, E, x.dtype))  # noqa: E731
+    routing = fm.Routing(perm, inv, offsets, k, H, I, x.dtype)
     h = torch.empty(N, I, dtype=x.dtype, device=dev)
     gu = torch.empty(N, 2 * I, dtype=x.dtype, device=dev)
     y = torch.empty(N, H, dtype=x.dtype, device=dev)
     out = torch.empty(T, H, dtype=x.dtype, device=dev)
-    dgu = torch.empty_like(gu)
+    dgu = torch.randn_like(gu)  # the backward GEMMs below run before any dgrad_h has written it
     hw = torch.empty_like(h)
     dxs = torch.empty_like(y)
     dgrad_out = torch.randn_like(x)
     dgate_up, ddown = torch.empty_like(gate_up), torch.empty_like(down)
-    c_dh = cfg("dgrad_h", "dgrad_h")
-    dw = torch.empty(fm.triton_cdiv(I, c_dh.block_n), N, dtype=torch.float32, device=dev)
-    down_t = (down.stride(0), down.stride(2), down.stride(1))
-    down_n = (down.stride(0), down.stride(1), down.stride(2))
-    gate_up_n = (gate_up.stride(0), gate_up.stride(1), gate_up.stride(2))
-    c1, c2, cx = cfg("gemm1", "gemm1"), cfg("gemm2", "gemm2"), cfg("dgrad_x", "dgrad_x")
-    cwd, cwg = cfg("wgrad_down", "wgrad"), cfg("wgrad_gate_up", "wgrad")
+    c1, c2 = routing.config("gemm1", "gemm1"), routing.config("gemm2", "gemm2")
+    cx, cwg = routing.config("dgrad_x", "dgrad_x"), routing.config("wgrad_gate_up", "wgrad")
     gemm = 2 * N * H * I
-    steps = {
-        "routing": (lambda: fm.build_routing(index, E), 0),
-        "schedule": (lambda: fm.tile_schedule(offsets, c1.block_m, N, E), 0),
-        "gemm1_swiglu": (lambda: fm._launch_gemm1(c1, x, gate_up, h, gu, perm, schedules, k, True), 2 * gemm, c1),
-        "gemm2": (lambda: fm._launch_grouped(c2, h, down, y, perm, schedules, k, H, I, down_t, False), gemm, c2),
-        "combine": (lambda: fm._launch_combine(y, inv, w_flat, out, k), 0),
-        "dgrad_h": (lambda: fm._launch_grouped(c_dh, dgrad_out, down, dgu, perm, schedules, k, I, H, down_n, True,
-                                               epilogue=1, gu=gu, h=hw, topk_w=w_flat, dw=dw), gemm, c_dh),
-        "wgrad_down": (lambda: fm._launch_wgrad(cwd, dgrad_out, hw, ddown, perm, offsets, k, True, False), gemm,
-                       cwd),
-        "wgrad_gate_up": (lambda: fm._launch_wgrad(cwg, dgu, x, dgate_up, perm, offsets, k, False, True),
-                          2 * gemm, cwg),
-        "dgrad_x": (lambda: fm._launch_grouped(cx, dgu, gate_up, dxs, perm, schedules, k, H, 2 * I, gate_up_n,
-                                               False), 2 * gemm, cx),
-        "combine_dx": (lambda: fm._launch_combine(dxs, inv, None, out, k), 0),
+    common = {
+        "routing": (lambda: fm.build_routing(index, E), 0, None),
+        "schedule": (lambda: fm.tile_schedule(offsets, c1.block_m, N, E), 0, None),
+        "gemm1_swiglu": (lambda: fm._launch_gemm1(c1, routing, x, gate_up, h, gu), 2 * gemm, c1),
+        "gemm2": (lambda: fm._launch_grouped(c2, routing, h, down, y, H, I, fm._down_t(down)), gemm, c2),
+        "combine": (lambda: fm._launch_combine(y, inv, w_flat, out, k), 0, None),
+        "wgrad_gate_up": (lambda: fm._launch_wgrad(cwg, routing, dgu, x, dgate_up, False, True), 2 * gemm, cwg),
+        "dgrad_x": (lambda: fm._launch_grouped(cx, routing, dgu, gate_up, dxs, H, 2 * I, fm._gate_up_n(gate_up)),
+                    2 * gemm, cx),
+        "combine_dx": (lambda: fm._launch_combine(dxs, inv, None, out, k), 0, None),
     }
-    total = 0.0
-    for step, (fn, flops, *config) in steps.items():
-        ms = do_bench(fn, warmup=10, rep=50, return_mode="median")
-        total += ms
-        emit(part="breakdown", shape=name, step=step, ms=round(ms, 4),
-             tflops=round(flops / ms / 1e9, 1) if flops else None, config=str(config[0]) if config else None)
-    emit(part="breakdown", shape=name, step="sum", ms=round(total, 3),
-         rows_per_expert_min_max=[int(counts.min()), int(counts.max())])
+    common_ms = sum(time_step(name, step, *spec) for step, spec in common.items())
+    for variant in variants:
+        store_wh = variant == "store_wh"
+        c_dh = routing.config(f"dgrad_h/{variant}", "dgrad_h")
+        c_wd = routing.config(f"wgrad_down/{variant}", "wgrad")
+        dw = torch.empty(fm.triton_cdiv(I, c_dh.block_n), N, dtype=torch.float32, device=dev)
+        h_operand = hw if store_wh else h  # written (w * h) / read (the saved h) by dgrad_h; wgrad_down's B
+        own = {
+            "dgrad_h": (lambda: fm._launch_dgrad_h(c_dh, routing, dgrad_out, down, dgu, gu, h_operand, w_flat, dw,
+                                                   store_wh), gemm, c_dh),
+            "wgrad_down": (lambda: fm._launch_wgrad(c_wd, routing, dgrad_out, h_operand, ddown, True, False,
+                                                    topk_w=None if store_wh else w_flat), gemm, c_wd),
+        }
+        own_ms = sum(time_step(name, step, *spec, variant=variant) for step, spec in own.items())
+        emit(part="breakdown", shape=name, step="sum", dgrad_h=variant, ms=round(common_ms + own_ms, 3),
+             rows_per_expert_min_max=[int(counts.min()), int(counts.max())])
+
+
+def time_step(shape, step, fn, flops, config, variant=None):
+    """Median ms of one kernel launch (emitted with its TF/s and config)."""
+    ms = do_bench(fn, warmup=10, rep=50, return_mode="median")
+    emit(part="breakdown", shape=shape, step=step, dgrad_h=variant, ms=round(ms, 4),
+         tflops=round(flops / ms / 1e9, 1) if flops else None, config=str(config) if config else None)
+    return ms
 
 
 def part_decode(name, args):
@@ -371,8 +383,9 @@ def part_model(args):
         r.weight.data = r.weight.data.float()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev == "cuda")
     ids = torch.randint(0, config.vocab_size, (batch, seq), device=dev)
-    for impl in ["grouped_mm", "fused"]:
+    for impl, variant in [("grouped_mm", None)] + [("fused", v) for v in args.variants]:
         set_impl(model, impl)
+        fm.set_dgrad_h_variant(variant)
 
         def step():
             model(input_ids=ids, labels=ids).loss.backward()
@@ -380,30 +393,32 @@ def part_model(args):
             optimizer.zero_grad(set_to_none=True)
         try:
             t = bench(step, 2, 5)
-            emit(part="model", impl=impl, batch=batch, seq=seq, step_ms=round(t, 1),
+            emit(part="model", impl=impl, dgrad_h=variant, batch=batch, seq=seq, step_ms=round(t, 1),
                  tokens_per_s=round(batch * seq / t * 1e3), peak_gib=peak_gib())
         except Exception as error:
             traceback.print_exc()
-            emit(part="model", impl=impl, error=f"{type(error).__name__}: {str(error)[:300]}")
+            emit(part="model", impl=impl, dgrad_h=variant, error=f"{type(error).__name__}: {str(error)[:300]}")
         free()
+    fm.set_dgrad_h_variant(None)
     del model, optimizer
     free()
 
 
 def table():
     print("\n=== MoE layer (routed + shared), bf16, TFLOP/s of counted FLOPs (fwd = 2T(k+s)3HI, fwd+bwd = 3x)")
-    print(f"{'shape':<8}{'impl':<18}{'fwd ms':>9}{'fwd TF/s':>10}{'f+b ms':>9}{'f+b TF/s':>10}{'peak GiB':>10}  check")
+    print(f"{'shape':<8}{'impl':<30}{'fwd ms':>9}{'fwd TF/s':>10}{'f+b ms':>9}{'f+b TF/s':>10}{'peak GiB':>10}  check")
     for r in RECORDS:
         if r["part"] == "layer":
             check = {k: v for k, v in r.items() if k.startswith("relerr")}
-            print(f"{r['shape']:<8}{r['impl']:<18}{r.get('fwd_ms', '-'):>9}{r.get('fwd_tflops', '-'):>10}"
+            print(f"{r['shape']:<8}{r['impl']:<30}{r.get('fwd_ms', '-'):>9}{r.get('fwd_tflops', '-'):>10}"
                   f"{r.get('fwdbwd_ms', '-'):>9}{r.get('fwdbwd_tflops', '-'):>10}{r.get('peak_gib', '-'):>10}  "
                   f"{check or r.get('error', r.get('skipped', ''))}")
         elif r["part"] == "ceiling":
-            print(f"{r['shape']:<8}{'dense ceiling':<18}{r['ms']:>9}{r['tflops']:>10}")
+            print(f"{r['shape']:<8}{'dense ceiling':<30}{r['ms']:>9}{r['tflops']:>10}")
     for r in RECORDS:
         if r["part"] == "breakdown" and "step" in r:
-            print(f"breakdown {r['shape']:<8}{r['step']:<15}{r['ms']:>9} ms {r.get('tflops') or '':>8} "
+            step = r["step"] + (f" [{r['dgrad_h']}]" if r.get("dgrad_h") else "")
+            print(f"breakdown {r['shape']:<8}{step:<32}{r['ms']:>9} ms {r.get('tflops') or '':>8} "
                   f"{r.get('config') or r.get('rows_per_expert_min_max') or ''}")
     for r in RECORDS:
         if r["part"] in ("decode", "model"):
@@ -419,12 +434,20 @@ def main():
     parser.add_argument("--no-autotune", action="store_true")
     parser.add_argument("--budget-s", type=float, default=420, help="skip the remaining parts past this")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU (with TRITON_INTERPRET=1)")
+    parser.add_argument("--variants", default=None,
+                        help=f"dgrad_h variants of the fused experts to time side by side, comma separated, from "
+                             f"{','.join(fm.DGRAD_H_VARIANTS)} (default: the one in effect, MOE_DGRAD_H)")
     args = parser.parse_args()
     args.parts = args.parts.split(",")
+    args.variants = args.variants.split(",") if args.variants else [fm.dgrad_h_variant()]
+    for variant in args.variants:
+        fm.set_dgrad_h_variant(variant)  # rejects unknown names before anything runs
+    fm.set_dgrad_h_variant(None)
     kernels.set_autotune(not args.no_autotune)
     import triton
     emit(part="env", torch=torch.__version__, transformers=transformers.__version__, triton=triton.__version__,
-         gpu=torch.cuda.get_device_name() if dev == "cuda" else "cpu (dry run)", date=time.strftime("%Y-%m-%d %H:%M"), autotune=not args.no_autotune)
+         gpu=torch.cuda.get_device_name() if dev == "cuda" else "cpu (dry run)", date=time.strftime("%Y-%m-%d %H:%M"),
+         autotune=not args.no_autotune, dgrad_h_variants=args.variants)
     for name in args.shapes.split(","):
         if "layer" in args.parts and time.time() - T0 < args.budget_s:
             part_layer(name, args)

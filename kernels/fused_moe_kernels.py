@@ -27,6 +27,54 @@ def _swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _row_tile(pid_m, tile_expert_ptr, tile_row_ptr, offsets_ptr, perm_ptr, num_experts, BLOCK_M: tl.constexpr):
+    """Row tile pid_m of the tile list: its expert (num_experts for a tile past the last one: the caller returns),
+    its sorted rows (int64), their mask, and their slots (0 where masked)."""
+    expert = tl.load(tile_expert_ptr + pid_m)
+    row_start = tl.load(tile_row_ptr + pid_m)
+    # a tile past the last one reads offsets[E] = N (offsets has E + 1 entries), so its loads stay in bounds
+    row_end = tl.load(offsets_ptr + tl.minimum(expert, num_experts - 1) + 1)
+    offs_m = row_start + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < row_end
+    slot = tl.load(perm_ptr + offs_m, mask=mask_m, other=0)
+    return expert, offs_m.to(tl.int64), mask_m, slot
+
+
+@triton.jit
+def _wrap(offs, size, EVEN: tl.constexpr):
+    """Load indices of a tile that may pass `size`: the last tile wraps (in bounds; those entries are never stored).
+    When it divides evenly the indices stay as they are, which keeps their contiguity visible (vector loads)."""
+    if EVEN:
+        return offs
+    else:
+        return offs % size
+
+
+@triton.jit
+def _row_tile_matmul(a_ptr, b_ptr, a_row_offs, offs_n_ld, K, stride_ak, stride_bk, stride_bn,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                     DOT_PREC: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] fp32 tile of A @ B: A's rows start at a_ptr + a_row_offs (element offsets, int64), B[k, n]
+    at b_ptr + k*stride_bk + n*stride_bn (b_ptr: the expert's B), columns offs_n_ld, K reduced in BLOCK_K steps."""
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_row_offs[:, None] + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n_ld[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
+@triton.jit
 def _schedule_kernel(offsets_ptr, tile_expert_ptr, tile_row_ptr, num_experts, max_tiles,
                      BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr):
     """One program: per-expert tile counts, their prefix sum, and for every tile id its expert and first row.
@@ -63,7 +111,7 @@ def _inverse_kernel(perm_ptr, inv_ptr, N, BLOCK: tl.constexpr):
 
 @triton.jit
 def _gemm1_swiglu_kernel(
-    x_ptr, w_ptr, h_ptr, gu_ptr, perm_ptr, tile_expert_ptr, tile_row_ptr, offsets_ptr,
+    x_ptr, w_ptr, h_ptr, gu_ptr, tile_expert_ptr, tile_row_ptr, offsets_ptr, perm_ptr,
     H, I, num_m_tiles, top_k, num_experts,
     stride_xt, stride_xh, stride_we, stride_wn, stride_wk,
     stride_hm, stride_hn, stride_gm, stride_gn,
@@ -74,17 +122,11 @@ def _gemm1_swiglu_kernel(
 
     Two accumulators (gate and up columns n of the same tile), SwiGLU in the epilogue; optionally stores the
     pre-activations (gate | up) for the backward."""
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(I, BLOCK_N)
-    pid_m, pid_n = _swizzle(pid, num_m_tiles, num_n, GROUP_M)
-    expert = tl.load(tile_expert_ptr + pid_m)
+    pid_m, pid_n = _swizzle(tl.program_id(0), num_m_tiles, tl.cdiv(I, BLOCK_N), GROUP_M)
+    expert, rows, mask_m, slot = _row_tile(pid_m, tile_expert_ptr, tile_row_ptr, offsets_ptr, perm_ptr,
+                                           num_experts, BLOCK_M)
     if expert >= num_experts:
         return
-    row_start = tl.load(tile_row_ptr + pid_m)
-    row_end = tl.load(offsets_ptr + expert + 1)
-    offs_m = row_start + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < row_end
-    slot = tl.load(perm_ptr + offs_m, mask=mask_m, other=0)
     tok = (slot // top_k).to(tl.int64)  # rows past the expert read token 0: finite, never stored
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_n_ld = offs_n % I  # columns past I wrap: in bounds, never stored
@@ -111,7 +153,6 @@ def _gemm1_swiglu_kernel(
         bg_ptrs += BLOCK_K * stride_wk
         bu_ptrs += BLOCK_K * stride_wk
     h = acc_g * tl.sigmoid(acc_g) * acc_u
-    rows = offs_m.to(tl.int64)
     mask = mask_m[:, None] & (offs_n[None, :] < I)
     tl.store(h_ptr + rows[:, None] * stride_hm + offs_n[None, :] * stride_hn, h.to(h_ptr.dtype.element_ty), mask=mask)
     if STORE_GU:
@@ -122,86 +163,75 @@ def _gemm1_swiglu_kernel(
 
 @triton.jit
 def _grouped_gemm_kernel(
-    a_ptr, b_ptr, c_ptr, perm_ptr, tile_expert_ptr, tile_row_ptr, offsets_ptr,
-    gu_ptr, h_ptr, topk_w_ptr, dw_ptr,
-    N, K, num_m_tiles, top_k, num_experts,
+    a_ptr, b_ptr, c_ptr, tile_expert_ptr, tile_row_ptr, offsets_ptr, perm_ptr,
+    N, K, num_m_tiles, num_experts,
     stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
-    stride_gm, stride_gn, stride_hm, stride_hn, stride_dw,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    GATHER_A: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, EPILOGUE: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """C[rows, n] = A[rows] @ B[e] over the row tiles of each expert; B[e][k, n] at b + e*stride_be + k*stride_bk
-    + n*stride_bn, so both a weight and its transpose are read in place.
-
-    GATHER_A: A's row r is a_ptr's row perm[r] // top_k (a per-token tensor read in sorted slot order).
-    EPILOGUE 0: store C. EPILOGUE 1 (backward of GEMM2 + SwiGLU, C = dgu [N, 2I], the GEMM is dA = dY[tok] @ Wd[e]):
-        h = silu(gate) * up from the saved pre-activations gu = (gate | up)
-        dw_partial[pid_n, r] = sum_n dA[r, n] * h[r, n]           (routing-weight gradient, per column tile)
-        dh = w[r] * dA;  dgate = dh * up * silu'(gate);  dup = dh * silu(gate);  hw[r] = w[r] * h (into h_ptr)
-    """
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid_m, pid_n = _swizzle(pid, num_m_tiles, num_n, GROUP_M)
-    expert = tl.load(tile_expert_ptr + pid_m)
+    """C[rows, n] = A[rows] @ B[e] over the row tiles of each expert (A and C in sorted row order); B[e][k, n] at
+    b + e*stride_be + k*stride_bk + n*stride_bn, so both a weight and its transpose are read in place."""
+    pid_m, pid_n = _swizzle(tl.program_id(0), num_m_tiles, tl.cdiv(N, BLOCK_N), GROUP_M)
+    expert, rows, mask_m, _ = _row_tile(pid_m, tile_expert_ptr, tile_row_ptr, offsets_ptr, perm_ptr,
+                                        num_experts, BLOCK_M)
     if expert >= num_experts:
         return
-    row_start = tl.load(tile_row_ptr + pid_m)
-    row_end = tl.load(offsets_ptr + expert + 1)
-    offs_m = row_start + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < row_end
-    if GATHER_A or EPILOGUE == 1:
-        slot = tl.load(perm_ptr + offs_m, mask=mask_m, other=0)
-    if GATHER_A:
-        a_rows = (slot // top_k).to(tl.int64)
-    else:
-        a_rows = tl.where(mask_m, offs_m, row_start).to(tl.int64)
+    a_rows = tl.where(mask_m, rows, 0)  # rows past the expert read row 0: in bounds, never stored
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if EVEN_N:
-        offs_n_ld = offs_n  # keeps the contiguity of n visible to the compiler (vector loads when n is contiguous)
+    acc = _row_tile_matmul(a_ptr, b_ptr + expert.to(tl.int64) * stride_be, a_rows * stride_am,
+                           _wrap(offs_n, N, EVEN_N), K, stride_ak, stride_bk, stride_bn,
+                           BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PREC)
+    mask = mask_m[:, None] & (offs_n[None, :] < N)
+    tl.store(c_ptr + rows[:, None] * stride_cm + offs_n[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def _dgrad_h_kernel(
+    dy_ptr, down_ptr, dgu_ptr, gu_ptr, h_ptr, topk_w_ptr, dw_ptr,
+    tile_expert_ptr, tile_row_ptr, offsets_ptr, perm_ptr,
+    I, H, num_m_tiles, top_k, num_experts,
+    stride_dyt, stride_dyh, stride_de, stride_dh, stride_di, stride_dgm, stride_dgn,
+    stride_gm, stride_gn, stride_hm, stride_hn, stride_dw,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, STORE_WH: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Backward of GEMM2 + SwiGLU + combine weights: dA = dY[tok] @ Wd[e] ([rows, I], the gather fused into the A
+    loads), and in the epilogue, per row r of the tile and its columns n:
+        dw_partial[pid_n, r] = sum_n dA[r, n] h[r, n]              (routing-weight gradient, per column tile)
+        dh = w[r] dA;  dgate = dh up silu'(gate);  dup = dh silu(gate)   -> dgu [N, 2I]
+    STORE_WH: h is recomputed from the saved gu = (gate | up) and w[r] h[r] is written to h_ptr (wgrad_down's B
+    operand, so that GEMM needs no scaling). Else h is read from h_ptr (saved by the forward) and nothing else is
+    written (wgrad_down scales its A operand by w instead)."""
+    pid_m, pid_n = _swizzle(tl.program_id(0), num_m_tiles, tl.cdiv(I, BLOCK_N), GROUP_M)
+    expert, rows, mask_m, slot = _row_tile(pid_m, tile_expert_ptr, tile_row_ptr, offsets_ptr, perm_ptr,
+                                           num_experts, BLOCK_M)
+    if expert >= num_experts:
+        return
+    tok = (slot // top_k).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = _row_tile_matmul(dy_ptr, down_ptr + expert.to(tl.int64) * stride_de, tok * stride_dyt,
+                           _wrap(offs_n, I, EVEN_N), H, stride_dyh, stride_dh, stride_di,
+                           BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PREC)
+    mask = mask_m[:, None] & (offs_n[None, :] < I)
+    g_ptrs = gu_ptr + rows[:, None] * stride_gm + offs_n[None, :] * stride_gn
+    gate = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(g_ptrs + I * stride_gn, mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(gate)
+    silu = gate * sig
+    h_ptrs = h_ptr + rows[:, None] * stride_hm + offs_n[None, :] * stride_hn
+    if STORE_WH:
+        h = (silu * up).to(h_ptr.dtype.element_ty).to(tl.float32)  # the h GEMM2 consumed, up to rounding
     else:
-        offs_n_ld = offs_n % N  # the last column tile wraps: in bounds, never stored
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + expert.to(tl.int64) * stride_be + offs_k[:, None] * stride_bk + offs_n_ld[None, :] * stride_bn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            k_left = K - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
-    rows = offs_m.to(tl.int64)
-    mask_n = offs_n < N
-    mask = mask_m[:, None] & mask_n[None, :]
-    if EPILOGUE == 0:
-        tl.store(c_ptr + rows[:, None] * stride_cm + offs_n[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty),
-                 mask=mask)
-    else:
-        # h is recomputed from the saved pre-activations (the forward keeps only gate | up)
-        g_ptrs = gu_ptr + rows[:, None] * stride_gm + offs_n[None, :] * stride_gn
-        gate = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(g_ptrs + N * stride_gn, mask=mask, other=0.0).to(tl.float32)
-        sig = tl.sigmoid(gate)
-        silu = gate * sig
-        h = (silu * up).to(c_ptr.dtype.element_ty).to(tl.float32)  # the h GEMM2 consumed, up to rounding
-        dw = tl.sum(acc * h, axis=1)
-        tl.store(dw_ptr + pid_n * stride_dw + rows, dw, mask=mask_m)
-        w = tl.load(topk_w_ptr + slot, mask=mask_m, other=0.0).to(tl.float32)
-        dh = acc * w[:, None]
-        dgate = dh * up * (sig + silu * (1.0 - sig))
-        dup = dh * silu
-        c_ptrs = c_ptr + rows[:, None] * stride_cm + offs_n[None, :] * stride_cn
-        tl.store(c_ptrs, dgate.to(c_ptr.dtype.element_ty), mask=mask)
-        tl.store(c_ptrs + N * stride_cn, dup.to(c_ptr.dtype.element_ty), mask=mask)
-        # w * h: the B operand of the down-projection weight gradient (no scaling inside that GEMM)
-        tl.store(h_ptr + rows[:, None] * stride_hm + offs_n[None, :] * stride_hn,
-                 (h * w[:, None]).to(h_ptr.dtype.element_ty), mask=mask)
+        h = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dw_ptr + pid_n * stride_dw + rows, tl.sum(acc * h, axis=1), mask=mask_m)
+    w = tl.load(topk_w_ptr + slot, mask=mask_m, other=0.0).to(tl.float32)
+    dh = acc * w[:, None]
+    dgu_ptrs = dgu_ptr + rows[:, None] * stride_dgm + offs_n[None, :] * stride_dgn
+    tl.store(dgu_ptrs, (dh * up * (sig + silu * (1.0 - sig))).to(dgu_ptr.dtype.element_ty), mask=mask)
+    tl.store(dgu_ptrs + I * stride_dgn, (dh * silu).to(dgu_ptr.dtype.element_ty), mask=mask)
+    if STORE_WH:
+        tl.store(h_ptrs, (h * w[:, None]).to(h_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -218,23 +248,14 @@ def _grouped_wgrad_kernel(
 
     GATHER_A / GATHER_B: that operand's row r is the per-token row perm[r] // top_k. SCALE_A: A's row r is scaled by
     the routing weight of slot perm[r]."""
-    pid = tl.program_id(0)
     expert = tl.program_id(1)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid_m, pid_n = _swizzle(pid, num_m, num_n, GROUP_M)
+    pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     start = tl.load(offsets_ptr + expert)
     end = tl.load(offsets_ptr + expert + 1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if EVEN_M:
-        offs_m_ld = offs_m
-    else:
-        offs_m_ld = offs_m % M
-    if EVEN_N:
-        offs_n_ld = offs_n
-    else:
-        offs_n_ld = offs_n % N
+    offs_m_ld = _wrap(offs_m, M, EVEN_M)
+    offs_n_ld = _wrap(offs_n, N, EVEN_N)
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(start, end, BLOCK_K):

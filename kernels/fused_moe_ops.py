@@ -5,17 +5,32 @@ Forward:
     routing      sort the T*k slots by expert (torch.sort, stable), per-expert offsets (searchsorted), inverse
                  permutation and a tile list (Triton), all on the GPU without a host sync
     GEMM1        h = silu(x[tok] @ Wg[e].T) * (x[tok] @ Wu[e].T)  gather fused into the loads, SwiGLU in the epilogue,
-                 the pre-activations kept for the backward only when a gradient is needed        [N, I] (+ [N, 2I])
+                 the pre-activations gu = (gate | up) kept for the backward only when a gradient is needed
     GEMM2        y = h @ Wd[e].T                                                                    [N, H]
     combine      out[t] = sum_j w[t, j] y[slot(t, j)] in fp32, in j order (no atomics), cast to x's dtype
 Backward:
-    dgrad_h      dA = dY[tok] @ Wd[e]; epilogue: h recomputed from the saved (gate | up), dw = <dA, h> per column
-                 tile, dh = w dA, dSwiGLU -> dgu [N, 2I], and w * h [N, I] for the next GEMM
-    wgrad_down   dWd[e] = sum_rows dY[tok]^T (w h)          (reduction over the expert's rows; gather fused)
+    dgrad_h      dA = dY[tok] @ Wd[e]; epilogue: dw = <dA, h> per column tile, dh = w dA, dSwiGLU -> dgu [N, 2I]
+    wgrad_down   dWd[e] = sum_rows (w dY[tok])^T h          (reduction over the expert's rows; gather fused)
     wgrad_gu     dWgu[e] = sum_rows dgu^T x[tok]
     dgrad_x      dXs = dgu @ Wgu[e], then dx[t] = sum_j dXs[slot(t, j)] (the combine kernel, fp32, no atomics)
-The forward keeps only the gate/up pre-activations [N, 2I] (not h, not the [N, H] expert outputs): the
-routing-weight gradient <dY_t, y_s> equals <dY_t @ Wd[e], h_s>, which the dgrad_h epilogue has at hand.
+The [N, H] expert outputs are never stored: the routing-weight gradient <dY_t, y_s> equals <dY_t @ Wd[e], h_s>,
+which the dgrad_h epilogue has at hand.
+
+Two autograd nodes, as with grouped_mm, so that the backward frees memory in the same order:
+    node 1  fused_moe_gate_up   routing + GEMM1 + SwiGLU -> gu, h (+ perm, inv, offsets)   saves x, Wgu, routing
+    node 2  fused_moe_down      GEMM2 + combine          -> out                           saves gu, Wd, w, routing
+Node 2's backward returns dW_down, which autograd accumulates into .grad (AccumulateGrad runs before any other
+ready node) and frees before node 1's backward allocates dW_gate_up: the transient weight-gradient memory is the
+larger of the two, not their sum (7 GiB less at the v3 shape, where dW_gate_up is 14 GiB and dW_down 7 GiB).
+The link between the nodes is gu, not h: node 2 returns dL/dgu (dSwiGLU is fused into dgrad_h) and h travels as a
+non-differentiable output that is freed after GEMM2. Linking by h would keep both h (node 2, for dgrad_h and
+wgrad_down) and gu (node 1, for dSwiGLU): N*I more saved elements per layer, v1's footprint.
+
+dgrad_h has two variants (`set_dgrad_h_variant`, or MOE_DGRAD_H; the benchmark times both):
+    store_wh        (default) the epilogue recomputes h from gu and writes w*h [N, I], wgrad_down's B operand;
+                    only gu is saved
+    scale_in_wgrad  node 2 also saves h [N, I] (v1's memory); the epilogue reads it and writes nothing more, and
+                    wgrad_down scales its A operand (dY rows) by w in registers (v1's kernels)
 """
 
 from __future__ import annotations
@@ -53,6 +68,25 @@ def use_triton(tensor: torch.Tensor) -> bool:
     return dispatch.use_triton(tensor, HAS_TRITON, "MOE_FUSED_REFERENCE")
 
 
+DGRAD_H_VARIANTS = ("store_wh", "scale_in_wgrad")
+_dgrad_h_override: str | None = None
+
+
+def set_dgrad_h_variant(name: str | None):
+    """Use one dgrad_h variant (see the module docstring) from the next forward on, or follow MOE_DGRAD_H (None)."""
+    global _dgrad_h_override
+    if name is not None and name not in DGRAD_H_VARIANTS:
+        raise ValueError(f"dgrad_h variant {name!r} is not one of {DGRAD_H_VARIANTS}")
+    _dgrad_h_override = name
+
+
+def dgrad_h_variant() -> str:
+    name = _dgrad_h_override or os.environ.get("MOE_DGRAD_H", DGRAD_H_VARIANTS[0])
+    if name not in DGRAD_H_VARIANTS:
+        raise ValueError(f"MOE_DGRAD_H={name!r} is not one of {DGRAD_H_VARIANTS}")
+    return name
+
+
 # ----------------------------------------------------------------------------------------------------------- configs
 
 
@@ -71,17 +105,19 @@ class KernelConfig:
 
 
 C = KernelConfig
-# A handful of candidates per kernel, the first of each list being the default (no tuning). "big" when an expert
-# holds >= 512 rows on average, "small" otherwise (row tiles of 64 waste less on the last, partial tile).
+# A handful of candidates per kernel (at most 4: one compile and ~0.2 s of timing each, 1-8 s per kernel and shape),
+# the first of each list being the default (no tuning). "big" when an expert holds >= 512 rows on average, "small"
+# otherwise: there the last row tile of an expert is a large share of its tiles (half empty on average), so every
+# row-tiled kernel has 64-row candidates (one warpgroup per 64 rows with 4 warps, two splitting N with 8).
 CANDIDATES = {  # first entry = default (autotune off): the H200 winners of v1/v2 (benchmarks/KERNEL_NOTES.md)
     ("gemm1", "big"): [C(128, 128, 64, 8, 3), C(128, 128, 64, 8, 4), C(128, 64, 64, 4, 4)],
-    ("gemm1", "small"): [C(128, 128, 64, 8, 4), C(128, 128, 64, 8, 3), C(64, 128, 64, 4, 4)],
+    ("gemm1", "small"): [C(128, 128, 64, 8, 4), C(64, 128, 64, 4, 4), C(64, 128, 64, 8, 4), C(128, 128, 64, 8, 3)],
     ("gemm2", "big"): [C(128, 256, 64, 8, 4), C(128, 256, 64, 8, 3), C(128, 128, 64, 8, 4)],
-    ("gemm2", "small"): [C(128, 256, 64, 8, 3), C(64, 256, 64, 4, 3), C(128, 128, 64, 8, 4)],
+    ("gemm2", "small"): [C(128, 256, 64, 8, 3), C(64, 256, 64, 4, 3), C(64, 256, 64, 8, 4), C(128, 128, 64, 8, 4)],
     ("dgrad_h", "big"): [C(128, 64, 64, 4, 4), C(128, 128, 64, 8, 4), C(128, 128, 64, 8, 3)],
-    ("dgrad_h", "small"): [C(64, 128, 64, 4, 4), C(128, 128, 64, 8, 4), C(64, 64, 64, 4, 4)],
+    ("dgrad_h", "small"): [C(64, 128, 64, 4, 4), C(64, 64, 64, 4, 4), C(64, 128, 64, 8, 4), C(128, 128, 64, 8, 4)],
     ("dgrad_x", "big"): [C(128, 256, 64, 8, 4), C(128, 256, 64, 8, 3), C(128, 128, 64, 8, 4)],
-    ("dgrad_x", "small"): [C(128, 256, 64, 8, 3), C(64, 256, 64, 4, 3), C(128, 128, 64, 8, 4)],
+    ("dgrad_x", "small"): [C(128, 256, 64, 8, 3), C(64, 256, 64, 4, 3), C(64, 256, 64, 8, 4), C(128, 128, 64, 8, 4)],
     ("wgrad", "big"): [C(128, 128, 64, 4, 4), C(128, 128, 64, 8, 3), C(128, 128, 64, 8, 4), C(128, 256, 64, 8, 3)],
     ("wgrad", "small"): [C(128, 128, 32, 4, 4), C(128, 128, 64, 4, 4), C(128, 128, 64, 8, 3), C(128, 256, 64, 8, 3)],
 }
@@ -126,6 +162,7 @@ def clear_config_cache():
 
 
 def _bucket(num_rows: int, num_experts: int) -> str:
+    """Rows per expert on average: "big" from 512 on, "small" below."""
     return "big" if num_rows >= 512 * num_experts else "small"
 
 
@@ -221,17 +258,34 @@ def tile_schedule(offsets: torch.Tensor, block_m: int, num_rows: int, num_expert
     return tile_expert, tile_row, max_tiles
 
 
-class _Schedules:
-    """Tile lists per BLOCK_M, built once per forward / backward call."""
+class Routing:
+    """One layer call's routing (perm, inv, offsets), sizes and tuning key, and its tile lists (one per BLOCK_M,
+    built on first use)."""
 
-    def __init__(self, offsets, num_rows, num_experts):
-        self.offsets, self.num_rows, self.num_experts = offsets, num_rows, num_experts
-        self.cache = {}
+    def __init__(self, perm, inv, offsets, top_k, hidden, inter, dtype):
+        self.perm, self.inv, self.offsets, self.top_k = perm, inv, offsets, top_k
+        self.num_rows, self.num_experts = perm.numel(), offsets.numel() - 1
+        self.hidden, self.inter, self.dtype = hidden, inter, dtype
+        self.key = (_rows_bucket(self.num_rows), self.num_experts, hidden, inter, str(dtype), str(perm.device))
+        self._tiles = {}
 
-    def get(self, block_m):
-        if block_m not in self.cache:
-            self.cache[block_m] = tile_schedule(self.offsets, block_m, self.num_rows, self.num_experts)
-        return self.cache[block_m]
+    def tiles(self, block_m):
+        if block_m not in self._tiles:
+            self._tiles[block_m] = tile_schedule(self.offsets, block_m, self.num_rows, self.num_experts)
+        return self._tiles[block_m]
+
+    def run(self, kind: str, family: str, launch) -> KernelConfig:
+        """`launch(config)` with the config chosen for `kind` (candidates of `family`, tuned once); returns it."""
+        config = _choose(kind, self.key, self._candidates(family), launch)
+        launch(config)
+        return config
+
+    def config(self, kind: str, family: str) -> KernelConfig:
+        """The config `run` uses for `kind` (the default before it ran)."""
+        return chosen_config(kind, self.key, self._candidates(family))
+
+    def _candidates(self, family):
+        return _candidates(family, self.num_rows, self.num_experts, self.dtype)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -241,51 +295,61 @@ def _dot_precision(dtype: torch.dtype) -> str:
 # ------------------------------------------------------------------------------------------------------- launchers
 
 
-def _launch_gemm1(config, x, gate_up, h, gu, perm, schedules, top_k, store_gu):
-    tile_expert, tile_row, max_tiles = schedules.get(config.block_m)
-    num_experts, two_i, hidden = gate_up.shape
-    inter = two_i // 2
-    grid = (max_tiles * triton_cdiv(inter, config.block_n),)
+def _row_tiles(config, routing, n):
+    """Grid, tile-list arguments (tile_expert, tile_row, offsets, perm) and tile count of a row-tiled GEMM."""
+    tile_expert, tile_row, max_tiles = routing.tiles(config.block_m)
+    grid = (max_tiles * triton_cdiv(n, config.block_n),)
+    return grid, (tile_expert, tile_row, routing.offsets, routing.perm), max_tiles
+
+
+def _launch_gemm1(config, routing, x, gate_up, h, gu):
+    """h = SwiGLU(x[tok] @ Wgu[e].T), and gu = the pre-activations unless gu is empty."""
+    grid, tiles, max_tiles = _row_tiles(config, routing, routing.inter)
+    store_gu = gu.shape[0] > 0
     gu_arg = gu if store_gu else h
     _k()._gemm1_swiglu_kernel[grid](
-        x, gate_up, h, gu_arg, perm, tile_expert, tile_row, schedules.offsets,
-        hidden, inter, max_tiles, top_k, num_experts,
+        x, gate_up, h, gu_arg, *tiles,
+        routing.hidden, routing.inter, max_tiles, routing.top_k, routing.num_experts,
         x.stride(0), x.stride(1), gate_up.stride(0), gate_up.stride(1), gate_up.stride(2),
         h.stride(0), h.stride(1), gu_arg.stride(0), gu_arg.stride(1),
-        EVEN_K=hidden % config.block_k == 0, STORE_GU=store_gu, DOT_PREC=_dot_precision(x.dtype),
+        EVEN_K=routing.hidden % config.block_k == 0, STORE_GU=store_gu, DOT_PREC=_dot_precision(x.dtype),
         **config.launch_kwargs(),
     )
 
 
-def _launch_grouped(config, a, b, c, perm, schedules, top_k, n, k, b_strides, gather_a, epilogue=0,
-                    gu=None, h=None, topk_w=None, dw=None):
-    """C[rows] = A[rows] @ B[e], B[e][k, n] read through b_strides = (stride_e, stride_k, stride_n)."""
-    tile_expert, tile_row, max_tiles = schedules.get(config.block_m)
-    grid = (max_tiles * triton_cdiv(n, config.block_n),)
-    if epilogue == 0:
-        gu = h = c
-        topk_w = dw = perm
-        gu_strides, h_strides, dw_stride = (0, 0), (0, 0), 0
-    else:
-        gu_strides, h_strides, dw_stride = (gu.stride(0), gu.stride(1)), (h.stride(0), h.stride(1)), dw.stride(0)
+def _launch_grouped(config, routing, a, b, c, n, k, b_strides):
+    """C[rows] = A[rows] @ B[e] (sorted rows), B[e][k, n] read through b_strides = (stride_e, stride_k, stride_n)."""
+    grid, tiles, max_tiles = _row_tiles(config, routing, n)
     _k()._grouped_gemm_kernel[grid](
-        a, b, c, perm, tile_expert, tile_row, schedules.offsets,
-        gu, h, topk_w, dw,
-        n, k, max_tiles, top_k, schedules.num_experts,
+        a, b, c, *tiles, n, k, max_tiles, routing.num_experts,
         a.stride(0), a.stride(1), *b_strides, c.stride(0), c.stride(1),
-        *gu_strides, *h_strides, dw_stride,
-        GATHER_A=gather_a, EVEN_K=k % config.block_k == 0, EVEN_N=n % config.block_n == 0, EPILOGUE=epilogue, DOT_PREC=_dot_precision(a.dtype),
+        EVEN_K=k % config.block_k == 0, EVEN_N=n % config.block_n == 0, DOT_PREC=_dot_precision(a.dtype),
         **config.launch_kwargs(),
     )
 
 
-def _launch_wgrad(config, a, b, c, perm, offsets, top_k, gather_a, gather_b, topk_w=None):
+def _launch_dgrad_h(config, routing, grad_out, down, dgu, gu, h, weights, dw, store_wh):
+    """dgu and the partial routing-weight gradients dw [cdiv(I, BLOCK_N), N]; h receives w*h (store_wh), or is the
+    saved activation, read."""
+    inter, hidden = routing.inter, routing.hidden
+    grid, tiles, max_tiles = _row_tiles(config, routing, inter)
+    _k()._dgrad_h_kernel[grid](
+        grad_out, down, dgu, gu, h, weights, dw, *tiles,
+        inter, hidden, max_tiles, routing.top_k, routing.num_experts,
+        grad_out.stride(0), grad_out.stride(1), down.stride(0), down.stride(1), down.stride(2),
+        dgu.stride(0), dgu.stride(1), gu.stride(0), gu.stride(1), h.stride(0), h.stride(1), dw.stride(0),
+        EVEN_K=hidden % config.block_k == 0, EVEN_N=inter % config.block_n == 0, STORE_WH=store_wh,
+        DOT_PREC=_dot_precision(grad_out.dtype), **config.launch_kwargs(),
+    )
+
+
+def _launch_wgrad(config, routing, a, b, c, gather_a, gather_b, topk_w=None):
     """C[e] = sum over expert e's rows r of A[r]^T B[r]; A [rows, M], B [rows, N], C [E, M, N]."""
     num_experts, m, n = c.shape
     grid = (triton_cdiv(m, config.block_m) * triton_cdiv(n, config.block_n), num_experts)
     _k()._grouped_wgrad_kernel[grid](
-        a, b, c, perm, offsets, topk_w if topk_w is not None else perm,
-        m, n, top_k,
+        a, b, c, routing.perm, routing.offsets, topk_w if topk_w is not None else routing.perm,
+        m, n, routing.top_k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), c.stride(2),
         GATHER_A=gather_a, GATHER_B=gather_b, SCALE_A=topk_w is not None, EVEN_M=m % config.block_m == 0,
         EVEN_N=n % config.block_n == 0, DOT_PREC=_dot_precision(a.dtype),
@@ -304,172 +368,234 @@ def _launch_combine(y, inv, w, out, top_k):
     )
 
 
-def _shape_key(x, gate_up, down, num_rows):
-    return (_rows_bucket(num_rows), gate_up.shape[0], x.shape[1], down.shape[2], str(x.dtype), str(x.device))
+def _down_t(down):  # B[e][k in I, n in H] = down[e, n, k]
+    return down.stride(0), down.stride(2), down.stride(1)
+
+
+def _down_n(down):  # B[e][k in H, n in I] = down[e, k, n]
+    return down.stride(0), down.stride(1), down.stride(2)
+
+
+def _gate_up_n(gate_up):  # B[e][k in 2I, n in H] = gate_up[e, k, n]
+    return gate_up.stride(0), gate_up.stride(1), gate_up.stride(2)
 
 
 # ------------------------------------------------------------------------------------------- forward and backward
 
 
-def fused_moe_forward_impl(x, gate_up, down, top_k_index, top_k_weights, save_for_backward):
+def gate_up_forward_impl(x, gate_up, top_k_index, save_gu):
+    """Node 1: routing, then h = SwiGLU(x[tok] @ Wgu[e].T) in sorted slot order; gu = (gate | up) when save_gu."""
     tokens, hidden = x.shape
     top_k = top_k_index.shape[1]
     num_rows = tokens * top_k
-    num_experts, two_i, _ = gate_up.shape
-    inter = two_i // 2
-    perm, inv, offsets = build_routing(top_k_index, num_experts)
-    out = torch.empty(tokens, hidden, dtype=x.dtype, device=x.device)
-    h = torch.empty(num_rows, inter, dtype=x.dtype, device=x.device)
-    gu = torch.empty(num_rows if save_for_backward else 0, two_i, dtype=x.dtype, device=x.device)
-    if num_rows == 0:
-        return out, gu, perm, inv, offsets
+    two_i = gate_up.shape[1]
+    perm, inv, offsets = build_routing(top_k_index, gate_up.shape[0])
+    h = x.new_empty(num_rows, two_i // 2)
+    gu = x.new_empty(num_rows if save_gu else 0, two_i)
+    if num_rows:
+        x = x.contiguous()
+        routing = Routing(perm, inv, offsets, top_k, hidden, two_i // 2, x.dtype)
+        routing.run("gemm1", "gemm1", lambda c: _launch_gemm1(c, routing, x, gate_up, h, gu))
+    return gu, h, perm, inv, offsets
+
+
+def gate_up_backward_impl(dgu, x, gate_up, perm, inv, offsets, top_k, need_x, need_gate_up):
+    """Node 1's backward: dWgu[e] = sum_r dgu_r^T x[tok_r]; dx[t] = sum_j (dgu @ Wgu[e])[slot(t, j)]."""
+    hidden = x.shape[1]
+    two_i = gate_up.shape[1]
+    if perm.numel() == 0:
+        return x.new_zeros(x.shape) if need_x else None, gate_up.new_zeros(gate_up.shape) if need_gate_up else None
     x = x.contiguous()
-    weights = top_k_weights.contiguous().reshape(-1)
-    schedules = _Schedules(offsets, num_rows, num_experts)
-    key = _shape_key(x, gate_up, down, num_rows)
-
-    gemm1 = lambda c: _launch_gemm1(c, x, gate_up, h, gu, perm, schedules, top_k, save_for_backward)  # noqa: E731
-    config = _choose("gemm1", key, _candidates("gemm1", num_rows, num_experts, x.dtype), gemm1)
-    gemm1(config)
-
-    y = torch.empty(num_rows, hidden, dtype=x.dtype, device=x.device)
-    down_t = (down.stride(0), down.stride(2), down.stride(1))  # B[e][k in I, n in H] = down[e, n, k]
-    gemm2 = lambda c: _launch_grouped(c, h, down, y, perm, schedules, top_k, hidden, inter, down_t, False)  # noqa
-    config = _choose("gemm2", key, _candidates("gemm2", num_rows, num_experts, x.dtype), gemm2)
-    gemm2(config)
-
-    _launch_combine(y, inv, weights, out, top_k)
-    return out, gu, perm, inv, offsets
-
-
-def fused_moe_backward_impl(grad_out, x, gate_up, down, top_k_weights, gu, perm, inv, offsets,
-                            need_x, need_gate_up, need_down, need_weights):
-    tokens, hidden = x.shape
-    top_k = top_k_weights.shape[1]
-    num_rows = tokens * top_k
-    num_experts, two_i, _ = gate_up.shape
-    inter = two_i // 2
-    grad_out = grad_out.to(x.dtype).contiguous()
-    x = x.contiguous()
-    weights = top_k_weights.contiguous().reshape(-1)
-    if num_rows == 0:
-        return tuple(torch.zeros_like(t) if need else None for t, need in
-                     ((x, need_x), (gate_up, need_gate_up), (down, need_down), (top_k_weights, need_weights)))
-    # every element of these is written by a kernel (experts without rows get zeros from the wgrad kernel)
-    dx = torch.empty_like(x) if need_x else None
-    dgate_up = torch.empty_like(gate_up) if need_gate_up else None
-    ddown = torch.empty_like(down) if need_down else None
-    dweights = None
-    schedules = _Schedules(offsets, num_rows, num_experts)
-    key = _shape_key(x, gate_up, down, num_rows)
-
-    # dA = dY[tok] @ Wd[e] with the routing-weight gradient and dSwiGLU in the epilogue.
-    dgu = torch.empty(num_rows, two_i, dtype=x.dtype, device=x.device)
-    hw = torch.empty(num_rows, inter, dtype=x.dtype, device=x.device)  # w * h, written by the dgrad_h epilogue
-    down_n = (down.stride(0), down.stride(1), down.stride(2))  # B[e][k in H, n in I] = down[e, k, n]
-    partial = {}
-
-    def dgrad_h(c):
-        dw = partial.get(c.block_n)
-        if dw is None:
-            dw = partial[c.block_n] = torch.empty(triton_cdiv(inter, c.block_n), num_rows, dtype=torch.float32,
-                                                  device=x.device)
-        _launch_grouped(c, grad_out, down, dgu, perm, schedules, top_k, inter, hidden, down_n, True, epilogue=1,
-                        gu=gu, h=hw, topk_w=weights, dw=dw)
-
-    config = _choose("dgrad_h", key, _candidates("dgrad_h", num_rows, num_experts, x.dtype), dgrad_h)
-    dgrad_h(config)
-    if need_weights:
-        dw_sorted = partial[config.block_n].sum(0)
-        dweights = dw_sorted.index_select(0, inv).view_as(top_k_weights).to(top_k_weights.dtype)
-    partial.clear()
-
-    if need_down:  # dWd[e] [H, I] = sum_r dY[tok_r]^T (w_r h_r)
-        wgrad_d = lambda c: _launch_wgrad(c, grad_out, hw, ddown, perm, offsets, top_k, True, False)  # noqa: E731
-        wgrad_d(_choose("wgrad_down", key, _candidates("wgrad", num_rows, num_experts, x.dtype), wgrad_d))
-    if need_gate_up:  # dWgu[e] [2I, H] = sum_r dgu_r^T x[tok_r]
-        wgrad_gu = lambda c: _launch_wgrad(c, dgu, x, dgate_up, perm, offsets, top_k, False, True)  # noqa: E731
-        wgrad_gu(_choose("wgrad_gate_up", key, _candidates("wgrad", num_rows, num_experts, x.dtype), wgrad_gu))
-    if need_x:  # dXs = dgu @ Wgu[e], then summed over each token's k slots
-        dxs = torch.empty(num_rows, hidden, dtype=x.dtype, device=x.device)
-        gate_up_n = (gate_up.stride(0), gate_up.stride(1), gate_up.stride(2))  # B[e][k in 2I, n in H]
-        dgrad_x = lambda c: _launch_grouped(c, dgu, gate_up, dxs, perm, schedules, top_k, hidden, two_i,  # noqa
-                                            gate_up_n, False)
-        dgrad_x(_choose("dgrad_x", key, _candidates("dgrad_x", num_rows, num_experts, x.dtype), dgrad_x))
+    dgu = dgu.contiguous()
+    routing = Routing(perm, inv, offsets, top_k, hidden, two_i // 2, x.dtype)
+    # every element of dx and dW_gate_up is written by a kernel (experts without rows get zeros from wgrad)
+    dx = dgate_up = None
+    if need_x:  # first, so that the [N, H] dXs is freed before dW_gate_up exists
+        dx = torch.empty_like(x)
+        dxs = x.new_empty(perm.numel(), hidden)
+        routing.run("dgrad_x", "dgrad_x",
+                    lambda c: _launch_grouped(c, routing, dgu, gate_up, dxs, hidden, two_i, _gate_up_n(gate_up)))
         _launch_combine(dxs, inv, None, dx, top_k)
-    return dx, dgate_up, ddown, dweights
+        del dxs
+    if need_gate_up:
+        dgate_up = torch.empty_like(gate_up)
+        routing.run("wgrad_gate_up", "wgrad", lambda c: _launch_wgrad(c, routing, dgu, x, dgate_up, False, True))
+    return dx, dgate_up
+
+
+def down_forward_impl(h, down, top_k_weights, perm, inv, offsets):
+    """Node 2: y = h @ Wd[e].T (sorted rows), out[t] = sum_j w[t, j] y[slot(t, j)]."""
+    tokens, top_k = top_k_weights.shape
+    num_rows, inter = h.shape
+    hidden = down.shape[1]
+    if num_rows == 0:
+        return h.new_zeros(tokens, hidden)
+    routing = Routing(perm, inv, offsets, top_k, hidden, inter, h.dtype)
+    y = h.new_empty(num_rows, hidden)
+    routing.run("gemm2", "gemm2", lambda c: _launch_grouped(c, routing, h, down, y, hidden, inter, _down_t(down)))
+    out = h.new_empty(tokens, hidden)
+    _launch_combine(y, inv, top_k_weights.contiguous().reshape(-1), out, top_k)
+    return out
+
+
+def down_backward_impl(grad_out, gu, h, down, top_k_weights, perm, inv, offsets, variant,
+                       need_gu, need_down, need_weights):
+    """Node 2's backward: dgu (dL/d(gate | up)), dWd and the routing-weight gradient (see the module docstring).
+    h is the saved activation under "scale_in_wgrad" (unused, may be empty, under "store_wh")."""
+    top_k = top_k_weights.shape[1]
+    num_rows, two_i = gu.shape
+    inter, hidden = two_i // 2, down.shape[1]
+    store_wh = variant == "store_wh"
+    if num_rows == 0:
+        return tuple(t.new_zeros(t.shape) if need else None
+                     for t, need in ((gu, need_gu), (down, need_down), (top_k_weights, need_weights)))
+    grad_out = grad_out.to(gu.dtype).contiguous()
+    weights = top_k_weights.contiguous().reshape(-1)
+    routing = Routing(perm, inv, offsets, top_k, hidden, inter, gu.dtype)
+    wgrad_b = gu.new_empty(num_rows, inter) if store_wh else h  # w * h (written by dgrad_h) or the saved h
+    dgu = dweights = ddown = None
+    if need_gu or need_weights or (need_down and store_wh):
+        dgu = torch.empty_like(gu)
+        partial = {}
+
+        def dgrad_h(c):
+            if c.block_n not in partial:
+                partial[c.block_n] = torch.empty(triton_cdiv(inter, c.block_n), num_rows, dtype=torch.float32,
+                                                 device=gu.device)
+            _launch_dgrad_h(c, routing, grad_out, down, dgu, gu, wgrad_b, weights, partial[c.block_n], store_wh)
+
+        config = routing.run(f"dgrad_h/{variant}", "dgrad_h", dgrad_h)
+        if need_weights:
+            dw_sorted = partial[config.block_n].sum(0)
+            dweights = dw_sorted.index_select(0, inv).view_as(top_k_weights).to(top_k_weights.dtype)
+    if need_down:  # dWd[e] [H, I] = sum_r (w_r dY[tok_r])^T h_r
+        ddown = torch.empty_like(down)
+        scale = None if store_wh else weights
+        routing.run(f"wgrad_down/{variant}", "wgrad",
+                    lambda c: _launch_wgrad(c, routing, grad_out, wgrad_b, ddown, True, False, topk_w=scale))
+    return dgu if need_gu else None, ddown, dweights
 
 
 # --------------------------------------------------------------------------------------------------- custom ops
 
 
-@torch.library.custom_op("modeling_moe::fused_moe_forward", mutates_args=())
-def fused_moe_forward_op(
-    x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k_index: torch.Tensor,
-    top_k_weights: torch.Tensor, save_for_backward: bool,
+@torch.library.custom_op("modeling_moe::fused_moe_gate_up", mutates_args=())
+def fused_moe_gate_up_op(
+    x: torch.Tensor, gate_up: torch.Tensor, top_k_index: torch.Tensor, save_gu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, gate|up pre-activations [N, 2I] (empty unless save_for_backward), perm, inv, offsets)."""
-    return fused_moe_forward_impl(x, gate_up, down, top_k_index, top_k_weights, save_for_backward)
+    """(gu [N, 2I] (empty unless save_gu), h [N, I], perm, inv, offsets); rows in sorted slot order."""
+    return gate_up_forward_impl(x, gate_up, top_k_index, save_gu)
 
 
-@fused_moe_forward_op.register_fake
-def _(x, gate_up, down, top_k_index, top_k_weights, save_for_backward):
+@fused_moe_gate_up_op.register_fake
+def _(x, gate_up, top_k_index, save_gu):
     num_rows = top_k_index.shape[0] * top_k_index.shape[1]
     two_i = gate_up.shape[1]
-    saved = num_rows if save_for_backward else 0
     return (
-        x.new_empty(x.shape),
-        x.new_empty(saved, two_i),
+        x.new_empty(num_rows if save_gu else 0, two_i),
+        x.new_empty(num_rows, two_i // 2),
         top_k_index.new_empty(num_rows, dtype=torch.int32),
         top_k_index.new_empty(num_rows, dtype=torch.int32),
         top_k_index.new_empty(gate_up.shape[0] + 1, dtype=torch.int32),
     )
 
 
-@torch.library.custom_op("modeling_moe::fused_moe_backward", mutates_args=())
-def fused_moe_backward_op(
-    grad_out: torch.Tensor, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
-    top_k_weights: torch.Tensor, gu: torch.Tensor, perm: torch.Tensor, inv: torch.Tensor,
-    offsets: torch.Tensor, need_x: bool, need_gate_up: bool, need_down: bool, need_weights: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    grads = fused_moe_backward_impl(grad_out, x, gate_up, down, top_k_weights, gu, perm, inv, offsets,
-                                    need_x, need_gate_up, need_down, need_weights)
-    # custom ops return tensors: an empty one stands for "not needed"
-    empties = (x, gate_up, down, top_k_weights)
-    return tuple(g if g is not None else e.new_empty(0) for g, e in zip(grads, empties))
+@torch.library.custom_op("modeling_moe::fused_moe_gate_up_backward", mutates_args=())
+def fused_moe_gate_up_backward_op(
+    dgu: torch.Tensor, x: torch.Tensor, gate_up: torch.Tensor, perm: torch.Tensor, inv: torch.Tensor,
+    offsets: torch.Tensor, top_k: int, need_x: bool, need_gate_up: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    grads = gate_up_backward_impl(dgu, x, gate_up, perm, inv, offsets, top_k, need_x, need_gate_up)
+    return _or_empty(grads, (x, gate_up))
 
 
-@fused_moe_backward_op.register_fake
-def _(grad_out, x, gate_up, down, top_k_weights, gu, perm, inv, offsets, need_x, need_gate_up, need_down,
-      need_weights):
-    return tuple(t.new_empty(t.shape) if need else t.new_empty(0)
-                 for t, need in ((x, need_x), (gate_up, need_gate_up), (down, need_down),
-                                 (top_k_weights, need_weights)))
+@fused_moe_gate_up_backward_op.register_fake
+def _(dgu, x, gate_up, perm, inv, offsets, top_k, need_x, need_gate_up):
+    return _fake_grads((x, gate_up), (need_x, need_gate_up))
 
 
-def _setup_context(ctx, inputs, output):
-    x, gate_up, down, top_k_index, top_k_weights, _ = inputs
-    _, gu, perm, inv, offsets = output
-    ctx.mark_non_differentiable(gu, perm, inv, offsets)
+@torch.library.custom_op("modeling_moe::fused_moe_down", mutates_args=())
+def fused_moe_down_op(
+    gu: torch.Tensor, h: torch.Tensor, down: torch.Tensor, top_k_weights: torch.Tensor, perm: torch.Tensor,
+    inv: torch.Tensor, offsets: torch.Tensor, dgrad_h: str,
+) -> torch.Tensor:
+    """out [T, H] from h; gu is the differentiable input (h = SwiGLU(gu)) and `dgrad_h` the backward's variant."""
+    return down_forward_impl(h, down, top_k_weights, perm, inv, offsets)
+
+
+@fused_moe_down_op.register_fake
+def _(gu, h, down, top_k_weights, perm, inv, offsets, dgrad_h):
+    return h.new_empty(top_k_weights.shape[0], down.shape[1])
+
+
+@torch.library.custom_op("modeling_moe::fused_moe_down_backward", mutates_args=())
+def fused_moe_down_backward_op(
+    grad_out: torch.Tensor, gu: torch.Tensor, h: torch.Tensor, down: torch.Tensor, top_k_weights: torch.Tensor,
+    perm: torch.Tensor, inv: torch.Tensor, offsets: torch.Tensor, dgrad_h: str, need_gu: bool, need_down: bool,
+    need_weights: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = down_backward_impl(grad_out, gu, h, down, top_k_weights, perm, inv, offsets, dgrad_h,
+                               need_gu, need_down, need_weights)
+    return _or_empty(grads, (gu, down, top_k_weights))
+
+
+@fused_moe_down_backward_op.register_fake
+def _(grad_out, gu, h, down, top_k_weights, perm, inv, offsets, dgrad_h, need_gu, need_down, need_weights):
+    return _fake_grads((gu, down, top_k_weights), (need_gu, need_down, need_weights))
+
+
+def _or_empty(grads, like):
+    """Custom ops return tensors: an empty one stands for "not needed"."""
+    return tuple(g if g is not None else t.new_empty(0) for g, t in zip(grads, like))
+
+
+def _fake_grads(like, needs):
+    return tuple(t.new_empty(t.shape) if need else t.new_empty(0) for t, need in zip(like, needs))
+
+
+def _gate_up_setup_context(ctx, inputs, output):
+    x, gate_up, top_k_index, _ = inputs
+    _, h, perm, inv, offsets = output
+    ctx.mark_non_differentiable(h, perm, inv, offsets)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, gate_up, down, top_k_weights, gu, perm, inv, offsets)
+    ctx.top_k = top_k_index.shape[1]
+    ctx.save_for_backward(x, gate_up, perm, inv, offsets)
 
 
-def _backward(ctx, grad_out, *unused):
-    x, gate_up, down, top_k_weights, gu, perm, inv, offsets = ctx.saved_tensors
-    need_x, need_gate_up, need_down, _, need_weights, _ = ctx.needs_input_grad
-    if grad_out is None or gu.shape[0] != perm.shape[0]:
-        if gu.shape[0] != perm.shape[0]:
-            raise RuntimeError("fused MoE: the forward ran without saving activations (save_for_backward=False)")
-        return None, None, None, None, None, None
-    dx, dgate_up, ddown, dweights = torch.ops.modeling_moe.fused_moe_backward(
-        grad_out, x, gate_up, down, top_k_weights, gu, perm, inv, offsets,
-        need_x, need_gate_up, need_down, need_weights)
-    return (dx if need_x else None, dgate_up if need_gate_up else None, ddown if need_down else None, None,
-            dweights if need_weights else None, None)
+def _gate_up_backward(ctx, dgu, *unused):
+    need_x, need_gate_up = ctx.needs_input_grad[:2]
+    if dgu is None:
+        return None, None, None, None
+    x, gate_up, perm, inv, offsets = ctx.saved_tensors
+    dx, dgate_up = torch.ops.modeling_moe.fused_moe_gate_up_backward(dgu, x, gate_up, perm, inv, offsets, ctx.top_k,
+                                                                      need_x, need_gate_up)
+    return dx if need_x else None, dgate_up if need_gate_up else None, None, None
 
 
-torch.library.register_autograd("modeling_moe::fused_moe_forward", _backward, setup_context=_setup_context)
+def _down_setup_context(ctx, inputs, output):
+    gu, h, down, top_k_weights, perm, inv, offsets, variant = inputs
+    ctx.set_materialize_grads(False)
+    ctx.variant = variant
+    saved_h = h if variant == "scale_in_wgrad" else h.new_empty(0)
+    ctx.save_for_backward(gu, saved_h, down, top_k_weights, perm, inv, offsets)
+
+
+def _down_backward(ctx, grad_out):
+    need_gu, _, need_down, need_weights = ctx.needs_input_grad[:4]
+    if grad_out is None:
+        return (None,) * 8
+    gu, h, down, top_k_weights, perm, inv, offsets = ctx.saved_tensors
+    if gu.shape[0] != perm.shape[0]:
+        raise RuntimeError("fused MoE: the forward ran without saving activations (no input required grad)")
+    dgu, ddown, dweights = torch.ops.modeling_moe.fused_moe_down_backward(
+        grad_out, gu, h, down, top_k_weights, perm, inv, offsets, ctx.variant, need_gu, need_down, need_weights)
+    return (dgu if need_gu else None, None, ddown if need_down else None, dweights if need_weights else None,
+            None, None, None, None)
+
+
+torch.library.register_autograd("modeling_moe::fused_moe_gate_up", _gate_up_backward,
+                                setup_context=_gate_up_setup_context)
+torch.library.register_autograd("modeling_moe::fused_moe_down", _down_backward, setup_context=_down_setup_context)
 
 
 # ------------------------------------------------------------------------------------------------ public functions
@@ -485,7 +611,8 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj
     x = hidden_states.to(gate_up_proj.dtype)
     down = down_proj.to(gate_up_proj.dtype)
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate_up_proj, down, top_k_weights))
-    out = torch.ops.modeling_moe.fused_moe_forward(x, gate_up_proj, down, top_k_index, top_k_weights, save)[0]
+    gu, h, perm, inv, offsets = torch.ops.modeling_moe.fused_moe_gate_up(x, gate_up_proj, top_k_index, save)
+    out = torch.ops.modeling_moe.fused_moe_down(gu, h, down, top_k_weights, perm, inv, offsets, dgrad_h_variant())
     return out.to(dtype)
 
 
@@ -512,5 +639,6 @@ def register(name: str = "fused") -> bool:
     return True
 
 
-__all__ = ["fused_moe", "fused_experts_forward", "register", "preferred_by_default", "KernelConfig", "config_override", "set_autotune",
-           "autotune_enabled", "clear_config_cache", "use_triton", "build_routing", "tile_schedule", "TUNING_LOG"]
+__all__ = ["fused_moe", "fused_experts_forward", "register", "preferred_by_default", "KernelConfig", "config_override",
+           "set_autotune", "autotune_enabled", "clear_config_cache", "use_triton", "build_routing", "tile_schedule",
+           "TUNING_LOG", "DGRAD_H_VARIANTS", "set_dgrad_h_variant", "dgrad_h_variant"]

@@ -36,32 +36,44 @@ def moe_experts_reference(
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
 ) -> torch.Tensor:
-    """[T, H] output of the routed experts (see the module docstring). Differentiable; one host sync (offsets)."""
-    num_tokens, top_k = top_k_index.shape
-    num_experts, two_i, _ = gate_up_proj.shape
-    inter = two_i // 2
-    accumulate_dtype = torch.promote_types(hidden_states.dtype, torch.float32)
-    perm, inv, offsets = sort_slots(top_k_index, num_experts)
+    """[T, H] output of the routed experts (see the module docstring). Differentiable; host syncs (offsets)."""
+    gate_up = sorted_pre_activations(hidden_states, gate_up_proj, top_k_index)
+    return down_and_combine(gate_up, down_proj, top_k_index, top_k_weights).to(hidden_states.dtype)
+
+
+def sorted_pre_activations(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor,
+                           top_k_index: torch.Tensor) -> torch.Tensor:
+    """(gate | up) [N, 2I] of every slot, rows in sorted slot order (the fused path's first autograd node)."""
+    top_k = top_k_index.shape[1]
+    perm, _, offsets = sort_slots(top_k_index, gate_up_proj.shape[0])
     x_sorted = hidden_states[perm // top_k]
-    pieces = []
     bounds = offsets.tolist()
-    for expert in range(num_experts):
-        start, end = bounds[expert], bounds[expert + 1]
-        if start == end:
-            continue
-        gate_up = x_sorted[start:end] @ gate_up_proj[expert].transpose(0, 1)
-        gate, up = gate_up[:, :inter], gate_up[:, inter:]
-        pieces.append((F.silu(gate) * up) @ down_proj[expert].transpose(0, 1))
-    if pieces:
-        y_sorted = torch.cat(pieces, dim=0)
-    else:  # no tokens at all
-        y_sorted = hidden_states.new_zeros(0, down_proj.shape[1])
+    pieces = [x_sorted[start:end] @ gate_up_proj[expert].transpose(0, 1)
+              for expert, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])) if end > start]
+    if not pieces:  # no tokens at all
+        return hidden_states.new_zeros(0, gate_up_proj.shape[1])
+    return torch.cat(pieces, dim=0)
+
+
+def down_and_combine(gate_up_sorted: torch.Tensor, down_proj: torch.Tensor, top_k_index: torch.Tensor,
+                     top_k_weights: torch.Tensor) -> torch.Tensor:
+    """[T, H] from the sorted pre-activations (the second node): SwiGLU, the down projection, and the weighted sum
+    over each token's k slots, accumulated in (at least) fp32, in j order."""
+    num_tokens, top_k = top_k_index.shape
+    inter = gate_up_sorted.shape[1] // 2
+    _, inv, offsets = sort_slots(top_k_index, down_proj.shape[0])
+    h = F.silu(gate_up_sorted[:, :inter]) * gate_up_sorted[:, inter:]
+    bounds = offsets.tolist()
+    pieces = [h[start:end] @ down_proj[expert].transpose(0, 1)
+              for expert, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])) if end > start]
+    y_sorted = torch.cat(pieces, dim=0) if pieces else h.new_zeros(0, down_proj.shape[1])
+    accumulate_dtype = torch.promote_types(gate_up_sorted.dtype, torch.float32)
     y = y_sorted[inv].view(num_tokens, top_k, -1).to(accumulate_dtype)
     weights = top_k_weights.to(accumulate_dtype)
     out = y[:, 0] * weights[:, 0, None]
     for j in range(1, top_k):
         out = out + y[:, j] * weights[:, j, None]
-    return out.to(hidden_states.dtype)
+    return out
 
 
 def reference_experts_forward(self, hidden_states, top_k_index, top_k_weights):

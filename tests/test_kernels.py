@@ -28,6 +28,8 @@ except ImportError:  # a checkout that is not pip-installed: kernels/ sits at th
     _spec.loader.exec_module(modeling_moe.kernels)
 
 from modeling_moe.kernels import KernelConfig, config_override, fused_moe, moe_experts_reference, set_autotune
+from modeling_moe.kernels.fused_moe_ops import DGRAD_H_VARIANTS, dgrad_h_variant, set_dgrad_h_variant
+from modeling_moe.kernels.reference import down_and_combine, sorted_pre_activations
 
 from .helpers import small_config
 
@@ -79,6 +81,14 @@ def triton_path(monkeypatch):
         set_autotune(None)
 
 
+@pytest.fixture(params=DGRAD_H_VARIANTS)
+def dgrad_h(request):
+    """Each dgrad_h variant in turn (the variant is read at forward time)."""
+    set_dgrad_h_variant(request.param)
+    yield request.param
+    set_dgrad_h_variant(None)
+
+
 def make_case(tokens, hidden, inter, experts, top_k, routing="random", seed=0, device="cpu", dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, hidden, generator=g)
@@ -103,9 +113,14 @@ def relative_error(value, reference):
     return ((value.double() - reference).norm() / reference.norm().clamp_min(1e-30)).item()
 
 
-def check_against_reference(case, tolerance, grad_seed=1):
+DIFFERENTIABLE = ("x", "gate_up_proj", "down_proj", "top_k_weights")
+
+
+def check_against_reference(case, tolerance, grad_seed=1, trainable=DIFFERENTIABLE):
+    """Output and the gradients of the `trainable` inputs against float64; the other inputs get no gradient."""
     x, gate_up, down, index, weights = case
-    inputs = [t.detach().clone().requires_grad_(True) for t in (x, gate_up, down, weights)]
+    inputs = [t.detach().clone().requires_grad_(name in trainable)
+              for name, t in zip(DIFFERENTIABLE, (x, gate_up, down, weights))]
     out = fused_moe(inputs[0], inputs[1], inputs[2], index, inputs[3])
     assert out.dtype == x.dtype and out.shape == x.shape
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out.device, out.dtype)
@@ -114,7 +129,10 @@ def check_against_reference(case, tolerance, grad_seed=1):
     reference = moe_experts_reference(refs[0], refs[1], refs[2], index.cpu(), refs[3])
     reference.backward(grad.double().cpu())
     errors = {"out": relative_error(out.cpu(), reference)}
-    for name, tensor, ref in zip(["x", "gate_up_proj", "down_proj", "top_k_weights"], inputs, refs):
+    for name, tensor, ref in zip(DIFFERENTIABLE, inputs, refs):
+        if name not in trainable:
+            assert tensor.grad is None, name
+            continue
         assert tensor.grad is not None, name
         assert torch.isfinite(tensor.grad).all(), name
         errors[name] = relative_error(tensor.grad.cpu(), ref.grad) if ref.grad.norm() > 0 else \
@@ -137,10 +155,72 @@ CASES = {
 
 @needs_triton
 @pytest.mark.parametrize("name", list(CASES))
-def test_fused_matches_float64_reference(triton_path, name):
+def test_fused_matches_float64_reference(triton_path, dgrad_h, name):
     tokens, hidden, inter, experts, top_k, routing = CASES[name]
     case = make_case(tokens, hidden, inter, experts, top_k, routing, seed=len(name), device=triton_path)
     check_against_reference(case, tolerance=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("trainable", [("top_k_weights",), ("x", "top_k_weights"), ("gate_up_proj", "top_k_weights"),
+                                       ("down_proj",), ("x",), ("x", "gate_up_proj", "down_proj")])
+def test_gradients_when_only_some_inputs_require_grad(triton_path, dgrad_h, trainable):
+    """E.g. a frozen-experts router (only the routing weights): the routing-weight gradient stays exact."""
+    case = make_case(20, 48, 40, 6, 2, seed=5, device=triton_path)
+    check_against_reference(case, tolerance=1e-5, trainable=trainable)
+
+
+@needs_triton
+def test_two_autograd_nodes_and_their_boundary(triton_path, dgrad_h):
+    """Node 1 returns the sorted pre-activations gu (its differentiable output); node 2's backward returns dL/dgu."""
+    ops = torch.ops.modeling_moe
+    x, gate_up, down, index, weights = make_case(20, 48, 40, 6, 2, seed=3, device=triton_path)
+    gu, h, perm, inv, offsets = ops.fused_moe_gate_up(x, gate_up, index, True)
+    assert relative_error(gu, sorted_pre_activations(x.double(), gate_up.double(), index)) < 1e-6
+    gu_in = gu.clone().requires_grad_(True)
+    out = ops.fused_moe_down(gu_in, h, down, weights, perm, inv, offsets, dgrad_h)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    gu_ref = gu.double().requires_grad_(True)
+    down_and_combine(gu_ref, down.double(), index, weights.double()).backward(grad.double())
+    assert relative_error(gu_in.grad, gu_ref.grad) < 1e-5
+
+    inputs = [t.requires_grad_(True) for t in (x, gate_up, down, weights)]
+    node2 = fused_moe(inputs[0], inputs[1], inputs[2], index, inputs[3]).grad_fn
+    assert "fused_moe_down" in node2.name()
+    assert any(n is not None and "fused_moe_gate_up" in n.name() for n, _ in node2.next_functions)
+
+
+@needs_triton
+def test_down_gradient_is_accumulated_before_gate_up_gradient_exists(triton_path, monkeypatch):
+    """The peak-memory point of the two nodes: dW_down reaches .grad (its buffer can go) before node 1's backward
+    allocates dW_gate_up."""
+    from modeling_moe.kernels import fused_moe_ops
+
+    events = []
+    gate_up_backward = fused_moe_ops.gate_up_backward_impl
+    monkeypatch.setattr(fused_moe_ops, "gate_up_backward_impl",
+                        lambda *args: events.append("gate_up backward") or gate_up_backward(*args))
+    x, gate_up, down, index, weights = make_case(20, 48, 40, 6, 2, seed=4, device=triton_path)
+    for name, param in (("down", down), ("gate_up", gate_up)):
+        param.requires_grad_(True).register_post_accumulate_grad_hook(lambda p, name=name: events.append(name))
+    fused_moe(x.requires_grad_(True), gate_up, down, index, weights.requires_grad_(True)).sum().backward()
+    assert events == ["down", "gate_up backward", "gate_up"]
+
+
+def test_dgrad_h_variant_setting(monkeypatch):
+    monkeypatch.setenv("MOE_DGRAD_H", "scale_in_wgrad")
+    assert dgrad_h_variant() == "scale_in_wgrad"
+    set_dgrad_h_variant("store_wh")  # the setting wins over the environment
+    try:
+        assert dgrad_h_variant() == "store_wh"
+        with pytest.raises(ValueError):
+            set_dgrad_h_variant("store_h")
+    finally:
+        set_dgrad_h_variant(None)
+    monkeypatch.setenv("MOE_DGRAD_H", "store_h")
+    with pytest.raises(ValueError):
+        dgrad_h_variant()
 
 
 @needs_triton
@@ -181,13 +261,25 @@ def test_tile_schedule(triton_path):
 def test_custom_op_fake_and_opcheck(triton_path):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    ops = torch.ops.modeling_moe
     x, gate_up, down, index, weights = make_case(5, 16, 16, 4, 2, device=triton_path)
     with FakeTensorMode() as mode:
-        fakes = [mode.from_tensor(t) for t in (x, gate_up, down, index, weights)]
-        out, gu, perm, inv, offsets = torch.ops.modeling_moe.fused_moe_forward(*fakes, True)
-        assert out.shape == (5, 16) and gu.shape == (10, 32) and perm.shape == (10,) and offsets.shape == (5,)
-    torch.library.opcheck(torch.ops.modeling_moe.fused_moe_forward.default, (x, gate_up, down, index, weights, False),
-                          test_utils=("test_schema", "test_faketensor"))
+        x_, gate_up_, down_, index_, weights_ = [mode.from_tensor(t) for t in (x, gate_up, down, index, weights)]
+        gu, h, perm, inv, offsets = ops.fused_moe_gate_up(x_, gate_up_, index_, True)
+        assert gu.shape == (10, 32) and h.shape == (10, 16) and perm.shape == (10,) and offsets.shape == (5,)
+        out = ops.fused_moe_down(gu, h, down_, weights_, perm, inv, offsets, "store_wh")
+        assert out.shape == (5, 16)
+    gu, h, perm, inv, offsets = ops.fused_moe_gate_up(x, gate_up, index, True)
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(ops.fused_moe_gate_up.default, (x, gate_up, index, False), test_utils=checks)
+    torch.library.opcheck(ops.fused_moe_down.default, (gu, h, down, weights, perm, inv, offsets, "store_wh"),
+                          test_utils=checks)
+    grad = torch.randn_like(x)
+    for variant in DGRAD_H_VARIANTS:
+        torch.library.opcheck(ops.fused_moe_down_backward.default, (grad, gu, h, down, weights, perm, inv, offsets,
+                                                                    variant, True, True, False), test_utils=checks)
+    torch.library.opcheck(ops.fused_moe_gate_up_backward.default, (gu, x, gate_up, perm, inv, offsets, 2, True, False),
+                          test_utils=checks)
 
 
 def test_reference_path_without_triton_matches_eager(monkeypatch):
@@ -266,7 +358,7 @@ GPU_CASES = {
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(GPU_CASES))
-def test_gpu_bf16_matches_float64_reference(triton_path, name):
+def test_gpu_bf16_matches_float64_reference(triton_path, dgrad_h, name):
     tokens, hidden, inter, experts, top_k, routing = GPU_CASES[name]
     case = make_case(tokens, hidden, inter, experts, top_k, routing, seed=len(name), device="cuda",
                      dtype=torch.bfloat16)
