@@ -223,6 +223,10 @@ class ExpertParallel:
         if fsdp_plugin.cpu_offload is not None:
             kwargs["offload_policy"] = fsdp_plugin.cpu_offload
         for module in self.modules.values():
+            if policy.param_dtype is not None:
+                # accelerate upcasts the model to fp32 master weights for FSDP2 mixed precision, but only the
+                # modules it shards itself: experts sharded here in bf16 would mix dtypes in the optimizer step.
+                module.float()
             fully_shard(module, **kwargs)
         self.fsdp = True
 

@@ -900,6 +900,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
             elapsed = max(time.perf_counter() - window["start"], 1e-9)
             tokens_per_second = window["steps"] * tokens_per_step / elapsed
             maxvio = (window["maxvio"] / window["steps"]).tolist()
+            peak_memory = None
+            if device.type == "cuda":  # the largest process's peak allocated memory since the start, GiB
+                peak_bytes = torch.tensor([float(torch.cuda.max_memory_allocated(device))], device=device)
+                peak_memory = round(accelerator.gather(peak_bytes).max().item() / 2**30, 2)
             load = window["load"].tolist()
             last_window_load, last_window_steps = load, [window["first_step"], step]
             if state.first_window_load is None:
@@ -918,6 +922,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
                 "mfu": round(tokens_per_second * flops_per_token / (peak * world), 4) if peak else None,
                 "maxvio": [round(v, 4) for v in maxvio],
                 "tokens_seen": state.tokens_seen,
+                "peak_memory_gib": peak_memory,
             }
             if progress is not None:
                 progress.set_postfix(
@@ -997,6 +1002,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
         "tokens_per_second": train_records[-1]["tokens_per_second"] if train_records else None,
         "mfu": train_records[-1]["mfu"] if train_records else None,
         "maxvio": train_records[-1]["maxvio"] if train_records else None,
+        "peak_memory_gib": train_records[-1].get("peak_memory_gib") if train_records else None,
         "num_parameters": counts,
         "flops_per_token": flops_per_token,
         "world_size": world,

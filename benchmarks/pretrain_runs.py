@@ -1,0 +1,968 @@
+r"""The pretraining measurements of the two-GPU issue: trainer runs launched, then summarised, by one command.
+
+    # a machine with 2 GPUs, from the repository root (about 7 minutes for both parts)
+    python benchmarks/pretrain_runs.py --output_dir $OUT --dataset .devdata/corpus.jsonl
+
+    # the same driver on the CPU: tiny preset, float32, gloo, 2 processes where a run has several (~3 min on 2 cores)
+    python benchmarks/pretrain_runs.py --small --output_dir /tmp/pretrain_runs
+
+Parts (`--parts`, default both, in that order):
+
+scaling     One model (default: the anchors' 1.26B shape, see MODELS), the same per-GPU batch and sequence length,
+            `--scaling_steps` steps a run, the runs one after the other (each has the GPUs to itself), launched with
+            `accelerate launch --config_file trainers/accelerate_configs/<config>.yaml`:
+              single      1 GPU                                   single_gpu.yaml
+              ddp         2 GPUs, DDP                             ddp.yaml
+              fsdp2       2 GPUs, FSDP2                           fsdp2.yaml
+              fsdp2_ep2   2 GPUs, FSDP2 + expert parallel 2       fsdp2_ep.yaml, --expert_parallel_size 2
+              ddp_ep2     2 GPUs, DDP + expert parallel 2         ddp.yaml, --expert_parallel_size 2
+              eq_ep1      2 GPUs, DDP, float32 (no autocast, no TF32), `--equality_steps` steps
+              eq_ep2      the same with --expert_parallel_size 2
+            Reported: tokens/s per GPU (median over the steps after `--skip_steps`), MFU, peak memory (the largest
+            process's allocated peak), scaling efficiency = tokens/s per GPU at 2 GPUs / tokens/s of `single` (target
+            >= 90%), and EP=2 against EP=1, per-step |loss difference| over the first `--equality_steps` steps:
+            eq_ep2 vs eq_ep1 (float32, same global batch, data order and seed: only summation orders differ) and, for
+            information, the bf16 pairs ddp_ep2 vs ddp and fsdp2_ep2 vs fsdp2.
+
+balancing   `--balancing_model` (default moe-100m) on the same tokens (same seed, same data order) once per balancing
+            mode, the runs concurrent, one GPU each, spread over `--balancing_gpus`:
+              loss_free   bias_update_speed=u (aux-loss-free bias, DeepSeek-V3), no auxiliary loss; one run per value
+                          of --bias_update_speed (named loss_free-u<u> when there are several)
+              aux_loss    bias_update_speed=0, the batch-wise expert balance loss: router_aux_loss_coef=a,
+                          output_router_logits=true
+              none        bias_update_speed=0, no auxiliary loss
+            seq_aux_loss_coef=0 in every mode. Reported: final held-out loss, MaxVio of the last logged window (mean
+            and max over the decoder's MoE layers; the MTP router apart), and the issue's target: loss-free MaxVio
+            <= 0.15 with a held-out loss no worse than the aux-loss run.
+
+Precision (`--scaling_dtype`, `--balancing_dtype`): `bf16` = bf16 weights and AdamW states with bf16 autocast, except
+under FSDP2, where accelerate's bf16 policy makes fp32 master weights with bf16 compute out of any weights (the FSDP2
+runs are given fp32 weights: with bf16 ones, expert parallelism fails in AdamW's first step, "expected dtype BFloat16
+for `end` but got dtype float", since its experts are sharded before accelerate's upcast); `amp` = fp32 weights, bf16
+autocast (the routed experts then compute in fp32 outside FSDP2: grouped_mm is not autocast); `fp32` = float32, TF32
+off.
+
+Output folder (`--output_dir`; at most `--max_output_files` files, at its top level; rewritten after every run, so a
+killed driver still leaves the finished runs' figures): summary.md (tables, commands, failures), results.jsonl (a line
+per run, the derived scaling / equality / balancing lines, then every logged record of every run as kind "metrics"),
+scaling.png, balancing.png, and the run files matched by `--copy_run_files` (default: each balancing run's
+expert_load.png), named `<run>.<file>`. The runs write under `--work_dir` (metrics.jsonl, loss.png, expert_load.png,
+launcher.log; their model weights are deleted unless --keep_models).
+
+The driver only configures and launches `modeling_moe.trainers.pretrain`: every figure comes from a run's
+metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+ACCELERATE_CONFIGS = REPO / "trainers" / "accelerate_configs"
+TRAINER_MODULE = "modeling_moe.trainers.pretrain"
+CPU_FSDP2_FLAG = "--cpu-fsdp2-trainer"  # internal: the trainer under a CPU FSDP2 harness (--small only)
+
+# Named models: (hub_configs preset, --config_overrides). "small-1.26b" is the anchors' 1.26B model
+# (/work/shared/anchors; benchmarks/bench_model.py MODEL) built on the moe-100m preset, with the presets' GPT-2
+# vocabulary (50257 rather than 32000: 1.30B parameters, 247M activated), no MTP and no sequence-wise aux loss: the
+# model of RESULTS.md's one-GPU functional run.
+MODELS = {
+    "small-1.26b": ("moe-100m", "hidden_size=1024,intermediate_size=2816,moe_intermediate_size=512,"
+                                "num_attention_heads=16,qk_rope_head_dim=64,qk_nope_head_dim=64,v_head_dim=64,"
+                                "kv_lora_rank=256,seq_aux_loss_coef=0,num_nextn_predict_layers=0"),
+}
+
+# run -> (accelerate config, processes, expert parallel size, label)
+SCALING_LAYOUT = {
+    "single": ("single_gpu", 1, 1, "1 GPU"),
+    "ddp": ("ddp", 2, 1, "DDP"),
+    "fsdp2": ("fsdp2", 2, 1, "FSDP2"),
+    "fsdp2_ep2": ("fsdp2_ep", 2, 2, "FSDP2 + EP=2"),
+    "ddp_ep2": ("ddp", 2, 2, "DDP + EP=2"),
+    "eq_ep1": ("ddp", 2, 1, "DDP, EP=1, fp32"),
+    "eq_ep2": ("ddp", 2, 2, "DDP + EP=2, fp32"),
+}
+SCALING_RUNS = tuple(SCALING_LAYOUT)
+EQUALITY_PAIRS = (("eq_ep1", "eq_ep2"), ("ddp", "ddp_ep2"), ("fsdp2", "fsdp2_ep2"))
+BALANCING_MODES = ("loss_free", "aux_loss", "none")
+MODE_LABELS = {"loss_free": "aux-loss-free bias", "aux_loss": "aux loss", "none": "no balancing"}
+MAXVIO_TARGET = 0.15
+SCALING_TARGET = 0.9
+OUTPUT_FILES = ("summary.md", "results.jsonl", "scaling.png", "balancing.png")
+# NVLink multicast stays off in every run (the shared GPU hosts' rule; these are the values their image sets).
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def dtype_flags(dtype: str, config: str) -> tuple[list[str], str]:
+    """(trainer flags, `accelerate launch --mixed_precision`) of a precision mode on an accelerate config."""
+    if dtype == "fp32":
+        return ["--torch_dtype", "float32", "--tf32", "false"], "no"
+    if dtype == "bf16" and not config.startswith("fsdp2"):
+        return ["--torch_dtype", "bfloat16", "--bf16"], "bf16"
+    # amp, and bf16 under FSDP2: accelerate's bf16 policy upcasts the weights to fp32 master weights anyway, and
+    # bf16 weights with expert parallelism break AdamW (experts sharded in bf16 before accelerate's upcast).
+    return ["--bf16"], "bf16"
+
+
+def precision_label(dtype: str, config: str) -> str:
+    if dtype == "fp32":
+        return "fp32"
+    if config.startswith("fsdp2"):
+        return "fp32 master, bf16 compute"
+    return "bf16 weights + AdamW" if dtype == "bf16" else "fp32 weights, bf16 autocast"
+
+
+# ------------------------------------------------------------------------------------------------------ arguments
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # options whose default depends on --small say it in their help
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+# option: (GPU default, --small default); None in the parser means "this table decides".
+SIZE_DEFAULTS = {
+    "scaling_model": ("small-1.26b", "tiny"),
+    "scaling_seq_len": (2048, 32),
+    "scaling_batch_size": (8, 2),
+    "scaling_steps": (40, 6),
+    "skip_steps": (10, 2),
+    "equality_steps": (10, 4),
+    "equality_batch_size": (4, 2),
+    "balancing_model": ("moe-100m", "tiny"),
+    "balancing_seq_len": (1024, 32),
+    "balancing_batch_size": (16, 4),
+    "balancing_steps": (150, 12),
+    "balancing_eval_steps": (15, 4),
+    "balancing_logging_steps": (5, 2),
+    "run_timeout": (300.0, 300.0),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pretrain_runs.py", description=__doc__, formatter_class=_Formatter)
+    add = parser.add_argument
+    add("--parts", default="scaling,balancing", help="Comma-separated, run in this order: scaling, balancing.")
+    add("--output_dir", required=True, help="Summary folder (summary.md, results.jsonl, PNGs).")
+    add("--work_dir", default=None,
+        help="Run folders and the tokenized-data cache; default: outputs/pretrain_runs in the current folder.")
+    add("--small", "--dry_run", dest="small", action="store_true",
+        help="CPU dry run: tiny preset, float32, short sequences, a few steps; torchrun with gloo for the "
+             "multi-process runs (FSDP2 through a CPU harness, since accelerate offers FSDP on accelerators only). "
+             "Changes the defaults marked 'small:' (an explicit option still wins).")
+    add("--dataset", default=None,
+        help="The trainer's --dataset; default: .devdata/corpus.jsonl when it exists, else the embedded corpus.")
+    add("--seed", type=int, default=42, help="Initialisation and data-order seed of every run.")
+    add("--experts_implementation", default="default",
+        help="Routed-experts kernel of every run: 'default' (the trainer's own choice: the fused Triton experts on a "
+             "GPU, also under expert parallelism), or eager / grouped_mm / fused.")
+    add("--run_timeout", type=float, default=None, help="Seconds before a run is killed (default 300).")
+    add("--python", default=sys.executable, help="Interpreter of the launched runs.")
+    add("--keep_models", action="store_true", help="Keep each run's saved weights (deleted after the run by default).")
+    add("--copy_run_files", default="balancing-*/expert_load.png",
+        help="Comma-separated glob patterns, relative to work_dir, of run files to copy into output_dir as "
+             "<run>.<file>, e.g. 'balancing-*/expert_load.png,balancing-loss_free/loss.png,scaling-ddp/loss.png'; "
+             "'none' for none.")
+    add("--max_output_files", type=int, default=8,
+        help="At most this many files in output_dir: copies beyond it are skipped (and listed in summary.md).")
+    add("--list", action="store_true", help="Print every run's command and exit without launching anything.")
+
+    group = parser.add_argument_group("scaling")
+    add = group.add_argument
+    add("--scaling_runs", default=",".join(SCALING_RUNS), help="Comma-separated subset of the runs above.")
+    add("--scaling_model", default=None,
+        help=f"A named model ({', '.join(MODELS)}) or a hub_configs preset (default small-1.26b; small: tiny).")
+    add("--scaling_config_overrides", default=None, help="Extra --config_overrides, after the model's own.")
+    add("--scaling_dtype", choices=("bf16", "amp", "fp32"), default="bf16",
+        help="Precision of the throughput runs (eq_* runs: always fp32; small: fp32).")
+    add("--scaling_seq_len", type=int, default=None, help="Tokens per sequence (default 2048; small: 32).")
+    add("--scaling_batch_size", type=int, default=None, help="Sequences per GPU and step (default 8; small: 2).")
+    add("--scaling_steps", type=int, default=None, help="Steps of a throughput run (default 40; small: 6).")
+    add("--skip_steps", type=int, default=None,
+        help="Leading steps left out of the throughput medians (warm-up; default 10; small: 2).")
+    add("--scaling_learning_rate", type=float, default=3e-4, help="Peak learning rate of the scaling runs.")
+    add("--scaling_warmup_steps", type=int, default=None, help="Warmup steps (default: 10%% of a run's steps).")
+    add("--scaling_document_attention", choices=("true", "false"), default="false",
+        help="Per-document attention in the scaling runs (false: plain causal, like the anchors' benchmark).")
+    add("--equality_steps", type=int, default=None,
+        help="Steps of the eq_* runs, and steps compared in every EP=2 / EP=1 pair (default 10; small: 4).")
+    add("--equality_batch_size", type=int, default=None,
+        help="Sequences per GPU and step of the float32 eq_* runs (default 4; small: 2).")
+
+    group = parser.add_argument_group("balancing")
+    add = group.add_argument
+    add("--balancing_modes", default=",".join(BALANCING_MODES), help="Comma-separated subset of the modes above.")
+    add("--balancing_model", default=None,
+        help="A named model or a hub_configs preset (default moe-100m; small: tiny).")
+    add("--balancing_config_overrides", default=None, help="Extra --config_overrides of every mode.")
+    add("--balancing_dtype", choices=("bf16", "amp", "fp32"), default="bf16",
+        help="Precision of the balancing runs (small: fp32).")
+    add("--balancing_seq_len", type=int, default=None, help="Tokens per sequence (default 1024; small: 32).")
+    add("--balancing_batch_size", type=int, default=None,
+        help="Sequences per step, one GPU a run (default 16: 16k tokens a step; small: 4).")
+    add("--balancing_steps", type=int, default=None,
+        help="Steps (default 150: 2.46M tokens, 3.8 epochs of the embedded corpus's 654k training tokens; "
+             "small: 12).")
+    add("--balancing_learning_rate", type=float, default=3e-4, help="Peak learning rate (cosine schedule).")
+    add("--balancing_warmup_steps", type=int, default=None, help="Warmup steps (default: 10%% of the steps).")
+    add("--balancing_eval_steps", type=int, default=None,
+        help="Held-out loss every N steps, and before the first (default 15; small: 4).")
+    add("--balancing_logging_steps", type=int, default=None,
+        help="Logging window: MaxVio is the mean of the window's per-step values (default 5; small: 2).")
+    add("--bias_update_speed", default="0.001,0.01",
+        help="bias_update_speed of the loss_free mode; comma-separated values give one loss_free run each (0.001: "
+             "DeepSeek-V3's value, made for long runs; 0.01 balances within a short run).")
+    add("--aux_loss_coef", type=float, default=0.001,
+        help="router_aux_loss_coef of the aux_loss mode (the value of the loss-free balancing paper's baseline).")
+    add("--balancing_gpus", default="0,1", help="GPUs the concurrent balancing runs are spread over, round robin.")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name, (gpu, small) in SIZE_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, small if args.small else gpu)
+    if args.small:
+        args.scaling_dtype = args.balancing_dtype = "fp32"
+    args.parts = _split(args.parts)
+    args.scaling_runs = _split(args.scaling_runs)
+    args.balancing_modes = _split(args.balancing_modes)
+    for value, allowed, what in ((args.parts, ("scaling", "balancing"), "--parts"),
+                                 (args.scaling_runs, SCALING_RUNS, "--scaling_runs"),
+                                 (args.balancing_modes, BALANCING_MODES, "--balancing_modes")):
+        unknown = [v for v in value if v not in allowed]
+        if unknown or not value:
+            parser.error(f"{what}: {f'unknown {unknown}' if unknown else 'nothing given'}; choose from "
+                         f"{', '.join(allowed)}")
+    try:
+        args.bias_update_speeds = [float(v) for v in _split(args.bias_update_speed)]
+    except ValueError:
+        parser.error(f"--bias_update_speed: expected comma-separated numbers, got {args.bias_update_speed!r}")
+    if "loss_free" in args.balancing_modes and not args.bias_update_speeds:
+        parser.error("--bias_update_speed: at least one value for the loss_free mode")
+    if args.dataset is None and Path(".devdata/corpus.jsonl").is_file():
+        args.dataset = ".devdata/corpus.jsonl"
+    if args.work_dir is None:
+        args.work_dir = os.path.join("outputs", "pretrain_runs")
+    return args
+
+
+def _split(text: str | None) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+# ----------------------------------------------------------------------------------------------------------- runs
+
+
+@dataclass
+class Run:
+    name: str  # also its folder under work_dir
+    part: str  # scaling / balancing
+    key: str  # scaling: the run of SCALING_LAYOUT; balancing: the mode
+    config: str  # accelerate config (single_gpu, ddp, fsdp2, fsdp2_ep)
+    processes: int
+    expert_parallel_size: int
+    dtype: str
+    trainer_args: list[str]
+    gpus: str | None = None  # accelerate --gpu_ids
+    label: str = ""
+    overrides: str = ""
+    result: dict = field(default_factory=dict)
+
+
+def model_args(model: str, extra_overrides: str | None) -> tuple[list[str], str]:
+    preset, overrides = MODELS.get(model, (model, ""))
+    overrides = ",".join(filter(None, [overrides, extra_overrides]))
+    return ["--model_config", preset] + (["--config_overrides", overrides] if overrides else []), overrides
+
+
+def common_trainer_args(args, name: str) -> list[str]:
+    out = ["--output_dir", str(Path(args.work_dir) / name),
+           "--data_cache_dir", str(Path(args.work_dir) / "data-cache"), "--seed", str(args.seed),
+           "--save_steps", "0", "--disable_tqdm", "--report_to", "none"]
+    if args.dataset:
+        out += ["--dataset", str(args.dataset)]
+    if args.experts_implementation and args.experts_implementation != "default":
+        out += ["--experts_implementation", args.experts_implementation]
+    return out
+
+
+def warmup(steps: int, value: int | None) -> int:
+    return max(1, round(0.1 * steps)) if value is None else value
+
+
+def scaling_runs(args) -> list[Run]:
+    runs = []
+    model, overrides = model_args(args.scaling_model, args.scaling_config_overrides)
+    for key in args.scaling_runs:
+        config, processes, ep, label = SCALING_LAYOUT[key]
+        equality = key.startswith("eq_")
+        steps = args.equality_steps if equality else args.scaling_steps
+        dtype = "fp32" if equality else args.scaling_dtype
+        name = f"scaling-{key}"
+        trainer = model + common_trainer_args(args, name) + dtype_flags(dtype, config)[0] + [
+            "--seq_len", str(args.scaling_seq_len),
+            "--per_device_train_batch_size", str(args.equality_batch_size if equality else args.scaling_batch_size),
+            "--max_steps", str(steps), "--logging_steps", "1",
+            "--learning_rate", str(args.scaling_learning_rate),
+            "--warmup_steps", str(warmup(steps, args.scaling_warmup_steps)),
+            "--max_eval_samples", "2", "--document_attention", args.scaling_document_attention,
+        ]
+        if ep > 1:
+            trainer += ["--expert_parallel_size", str(ep)]
+        runs.append(Run(name, "scaling", key, config, processes, ep, dtype, trainer,
+                        gpus="0" if processes == 1 else None, label=label, overrides=overrides))
+    return runs
+
+
+def balancing_variants(args) -> list[tuple[str, str, str, str]]:
+    """(run name, mode, label, config overrides) of every balancing run."""
+    variants = []
+    for mode in args.balancing_modes:
+        if mode == "loss_free":
+            several = len(args.bias_update_speeds) > 1
+            for speed in args.bias_update_speeds:
+                variants.append((
+                    f"balancing-loss_free-u{speed:g}" if several else "balancing-loss_free", mode,
+                    f"aux-loss-free bias, u={speed:g}",
+                    f"bias_update_speed={speed:g},router_aux_loss_coef=0,seq_aux_loss_coef=0"))
+        elif mode == "aux_loss":
+            variants.append(("balancing-aux_loss", mode, f"aux loss, coef {args.aux_loss_coef:g}",
+                             f"bias_update_speed=0,router_aux_loss_coef={args.aux_loss_coef:g},"
+                             "output_router_logits=true,seq_aux_loss_coef=0"))
+        else:
+            variants.append(("balancing-none", mode, MODE_LABELS[mode],
+                             "bias_update_speed=0,router_aux_loss_coef=0,seq_aux_loss_coef=0"))
+    return variants
+
+
+def balancing_runs(args) -> list[Run]:
+    runs = []
+    gpus = _split(args.balancing_gpus) or ["0"]
+    steps = args.balancing_steps
+    for index, (name, mode, label, mode_overrides) in enumerate(balancing_variants(args)):
+        model, overrides = model_args(
+            args.balancing_model, ",".join(filter(None, [args.balancing_config_overrides, mode_overrides])))
+        trainer = model + common_trainer_args(args, name) + dtype_flags(args.balancing_dtype, "single_gpu")[0] + [
+            "--seq_len", str(args.balancing_seq_len), "--per_device_train_batch_size", str(args.balancing_batch_size),
+            "--max_steps", str(steps), "--logging_steps", str(args.balancing_logging_steps),
+            "--learning_rate", str(args.balancing_learning_rate),
+            "--warmup_steps", str(warmup(steps, args.balancing_warmup_steps)),
+            "--eval_steps", str(args.balancing_eval_steps), "--eval_on_start",
+        ]
+        runs.append(Run(name, "balancing", mode, "single_gpu", 1, 1, args.balancing_dtype, trainer,
+                        gpus=gpus[index % len(gpus)], label=label, overrides=overrides))
+    return runs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_command(run: Run, args) -> tuple[list[str], dict]:
+    """Command line and environment of a run: `accelerate launch` on GPUs; python or torchrun (gloo) on the CPU."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for name, value in NO_MULTICAST.items():
+        env.setdefault(name, value)
+    if args.small:
+        env["OMP_NUM_THREADS"] = "1"
+        trainer = ["--use_cpu", *run.trainer_args]
+        if run.processes == 1:
+            return [args.python, "-m", TRAINER_MODULE, *trainer], env
+        torchrun = [args.python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                    str(run.processes)]
+        if run.config.startswith("fsdp2"):
+            return [*torchrun, str(Path(__file__).resolve()), CPU_FSDP2_FLAG, *trainer], env
+        return [*torchrun, "-m", TRAINER_MODULE, *trainer], env
+    command = [args.python, "-m", "accelerate.commands.launch",
+               "--config_file", str(ACCELERATE_CONFIGS / f"{run.config}.yaml"),
+               "--num_processes", str(run.processes), "--mixed_precision", dtype_flags(run.dtype, run.config)[1]]
+    if run.gpus is not None:
+        command += ["--gpu_ids", run.gpus]  # accelerate sets CUDA_VISIBLE_DEVICES from it
+    if run.processes > 1:
+        command += ["--main_process_port", str(free_port())]
+    return [*command, "-m", TRAINER_MODULE, *run.trainer_args], env
+
+
+def launch(runs: list[Run], args, log) -> None:
+    """Start `runs` together and wait for all of them, killing any past --run_timeout; record rc and wall time."""
+    started = []
+    for run in runs:
+        run_dir = Path(args.work_dir) / run.name
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+        command, env = launch_command(run, args)
+        run.result["command"] = " ".join(_quote(c) for c in command)
+        log(f"[{time.strftime('%H:%M:%S')}] start {run.name}: {run.result['command']}")
+        log_file = open(run_dir / "launcher.log", "w")
+        process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        LIVE.append(process)
+        started.append((run, process, log_file, time.perf_counter()))
+    for run, process, log_file, start in started:
+        try:
+            rc = process.wait(timeout=max(args.run_timeout - (time.perf_counter() - start), 1))
+        except subprocess.TimeoutExpired:
+            _kill_session(process)
+            rc = "timeout"
+        LIVE.remove(process)
+        log_file.close()
+        run.result.update(rc=rc, wall_s=round(time.perf_counter() - start, 1))
+        run_dir = Path(args.work_dir) / run.name
+        if rc != 0:
+            run.result["log_tail"] = _tail(run_dir / "launcher.log")
+        if not args.keep_models:
+            for path in run_dir.glob("*.safetensors"):
+                path.unlink()
+        log(f"[{time.strftime('%H:%M:%S')}] end {run.name}: rc={rc}, {run.result['wall_s']} s")
+
+
+LIVE: list[subprocess.Popen] = []  # launchers running now
+
+
+def _kill_session(process: subprocess.Popen, grace: float = 20):
+    """SIGTERM, then SIGKILL, to the session this driver started the launcher in (the launcher and its workers)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _quote(text: str) -> str:
+    return text if text and all(c.isalnum() or c in "-_./=,:+" for c in text) else json.dumps(text)
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    text = [line for line in text if "Writing model shards" not in line and "it/s]" not in line]
+    return "\n".join(text[-lines:])
+
+
+# ------------------------------------------------------------------------------------------------------- analysis
+
+
+def read_metrics(path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass  # an empty line, or a run killed mid-write
+    return records
+
+
+def _median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def _max(values):
+    values = [v for v in values if v is not None]
+    return max(values) if values else None
+
+
+def maxvio_summary(maxvio: list[float] | None, mtp: int) -> dict:
+    """Mean and max over the decoder's MoE layers; the MTP routers (last in the trainer's list) apart."""
+    if not maxvio:
+        return {"maxvio_mean": None, "maxvio_max": None, "maxvio_mtp": None}
+    decoder = maxvio[: len(maxvio) - mtp] if 0 < mtp < len(maxvio) else maxvio
+    return {
+        "maxvio_mean": sum(decoder) / len(decoder),
+        "maxvio_max": max(decoder),
+        "maxvio_mtp": maxvio[len(decoder):] or None,
+    }
+
+
+def num_mtp_routers(run_dir: Path) -> int:
+    """The saved config's MTP layers (each has a router when the model has routed experts)."""
+    try:
+        config = json.loads((Path(run_dir) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return 0
+    return (config.get("num_nextn_predict_layers") or 0) if config.get("n_routed_experts") else 0
+
+
+def throughput_stats(records: list[dict], processes: int, skip_steps: int, mtp: int = 0) -> dict:
+    """Medians over the logged steps after `skip_steps` (over all of them when none is left)."""
+    train = [r for r in records if r.get("loss") is not None]
+    timed = [r for r in train if r["step"] > skip_steps] or train
+    tokens = _median([r.get("tokens_per_second") for r in timed])
+    evals = [r["eval_loss"] for r in records if r.get("eval_loss") is not None]
+    return {
+        "steps": train[-1]["step"] if train else 0,
+        "timed_steps": [timed[0]["step"], timed[-1]["step"]] if timed else None,
+        "tokens_per_second": tokens,
+        "tokens_per_second_per_gpu": tokens / processes if tokens is not None else None,
+        "mfu": _median([r.get("mfu") for r in timed]),
+        "peak_memory_gib": _max([r.get("peak_memory_gib") for r in train]),
+        "final_loss": train[-1]["loss"] if train else None,
+        "final_eval_loss": evals[-1] if evals else None,
+        "final_maxvio_mean": maxvio_summary(train[-1].get("maxvio"), mtp)["maxvio_mean"] if train else None,
+    }
+
+
+def loss_difference(a: list[dict], b: list[dict], steps: int) -> dict | None:
+    """Per-step |loss a - loss b| (and relative grad-norm difference) over the steps <= `steps` both runs logged."""
+    by_step_a = {r["step"]: r for r in a if r.get("loss") is not None and r["step"] <= steps}
+    by_step_b = {r["step"]: r for r in b if r.get("loss") is not None and r["step"] <= steps}
+    common = sorted(set(by_step_a) & set(by_step_b))
+    if not common:
+        return None
+    diffs = [abs(by_step_a[s]["loss"] - by_step_b[s]["loss"]) for s in common]
+    grads = [abs(by_step_a[s]["grad_norm"] - by_step_b[s]["grad_norm"]) / max(abs(by_step_a[s]["grad_norm"]), 1e-12)
+             for s in common
+             if by_step_a[s].get("grad_norm") is not None and by_step_b[s].get("grad_norm") is not None]
+    return {
+        "steps": [common[0], common[-1]],
+        "max_abs_loss_diff": max(diffs),
+        "per_step_abs_loss_diff": diffs,
+        "max_rel_grad_norm_diff": max(grads) if grads else None,
+    }
+
+
+def balancing_stats(records: list[dict], mtp: int) -> dict:
+    train = [r for r in records if r.get("loss") is not None]
+    evals = [r["eval_loss"] for r in records if r.get("eval_loss") is not None]
+    last = train[-1] if train else {}
+    return {
+        "steps": last.get("step", 0),
+        "first_eval_loss": evals[0] if evals else None,
+        "final_eval_loss": evals[-1] if evals else None,
+        "final_loss": last.get("loss"),
+        "maxvio_window": [train[-2]["step"] + 1 if len(train) > 1 else 1, last["step"]] if train else None,
+        **maxvio_summary(last.get("maxvio"), mtp),
+        "epochs": last.get("epoch"),
+        "tokens_seen": last.get("tokens_seen"),
+    }
+
+
+def analyse(runs: list[Run], args) -> list[dict]:
+    """Fill every run's result from its metrics.jsonl; return the derived lines (scaling, equality, balancing)."""
+    for run in runs:
+        run_dir = Path(args.work_dir) / run.name
+        run.result["records"] = read_metrics(run_dir / "metrics.jsonl")
+        mtp = num_mtp_routers(run_dir)
+        if run.part == "scaling":
+            run.result.update(throughput_stats(run.result["records"], run.processes, args.skip_steps, mtp))
+        else:
+            run.result.update(balancing_stats(run.result["records"], mtp))
+    derived = []
+
+    scaling = {run.key: run for run in runs if run.part == "scaling"}
+    single = scaling.get("single")
+    base = single.result.get("tokens_per_second_per_gpu") if single else None
+    for key in ("ddp", "fsdp2", "fsdp2_ep2", "ddp_ep2"):
+        run = scaling.get(key)
+        if run is None:
+            continue
+        per_gpu = run.result.get("tokens_per_second_per_gpu")
+        efficiency = per_gpu / base if per_gpu is not None and base else None
+        run.result["scaling_efficiency"] = efficiency
+        derived.append({"kind": "scaling_efficiency", "run": run.name, "tokens_per_second_per_gpu": per_gpu,
+                        "single_gpu_tokens_per_second": base, "efficiency": efficiency, "target": SCALING_TARGET,
+                        "meets_target": efficiency >= SCALING_TARGET if efficiency is not None else None})
+
+    for key1, key2 in EQUALITY_PAIRS:
+        a, b = scaling.get(key1), scaling.get(key2)
+        if a is None or b is None:
+            continue
+        line = {"kind": "ep_loss_equality", "ep1": a.name, "ep2": b.name, "dtype": precision_label(a.dtype, a.config)}
+        diff = loss_difference(a.result["records"], b.result["records"], args.equality_steps)
+        if diff is None:
+            line["error"] = "no step logged by both runs"
+        else:
+            line.update(diff)
+            eval_a, eval_b = a.result.get("final_eval_loss"), b.result.get("final_eval_loss")
+            if None not in (eval_a, eval_b) and a.result.get("steps") == b.result.get("steps"):
+                line["final_eval_loss_diff"] = abs(eval_a - eval_b)
+        derived.append(line)
+
+    balancing = [run for run in runs if run.part == "balancing"]
+    aux = next((run for run in balancing if run.key == "aux_loss"), None)
+    for free in (run for run in balancing if run.key == "loss_free"):
+        line = {"kind": "balancing_target", "run": free.name, "maxvio_target": MAXVIO_TARGET,
+                "maxvio_mean": free.result.get("maxvio_mean")}
+        if line["maxvio_mean"] is not None:
+            line["maxvio_ok"] = line["maxvio_mean"] <= MAXVIO_TARGET
+        if aux is not None and None not in (free.result.get("final_eval_loss"), aux.result.get("final_eval_loss")):
+            line["eval_loss_minus_aux"] = free.result["final_eval_loss"] - aux.result["final_eval_loss"]
+            line["eval_loss_ok"] = line["eval_loss_minus_aux"] <= 0
+        if "maxvio_ok" in line and "eval_loss_ok" in line:
+            line["meets_target"] = line["maxvio_ok"] and line["eval_loss_ok"]
+        derived.append(line)
+    return derived
+
+
+# ----------------------------------------------------------------------------------------------------------- report
+
+
+def _f(value, digits: int = 4, pct: bool = False) -> str:
+    """A table cell: n/a for None, a percentage, or `digits` significant digits (thousands separated)."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool) or isinstance(value, str):
+        return str(value)
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
+    if pct:
+        return f"{value:.1%}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if value != 0 and abs(value) < 1e-3:
+        return f"{value:.2e}"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}g}"
+
+
+def _loss(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _status(run: Run) -> str:
+    rc = run.result.get("rc")
+    return "ok" if rc == 0 else ("not run" if rc is None else f"FAILED (rc={rc})")
+
+
+def summary_markdown(runs: list[Run], derived: list[dict], args, copied: list[str], skipped: list[str],
+                     wall_s: float) -> str:
+    lines = ["# Pretraining runs", "",
+             f"Driver: `{' '.join(_quote(a) for a in sys.argv)}` ({'CPU dry run' if args.small else 'GPUs'}); "
+             f"{wall_s:.0f} s wall so far. Environment: {_environment()}.", ""]
+
+    scaling = [r for r in runs if r.part == "scaling"]
+    if scaling:
+        lines += [
+            "## Scaling", "",
+            f"Model `{args.scaling_model}` (`--model_config {scaling[0].trainer_args[1]}`, overrides "
+            f"`{scaling[0].overrides or 'none'}`); {args.scaling_batch_size} x {args.scaling_seq_len} tokens per GPU "
+            f"and step, {args.scaling_steps} steps, peak lr {args.scaling_learning_rate:g} (warmup "
+            f"{warmup(args.scaling_steps, args.scaling_warmup_steps)}); eq_* runs: {args.equality_batch_size} x "
+            f"{args.scaling_seq_len}, {args.equality_steps} steps, float32. Experts `{args.experts_implementation}`, "
+            f"document attention {args.scaling_document_attention}. tokens/s and MFU: medians over the steps after "
+            f"step {args.skip_steps}; peak memory: the largest process's allocated peak; MaxVio: mean over the MoE "
+            "layers at the last step (a collapsed router, ~9.7 for top-6 of 64, changes what EP has to move).", "",
+            "| run | layout | precision | tokens/s (all GPUs) | tokens/s per GPU | scaling efficiency | MFU | peak GiB "
+            "| final loss | MaxVio | wall s | status |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for run in scaling:
+            res = run.result
+            lines.append(
+                f"| {run.key} | {run.label} | {precision_label(run.dtype, run.config)} | "
+                f"{_f(res.get('tokens_per_second'), 5)} | {_f(res.get('tokens_per_second_per_gpu'), 5)} | "
+                f"{_f(res.get('scaling_efficiency'), pct=True)} | {_f(res.get('mfu'), pct=True)} | "
+                f"{_f(res.get('peak_memory_gib'))} | {_loss(res.get('final_loss'))} | "
+                f"{_f(res.get('final_maxvio_mean'), 3)} | {_f(res.get('wall_s'))} | {_status(run)} |")
+        effs = [d for d in derived if d["kind"] == "scaling_efficiency" and d["efficiency"] is not None]
+        if effs:
+            lines += ["", f"Scaling efficiency (target >= {SCALING_TARGET:.0%}): " + ", ".join(
+                f"{d['run'].removeprefix('scaling-')} {d['efficiency']:.1%} "
+                f"({'meets' if d['meets_target'] else 'below'})" for d in effs) + "."]
+        equal = [d for d in derived if d["kind"] == "ep_loss_equality"]
+        if equal:
+            lines += ["", "### EP=2 against EP=1: same global batch, data order and seed", "",
+                      "| EP=2 run | EP=1 run | precision | steps | max abs loss diff | per-step abs loss diffs | "
+                      "max rel grad-norm diff | final eval-loss diff |", "|---|---|---|---|---|---|---|---|"]
+            for d in equal:
+                if "error" in d:
+                    lines.append(f"| {d['ep2']} | {d['ep1']} | {d['dtype']} | {d['error']} | | | | |")
+                    continue
+                per_step = " ".join(f"{v:.1e}" for v in d["per_step_abs_loss_diff"])
+                lines.append(
+                    f"| {d['ep2']} | {d['ep1']} | {d['dtype']} | {d['steps'][0]}-{d['steps'][1]} | "
+                    f"{d['max_abs_loss_diff']:.2e} | {per_step} | {_f(d.get('max_rel_grad_norm_diff'))} | "
+                    f"{_f(d.get('final_eval_loss_diff'))} |")
+        lines += ["", "scaling.png: tokens/s per GPU and training loss against the step, every scaling run.", ""]
+
+    balancing = [r for r in runs if r.part == "balancing"]
+    if balancing:
+        res0 = next((r.result for r in balancing if r.result.get("steps")), balancing[0].result)
+        steps = args.balancing_steps
+        lines += [
+            "## Load balancing", "",
+            f"Model `{args.balancing_model}`; {args.balancing_batch_size} x {args.balancing_seq_len} tokens a step, "
+            f"{steps} steps ({_f(res0.get('epochs'), 3)} epochs, {_f(res0.get('tokens_seen'))} tokens), warmup "
+            f"{warmup(steps, args.balancing_warmup_steps)}, peak lr {args.balancing_learning_rate:g}, cosine; "
+            f"{precision_label(args.balancing_dtype, 'single_gpu')}; experts `{args.experts_implementation}`; the same "
+            f"seed and data order in every mode. MaxVio = (max load - mean load) / mean load per step, averaged over "
+            f"the last logged window (steps {res0.get('maxvio_window')}); mean and max over the decoder's MoE layers, "
+            "MTP router apart.", "",
+            "| mode | config overrides | final eval loss | MaxVio mean | MaxVio max layer | MaxVio MTP | "
+            "final train loss | wall s | status |", "|---|---|---|---|---|---|---|---|---|"]
+        for run in balancing:
+            res = run.result
+            mtp = res.get("maxvio_mtp")
+            lines.append(
+                f"| {run.label} | `{run.overrides}` | {_loss(res.get('final_eval_loss'))} | "
+                f"{_f(res.get('maxvio_mean'), 3)} | {_f(res.get('maxvio_max'), 3)} | "
+                f"{' '.join(f'{v:.3g}' for v in mtp) if mtp else 'n/a'} | {_loss(res.get('final_loss'))} | "
+                f"{_f(res.get('wall_s'))} | {_status(run)} |")
+        targets = [d for d in derived if d["kind"] == "balancing_target" and "meets_target" in d]
+        if targets:
+            lines += ["", f"Target: loss-free MaxVio <= {MAXVIO_TARGET} with a held-out loss no worse than the aux-loss "
+                      "run."]
+            for d in targets:
+                lines.append(f"- {d['run']}: {'MET' if d['meets_target'] else 'NOT MET'} (MaxVio {d['maxvio_mean']:.3f}"
+                             f", held-out loss {d['eval_loss_minus_aux']:+.4f} against the aux-loss run)")
+        lines += ["", "balancing.png: MaxVio and held-out loss against the step, every mode.", ""]
+
+    lines += ["## Commands", ""] + [f"- {r.name}: `{r.result.get('command', '')}`" for r in runs] + [""]
+    if copied or skipped:
+        lines += ["Run files copied here: " + (", ".join(copied) or "none") + "."]
+        if skipped:
+            lines += [f"Not copied (over --max_output_files {args.max_output_files}): {', '.join(skipped)}."]
+        lines.append("")
+    failed = [r for r in runs if r.result.get("rc") not in (0, None)]
+    if failed:
+        lines += ["## Failures", ""]
+        for run in failed:
+            lines += [f"### {run.name} (rc={run.result.get('rc')})", "", "```", run.result.get("log_tail", ""), "```",
+                      ""]
+    return "\n".join(lines)
+
+
+def _environment() -> str:
+    parts = []
+    try:
+        import torch
+
+        parts.append(f"torch {torch.__version__}")
+        if torch.cuda.is_available():
+            parts.append(f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}")
+    except ImportError:
+        pass
+    for module in ("transformers", "accelerate"):
+        try:
+            parts.append(f"{module} {__import__(module).__version__}")
+        except ImportError:
+            pass
+    return ", ".join(parts)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_scaling(runs: list[Run], path: Path, skip_steps: int) -> bool:
+    runs = [r for r in runs if r.part == "scaling" and r.result.get("records")]
+    if not runs:
+        return False
+    plt = _pyplot()
+    fig, (ax_tok, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for run in runs:
+        train = [r for r in run.result["records"] if r.get("loss") is not None]
+        style = "--" if run.expert_parallel_size > 1 else "-"
+        if not run.key.startswith("eq_"):
+            ax_tok.plot([r["step"] for r in train], [r["tokens_per_second"] / run.processes for r in train],
+                        style, marker=".", label=run.key)
+        ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], style, marker=".", label=run.key)
+    ax_tok.axvline(skip_steps + 0.5, color="grey", linestyle=":", label="median from here")
+    ax_tok.set(xlabel="optimizer step", ylabel="tokens/s per GPU", title="throughput (EP=2 dashed)")
+    ax_loss.set(xlabel="optimizer step", ylabel="training LM loss", title="loss (EP=2 dashed)")
+    for ax in (ax_tok, ax_loss):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_balancing(runs: list[Run], path: Path, work_dir: Path) -> bool:
+    runs = [r for r in runs if r.part == "balancing" and r.result.get("records")]
+    if not runs:
+        return False
+    plt = _pyplot()
+    fig, (ax_vio, ax_eval) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for run in runs:
+        records = run.result["records"]
+        mtp = num_mtp_routers(work_dir / run.name)
+        train = [r for r in records if r.get("maxvio")]
+        summaries = [maxvio_summary(r["maxvio"], mtp) for r in train]
+        steps = [r["step"] for r in train]
+        line, = ax_vio.plot(steps, [s["maxvio_mean"] for s in summaries], label=f"{run.label}: mean over layers")
+        ax_vio.plot(steps, [s["maxvio_max"] for s in summaries], color=line.get_color(), alpha=0.4, linestyle="--",
+                    label=f"{run.label}: max layer")
+        evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
+        if evals:
+            ax_eval.plot(*zip(*evals), "o-", color=line.get_color(), markersize=3, label=run.label)
+    ax_vio.axhline(MAXVIO_TARGET, color="grey", linestyle=":", label=f"target {MAXVIO_TARGET}")
+    ax_vio.set_yscale("log")
+    ax_vio.set(xlabel="optimizer step", ylabel="MaxVio (decoder MoE layers)", title="load imbalance")
+    ax_eval.set(xlabel="optimizer step", ylabel="held-out LM loss (nats)", title="held-out loss")
+    for ax in (ax_vio, ax_eval):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def copy_run_files(patterns: list[str], work_dir: Path, output_dir: Path, room: int,
+                   run_names: set[str]) -> tuple[list[str], list[str]]:
+    """Copy the files of this invocation's runs matching `patterns` (`<run folder>/<file>`) to output_dir as
+    `<run>.<file>`, at most `room` of them; return (copied names, skipped paths)."""
+    matches = []
+    for pattern in patterns:
+        for path in sorted(work_dir.glob(pattern)):
+            rel = path.relative_to(work_dir)
+            if path.is_file() and len(rel.parts) == 2 and rel.parts[0] in run_names and rel not in matches:
+                matches.append(rel)
+    copied, skipped = [], []
+    for rel in matches:
+        if len(copied) < room:
+            name = f"{rel.parts[0]}.{rel.parts[1]}"
+            shutil.copyfile(work_dir / rel, output_dir / name)
+            copied.append(name)
+        else:
+            skipped.append(str(rel))
+    return copied, skipped
+
+
+def write_outputs(runs: list[Run], derived: list[dict], args, wall_s: float) -> list[str]:
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for path in output_dir.iterdir():  # this driver's files of an earlier write
+        if path.is_file() and (path.name in OUTPUT_FILES or path.name.startswith(("scaling-", "balancing-"))):
+            path.unlink()
+    written = []
+    with open(output_dir / "results.jsonl", "w") as f:
+        for run in runs:
+            line = {"kind": "run", "run": run.name, "part": run.part, "layout": run.label, "config": run.config,
+                    "processes": run.processes, "expert_parallel_size": run.expert_parallel_size,
+                    "precision": precision_label(run.dtype, run.config), "overrides": run.overrides,
+                    "small": args.small}
+            line.update({k: v for k, v in run.result.items() if k not in ("records", "log_tail")})
+            f.write(json.dumps(line) + "\n")
+        for line in derived:
+            f.write(json.dumps(line) + "\n")
+        for run in runs:
+            for record in run.result.get("records", []):
+                f.write(json.dumps({"kind": "metrics", "run": run.name, **record}) + "\n")
+    written.append("results.jsonl")
+    try:
+        if plot_scaling(runs, output_dir / "scaling.png", args.skip_steps):
+            written.append("scaling.png")
+        if plot_balancing(runs, output_dir / "balancing.png", Path(args.work_dir)):
+            written.append("balancing.png")
+    except ImportError:
+        print("matplotlib is not installed: no scaling.png / balancing.png", file=sys.stderr)
+    patterns = [] if args.copy_run_files.strip().lower() == "none" else _split(args.copy_run_files)
+    room = max(args.max_output_files - len(written) - 1, 0)  # and summary.md
+    copied, skipped = copy_run_files(patterns, Path(args.work_dir), output_dir, room, {run.name for run in runs})
+    written += copied
+    (output_dir / "summary.md").write_text(summary_markdown(runs, derived, args, copied, skipped, wall_s))
+    written.append("summary.md")
+    return written
+
+
+# ------------------------------------------------------------------------------------------------------------ main
+
+
+def _on_signal(signum, frame):
+    """SIGTERM / SIGINT / SIGHUP (e.g. `timeout`): stop the running launchers' sessions too, then exit; the summary of
+    the runs finished so far is already in output_dir."""
+    for process in list(LIVE):
+        _kill_session(process, grace=5)
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    plan = []
+    for part in args.parts:
+        plan += scaling_runs(args) if part == "scaling" else balancing_runs(args)
+    if args.list:
+        for run in plan:
+            print(f"{run.name}: {' '.join(_quote(c) for c in launch_command(run, args)[0])}")
+        return 0
+    Path(args.work_dir).mkdir(parents=True, exist_ok=True)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
+
+    def log(message: str):
+        print(message, flush=True)
+
+    start = time.perf_counter()
+    # Scaling runs one at a time (each times the GPUs alone); the balancing runs together. The summary is rewritten
+    # after each launch, so that a driver killed by a time limit still leaves the finished runs' figures.
+    groups = [[run] for run in plan if run.part == "scaling"]
+    balancing = [run for run in plan if run.part == "balancing"]
+    if balancing:
+        groups.insert(0 if args.parts[0] == "balancing" else len(groups), balancing)
+    done = []
+    for group in groups:
+        launch(group, args, log)
+        done += group
+        derived = analyse(done, args)
+        written = write_outputs(done, derived, args, time.perf_counter() - start)
+    print((Path(args.output_dir) / "summary.md").read_text())
+    log(f"wrote {', '.join(written)} to {args.output_dir} ({time.perf_counter() - start:.0f} s)")
+    return 0 if all(r.result.get("rc") == 0 for r in done) else 1
+
+
+def cpu_fsdp2_trainer(argv: list[str]) -> int:
+    """The trainer with accelerate's FSDP2 path forced on CPU processes (gloo): --small only, since accelerate offers
+    FSDP on accelerators only. The harness of tests/test_pretrain.py's two-process FSDP2 run."""
+    from accelerate import Accelerator
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    from modeling_moe.trainers.pretrain import cli
+
+    original_init = Accelerator.__init__
+
+    def fsdp2_init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", state_dict_type="SHARDED_STATE_DICT",
+            reshard_after_forward=True, cpu_ram_efficient_loading=False,
+        )
+        if self.state.mixed_precision != "no":  # as accelerate's state does for an FSDP plugin
+            self.state.fsdp_plugin.set_mixed_precision(self.state.mixed_precision)
+        self.state.distributed_type = DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    Accelerator.__init__ = fsdp2_init
+    return cli(argv)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == [CPU_FSDP2_FLAG]:
+        sys.exit(cpu_fsdp2_trainer(sys.argv[2:]))
+    sys.exit(main())
