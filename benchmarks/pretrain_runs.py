@@ -456,12 +456,35 @@ def _quote(text: str) -> str:
 
 
 def _tail(path: Path, lines: int = 30) -> str:
+    """The end of a failed run's log, led by the first worker traceback: the launcher's own traceback comes last
+    and only says that a child failed."""
     try:
         text = path.read_text(errors="replace").splitlines()
     except OSError:
         return ""
     text = [line for line in text if "Writing model shards" not in line and "it/s]" not in line]
-    return "\n".join(text[-lines:])
+    first_error = _first_traceback(text)
+    tail = text[-lines:]
+    return "\n".join(first_error + (["..."] if first_error else []) + tail)
+
+
+def _first_traceback(lines: list[str], limit: int = 40) -> list[str]:
+    """The first `Traceback` block of a log, through its exception line ([] when there is none); lines of another
+    process interleaved with it are kept, a block longer than `limit` lines keeps its first and last lines."""
+    for start, line in enumerate(lines):
+        if "Traceback (most recent call last)" not in line:
+            continue
+        prefix = line[: line.index("Traceback")]  # e.g. "[rank1]: " from torchrun's log prefixing
+        block = [line]
+        for following in lines[start + 1 : start + 500]:
+            block.append(following)
+            body = following[len(prefix):] if following.startswith(prefix) else None
+            if body and not body.startswith((" ", "\t", "Traceback")):
+                break  # "SomeError: message", the block's last line
+        if len(block) > limit:
+            block = block[:5] + ["  ..."] + block[-(limit - 6):]
+        return block
+    return []
 
 
 # ------------------------------------------------------------------------------------------------------- analysis

@@ -203,3 +203,18 @@ def test_small_dry_run(tmp_path):
     assert not list(work.glob("*/*.safetensors"))  # weights deleted after each run
     summary = (out / "summary.md").read_text()
     assert "## Scaling" in summary and "## Load balancing" in summary
+
+
+def test_failure_excerpt_leads_with_the_worker_exception(tmp_path):
+    """A failed run's summary shows the worker's traceback (torchrun prefixes its lines with the rank), not only the
+    launcher's final "ChildFailedError"."""
+    log = tmp_path / "launcher.log"
+    log.write_text("\n".join([
+        "loading", "[rank1]: Traceback (most recent call last):", '[rank1]:   File "pretrain.py", line 9, in main',
+        "[rank0]: interleaved", "[rank1]:     step()", "[rank1]: RuntimeError: expected dtype BFloat16", "teardown",
+        "Traceback (most recent call last):", '  File "run.py", line 1', "ChildFailedError: pretrain FAILED",
+    ]))
+    excerpt = driver._tail(log, lines=3).splitlines()
+    assert excerpt[0] == "[rank1]: Traceback (most recent call last):"
+    assert excerpt[excerpt.index("...") - 1] == "[rank1]: RuntimeError: expected dtype BFloat16"
+    assert excerpt[-1] == "ChildFailedError: pretrain FAILED"
