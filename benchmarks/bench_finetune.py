@@ -14,6 +14,8 @@ Rows (`--sft-variants`, `--grpo-variants`):
                          figure is also given as a ratio to the hf row of its case, measured in this run.
   ours-fused             MoEForCausalLM, experts_implementation="fused" (Triton on CUDA; the reference on a CPU).
   ours-grouped_mm        MoEForCausalLM, grouped_mm experts.
+  ours-fused-graphs      GRPO only: ours with rollouts through the static latent cache and CUDA graphs
+                         (`trainers.grpo.use_cuda_graph_rollouts`; the first rollout compiles).
   ours-fused-aux         GRPO only: ours with TRL's router load-balancing loss on (router_aux_loss_coef 0.001), which
                          transformers' DeepseekV3 cannot run; every other row has it off.
 Ours run with `trainers.sft.ExpertBiasCallback` (the expert-load statistics that `trainers/sft.py` and
@@ -57,6 +59,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import PreTrainedTokenizerFast, TrainerCallback  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
 
+from modeling_moe.trainers import grpo as moe_grpo  # noqa: E402
 from modeling_moe.trainers import sft as moe_sft  # noqa: E402
 from modeling_moe.trainers.rewards import completion_text, format_reward  # noqa: E402
 
@@ -65,7 +68,7 @@ FULL = dict(model=bm.MODEL, sft=dict(batch=8, seq=2048, warmup=3, steps=8),
 SMALL = dict(model=bm.SMALL_MODEL, sft=dict(batch=2, seq=32, warmup=1, steps=2),
              grpo=dict(prompts=2, generations=4, prompt_len=8, completion_len=8, warmup=1, steps=1))
 SFT_VARIANTS = ("hf", "ours-fused", "ours-grouped_mm", "hf-full", "ours-fused-full")
-GRPO_VARIANTS = ("hf", "ours-fused", "ours-fused-aux", "ours-grouped_mm")
+GRPO_VARIANTS = ("hf", "ours-fused", "ours-fused-graphs", "ours-fused-aux", "ours-grouped_mm")
 AUX_COEF = 0.001
 MAIN = {"sft": "tokens_per_s", "grpo": "step_s"}
 SPECIAL = ["<s>", "</s>", "<pad>", "<unk>"]  # ids 0 and 1 are the configs' bos / eos
@@ -246,6 +249,8 @@ def part_grpo(S, args, dev, dtype):
             trainer = GRPOTrainer(model=model, reward_funcs=[format_reward, even_share], args=config,
                                   train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
                                   callbacks=callbacks)
+        if name.endswith("-graphs"):
+            moe_grpo.use_cuda_graph_rollouts(trainer)
         rollouts = []  # (global step, seconds, completion tokens)
         generate = trainer._generate_single_turn
 
@@ -362,7 +367,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="sft,grpo", help="comma-separated subset")
     parser.add_argument("--sft-variants", default=",".join(SFT_VARIANTS), help=f"subset of {','.join(SFT_VARIANTS)}")
-    parser.add_argument("--grpo-variants", default="hf,ours-fused,ours-fused-aux",
+    parser.add_argument("--grpo-variants", default="hf,ours-fused,ours-fused-graphs,ours-fused-aux",
                         help=f"subset of {','.join(GRPO_VARIANTS)}")
     parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
                         help="TRL turns gradient checkpointing on by default; this turns it off for every row")

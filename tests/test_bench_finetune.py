@@ -73,7 +73,7 @@ def test_small_run_measures_every_row(tmp_path):
     assert got == {("sft", "LoRA (preset all)", "hf"), ("sft", "LoRA (preset all)", "ours-fused"),
                    ("sft", "LoRA (preset all)", "ours-grouped_mm"), ("sft", "full fine-tune", "hf"),
                    ("sft", "full fine-tune", "ours-fused"), ("grpo", "LoRA", "hf"), ("grpo", "LoRA", "ours-fused"),
-                   ("grpo", "LoRA", "ours-fused-aux")}
+                   ("grpo", "LoRA", "ours-fused-graphs"), ("grpo", "LoRA", "ours-fused-aux")}
     for r in rows:
         anchor = next(a for a in rows if a["case"] == r["case"] and a["model"] == "hf")
         main = bf.MAIN[r["part"]]
