@@ -224,6 +224,23 @@ def test_dgrad_h_variant_setting(monkeypatch):
 
 
 @needs_triton
+@pytest.mark.parametrize("candidate", range(1, 4))
+def test_decode_bucket_tile_candidates(triton_path, candidate):
+    """The 16/32-row candidates of the decode bucket (a few rows per expert, as in a generate step), forced: one to
+    two rows on most experts, none on some, sizes that are not multiples of the blocks. Forward only (the bucket
+    serves generation)."""
+    from modeling_moe.kernels.fused_moe_ops import CANDIDATES, _bucket
+
+    assert _bucket(6 * 3, 32) == "decode" and _bucket(16 * 32, 32) == "small"
+    config = CANDIDATES[("gemm1", "decode")][candidate]
+    x, gate_up, down, index, weights = make_case(6, 136, 72, 32, 3, device=triton_path)
+    with config_override(config), torch.no_grad():
+        out = fused_moe(x, gate_up, down, index, weights)
+    reference = moe_experts_reference(*(t.double().cpu() for t in (x, gate_up, down)), index.cpu(),
+                                      weights.double().cpu())
+    assert relative_error(out.cpu(), reference) < 1e-5
+
+
 def test_no_tokens(triton_path):
     x, gate_up, down, index, weights = make_case(0, 16, 16, 4, 2, device=triton_path)
     out = fused_moe(x, gate_up, down, index, weights)
