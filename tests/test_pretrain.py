@@ -379,3 +379,30 @@ def test_training_on_a_local_jsonl_file_without_document_attention(tmp_path, dat
     summary = run(tmp_path / "out", data_cache, "--dataset", str(dataset), "--max_steps", "2", "--save_steps", "0",
                   "--validation_split_percentage", "10", "--no_document_attention")
     assert summary["global_step"] == 2 and math.isfinite(summary["final_eval_loss"])
+
+
+@pytest.mark.parametrize("mtp_layers", [0, 1])
+def test_fsdp2_wraps_the_layer_classes_the_model_has(mtp_layers):
+    """The FSDP2 launch configs list MoEDecoderLayer and MoEMultiTokenPredictionLayer; accelerate raises on a class
+    the model lacks (a model without MTP: the FSDP2 runs on the H200 failed so), so the trainer keeps those present."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+    from modeling_moe.modeling_moe import MoEDecoderLayer, MoEMultiTokenPredictionLayer
+    from modeling_moe.trainers.pretrain import wrap_present_layer_classes
+
+    from .helpers import seeded_model, small_config
+
+    model = seeded_model(small_config(num_nextn_predict_layers=mtp_layers))
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap="MoEDecoderLayer,MoEMultiTokenPredictionLayer",
+    )
+    if mtp_layers == 0:
+        with pytest.raises(ValueError, match="MoEMultiTokenPredictionLayer"):
+            fsdp2_prepare_auto_wrap_policy(plugin, model)
+    wrap_present_layer_classes(plugin, model)
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    wrapped = [module for module in model.modules() if policy(module)]
+    layers = [module for module in model.modules() if isinstance(module, MoEDecoderLayer)]
+    assert set(map(id, layers)) <= set(map(id, wrapped)) and len(layers) == model.config.num_hidden_layers + mtp_layers
+    assert sum(isinstance(module, MoEMultiTokenPredictionLayer) for module in wrapped) == mtp_layers

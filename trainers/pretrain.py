@@ -448,6 +448,15 @@ def build_model(config, model_args: ModelArguments, seed: int):
     return AutoModelForCausalLM.from_config(config, **kwargs)
 
 
+def wrap_present_layer_classes(fsdp_plugin, model: torch.nn.Module):
+    """Keep only the FSDP wrap classes this model has: accelerate raises on a listed class the model lacks (the MTP
+    layer of a model without MTP), and the launch configs list every layer class of the architecture."""
+    names = fsdp_plugin.transformer_cls_names_to_wrap or list(getattr(model, "_no_split_modules", None) or [])
+    present = {type(module).__name__ for module in model.modules()}
+    if names:
+        fsdp_plugin.transformer_cls_names_to_wrap = [name for name in names if name in present]
+
+
 def build_optimizer(model, args: PretrainArguments, device_type: str):
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
@@ -745,6 +754,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if accelerator.is_fsdp2:
+        wrap_present_layer_classes(accelerator.state.fsdp_plugin, model)
     expert_parallel = None
     if ep_size > 1:
         expert_parallel = ExpertParallel(ep_size, accelerator.device.type)
