@@ -43,14 +43,13 @@ import statistics
 import sys
 import tempfile
 import time
-import traceback
 
 import torch
 import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_model as bm  # noqa: E402  (puts this checkout first on sys.path, registers MoEConfig)
-from bench_model import build, configs, describe, free, meta_model, peak_gib, random_state, sig, sync  # noqa: E402
+from bench_model import build, configs, free, meta_model, peak_gib, random_state, sig, sync  # noqa: E402
 
 import datasets  # noqa: E402
 import peft  # noqa: E402
@@ -402,16 +401,7 @@ def main():
                shapes={k: v for k, v in shapes.items() if k != "model"}, model=shapes["model"])
     print(json.dumps(env), flush=True)
     parts = {"sft": part_sft, "grpo": part_grpo}
-    for name in args.parts.split(","):
-        start = time.perf_counter()
-        torch.manual_seed(0)
-        try:
-            parts[name](shapes, args, dev, dtype)
-        except Exception as error:
-            traceback.print_exc()
-            RECORDS.append(dict(part=name, case="(whole part)", model="-", error=describe(error), vs_hf={}))
-        free()
-        print(f"[{name}: {time.perf_counter() - start:.1f} s]", flush=True)
+    bm.run_parts(parts, args.parts.split(","), RECORDS, shapes, args, dev, dtype)
     print_table()
     path = os.path.join(out_dir, "bench_finetune.jsonl")
     with open(path, "w") as f:

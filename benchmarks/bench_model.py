@@ -445,6 +445,20 @@ def print_table():
           "(higher is better for /s, lower for ms and GiB)")
 
 
+def run_parts(parts: dict, names: list[str], records: list, *part_args):
+    """Each named part in turn, seeded alike; a part that fails is recorded as an error and the next one runs."""
+    for name in names:
+        start = time.perf_counter()
+        torch.manual_seed(0)
+        try:
+            parts[name](*part_args)
+        except Exception as error:
+            traceback.print_exc()
+            records.append(dict(part=name, case="(whole part)", model="-", error=describe(error), vs_hf={}))
+        free()
+        print(f"[{name}: {time.perf_counter() - start:.1f} s]", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="check,train,generate,decode", help="comma-separated subset")
@@ -465,16 +479,7 @@ def main():
                device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", args=vars(args))
     print(json.dumps(env), flush=True)
     parts = {"check": part_check, "train": part_train, "generate": part_generate, "decode": part_decode}
-    for name in args.parts.split(","):
-        start = time.perf_counter()
-        torch.manual_seed(0)
-        try:
-            parts[name](shapes, args, dev, dtype)
-        except Exception as error:
-            traceback.print_exc()
-            RECORDS.append(dict(part=name, case="(whole part)", model="-", error=describe(error)))
-        free()
-        print(f"[{name}: {time.perf_counter() - start:.1f} s]", flush=True)
+    run_parts(parts, args.parts.split(","), RECORDS, shapes, args, dev, dtype)
     print_table()
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
     os.makedirs(out_dir, exist_ok=True)

@@ -56,6 +56,7 @@ metrics.jsonl.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -959,14 +960,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all(r.result.get("rc") == 0 for r in done) else 1
 
 
-def cpu_fsdp2_trainer(argv: list[str]) -> int:
-    """The trainer with accelerate's FSDP2 path forced on CPU processes (gloo): --small only, since accelerate offers
-    FSDP on accelerators only. The harness of tests/test_pretrain.py's two-process FSDP2 run."""
+@contextlib.contextmanager
+def forced_cpu_fsdp2():
+    """accelerate's FSDP2 path forced on CPU processes (gloo), since accelerate offers FSDP on accelerators only: the
+    harness of `--small` and of tests/test_pretrain.py's two-process FSDP2 + expert-parallel run."""
     from accelerate import Accelerator
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-    from modeling_moe.trainers.pretrain import cli
 
     original_init = Accelerator.__init__
 
@@ -982,7 +982,18 @@ def cpu_fsdp2_trainer(argv: list[str]) -> int:
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
     Accelerator.__init__ = fsdp2_init
-    return cli(argv)
+    try:
+        yield
+    finally:
+        Accelerator.__init__ = original_init
+
+
+def cpu_fsdp2_trainer(argv: list[str]) -> int:
+    """The trainer's CLI under `forced_cpu_fsdp2` (--small's FSDP2 runs)."""
+    from modeling_moe.trainers.pretrain import cli
+
+    with forced_cpu_fsdp2():
+        return cli(argv)
 
 
 if __name__ == "__main__":

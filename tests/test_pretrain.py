@@ -139,7 +139,7 @@ def test_resume_after_sigkill_during_save_is_bitwise(tmp_path, data_cache):
 
 DISTRIBUTED_DRIVER = textwrap.dedent(
     """
-    import json, sys
+    import json, os, sys
     import torch.distributed as dist
     from modeling_moe.trainers.pretrain import main
 
@@ -183,24 +183,11 @@ DISTRIBUTED_DRIVER = textwrap.dedent(
 
     # FSDP2 + expert parallel: accelerate only offers FSDP on accelerators, so force its FSDP2 path on these CPU
     # processes (a test harness; on GPUs `accelerate launch --config_file trainers/accelerate_configs/fsdp2_ep.yaml`).
-    from accelerate import Accelerator
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    sys.path.insert(0, os.environ["MOE_BENCHMARKS_DIR"])
+    from pretrain_runs import forced_cpu_fsdp2
 
-    original_init = Accelerator.__init__
-
-    def fsdp2_init(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        self.state.fsdp_plugin = FullyShardedDataParallelPlugin(
-            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", state_dict_type="SHARDED_STATE_DICT",
-            reshard_after_forward=True, cpu_ram_efficient_loading=False,
-        )
-        self.state.distributed_type = DistributedType.FSDP
-        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-
-    Accelerator.__init__ = fsdp2_init
-    main([*common, "--output_dir", out + "/fsdp2-ep2", "--expert_parallel_size", "2"])
-    Accelerator.__init__ = original_init
+    with forced_cpu_fsdp2():
+        main([*common, "--output_dir", out + "/fsdp2-ep2", "--expert_parallel_size", "2"])
     dist.destroy_process_group()
     """
 )
@@ -214,7 +201,8 @@ def two_process_runs(tmp_path_factory, data_cache):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(driver), str(out), *TINY, "--data_cache_dir", data_cache, "--max_steps", "4", "--save_steps", "2",
                "--max_train_samples", "40"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    benchmarks = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MOE_BENCHMARKS_DIR": benchmarks}
     process = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400, cwd=out)
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-6000:]
     return out
