@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from . import presets
 from .configuration_moe import MoEConfig
 from .modeling_moe import MoEForCausalLM, MoEModel, MoEPreTrainedModel
+from .speculative import mtp_speculative_decoding
 
 AutoConfig.register(MoEConfig.model_type, MoEConfig, exist_ok=True)
 AutoModel.register(MoEConfig, MoEModel, exist_ok=True)
@@ -17,5 +18,5 @@ MoEConfig.register_for_auto_class()
 MoEModel.register_for_auto_class("AutoModel")
 MoEForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
-__all__ = ["MoEConfig", "MoEModel", "MoEForCausalLM", "MoEPreTrainedModel", "presets"]
+__all__ = ["MoEConfig", "MoEModel", "MoEForCausalLM", "MoEPreTrainedModel", "mtp_speculative_decoding", "presets"]
 __version__ = "0.1.0"

@@ -1,0 +1,126 @@
+"""Self-speculative greedy decoding with the multi-token-prediction module (DeepSeek-V3's MTP used as the drafter).
+
+    from modeling_moe import mtp_speculative_decoding
+    out = model.generate(input_ids, custom_generate=mtp_speculative_decoding, max_new_tokens=128)
+
+Each main-model forward verifies one drafted token and proposes the next: with the main model's final hidden state
+h_t at the last verified position and the embedding of the token it predicts, x_{t+1}, the first MTP module drafts
+x_{t+2}; the next forward runs [x_{t+1}, draft] together. When the main model's own prediction at x_{t+1}'s position
+equals the draft, both it and the prediction after the draft are kept (two tokens for one forward); otherwise only
+the main model's prediction is kept and the draft's cache entry is dropped. Every kept token is the main model's
+argmax given the kept prefix, so the output is the plain greedy output (up to floating-point ties).
+
+Scope: batch size 1 without padding, greedy decoding (`do_sample=False`), a dynamic cache; the main model and the MTP
+module each keep their own cache. It pays where a decode step is latency-bound (batch 1) and the MTP module was
+trained: the acceptance rate is returned in `generation_stats` of the output when `return_dict_in_generate=True`.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicCache
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+__all__ = ["mtp_speculative_decoding"]
+
+
+def _check(model, input_ids, generation_config, model_kwargs):
+    if not getattr(model.model, "mtp_layers", None):
+        raise ValueError("mtp_speculative_decoding needs a model with MTP modules (config.num_nextn_predict_layers >= 1).")
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"mtp_speculative_decoding decodes one sequence at a time, got a batch of {input_ids.shape[0]}.")
+    if generation_config.do_sample or (generation_config.num_beams or 1) > 1:
+        raise ValueError("mtp_speculative_decoding is greedy: use do_sample=False and num_beams=1.")
+    mask = model_kwargs.get("attention_mask")
+    if mask is not None and not bool(mask.all()):
+        raise ValueError("mtp_speculative_decoding takes an unpadded prompt (attention_mask all ones).")
+
+
+class _MainModel:
+    """The main model over its cache: hidden states (final norm applied) and logits of new tokens."""
+
+    def __init__(self, model, cache):
+        self.model, self.cache = model, cache
+
+    def __call__(self, tokens: torch.Tensor, start: int):
+        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device).unsqueeze(0)
+        hidden = self.model.model(input_ids=tokens, position_ids=positions, cache=self.cache,
+                                  use_cache=True).last_hidden_state
+        return hidden, self.model.lm_head(hidden)
+
+
+class _Drafter:
+    """The first MTP module over its own cache: position i takes the main model's hidden state at i and the
+    embedding of token i + 1, and predicts token i + 2."""
+
+    def __init__(self, model):
+        self.model = model
+        self.layer = model.model.mtp_layers[0]
+        self.cache = DynamicCache()
+
+    def __call__(self, hidden: torch.Tensor, next_tokens: torch.Tensor, start: int) -> torch.Tensor:
+        """Logits [1, 1, vocab] of the draft after positions start .. start + n - 1 (the cache holds 0 .. start - 1)."""
+        base = self.model.model
+        embeds = base.embed_tokens(next_tokens)
+        new = embeds.shape[1]
+        positions = torch.arange(start, start + new, device=embeds.device).unsqueeze(0)
+        # Built here rather than by create_causal_mask, which sizes the mask from the cache's layer 0 (the MTP
+        # layer's entries live at its own index, num_hidden_layers).
+        keys = torch.arange(start + new, device=embeds.device)
+        mask = (keys[None, :] <= positions[0, :, None])[None, None]  # [1, 1, new, start + new], True = attend
+        out, _ = self.layer(hidden, embeds, base.rotary_emb(embeds, positions), mask, cache=self.cache)
+        return self.model.lm_head(out[:, -1:])
+
+
+@torch.no_grad()
+def mtp_speculative_decoding(model, input_ids, logits_processor, stopping_criteria, generation_config,
+                             synced_gpus=False, streamer=None, **model_kwargs):
+    """A `generate(custom_generate=...)` decoding loop (see the module docstring). Returns the sequences, or a
+    `GenerateDecoderOnlyOutput` with `generation_stats` (forwards, drafts accepted) when `return_dict_in_generate`."""
+    _check(model, input_ids, generation_config, model_kwargs)
+    cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+    main = _MainModel(model, cache if cache is not None else DynamicCache(config=model.config))
+    drafter = _Drafter(model)
+    sequence = input_ids
+    finished = False
+
+    def keep(logits: torch.Tensor) -> bool:
+        """Append the processed argmax of `logits` [1, vocab]; whether generation must stop."""
+        nonlocal sequence
+        scores = logits_processor(sequence, logits.float())
+        sequence = torch.cat([sequence, scores.argmax(dim=-1, keepdim=True)], dim=-1)
+        if streamer is not None:
+            streamer.put(sequence[:, -1:].cpu())
+        return bool(stopping_criteria(sequence, scores).all())
+
+    prompt_len = input_ids.shape[1]
+    hidden, logits = main(input_ids, 0)
+    finished = keep(logits[:, -1])
+    forwards, accepted = 1, 0
+    # MTP over the prompt: position i pairs h_i with token i + 1 (the last one being the token just predicted).
+    draft_logits = drafter(hidden, sequence[:, 1:], 0)
+    while not finished:
+        draft = draft_logits.argmax(dim=-1)
+        start = sequence.shape[1] - 1  # the last kept token is not in the main cache yet
+        hidden, logits = main(torch.cat([sequence[:, -1:], draft], dim=-1), start)
+        forwards += 1
+        finished = keep(logits[:, 0])
+        if finished:
+            break
+        if sequence[0, -1] == draft[0, 0]:  # the draft is the main model's own choice: keep the next one too
+            accepted += 1
+            finished = keep(logits[:, 1])
+            if not finished:
+                draft_logits = drafter(hidden, sequence[:, -2:], start)
+        else:  # the draft's entry in the main cache is wrong: drop it
+            main.cache.crop(-1)  # a negative count: the tokens to remove (transformers >= 5.17)
+            draft_logits = drafter(hidden[:, :1], sequence[:, -1:], start)
+
+    if streamer is not None:
+        streamer.end()
+    if not generation_config.return_dict_in_generate:
+        return sequence
+    output = GenerateDecoderOnlyOutput(sequences=sequence)
+    output.generation_stats = dict(forwards=forwards, drafts=forwards - 1, accepted=accepted,
+                                   new_tokens=sequence.shape[1] - prompt_len)
+    return output

@@ -1,0 +1,69 @@
+"""MTP self-speculative greedy decoding (modeling_moe.speculative) against plain greedy generate()."""
+
+import pytest
+import torch
+
+from modeling_moe import mtp_speculative_decoding
+
+from .helpers import seeded_model, small_config
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+
+
+def drafting_model(mtp_layers=1):
+    """A float32 model whose MTP module drafts from the next token's embedding alone (its attention and experts
+    silenced, eh_proj passing the embedding half): its drafts agree with the main model often but not always, so
+    that both the accept and the reject branch run."""
+    model = seeded_model(small_config(num_nextn_predict_layers=mtp_layers), dtype=torch.float32).eval()
+    if mtp_layers:
+        hidden = model.config.hidden_size
+        with torch.no_grad():
+            mtp = model.model.mtp_layers[0]
+            mtp.eh_proj.weight.zero_()
+            mtp.eh_proj.weight[:, :hidden] = torch.eye(hidden)
+            mtp.self_attn.o_proj.weight.zero_()
+            for name, param in mtp.mlp.named_parameters():
+                if "down" in name:
+                    param.zero_()
+    return model
+
+
+def prompt(length=9, seed=1):
+    return torch.randint(3, 90, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_same_tokens_as_greedy_with_accepted_and_rejected_drafts(seed):
+    model, ids = drafting_model(), prompt(seed=seed)
+    kwargs = dict(max_new_tokens=30, min_new_tokens=30, do_sample=False)
+    expected = model.generate(ids, **kwargs)
+    out = model.generate(ids, custom_generate=mtp_speculative_decoding, return_dict_in_generate=True, **kwargs)
+    assert torch.equal(out.sequences, expected)
+    stats = out.generation_stats
+    assert 0 < stats["accepted"] < stats["drafts"]  # both branches ran
+    assert stats["forwards"] == 30 - stats["accepted"]  # one new token per forward, two when a draft is accepted
+    assert stats["new_tokens"] == 30
+
+
+def test_stops_at_eos_like_greedy():
+    model, ids = drafting_model(), prompt()
+    free = model.generate(ids, max_new_tokens=30, min_new_tokens=30, do_sample=False)
+    eos = int(free[0, ids.shape[1] + 11])
+    expected = model.generate(ids, max_new_tokens=30, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    got = model.generate(ids, max_new_tokens=30, do_sample=False, eos_token_id=eos, pad_token_id=0,
+                         custom_generate=mtp_speculative_decoding)
+    assert torch.equal(got, expected) and got[0, -1] == eos
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [("batch", "one sequence at a time"), ("sampling", "greedy"), ("no_mtp", "MTP modules"), ("padding", "unpadded")],
+)
+def test_unsupported_uses_are_clear_errors(case, message):
+    model = drafting_model(mtp_layers=0 if case == "no_mtp" else 1)
+    ids = torch.cat([prompt(), prompt(seed=2)]) if case == "batch" else prompt()
+    kwargs = dict(max_new_tokens=4, do_sample=case == "sampling", custom_generate=mtp_speculative_decoding)
+    if case == "padding":
+        kwargs["attention_mask"] = torch.ones_like(ids).index_fill_(1, torch.tensor([0]), 0)
+    with pytest.raises(ValueError, match=message):
+        model.generate(ids, **kwargs)
