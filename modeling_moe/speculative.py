@@ -37,7 +37,7 @@ def _check(model, input_ids, generation_config, model_kwargs):
 
 
 class _MainModel:
-    """The main model over its cache: hidden states (final norm applied) and logits of new tokens."""
+    """The main model over its cache: hidden states (final norm applied) of new tokens, logits of the last two."""
 
     def __init__(self, model, cache):
         self.model, self.cache = model, cache
@@ -46,7 +46,7 @@ class _MainModel:
         positions = torch.arange(start, start + tokens.shape[1], device=tokens.device).unsqueeze(0)
         hidden = self.model.model(input_ids=tokens, position_ids=positions, cache=self.cache,
                                   use_cache=True).last_hidden_state
-        return hidden, self.model.lm_head(hidden)
+        return hidden, self.model.lm_head(hidden[:, -2:])  # a verification needs two positions, a prefill one
 
 
 class _Drafter:
@@ -82,7 +82,6 @@ def mtp_speculative_decoding(model, input_ids, logits_processor, stopping_criter
     main = _MainModel(model, cache if cache is not None else DynamicCache(config=model.config))
     drafter = _Drafter(model)
     sequence = input_ids
-    finished = False
 
     def keep(logits: torch.Tensor) -> bool:
         """Append the processed argmax of `logits` [1, vocab]; whether generation must stop."""
@@ -97,8 +96,8 @@ def mtp_speculative_decoding(model, input_ids, logits_processor, stopping_criter
     hidden, logits = main(input_ids, 0)
     finished = keep(logits[:, -1])
     forwards, accepted = 1, 0
-    # MTP over the prompt: position i pairs h_i with token i + 1 (the last one being the token just predicted).
-    draft_logits = drafter(hidden, sequence[:, 1:], 0)
+    if not finished:  # MTP over the prompt: position i pairs h_i with token i + 1 (the last: the one just predicted)
+        draft_logits = drafter(hidden, sequence[:, 1:], 0)
     while not finished:
         draft = draft_logits.argmax(dim=-1)
         start = sequence.shape[1] - 1  # the last kept token is not in the main cache yet
