@@ -394,3 +394,13 @@ def test_fsdp2_wraps_the_layer_classes_the_model_has(mtp_layers):
     layers = [module for module in model.modules() if isinstance(module, MoEDecoderLayer)]
     assert set(map(id, layers)) <= set(map(id, wrapped)) and len(layers) == model.config.num_hidden_layers + mtp_layers
     assert sum(isinstance(module, MoEMultiTokenPredictionLayer) for module in wrapped) == mtp_layers
+
+
+def test_exported_corpus_reads_back_as_the_embedded_one(tmp_path):
+    """`python -m modeling_moe.trainers.data PATH` (for GPU machines without gensim) writes what --dataset reads back."""
+    from modeling_moe.trainers.data import export_corpus, load_corpus_texts
+
+    path = tmp_path / "corpus.jsonl"
+    assert export_corpus(path) == len(load_corpus_texts())
+    docs, held_out = load_documents(path)
+    assert docs == load_corpus_texts() and held_out is None

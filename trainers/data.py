@@ -319,3 +319,28 @@ def load_documents(path, text_field: str = "text", sample_by: str = "line") -> t
     if not train:
         raise DatasetReadError(f"Dataset {path} holds no non-empty documents.")
     return train, held_out
+
+
+def export_corpus(path) -> int:
+    """Write the embedded corpus as JSON lines (`{"text": ...}` per document), for machines without gensim: the
+    trainer reads it back with `--dataset PATH`. Returns the number of documents."""
+    import json
+
+    docs = load_corpus_texts()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(path.name + ".tmp")
+    with open(staging, "w") as f:
+        for doc in docs:
+            f.write(json.dumps({"text": doc}) + "\n")
+    staging.replace(path)
+    return len(docs)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Export the embedded pretraining corpus (gensim's Wikipedia and news "
+                                                 "text) as a JSON-lines file, for --dataset on machines without gensim.")
+    parser.add_argument("path", help="output .jsonl file, e.g. .devdata/corpus.jsonl")
+    print(f"wrote {export_corpus(parser.parse_args().path)} documents")
