@@ -249,9 +249,9 @@ def part_train(S, args, dev, dtype):
 
 def fused_available(dev) -> bool:
     """Whether our "fused" Triton experts run here (CUDA and triton; elsewhere "fused" is the PyTorch reference)."""
-    from modeling_moe.kernels import HAS_TRITON
+    from modeling_moe.kernels import preferred_by_default
 
-    return dev.type == "cuda" and HAS_TRITON
+    return dev.type == "cuda" and preferred_by_default()
 
 
 def our_generate_variants(our_cfg, dev):

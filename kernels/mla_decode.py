@@ -365,8 +365,7 @@ def default_num_splits(batch: int, head_blocks: int, kv_len: int, config: Decode
                        element_size: int, device: torch.device) -> int:
     """As many split programs as fill every SM as many times as its shared memory holds programs, in whole waves
     (V3 shape on an H200: 2 splits, one wave of 128 programs, 0.285 ms; 3 splits, 1.5 waves, 0.41 ms in a later
-    run), each split keeping
-    >= 4 key blocks of the cache's capacity.
+    run), each split keeping >= 4 key blocks of the cache's capacity.
 
     It depends on shapes only (the capacity, not the filled length), so a captured CUDA graph stays valid while the
     cache fills; the kernel shares each sequence's filled keys among the splits at run time."""

@@ -21,6 +21,8 @@ import torch
 from transformers.cache_utils import DynamicCache
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from .modeling_moe import CACHE_FIELD
+
 __all__ = ["mtp_speculative_decoding"]
 
 
@@ -78,7 +80,7 @@ def mtp_speculative_decoding(model, input_ids, logits_processor, stopping_criter
     """A `generate(custom_generate=...)` decoding loop (see the module docstring). Returns the sequences, or a
     `GenerateDecoderOnlyOutput` with `generation_stats` (forwards, drafts accepted) when `return_dict_in_generate`."""
     _check(model, input_ids, generation_config, model_kwargs)
-    cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+    cache = model_kwargs.get(CACHE_FIELD)  # the cache generate() prepared, under this transformers' keyword
     main = _MainModel(model, cache if cache is not None else DynamicCache(config=model.config))
     drafter = _Drafter(model)
     sequence = input_ids
