@@ -23,12 +23,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from modeling_moe import mtp_speculative_decoding  # noqa: E402
-from modeling_moe.trainers.data import load_corpus_texts, load_documents, train_eval_split  # noqa: E402
+from modeling_moe.trainers.data import load_split  # noqa: E402
 
 
 def prompts(tokenizer, args) -> list[torch.Tensor]:
-    docs = load_documents(args.dataset)[0] if args.dataset else load_corpus_texts()
-    _, held_out = train_eval_split(docs, 0.05, seed=0)
+    _, held_out = load_split(args.dataset)
     out = []
     for doc in held_out:
         ids = tokenizer(doc, return_tensors="pt").input_ids[:, : args.prompt_tokens]

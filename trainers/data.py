@@ -321,6 +321,19 @@ def load_documents(path, text_field: str = "text", sample_by: str = "line") -> t
     return train, held_out
 
 
+def load_split(dataset=None, eval_fraction: float = 0.05, text_field: str = "text",
+               sample_by: str = "line") -> tuple[list[str], list[str]]:
+    """(training, held-out) documents: the embedded corpus when `dataset` is None, else a local dataset
+    (`load_documents`); the held-out part is the dataset's own split, or `eval_fraction` of its documents."""
+    if dataset is None:
+        documents, held_out = load_corpus_texts(), None
+    else:
+        documents, held_out = load_documents(dataset, text_field, sample_by)
+    if held_out is None:
+        documents, held_out = train_eval_split(documents, eval_fraction, seed=0)
+    return documents, held_out
+
+
 def export_corpus(path) -> int:
     """Write the embedded corpus as JSON lines (`{"text": ...}` per document), for machines without gensim: the
     trainer reads it back with `--dataset PATH`. Returns the number of documents."""

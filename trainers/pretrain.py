@@ -340,7 +340,7 @@ def _unflatten(packed: dict[str, torch.Tensor]) -> list[list[int]]:
 
 def tokenized_documents(data_args: DataArguments, tokenizer, is_main: bool) -> tuple[list, list]:
     """(training, held-out) token lists, from the cache when present; only the main process writes the cache."""
-    from modeling_moe.trainers.data import load_corpus_texts, load_documents, tokenize_documents, train_eval_split
+    from modeling_moe.trainers.data import load_documents, load_split, tokenize_documents
 
     if data_args.dataset is not None and not os.path.exists(os.path.expanduser(data_args.dataset)):
         load_documents(data_args.dataset)  # raises the FileNotFoundError that names what is expected
@@ -358,14 +358,10 @@ def tokenized_documents(data_args: DataArguments, tokenizer, is_main: bool) -> t
         except Exception as error:  # a corrupt cache is rebuilt
             logger.warning("ignoring unreadable tokenized cache %s (%s)", cache, error)
 
-    if data_args.dataset is None:
-        documents, held_out = load_corpus_texts(), None
-    else:
-        documents, held_out = load_documents(data_args.dataset, data_args.dataset_text_field, data_args.text_sample_by)
-    if held_out is None:
-        if not 0 <= data_args.validation_split_percentage < 100:
-            raise ConfigurationError("--validation_split_percentage must be in [0, 100).")
-        documents, held_out = train_eval_split(documents, data_args.validation_split_percentage / 100, seed=0)
+    if not 0 <= data_args.validation_split_percentage < 100:
+        raise ConfigurationError("--validation_split_percentage must be in [0, 100).")
+    documents, held_out = load_split(data_args.dataset, data_args.validation_split_percentage / 100,
+                                     data_args.dataset_text_field, data_args.text_sample_by)
     train_tokens, eval_tokens = tokenize_documents(tokenizer, documents), tokenize_documents(tokenizer, held_out)
     if is_main:
         try:
