@@ -179,6 +179,7 @@ def report(part: str, case: str, rows: dict, **info):
         ratios = {key: round(value / anchor[key], 3) for key, value in metrics.items()
                   if isinstance(value, (int, float)) and not isinstance(value, bool) and anchor.get(key)}
         RECORDS.append(dict(part=part, case=case, model=model, **info, **metrics, vs_hf=ratios))
+        print(json.dumps(RECORDS[-1]), flush=True)  # in the log at once: a run cut by a time limit keeps it
 
 
 def row(part, case, model, figure, ratio, other):
@@ -266,7 +267,8 @@ def our_generate_variants(our_cfg, dev):
 
 
 def profile_generate(model, run):
-    """Where a generate() call spends its time: the 20 busiest ops by device time, and device vs wall time."""
+    """Where a generate() call spends its time: the busiest ops by device time and by host time, and device vs wall
+    time."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
@@ -276,6 +278,7 @@ def profile_generate(model, run):
     device_us = sum(e.self_device_time_total for e in events)
     print(f"[profile] generate wall {wall * 1e3:.1f} ms, device busy {device_us / 1e3:.1f} ms")
     print(events.table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=60), flush=True)
+    print(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60), flush=True)  # host
 
 
 def part_generate(S, args, dev, dtype):
@@ -385,9 +388,11 @@ def part_decode(S, args, dev, dtype):
 
             return time_step(step)
 
-        def run_static(cuda_graph):
+        def run_static(cuda_graph, compiled=False):
             """Our static latent cache, as generate(cache_implementation="static") builds it: the Triton decode
-            kernel reads the filled part; a 4D mask as the model passes it. Optionally replayed from a CUDA graph."""
+            kernel reads the filled part; a 4D mask as the model passes it. Optionally replayed from a CUDA graph,
+            optionally compiled first (torch.compile fuses the norms, rotary and cache writes around the kernel, as
+            in generate's compiled decode step)."""
             with torch.device(dev):
                 attn = MoEMultiHeadLatentAttention(our_cfg, 0).to(dtype).eval()
             attn.load_state_dict(state)
@@ -405,6 +410,9 @@ def part_decode(S, args, dev, dtype):
                 with torch.no_grad():
                     return attn(x, position_embeddings, mask, cache)
 
+            if compiled:
+                step = torch.compile(step, fullgraph=False, dynamic=False)
+
             return time_step(step, cuda_graph)
 
         rows = {"hf": measure(run, hf_deepseek.DeepseekV3Attention, hf_deepseek.DeepseekV3RotaryEmbedding, hf_cfg),
@@ -412,6 +420,7 @@ def part_decode(S, args, dev, dtype):
         rows["ours (static cache)"] = measure(run_static, False)  # on CUDA: the Triton kernel
         if dev.type == "cuda":
             rows["ours (static cache, CUDA graph)"] = measure(run_static, True)
+            rows["ours (static cache, compiled, CUDA graph)"] = measure(run_static, True, True)
         if "step_ms" in rows["hf"]:  # same weights and cache: each absorbed output against the expanded one
             hf_out, *ours = outputs
             for name, out in zip([n for n in rows if n != "hf" and "step_ms" in rows[n]], ours):
