@@ -437,6 +437,8 @@ def print_table():
     print()
     row("part", "case", "model", "figure", "x hf", "other figures")
     for r in RECORDS:
+        if r["part"] == "tuning":
+            continue
         if r["part"] == "check":
             row("check", r["case"], "ours vs hf", "PASS" if r["passed"] else "FAIL", "",
                 f"max|diff| forward {r['forward_max_abs_diff']:.3g}, decode step {r['decode_step_max_abs_diff']:.3g} "
@@ -489,6 +491,10 @@ def main():
     print(json.dumps(env), flush=True)
     parts = {"check": part_check, "train": part_train, "generate": part_generate, "decode": part_decode}
     run_parts(parts, args.parts.split(","), RECORDS, shapes, args, dev, dtype)
+    if "modeling_moe.kernels.fused_moe_ops" in sys.modules:  # MOE_FUSED_AUTOTUNE=1: which expert tiles won
+        tuning = dict(part="tuning", log=sys.modules["modeling_moe.kernels.fused_moe_ops"].TUNING_LOG)
+        RECORDS.append(tuning)
+        print(json.dumps(tuning), flush=True)
     print_table()
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
     os.makedirs(out_dir, exist_ok=True)
