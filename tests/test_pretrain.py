@@ -208,6 +208,82 @@ def two_process_runs(tmp_path_factory, data_cache):
     return out
 
 
+def test_time_by_category_on_synthetic_events():
+    from modeling_moe.trainers.profiling import parse_profile_steps, time_by_category
+
+    events = [
+        ("ncclDevKernel_SendRecv(ncclDevKernelArgsStorage<4096ul>)", 0.20),  # NCCL's all_to_all_single
+        ("ncclDevKernel_SendRecv(ncclDevKernelArgsStorage<4096ul>)", 0.10),
+        ("gloo:all_to_all", 0.01),
+        ("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)", 0.05),
+        ("ncclDevKernel_ReduceScatter_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)", 0.04),
+        ("ncclDevKernel_AllReduce_Sum_bf16_RING_LL(ncclDevKernelArgsStorage<4096ul>)", 0.01),
+        ("_gemm1_swiglu_kernel", 0.10),
+        ("_grouped_gemm_kernel", 0.08),
+        ("_dgrad_h_kernel", 0.03),
+        ("_grouped_wgrad_kernel", 0.04),
+        ("aten::_grouped_mm > aten::mm", 0.02),  # a GEMM inside the experts' grouped_mm (CPU)
+        ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<192, 128, 64, 4, cutlass::bfloat16_t>>", 0.04),
+        ("cudnn_generated_fort_native_sdpa_sm90_knob_7_64x128x128_4x1x1_kernel0_0", 0.03),
+        ("fmha_cutlassB_f32_aligned_64x64_k64_sm80", 0.01),
+        ("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_NTN", 0.06),
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_kernel__5x_cublas",
+         0.05),
+        ("aten::mm", 0.01),
+        ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", 0.03),
+        ("Memcpy HtoD (Pageable -> Device)", 0.01),
+        ("aten::broadcast_tensors", 0.01),  # not a collective
+    ]
+    summary = time_by_category(events, wall_s=2.0, top=3)
+    expected = {"all_to_all": 0.31, "other_collectives": 0.10, "routed_experts": 0.27, "attention": 0.08,
+                "gemm": 0.12, "other": 0.05}
+    assert {name: value["time_s"] for name, value in summary["categories"].items()} == pytest.approx(expected)
+    assert {name: value["share"] for name, value in summary["categories"].items()} == pytest.approx(
+        {name: seconds / 2.0 for name, seconds in expected.items()})
+    assert summary["device_time_s"] == pytest.approx(0.93) and summary["wall_s"] == 2.0
+    top = [(k["name"], k["category"], k["calls"]) for k in summary["top_kernels"]]
+    assert top == [("ncclDevKernel_SendRecv(ncclDevKernelArgsStorage<4096ul>)", "all_to_all", 2),
+                   ("_gemm1_swiglu_kernel", "routed_experts", 1), ("_grouped_gemm_kernel", "routed_experts", 1)]
+    assert summary["top_kernels"][0]["time_s"] == pytest.approx(0.3)
+
+    assert parse_profile_steps("12,14") == (12, 14) and parse_profile_steps("12") == (12, 12)
+    assert parse_profile_steps(None) is None and parse_profile_steps("") is None
+    for bad in ("3-5", "5,3", "0,2", "a,b", "1,2,3"):
+        with pytest.raises(ValueError, match="expected FIRST,LAST"):
+            parse_profile_steps(bad)
+
+
+def test_profiled_run_writes_a_consistent_summary(tmp_path, data_cache):
+    import gzip
+
+    summary = run(tmp_path, data_cache, "--max_steps", "3", "--profile_steps", "2,3", "--profile_trace",
+                  "--save_steps", "0", "--save_final_model", "false")
+    profile = json.loads((tmp_path / "profile" / "rank0.json").read_text())
+    assert profile["steps"] == [2, 3] and profile["time_source"] == "CPU op self time"
+    assert profile["wall_s"] > 0 and profile["step_wall_s"] == pytest.approx(profile["wall_s"] / 2)
+    categories = profile["categories"]
+    assert sum(c["time_s"] for c in categories.values()) == pytest.approx(profile["device_time_s"])
+    for value in categories.values():
+        assert value["share"] == pytest.approx(value["time_s"] / profile["wall_s"])
+    assert 0 < sum(c["share"] for c in categories.values()) <= 1 + 1e-6  # one thread: self times do not overlap
+    assert categories["all_to_all"]["time_s"] == categories["other_collectives"]["time_s"] == 0  # one process
+    for name in ("routed_experts", "attention", "gemm"):  # grouped_mm experts, SDPA, projections and head
+        assert categories[name]["time_s"] > 0, name
+    times = [k["time_s"] for k in profile["top_kernels"]]
+    assert 0 < len(times) <= 15 and times == sorted(times, reverse=True)
+
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    line = [r for r in records if r.get("kind") == "profile"]
+    assert len(line) == 1 and line[0]["step"] == 3 and line[0]["profile_steps"] == [2, 3]
+    assert line[0]["shares"] == {name: value["share"] for name, value in categories.items()}
+    assert line[0]["all_to_all_share"] == 0 and summary["profile"] == line[0]
+    assert line[0]["top_categories"][0] == max(categories, key=lambda name: categories[name]["share"])
+    with gzip.open(tmp_path / "profile" / "trace_rank0.json.gz", "rt") as f:
+        assert json.load(f)["traceEvents"]
+    assert (tmp_path / "config.json").is_file() and not (tmp_path / "model.safetensors").exists()
+
+
 def test_two_process_ddp_and_expert_parallel_give_the_same_losses(two_process_runs):
     ddp, ep2 = read_metrics(two_process_runs / "ddp"), read_metrics(two_process_runs / "ep2")
     assert [r["step"] for r in ddp] == [r["step"] for r in ep2] == [1, 2, 3, 4]
@@ -255,6 +331,11 @@ def test_two_process_fsdp2_with_expert_parallel_matches_ddp(two_process_runs):
         (["--expert_parallel_size", "3"], "n_routed_experts=8 is not divisible by --expert_parallel_size=3"),
         (["--expert_parallel_size", "2"], "world size (1 process) is not divisible by --expert_parallel_size=2"),
         (["--config_overrides", "no_such_field=1"], "Unknown MoEConfig field"),
+        (["--profile_steps", "3-5"], "--profile_steps '3-5': expected FIRST,LAST optimizer steps"),
+        (["--profile_steps", "1,2"], "step 2 is beyond the run's 1 optimizer steps"),
+        # 8 blocks, 2 a step: one epoch is 4 steps, known once the data is loaded
+        (["--max_steps", "-1", "--max_train_samples", "8", "--profile_steps", "3,5"],
+         "step 5 is beyond the run's 4 optimizer steps"),
     ],
 )
 def test_configuration_errors_are_clear(tmp_path, data_cache, extra, message):

@@ -17,7 +17,13 @@ English corpus (Wikipedia and news text shipped in gensim's wheel) tokenized wit
 Every optimizer step ends with `update_expert_bias()` (aux-loss-free balancing; token counts summed over all ranks).
 `output_dir` receives `metrics.jsonl` (one line per logged step), `loss.png`, `expert_load.png`, checkpoints
 `checkpoint-N/` (written to a temporary folder, then renamed: a killed run resumes from its last complete one with
-`--resume_from_checkpoint latest`), and the final model (`save_pretrained`, code files included) with its tokenizer.
+`--resume_from_checkpoint latest`), and the final model (`save_pretrained`, code files included) with its tokenizer
+(only its config.json with `--save_final_model false`).
+
+Where the time goes: `--profile_steps 12,14` runs torch.profiler over optimizer steps 12 to 14 and writes
+`output_dir/profile/rank{r}.json` per rank (device time by category: all-to-all, other collectives, routed experts,
+attention, GEMMs, other; each one's share of the profiled wall time; the top kernels) and a line of kind "profile"
+to `metrics.jsonl` (the shares averaged over the ranks; also in pretrain_summary.json). See trainers/profiling.py.
 """
 
 from __future__ import annotations
@@ -173,6 +179,23 @@ class PretrainArguments:
         default=None, metadata={"help": "Peak dense bf16 TFLOP/s of one device for MFU (default: known GPUs)."}
     )
     disable_tqdm: bool = field(default=False, metadata={"help": "No progress bar."})
+    save_final_model: bool = field(
+        default=True,
+        metadata={"help": "Save the final model and tokenizer to output_dir (false: config.json, metrics and plots "
+                          "only, for throughput runs)."},
+    )
+    profile_steps: str | None = field(
+        default=None,
+        metadata={"help": "FIRST,LAST (e.g. 12,14): profile optimizer steps FIRST to LAST with torch.profiler (CPU "
+                          "and CUDA) and write output_dir/profile/rank{r}.json per rank (time by category: "
+                          "all_to_all, other_collectives, routed_experts, attention, gemm, other; top kernels) and a "
+                          "'profile' line to metrics.jsonl. Pick steps after the warm-up: their throughput includes "
+                          "the profiler's overhead."},
+    )
+    profile_trace: bool = field(
+        default=False, metadata={"help": "With --profile_steps: rank 0 also writes a Chrome trace "
+                                         "(profile/trace_rank0.json.gz; large)."},
+    )
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, PretrainArguments)
@@ -664,6 +687,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
 
     from modeling_moe.trainers.expert_parallel import ExpertParallel, check_expert_parallel_size
     from modeling_moe.trainers.metrics import peak_flops_per_device, training_flops_per_token
+    from modeling_moe.trainers.profiling import StepProfiler, parse_profile_steps, profile_record
 
     # Cheap checks first: a wrong preset, length, parallel layout or tracker fails before any data or model work.
     config = build_config(model_args, data_args)
@@ -671,6 +695,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
         if getattr(args, name) < 1:
             raise ConfigurationError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    try:
+        profile_steps = parse_profile_steps(args.profile_steps)
+    except ValueError as error:
+        raise ConfigurationError(str(error)) from error
+    if profile_steps and args.max_steps > 0:
+        _check_profile_steps(profile_steps, args.max_steps)
     if data_args.dataset is not None and not os.path.exists(os.path.expanduser(data_args.dataset)):
         from modeling_moe.trainers.data import load_documents
 
@@ -777,6 +807,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
         )
     steps_per_epoch = max(micro_per_epoch // args.gradient_accumulation_steps, 1)
     max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    if profile_steps:
+        _check_profile_steps(profile_steps, max_steps)
     scheduler = get_scheduler(
         args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=max_steps
     )
@@ -853,6 +885,15 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
         record_metrics({"step": 0, "eval_loss": eval_loss})
         window["start"] = time.perf_counter()
 
+    profiler = None
+    if profile_steps and state.global_step < profile_steps[0]:
+        profiler = StepProfiler(profile_steps, os.path.join(output_dir, "profile"), accelerator.process_index, device,
+                                trace=args.profile_trace)
+    elif profile_steps and main_process:
+        logger.warning("--profile_steps %s: resumed at step %d, past the first profiled step; not profiling",
+                       args.profile_steps, state.global_step)
+    profile = None
+
     progress = None
     if main_process and not args.disable_tqdm:
         from tqdm.auto import tqdm
@@ -862,6 +903,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
     model.train()
     while state.global_step < max_steps:
         step = state.global_step + 1
+        if profiler is not None:
+            started = time.perf_counter()
+            profiler.start_if(step)
+            window["start"] += time.perf_counter() - started  # the profiler's set-up is not training time
         objective = torch.zeros((), device=device)
         lm = torch.zeros((), device=device)
         for _ in range(args.gradient_accumulation_steps):
@@ -948,6 +993,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
             record["eval_loss"] = evaluate(model, eval_loader, accelerator)
         if record:
             record_metrics(record)
+        if profiler is not None:
+            started = time.perf_counter()
+            summary = profiler.stop_if(step)
+            if summary is not None:
+                profile = profile_record(_gather_objects(summary, world))
+                record_metrics(profile)
+            window["start"] += time.perf_counter() - started  # nor is the summarising
         if args.save_steps > 0 and step % args.save_steps == 0:
             save_checkpoint(accelerator, state, output_dir, args.save_total_limit)
         if progress is not None:
@@ -963,18 +1015,21 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
     ):
         record_metrics({"step": state.global_step, "eval_loss": evaluate(model, eval_loader, accelerator)})
 
-    # Final model: every expert gathered back into one ordinary checkpoint.
-    state_dict = {  # FSDP2: full tensors (DTensors are gathered here when a torch build hands them back sharded)
-        key: value.full_tensor() if hasattr(value, "full_tensor") else value
-        for key, value in accelerator.get_state_dict(model).items()
-    }
-    if expert_parallel is not None:
-        full_experts = expert_parallel.full_expert_state_dict()
+    if args.save_final_model:
+        # Final model: every expert gathered back into one ordinary checkpoint.
+        state_dict = {  # FSDP2: full tensors (DTensors are gathered here when a torch build hands them back sharded)
+            key: value.full_tensor() if hasattr(value, "full_tensor") else value
+            for key, value in accelerator.get_state_dict(model).items()
+        }
+        if expert_parallel is not None:
+            full_experts = expert_parallel.full_expert_state_dict()
+            if main_process:
+                state_dict.update(full_experts)
         if main_process:
-            state_dict.update(full_experts)
-    if main_process:
-        save_final_model(config, state_dict, output_dir)
-        tokenizer.save_pretrained(output_dir)
+            save_final_model(config, state_dict, output_dir)
+            tokenizer.save_pretrained(output_dir)
+    elif main_process:
+        config.save_pretrained(output_dir)
     accelerator.wait_for_everyone()
 
     history = state.log_history
@@ -1010,6 +1065,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
         "mfu": train_records[-1]["mfu"] if train_records else None,
         "maxvio": train_records[-1]["maxvio"] if train_records else None,
         "peak_memory_gib": train_records[-1].get("peak_memory_gib") if train_records else None,
+        "profile": profile,
         "num_parameters": counts,
         "flops_per_token": flops_per_token,
         "world_size": world,
@@ -1024,9 +1080,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
         with open(os.path.join(output_dir, "pretrain_summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
         logger.info(
-            "done: step %d, training loss %s -> %s, held-out loss %s; model and tokenizer in %s",
+            "done: step %d, training loss %s -> %s, held-out loss %s; %s in %s",
             state.global_step, _fmt(summary["first_loss"]), _fmt(summary["last_loss"]),
-            _fmt(summary["final_eval_loss"]), output_dir,
+            _fmt(summary["final_eval_loss"]), "model and tokenizer" if args.save_final_model else "metrics", output_dir,
         )
     accelerator.wait_for_everyone()
     if owns_process_group:
@@ -1049,6 +1105,22 @@ def save_final_model(config, state_dict: dict, output_dir: str):
         plain = AutoModelForCausalLM.from_config(config)
     plain.load_state_dict(state_dict, strict=True, assign=True)
     plain.save_pretrained(output_dir)
+
+
+def _check_profile_steps(steps: tuple[int, int], max_steps: int):
+    if steps[1] > max_steps:
+        raise ConfigurationError(
+            f"--profile_steps {steps[0]},{steps[1]}: step {steps[1]} is beyond the run's {max_steps} optimizer steps."
+        )
+
+
+def _gather_objects(obj, world: int) -> list:
+    """`obj` of every rank, in rank order (a collective)."""
+    if world == 1:
+        return [obj]
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
 
 
 def _steps(span: list[int]) -> str:
