@@ -38,7 +38,6 @@ from trl import GRPOConfig, GRPOTrainer, TrlParser
 from .reasoning_data import build_datasets, parse_tasks
 from .rewards import REWARD_FUNCS
 from .sft import (
-    ExpertBiasCallback,
     MoEModelConfig,
     ReasoningDataArguments,
     accuracy_eval,
@@ -48,6 +47,7 @@ from .sft import (
     load_model_and_tokenizer,
     parse_task_kwargs,
     prepare_model_for_training,
+    training_callbacks,
 )
 
 logger = logging.getLogger("modeling_moe.trainers.grpo")
@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None):
     train_dataset, eval_dataset = build_datasets(
         data_args.task, data_args.train_size, data_args.eval_size, seed=data_args.task_seed,
         system_prompt=data_args.system_prompt, task_kwargs=parse_task_kwargs(data_args), with_completion=False,
+        eval_tasks=data_args.eval_task,
     )
     logger.info("data: %d training prompts (%s), %d held-out; rewards %s", len(train_dataset), data_args.task,
                 0 if eval_dataset is None else len(eval_dataset), names)
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None):
         eval_dataset=eval_dataset if training_args.eval_strategy != "no" else None,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[ExpertBiasCallback(update=data_args.update_expert_bias)],
+        callbacks=training_callbacks(data_args),
     )
     if data_args.cuda_graph_rollouts:
         use_cuda_graph_rollouts(trainer)

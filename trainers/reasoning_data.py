@@ -20,6 +20,10 @@ Tasks (`--task`, comma-separated for a mixture):
 
 The evaluation split of a task is generated with another seed and never repeats a training question.
 
+Besides its generator's settings, a task takes two filters (`task_kwargs`), which keep a subset of the generated
+examples: `max_reasoning_steps` (lines of the target reasoning, e.g. 3 keeps the gsm problems solved in at most three
+steps) and `max_answer` (largest absolute numeric answer).
+
 The chat template (`CHAT_TEMPLATE`, stored in the tokenizer by `set_chat_template`) is plain text, since the GPT-2
 tokenizer of the presets has no chat tokens::
 
@@ -45,6 +49,7 @@ from .rewards import (
     is_countdown_solution,
     is_well_formatted,
     parse_expression,
+    parse_number,
 )
 
 SYSTEM_PROMPT = (
@@ -74,6 +79,7 @@ DEFAULT_TASK_KWARGS = {
 }
 _GENERATORS = {"gsm": "gsm_symbolic", "countdown": "countdown", "arithmetic": "basic_arithmetic"}
 EVAL_SEED_OFFSET = 1_000_003
+FILTER_KWARGS = ("max_reasoning_steps", "max_answer")
 
 
 def set_chat_template(tokenizer, overwrite: bool = False):
@@ -174,29 +180,47 @@ def parse_tasks(spec: str | Sequence[str]) -> list[str]:
     return [canonical_task(p) if canonical_task(p) in TASKS else p.strip() for p in parts if p.strip()]
 
 
+def _reasoning_steps(example: dict) -> int:
+    content = example["completion"][0]["content"]
+    reasoning = content.partition("<think>")[2].partition("</think>")[0]
+    return sum(1 for line in reasoning.splitlines() if line.strip())
+
+
+def _passes(example: dict, max_reasoning_steps: int | None = None, max_answer: float | None = None) -> bool:
+    if max_reasoning_steps is not None and _reasoning_steps(example) > max_reasoning_steps:
+        return False
+    if max_answer is not None and example["answer"] is not None:
+        value = parse_number(example["answer"])
+        return value is not None and abs(value) <= max_answer
+    return True
+
+
 def generate_task_examples(task: str, size: int, seed: int, system_prompt: str | None = SYSTEM_PROMPT,
                            exclude_questions: set | None = None, **task_kwargs) -> list[dict]:
     """`size` distinct examples of a reasoning-gym task generated with `seed`, none of whose questions is in
-    `exclude_questions`; `task_kwargs` go to the generator's config (defaults: `DEFAULT_TASK_KWARGS`)."""
+    `exclude_questions`; `task_kwargs` go to the generator's config (defaults: `DEFAULT_TASK_KWARGS`), except the
+    filters `max_reasoning_steps` and `max_answer`, which drop the examples beyond them."""
     import reasoning_gym
 
     task = canonical_task(task)
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; choose from {', '.join(TASKS)} or pass a local dataset path.")
     kwargs = {**DEFAULT_TASK_KWARGS[task], **task_kwargs}
+    filters = {name: kwargs.pop(name) for name in FILTER_KWARGS if kwargs.get(name) is not None}
     seen = set(exclude_questions or ())
     examples, attempt = [], 0
     while len(examples) < size:
         if attempt > 20:
-            raise RuntimeError(f"Could not generate {size} distinct {task} questions.")
-        # Over-generate a little since repeated questions are skipped; a new seed per attempt stays deterministic.
+            raise RuntimeError(f"Could not generate {size} distinct {task} questions (filters: {filters}).")
+        # Over-generate a little since repeated (and filtered) questions are skipped, more with each attempt; a new
+        # seed per attempt stays deterministic.
         missing = size - len(examples)
-        batch = reasoning_gym.create_dataset(_GENERATORS[task], size=missing + missing // 4 + 4,
+        batch = reasoning_gym.create_dataset(_GENERATORS[task], size=(missing + missing // 4 + 4) * (attempt + 1),
                                              seed=seed + attempt * 7919, **kwargs)
         for item in batch:
             example = _EXAMPLE_BUILDERS[task](item, system_prompt)
             question = example["prompt"][-1]["content"]
-            if question in seen:
+            if question in seen or not _passes(example, **filters):
                 continue
             seen.add(question)
             examples.append(example)
@@ -252,12 +276,13 @@ def load_local_dataset(path: str, system_prompt: str | None = SYSTEM_PROMPT):
 
 def build_datasets(tasks: str | Sequence[str], train_size: int, eval_size: int = 0, seed: int = 0,
                    system_prompt: str | None = SYSTEM_PROMPT, task_kwargs: dict | None = None,
-                   with_completion: bool = True):
+                   with_completion: bool = True, eval_tasks: str | Sequence[str] | None = None):
     """(train, eval) `datasets.Dataset`s: `train_size` and `eval_size` examples per generated task, shuffled with
     `seed`; the evaluation split uses another seed and excludes every training question. `task_kwargs` maps a task
     to its generator's settings (e.g. `{"countdown": {"max_numbers": 5}}`). A local path contributes its whole
-    dataset to train (none to eval). `eval` is None when `eval_size` is 0. `with_completion=False` drops the SFT
-    targets (GRPO prompts)."""
+    dataset to train (none to eval). `eval_tasks` (local paths) replaces the generated evaluation split, e.g. with
+    files generated where reasoning-gym is installed. `eval` is None when there is no evaluation example.
+    `with_completion=False` drops the SFT targets (GRPO prompts)."""
     import datasets
 
     task_kwargs = task_kwargs or {}
@@ -267,7 +292,7 @@ def build_datasets(tasks: str | Sequence[str], train_size: int, eval_size: int =
             kwargs = task_kwargs.get(task, {})
             rows = generate_task_examples(task, train_size, seed, system_prompt, **kwargs)
             seen = {_question_of(r) for r in rows}
-            if eval_size:
+            if eval_size and not eval_tasks:
                 eval_rows += generate_task_examples(task, eval_size, seed + EVAL_SEED_OFFSET, system_prompt,
                                                     exclude_questions=seen, **kwargs)
             generated += rows
@@ -280,10 +305,13 @@ def build_datasets(tasks: str | Sequence[str], train_size: int, eval_size: int =
         raise ValueError("No task given.")
     train = train_parts[0] if len(train_parts) == 1 else datasets.concatenate_datasets(train_parts)
     evaluation = _to_dataset(eval_rows) if eval_rows else None
+    if eval_tasks:
+        parts = [load_local_dataset(path, system_prompt) for path in parse_tasks(eval_tasks)]
+        evaluation = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     if not with_completion:
         train = train.remove_columns([c for c in ("completion",) if c in train.column_names])
         if evaluation is not None:
-            evaluation = evaluation.remove_columns(["completion"])
+            evaluation = evaluation.remove_columns([c for c in ("completion",) if c in evaluation.column_names])
     return train, evaluation
 
 
@@ -303,7 +331,7 @@ def score_completion(example: dict, text: str) -> dict:
 def evaluate_accuracy(model, tokenizer, dataset, max_new_tokens: int = 256, batch_size: int = 16,
                       num_samples: int | None = None, do_sample: bool = False, keep: int = 4) -> dict:
     """Generate an answer for each prompt of `dataset` (greedy by default) and score it: mean `accuracy` and `format`
-    (overall and per task), the number of examples `n`, and the first `keep` `samples`."""
+    and the number of examples `n` (overall, and per task as `<task>/accuracy`, ...), and the first `keep` `samples`."""
     import torch
 
     rows = [dataset[i] for i in range(len(dataset) if num_samples is None else min(num_samples, len(dataset)))]
@@ -339,6 +367,8 @@ def evaluate_accuracy(model, tokenizer, dataset, max_new_tokens: int = 256, batc
         for task in sorted({t for t, _ in scores if t}):
             task_scores = [s for t, s in scores if t == task]
             result[f"{task}/accuracy"] = sum(s["correct"] for s in task_scores) / len(task_scores)
+            result[f"{task}/format"] = sum(s["format"] for s in task_scores) / len(task_scores)
+            result[f"{task}/n"] = len(task_scores)
     return result
 
 

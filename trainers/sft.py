@@ -37,7 +37,9 @@ The data is `--task` (see `modeling_moe.trainers.reasoning_data`): reasoning-gym
 Outputs in `--output_dir`: the adapter (`adapter_model.safetensors`, `adapter_config.json`) or the full model, the
 tokenizer with its chat template, `trainer_state.json`, and with `--save_merged_model` a plain merged checkpoint in
 `output_dir/merged` (loads without PEFT, and with `trust_remote_code=True` without this package);
-`accuracy.json` when `--accuracy_eval_samples` > 0 (held-out accuracy before and after training).
+`accuracy.json` when `--accuracy_eval_samples` > 0 (held-out accuracy before and after training), and
+`log_history.jsonl` (each log record as it is logged). `--max_train_seconds` ends training at a time budget, and
+`--eval_task` takes the held-out set from local files (for machines without reasoning-gym).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import json
 import logging
 import os
 import re
+import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -133,6 +136,18 @@ class ReasoningDataArguments:
         default=0, metadata={"help": "Held-out prompts answered (greedy) before and after training; 0: skip."}
     )
     accuracy_max_new_tokens: int = field(default=256, metadata={"help": "Generation budget of the accuracy eval."})
+    accuracy_eval_batch_size: int = field(default=16, metadata={"help": "Prompts generated together in the accuracy "
+                                                                        "eval."})
+    eval_task: str | None = field(
+        default=None,
+        metadata={"help": "Held-out set from local dataset files (comma-separated) instead of the generated one, e.g. "
+                          "files generated on a machine with reasoning-gym for one without."},
+    )
+    max_train_seconds: float | None = field(
+        default=None,
+        metadata={"help": "Stop training after the step that ends this many seconds after training began; the model "
+                          "is still saved and evaluated (a fixed time budget)."},
+    )
 
 
 def default_precision() -> dict:
@@ -314,6 +329,40 @@ class ExpertBiasCallback(TrainerCallback):
             self._maxvio.clear()
 
 
+class TimeLimitCallback(TrainerCallback):
+    """Stops training at the end of the first step past `seconds` after training began."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.start = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.perf_counter() - self.start >= self.seconds:
+            logger.info("--max_train_seconds %g reached: training stops at step %d", self.seconds, state.global_step)
+            control.should_training_stop = True
+
+
+class LogHistoryCallback(TrainerCallback):
+    """Appends every log record (with its step) to `output_dir/log_history.jsonl` as it is logged, so that a run
+    killed before `trainer_state.json` is written still leaves its curves."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and state.log_history:
+            os.makedirs(args.output_dir, exist_ok=True)
+            with open(os.path.join(args.output_dir, "log_history.jsonl"), "a") as f:
+                f.write(json.dumps(state.log_history[-1], default=str) + "\n")
+
+
+def training_callbacks(data_args) -> list[TrainerCallback]:
+    callbacks = [ExpertBiasCallback(update=data_args.update_expert_bias), LogHistoryCallback()]
+    if data_args.max_train_seconds:
+        callbacks.append(TimeLimitCallback(data_args.max_train_seconds))
+    return callbacks
+
+
 def prepare_model_for_training(model, model_args, data_args):
     """Returns the PEFT config (None for full fine-tuning, whose unused modules get frozen)."""
     peft_config = moe_lora_config(model, model_args)
@@ -340,11 +389,13 @@ def accuracy_eval(model, tokenizer, dataset, data_args) -> dict | None:
     rank cannot generate alone): for multi-GPU runs, evaluate the saved model afterwards with `evaluate_accuracy`."""
     if not data_args.accuracy_eval_samples or dataset is None:
         return None
-    if PartialState().num_processes > 1:
+    state = PartialState()
+    if state.num_processes > 1:
         logger.warning("--accuracy_eval_samples is skipped in multi-process runs; evaluate the saved model instead.")
         return None
+    model.to(state.device)  # before training the model is still where it was loaded: the CPU
     return evaluate_accuracy(model, tokenizer, dataset, max_new_tokens=data_args.accuracy_max_new_tokens,
-                             num_samples=data_args.accuracy_eval_samples)
+                             batch_size=data_args.accuracy_eval_batch_size, num_samples=data_args.accuracy_eval_samples)
 
 
 def parse_task_kwargs(data_args) -> dict:
@@ -363,7 +414,7 @@ def main(argv: list[str] | None = None):
     model, tokenizer = load_model_and_tokenizer(model_args, training_args)
     train_dataset, eval_dataset = build_datasets(
         data_args.task, data_args.train_size, data_args.eval_size, seed=data_args.task_seed,
-        system_prompt=data_args.system_prompt, task_kwargs=parse_task_kwargs(data_args),
+        system_prompt=data_args.system_prompt, task_kwargs=parse_task_kwargs(data_args), eval_tasks=data_args.eval_task,
     )
     logger.info("data: %d training examples (%s), %d held-out", len(train_dataset), data_args.task,
                 0 if eval_dataset is None else len(eval_dataset))
@@ -377,7 +428,7 @@ def main(argv: list[str] | None = None):
         eval_dataset=eval_dataset if training_args.eval_strategy != "no" else None,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[ExpertBiasCallback(update=data_args.update_expert_bias)],
+        callbacks=training_callbacks(data_args),
     )
     if peft_config is not None:
         trainable, total = trainer.model.get_nb_trainable_parameters()
