@@ -728,6 +728,9 @@ def analyse(runs: list[Run], args) -> list[dict]:
     for run in runs:
         run_dir = Path(args.work_dir) / run.name
         run.result["records"] = read_metrics(run_dir / "metrics.jsonl")
+        summary_file = run_dir / "pretrain_summary.json"  # a finished run's start-up phases (wall s)
+        if summary_file.is_file():
+            run.result["phase_seconds"] = json.loads(summary_file.read_text()).get("phase_seconds")
         mtp = num_mtp_routers(run_dir)
         if run.part == "scaling":
             run.result.update(throughput_stats(run.result["records"], run.processes, args.skip_steps, mtp))

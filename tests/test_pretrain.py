@@ -73,6 +73,9 @@ def test_single_process_writes_metrics_plots_and_model(trained):
     assert [r["step"] for r in records if "eval_loss" in r] == [0, 15, 30]
     assert summary["final_eval_loss"] == records[-1]["eval_loss"]
     assert summary["global_step"] == 30 and summary["tokens_seen"] == 30 * 4 * 32
+    phases = summary["phase_seconds"]  # where the start-up went, in the order the run went through it
+    assert list(phases) == ["setup", "data", "model", "prepare", "before_first_step", "first_step", "training"]
+    assert all(seconds >= 0 for seconds in phases.values())
 
     for name in ("config.json", "model.safetensors", "modeling_moe.py", "tokenizer.json", "pretrain_summary.json"):
         assert (output_dir / name).is_file(), name

@@ -340,6 +340,7 @@ def test_small_dry_run(tmp_path):
     assert set(runs) == {"scaling-ddp", "scaling-ddp_ep2", "balancing-loss_free", "balancing-none"}
     assert all(line["rc"] == 0 for line in runs.values())
     assert runs["scaling-ddp"]["tokens_per_second"] > 0 and runs["scaling-ddp"]["steps"] == 4
+    assert all(line["phase_seconds"]["first_step"] >= 0 for line in runs.values())  # each run's start-up phases
     equality = next(line for line in lines if line["kind"] == "ep_loss_equality")
     assert equality["steps"] == [1, 3] and equality["max_abs_loss_diff"] <= 1e-5  # float32 on the CPU
     # The expert-parallel run profiled steps 3-4 (left out of its median) on both ranks; gloo's all-to-alls count.

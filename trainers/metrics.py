@@ -8,6 +8,8 @@ MFU = achieved FLOP/s / (number of devices x peak dense bf16 FLOP/s of one devic
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
@@ -64,3 +66,18 @@ def training_flops_per_token(model: nn.Module, seq_len: int) -> float:
     layers = config.num_hidden_layers + len(mtp_layers)
     attention = 3 * config.num_attention_heads * (qk + v) * seq_len * layers
     return 6.0 * (activated + mtp_activated) + attention
+
+
+class PhaseTimes:
+    """Wall seconds of a run's phases (set-up, data, model, prepare, first step, ...), each measured from the end of
+    the previous one: where a run's start-up goes."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def mark(self, name: str) -> float:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._last, 2)
+        self._last = now
+        return self.seconds[name]

@@ -686,9 +686,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
     from transformers import get_scheduler
 
     from modeling_moe.trainers.expert_parallel import ExpertParallel, check_expert_parallel_size
-    from modeling_moe.trainers.metrics import peak_flops_per_device, training_flops_per_token
+    from modeling_moe.trainers.metrics import PhaseTimes, peak_flops_per_device, training_flops_per_token
     from modeling_moe.trainers.profiling import StepProfiler, parse_profile_steps, profile_record
 
+    phases = PhaseTimes()
     # Cheap checks first: a wrong preset, length, parallel layout or tracker fails before any data or model work.
     config = build_config(model_args, data_args)
     trackers = _check_trackers(args.report_to)
@@ -755,6 +756,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
     accelerator.wait_for_everyone()
 
     # Data.
+    phases.mark("setup")
     tokenizer = load_tokenizer(model_args, config)
     train_set, eval_set, data_info = build_datasets(data_args, tokenizer, accelerator)
     collate = make_collate(data_args.document_attention)
@@ -771,6 +773,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
         )
 
     # Model, expert sharding, optimizer.
+    phases.mark("data")
     model = build_model(config, model_args, args.seed)
     counts = model.num_parameters_summary()
     flops_per_token = training_flops_per_token(model, data_args.seq_len)
@@ -792,10 +795,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
             expert_parallel.exclude_from_ddp(model)
     model.train()
     optimizer = build_optimizer(model, args, accelerator.device.type)
+    phases.mark("model")
     if eval_loader is not None:
         model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
     else:
         model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    phases.mark("prepare")
     unwrapped = accelerator.unwrap_model(model)
 
     micro_per_epoch = len(train_loader)
@@ -900,6 +905,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
 
         progress = tqdm(total=max_steps, initial=state.global_step, desc="pretraining", unit="step", dynamic_ncols=True)
 
+    if main_process:
+        logger.info("start-up (wall s): %s", phases.seconds)
+    phases.mark("before_first_step")
     model.train()
     while state.global_step < max_steps:
         step = state.global_step + 1
@@ -936,6 +944,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
         balance = unwrapped.update_expert_bias()  # once per optimizer step, counts summed over all ranks
 
         state.global_step = step
+        if "first_step" not in phases.seconds:  # host time to run step 1: kernel compilation, allocator growth
+            phases.mark("first_step")
         state.tokens_seen += tokens_per_step
         micro = args.gradient_accumulation_steps
         window["objective"] += objective / micro
@@ -1032,6 +1042,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
         config.save_pretrained(output_dir)
     accelerator.wait_for_everyone()
 
+    phases.mark("training")
     history = state.log_history
     train_records = [r for r in history if r.get("loss") is not None]
     eval_records = [r for r in history if r.get("eval_loss") is not None]
@@ -1066,6 +1077,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
         "maxvio": train_records[-1]["maxvio"] if train_records else None,
         "peak_memory_gib": train_records[-1].get("peak_memory_gib") if train_records else None,
         "profile": profile,
+        "phase_seconds": phases.seconds,
         "num_parameters": counts,
         "flops_per_token": flops_per_token,
         "world_size": world,
