@@ -786,6 +786,17 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         self._previous_max_cache_length = max_cache_len
         return cache
 
+    def generate(self, *args, **kwargs):
+        """transformers' `generate`, always in eval mode (the training flag is restored after): generated tokens are
+        never counted as expert load (RL trainers such as TRL's GRPO generate with the model in training mode), and a
+        compiled decode step then traces the router without the checkpoint-recompute query, which breaks graphs."""
+        was_training = self.training
+        self.eval()
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            self.train(was_training)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """Also loads DeepSeek-V2/V3 checkpoints (transformers' or the original Hub layout), mapping their config."""

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from modeling_moe.trainers import grpo, rewards
 
 from .test_sft import save_toy_model, toy_tokenizer
@@ -51,9 +52,29 @@ def test_grpo_cuda_graph_rollouts_generate_through_the_static_latent_cache(tiny_
         "--num_generations", "4", "--max_completion_length", "12", "--seed", "0", "--cuda_graph_rollouts",
     ])
     assert trainer.generation_config.cache_implementation == "static"
-    assert trainer.generation_config.disable_compile is False
+    # The default LoRA preset targets the routed experts' parameters (parametrized): no CUDA graphs over those.
+    assert trainer.generation_config.disable_compile is True
     assert len(built) >= 2  # one static cache per rollout
     assert len([r for r in read_history(tmp_path / "grpo") if "reward" in r]) == 2
+
+
+@pytest.mark.parametrize("preset, compiles", [("attention", True), ("attention+shared", True), ("all", False)])
+def test_cuda_graph_rollouts_compile_unless_weights_are_parametrized(tiny_dir, preset, compiles):
+    """LoRA on modules keeps the compiled (CUDA-graph) rollouts; LoRA on the routed experts' stacked parameters
+    (PEFT target_parameters, a torch parametrization) turns the compile off."""
+    from types import SimpleNamespace
+
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from modeling_moe.trainers.sft import MoEModelConfig, moe_lora_config
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    peft_model = get_peft_model(model, moe_lora_config(model, MoEModelConfig(use_peft=True, lora_preset=preset)))
+    trainer = SimpleNamespace(model=peft_model, generation_config=GenerationConfig(disable_compile=True))
+    assert grpo.use_cuda_graph_rollouts(trainer) is compiles
+    assert trainer.generation_config.cache_implementation == "static"
+    assert trainer.generation_config.disable_compile is not compiles
 
 
 TOY_CHARS = "abcdefgh"

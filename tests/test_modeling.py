@@ -301,6 +301,18 @@ def test_eval_forward_counts_nothing():
     assert model.update_expert_bias()["tokens_per_expert"].sum() == 0
 
 
+def test_generation_in_training_mode_counts_nothing():
+    """RL rollouts generate with the model in training mode: those tokens are not trained on, so they are not counted
+    as expert load, and the training flag is back afterwards."""
+    model = seeded_model(small_config(), dtype=torch.float32).train()
+    seen = []
+    hook = model.routers()[0].register_forward_pre_hook(lambda module, args: seen.append(module.training))
+    model.generate(torch.randint(3, 97, (2, 8)), max_new_tokens=3, do_sample=False)
+    hook.remove()
+    assert seen and not any(seen)  # every decoding forward ran in eval mode
+    assert model.training and all(r.tokens_per_expert is None for r in model.routers())
+
+
 def test_balanced_routing_is_driven_by_bias_updates():
     """With a router that sends every token to the same experts, the bias updates alone spread the load."""
     config = small_config(bias_update_speed=0.01, topk_method="greedy", n_group=1, topk_group=1)
