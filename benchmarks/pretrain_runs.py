@@ -159,7 +159,7 @@ def precision_label(dtype: str, config: str) -> str:
 # ------------------------------------------------------------------------------------------------------ arguments
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):  # options whose default depends on --small say it in their help
         return action.help if action.default is None else super()._get_help_string(action)
 
@@ -184,7 +184,7 @@ SIZE_DEFAULTS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pretrain_runs.py", description=__doc__, formatter_class=_Formatter)
+    parser = argparse.ArgumentParser(prog="pretrain_runs.py", description=__doc__, formatter_class=HelpFormatter)
     add = parser.add_argument
     add("--parts", default="scaling,balancing", help="Comma-separated, run in this order: scaling, balancing.")
     add("--output_dir", required=True, help="Summary folder (summary.md, results.jsonl, PNGs).")
@@ -268,12 +268,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def apply_size_defaults(args: argparse.Namespace, table: dict):
+    """Options left at None take the table's GPU or `--small` default."""
+    for name, (gpu, small) in table.items():
+        if getattr(args, name) is None:
+            setattr(args, name, small if args.small else gpu)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name, (gpu, small) in SIZE_DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, small if args.small else gpu)
+    apply_size_defaults(args, SIZE_DEFAULTS)
     if args.small:
         args.scaling_dtype = args.balancing_dtype = "fp32"
     args.parts = _split(args.parts)

@@ -77,7 +77,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pretrain_runs import _kill_session, _quote, _split, _tail  # noqa: E402  (the launcher helpers' one home)
+from pretrain_runs import (  # noqa: E402  (the launcher and option helpers' one home)
+    HelpFormatter, _kill_session, _quote, _split, _tail, apply_size_defaults,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "trainers" / "recipes"
@@ -95,11 +97,6 @@ NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"
 
 
 # ------------------------------------------------------------------------------------------------------ arguments
-
-
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # options whose default depends on --small say it in their help
-        return action.help if action.default is None else super()._get_help_string(action)
 
 
 # option: (GPU default, --small default); None in the parser means "this table decides".
@@ -130,7 +127,7 @@ SIZE_DEFAULTS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="recipe_runs.py", description=__doc__, formatter_class=_Formatter)
+    parser = argparse.ArgumentParser(prog="recipe_runs.py", description=__doc__, formatter_class=HelpFormatter)
     add = parser.add_argument
     add("--output_dir", required=True, help="Summary folder (summary.md, results.jsonl, PNGs).")
     add("--work_dir", default=os.path.join("outputs", "recipe_runs"),
@@ -238,9 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name, (gpu, small) in SIZE_DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, small if args.small else gpu)
+    apply_size_defaults(args, SIZE_DEFAULTS)
     args.stages = _split(args.stages)
     unknown = [s for s in args.stages if s not in STAGES]
     if unknown or not args.stages:

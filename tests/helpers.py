@@ -1,5 +1,9 @@
 """Small configurations and models shared by the tests."""
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import torch
 
 from modeling_moe import MoEConfig, MoEForCausalLM
@@ -52,3 +56,22 @@ def seeded_model(config, dtype=torch.float64, seed=0):
             if "norm" in name:
                 param.normal_(1.0, 0.1)
     return model.eval()
+
+
+def load_benchmark_script(name: str):
+    """benchmarks/<name>.py imported as module `name` (the scripts are not a package)."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def assert_help_lists_every_option(parser):
+    """Every option of an argparse parser appears in its --help text."""
+    text = parser.format_help()
+    for action in parser._actions:
+        for option in action.option_strings:
+            assert option in text
+    return text

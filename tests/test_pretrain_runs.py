@@ -9,28 +9,17 @@ from pathlib import Path
 
 import pytest
 
+from .helpers import assert_help_lists_every_option, load_benchmark_script
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "pretrain_runs.py"
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
-
-def load_driver():
-    spec = importlib.util.spec_from_file_location("pretrain_runs", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["pretrain_runs"] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
-
-
-driver = load_driver()
+driver = load_benchmark_script("pretrain_runs")
 
 
 def test_help_lists_every_option():
-    parser = driver.build_parser()
-    text = parser.format_help()
-    for action in parser._actions:
-        for option in action.option_strings:
-            assert option in text
+    text = assert_help_lists_every_option(driver.build_parser())
     for name in ("--parts", "--small", "--scaling_gpus", "--scaling_runs", "--bias_update_speed", "--aux_loss_coef",
                  "--copy_run_files", "--balancing_gpus", "--equality_steps", "--skip_steps"):
         assert name in text

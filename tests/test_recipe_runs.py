@@ -13,21 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from .helpers import assert_help_lists_every_option, load_benchmark_script
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "recipe_runs.py"
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 HAS_REASONING_GYM = importlib.util.find_spec("reasoning_gym") is not None
 
-
-def load_driver():
-    spec = importlib.util.spec_from_file_location("recipe_runs", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["recipe_runs"] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
-
-
-driver = load_driver()
+driver = load_benchmark_script("recipe_runs")
 
 
 def write_manifest(args, longest_prompts: dict):
@@ -43,11 +36,7 @@ def write_manifest(args, longest_prompts: dict):
 
 
 def test_help_lists_every_option():
-    parser = driver.build_parser()
-    text = parser.format_help()
-    for action in parser._actions:
-        for option in action.option_strings:
-            assert option in text
+    text = assert_help_lists_every_option(driver.build_parser())
     for name in ("--stages", "--small", "--list", "--gpus", "--time_budget", "--sft_steps", "--grpo_steps",
                  "--eval_samples", "--completion_tokens", "--task_kwargs", "--pretrained_model", "--sft_model"):
         assert name in text
