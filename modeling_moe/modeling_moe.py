@@ -242,6 +242,16 @@ class MoEMultiHeadLatentAttention(nn.Module):
         query = torch.cat((q_nope, q_rope), dim=-1)
         return attend(self, query, key, value, attention_mask, **kwargs)
 
+    def kv_b_weight(self) -> torch.Tensor:
+        """`kv_b_proj`'s weight [heads * (nope + v), r] as the module applies it. The absorbed form needs the matrix
+        itself; when an adapter wraps the projection (PEFT LoRA, unmerged), its `.weight` is the base weight alone,
+        so the wrapped module is applied to the identity instead (one [r, r] input), which includes the adapter."""
+        if type(self.kv_b_proj) is nn.Linear:
+            return self.kv_b_proj.weight
+        base = self.kv_b_proj.get_base_layer() if hasattr(self.kv_b_proj, "get_base_layer") else self.kv_b_proj
+        identity = torch.eye(self.kv_lora_rank, dtype=base.weight.dtype, device=base.weight.device)
+        return self.kv_b_proj(identity).transpose(0, 1)
+
     def absorbed_attention(self, q_nope, q_rope, latent, k_rope, attention_mask, static_cache=False):
         """Attention over the cached latents: scores = (q_nope W_uk) c^T + q_rope k_rope^T, output = (p c) W_uv^T.
 
@@ -249,7 +259,7 @@ class MoEMultiHeadLatentAttention(nn.Module):
         preallocated buffers; an exactly-filled dynamic cache stays on the PyTorch path, as fast until the kernel is
         tuned (benchmarks/RESULTS.md).
         """
-        w_kv = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        w_kv = self.kv_b_weight().view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_uk, w_uv = w_kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
         batch, heads, q_len, _ = q_nope.shape
         q_latent = torch.einsum("bhsd,hdr->bhsr", q_nope, w_uk)

@@ -1,8 +1,10 @@
 """GRPO with TRL's GRPOTrainer: the CLI on the tiny preset with the router aux loss on, and a reward that rises."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from modeling_moe.trainers import grpo, rewards
 
@@ -52,29 +54,85 @@ def test_grpo_cuda_graph_rollouts_generate_through_the_static_latent_cache(tiny_
         "--num_generations", "4", "--max_completion_length", "12", "--seed", "0", "--cuda_graph_rollouts",
     ])
     assert trainer.generation_config.cache_implementation == "static"
-    # The default LoRA preset targets the routed experts' parameters (parametrized): no CUDA graphs over those.
-    assert trainer.generation_config.disable_compile is True
+    assert trainer.generation_config.disable_compile is False
     assert len(built) >= 2  # one static cache per rollout
     assert len([r for r in read_history(tmp_path / "grpo") if "reward" in r]) == 2
 
 
-@pytest.mark.parametrize("preset, compiles", [("attention", True), ("attention+shared", True), ("all", False)])
-def test_cuda_graph_rollouts_compile_unless_weights_are_parametrized(tiny_dir, preset, compiles):
-    """LoRA on modules keeps the compiled (CUDA-graph) rollouts; LoRA on the routed experts' stacked parameters
-    (PEFT target_parameters, a torch parametrization) turns the compile off."""
-    from types import SimpleNamespace
-
+def lora_policy(tiny_dir, preset, seed=0):
+    """The tiny model with LoRA (`preset`), its B matrices made non-zero so that the adapters change the outputs."""
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM
 
     from modeling_moe.trainers.sft import MoEModelConfig, moe_lora_config
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
-    peft_model = get_peft_model(model, moe_lora_config(model, MoEModelConfig(use_peft=True, lora_preset=preset)))
-    trainer = SimpleNamespace(model=peft_model, generation_config=GenerationConfig(disable_compile=True))
-    assert grpo.use_cuda_graph_rollouts(trainer) is compiles
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    policy = get_peft_model(model, moe_lora_config(model, MoEModelConfig(use_peft=True, lora_preset=preset)))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    return policy.eval()
+
+
+@pytest.mark.parametrize("preset, copies", [("attention", False), ("attention+shared", False), ("all", True)])
+def test_cuda_graph_rollouts_copy_the_policy_only_over_parametrized_weights(tiny_dir, preset, copies):
+    """LoRA on modules keeps compiled rollouts on the policy itself; LoRA on the routed experts' stacked parameters
+    (PEFT target_parameters, a torch parametrization) sends them through a merged copy."""
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    policy = lora_policy(tiny_dir, preset)
+    callbacks = []
+    trainer = SimpleNamespace(model=policy, generation_config=GenerationConfig(disable_compile=True),
+                              add_callback=callbacks.append)
+    rollout = grpo.use_cuda_graph_rollouts(trainer)
+    assert (rollout is not None) is copies and len(callbacks) == int(copies)
     assert trainer.generation_config.cache_implementation == "static"
-    assert trainer.generation_config.disable_compile is not compiles
+    assert trainer.generation_config.disable_compile is False
+
+
+def test_merged_rollout_copy_matches_the_lora_policy_and_resyncs_in_place(tiny_dir):
+    """The copy's logits equal the PEFT policy's (LoRA on attention, shared and routed experts); generate() on the
+    policy runs on the copy; after an optimizer step the copy is refreshed in the same storage (CUDA-graph safe)."""
+    from modeling_moe.trainers.rollout import MergedRolloutModel
+
+    policy = lora_policy(tiny_dir, "all")
+    callbacks = []
+    rollout = MergedRolloutModel(policy).attach(SimpleNamespace(add_callback=callbacks.append))
+    assert callbacks == [rollout]
+    ids = torch.randint(3, 500, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = policy(input_ids=ids).logits
+        rollout.sync()
+        torch.testing.assert_close(rollout.model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+        base = policy.get_base_model()
+        with policy.disable_adapter():
+            assert (base(input_ids=ids).logits - expected).abs().max() > 1e-3  # the adapters do matter
+
+    calls = []
+    hook = rollout.model.register_forward_pre_hook(lambda *a: calls.append(1))
+    reference = rollout.original_generate(ids, max_new_tokens=4, do_sample=False)  # PEFT's own generate
+    assert not calls
+    out = policy.generate(ids, max_new_tokens=4, do_sample=False)
+    assert calls and torch.equal(out, reference)
+    hook.remove()
+
+    pointers = {name: t.data_ptr() for name, t in rollout.tensors.items()}
+    with torch.no_grad():  # an optimizer step on the adapters
+        for name, param in policy.named_parameters():
+            if "lora_A" in name:
+                param.mul_(1.5)
+    rollout.on_step_end(None, None, None)
+    assert rollout.stale
+    policy.generate(ids, max_new_tokens=1, do_sample=False)
+    assert not rollout.stale
+    with torch.no_grad():
+        torch.testing.assert_close(rollout.model(input_ids=ids).logits, policy(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+    assert {name: t.data_ptr() for name, t in rollout.tensors.items()} == pointers
 
 
 TOY_CHARS = "abcdefgh"

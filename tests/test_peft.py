@@ -42,3 +42,18 @@ def test_lora_logits_agree_across_experts_implementations():
     eager, _ = lora_model("eager")
     grouped, _ = lora_model("grouped_mm")
     torch.testing.assert_close(eager(IDS).logits, grouped(IDS).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_cached_decode_applies_the_kv_b_proj_adapter():
+    """A decode step over the cache (absorbed form, which needs kv_b_proj's matrix) sees the LoRA adapter on
+    kv_b_proj as the full-sequence forward (expanded form) does: step logits == full-forward logits."""
+    model, base_logits = lora_model("eager", target_modules=["kv_b_proj"])
+    with torch.no_grad():
+        full = model(IDS).logits
+        assert (full - base_logits).abs().max() > 1e-3  # the adapter matters
+        prefill = model(IDS[:, :-2], use_cache=True)
+        cache = prefill.past_key_values
+        for position in (IDS.shape[1] - 2, IDS.shape[1] - 1):
+            step = model(IDS[:, position:position + 1], past_key_values=cache, use_cache=True)
+            cache = step.past_key_values
+            torch.testing.assert_close(step.logits[:, -1], full[:, position], rtol=1e-4, atol=1e-5)

@@ -74,9 +74,9 @@ class GRPODataArguments(ReasoningDataArguments):
         default=False,
         metadata={"help": "Roll out through the static latent cache with the decode step compiled into CUDA graphs "
                           "(cache_implementation='static', and the compile TRL turns off turned back on): 5-6x "
-                          "faster generate() on a GPU (benchmarks/RESULTS.md); without CUDA the static cache alone. Not "
-                          "compiled when LoRA targets the routed experts' parameters (lora_preset all): see "
-                          "use_cuda_graph_rollouts."},
+                          "faster generate() on a GPU (benchmarks/RESULTS.md); without CUDA the static cache alone. With "
+                          "LoRA on the routed experts' parameters (lora_preset all) the rollouts run on a merged copy "
+                          "of the policy (one more copy of the weights in memory), synced after each step."},
     )
 
 
@@ -131,28 +131,24 @@ def resolve_reward_func(name: str, max_completion_length: int | None = None):
                      "(think_format_reward, reasoning_accuracy_reward, ...) or a dotted import path.")
 
 
-def use_cuda_graph_rollouts(trainer: GRPOTrainer) -> bool:
+def use_cuda_graph_rollouts(trainer: GRPOTrainer):
     """Make `trainer`'s rollouts use the static latent cache, and let generate() compile the decode step (mode
-    "reduce-overhead": CUDA graphs) on a GPU; returns whether it may compile. TRL builds its GenerationConfig with
-    disable_compile=True; the weights (LoRA included) are updated in place by the optimizer, so the captured graphs
-    read the current values.
+    "reduce-overhead": CUDA graphs) on a GPU. TRL builds its GenerationConfig with disable_compile=True; the weights
+    (LoRA on modules included) are updated in place by the optimizer, so the captured graphs read the current values.
 
-    Not with parametrized weights (PEFT's `target_parameters` LoRA on the routed experts, e.g. `--lora_preset all`):
-    their forward swaps parameter storage (`set_`) and graph-breaks at every layer, so captured graphs would read stale
-    memory (a GRPO run on an H200 died with a device-side assert, benchmarks/RESULTS.md). Those rollouts keep the
-    static cache and run uncompiled."""
+    With parametrized weights (PEFT's `target_parameters` LoRA on the routed experts, e.g. `--lora_preset all`),
+    whose forward swaps parameter storage and graph-breaks every layer, the rollouts go through a merged copy of the
+    policy instead (`trainers.rollout.MergedRolloutModel`, returned; None otherwise): a GRPO run that captured graphs
+    over the parametrized weights died with a device-side assert (benchmarks/RESULTS.md)."""
     from peft.tuners.lora import ParamWrapper  # parametrizes its parameter for the time of each forward
 
+    from .rollout import MergedRolloutModel
+
     trainer.generation_config.cache_implementation = "static"
-    parametrized = [name for name, module in trainer.model.named_modules()
-                    if isinstance(module, ParamWrapper) or torch.nn.utils.parametrize.is_parametrized(module)]
-    if parametrized:
-        logger.warning("--cuda_graph_rollouts: %d parametrized weights (PEFT target_parameters LoRA, e.g. %s), which "
-                       "CUDA graphs cannot capture safely: rollouts use the static cache without compiling. LoRA on "
-                       "modules only (--lora_preset attention or attention+shared) keeps the graphs.",
-                       len(parametrized), parametrized[0])
-    trainer.generation_config.disable_compile = bool(parametrized)
-    return not parametrized
+    trainer.generation_config.disable_compile = False
+    parametrized = any(isinstance(module, ParamWrapper) or torch.nn.utils.parametrize.is_parametrized(module)
+                       for module in trainer.model.modules())
+    return MergedRolloutModel(trainer.model).attach(trainer) if parametrized else None
 
 
 def plot_rewards(log_history: list[dict], path: str):
