@@ -21,7 +21,9 @@ data      reasoning-gym examples written as JSON lines to `--data_dir` (default 
           settings are reused, so on a machine without reasoning-gym this stage only checks them. The trainers read
           them through `--task <files>` and `--eval_task <files>`.
 pretrain  `python -m modeling_moe.trainers.pretrain --model_config <--model>` on the corpus (`--dataset`, default
-          .devdata/corpus.jsonl when it exists, else the embedded one), bf16, `--pretrain_steps` steps.
+          .devdata/corpus.jsonl when it exists, else the embedded one) plus, with `--pretrain_data corpus+reasoning`
+          (the default), the SFT training examples as text (the data stage writes that mix), bf16,
+          `--pretrain_steps` steps.
 sft       `python -m modeling_moe.trainers.sft --config trainers/recipes/sft_lora_reasoning.yaml` from the pretrained
           model on the `--sft_tasks` training files, sizes from the flags; accuracy before (= after pretraining) and
           after, per task, on the held-out files of the GRPO tasks; merged model saved (the start of GRPO).
@@ -185,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dataset", default=None,
         help="Pretraining corpus: the trainer's --dataset; default .devdata/corpus.jsonl when it exists, else the "
              "embedded corpus (needs gensim).")
+    add("--pretrain_data", choices=("corpus", "corpus+reasoning"), default="corpus+reasoning",
+        help="corpus: the corpus alone; corpus+reasoning: the corpus plus every SFT training example rendered with "
+             "the chat template (in-domain text, as math-heavy pretraining mixes do; the held-out problems are "
+             "another seed), written by the data stage as <data_dir>/pretrain-mix.jsonl.")
     add("--pretrain_steps", type=int, default=None, help="Optimizer steps (default 200; small: 3).")
     add("--pretrain_batch_size", type=int, default=None, help="Sequences per step (default 8; small: 2).")
     add("--pretrain_seq_len", type=int, default=None, help="Tokens per sequence (default 1024; small: 64).")
@@ -310,8 +316,45 @@ def generate_data(args, tasks: list[str], log) -> None:
     (Path(args.data_dir) / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 
+def pretrain_mix_file(args) -> Path:
+    return Path(args.data_dir) / "pretrain-mix.jsonl"
+
+
+def pretrain_mix_settings(args) -> dict:
+    return {"corpus": str(args.dataset or "embedded"), "tasks": args.sft_tasks,
+            "tasks_settings": {task: data_settings(args, task) for task in args.sft_tasks}}
+
+
+def write_pretrain_mix(args, log) -> bool:
+    """`pretrain-mix.jsonl`: the corpus documents, then every SFT training example as chat-template text; rewritten
+    only when its settings changed. Returns whether it was written."""
+    from transformers import AutoTokenizer
+
+    from modeling_moe.presets import preset_path
+    from modeling_moe.trainers.data import load_corpus_texts, load_documents
+    from modeling_moe.trainers.reasoning_data import set_chat_template
+
+    manifest = read_manifest(args)
+    settings = pretrain_mix_settings(args)
+    if manifest.get("pretrain_mix") == settings and pretrain_mix_file(args).is_file():
+        return False
+    documents = load_documents(args.dataset)[0] if args.dataset else load_corpus_texts()
+    tokenizer = set_chat_template(AutoTokenizer.from_pretrained(preset_path(args.model)))
+    examples = [tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
+                for task in args.sft_tasks for row in _read_jsonl(data_files(args, task)["train"])]
+    with open(pretrain_mix_file(args), "w") as f:
+        for text in documents + examples:
+            f.write(json.dumps({"text": text}) + "\n")
+    manifest["pretrain_mix"] = settings
+    (Path(args.data_dir) / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    log(f"data: wrote {len(documents)} corpus documents + {len(examples)} reasoning examples to "
+        f"{pretrain_mix_file(args)}")
+    return True
+
+
 def prepare_data(args, log) -> dict:
-    """The data stage: generate the stale tasks' files (needs reasoning-gym), reuse the others."""
+    """The data stage: generate the stale tasks' files (needs reasoning-gym), reuse the others; with
+    `--pretrain_data corpus+reasoning`, the pretraining mix."""
     start = time.perf_counter()
     stale = stale_tasks(args)
     result = {"generated": stale, "data_dir": args.data_dir}
@@ -323,6 +366,8 @@ def prepare_data(args, log) -> dict:
                     "not installed to generate it. Generate it where reasoning-gym is (the same data flags and "
                     "`--stages data`), then bring the folder along.")
             generate_data(args, stale, log)
+        if args.pretrain_data == "corpus+reasoning":
+            result["pretrain_mix_written"] = write_pretrain_mix(args, log)
         result.update(rc=0, status="ok")
     except Exception as error:  # noqa: BLE001 (reported in the summary, the later stages are skipped)
         result.update(rc=1, status="failed", log_tail=f"{type(error).__name__}: {error}")
@@ -402,8 +447,9 @@ def pretrain_command(args, stage: Stage) -> list[str]:
                "--warmup_steps", str(args.pretrain_warmup_steps), "--logging_steps", "10" if not args.small else "1",
                "--eval_steps", str(args.pretrain_steps), "--max_eval_samples", "16" if not args.small else "2",
                "--save_steps", "0", "--disable_tqdm", "--report_to", "none", *dtype]
-    if args.dataset:
-        command += ["--dataset", str(args.dataset)]
+    dataset = pretrain_mix_file(args) if args.pretrain_data == "corpus+reasoning" else args.dataset
+    if dataset:
+        command += ["--dataset", str(dataset)]
     return command + (["--use_cpu"] if args.small else [])
 
 
@@ -788,7 +834,9 @@ def summary_markdown(data: Stage, stages: list[Stage], rows: list[dict], args, f
     lines += ["", "## Settings", "",
               f"- model: `{args.model}` pretrained from scratch, {args.pretrain_steps} steps x "
               f"{args.pretrain_batch_size} x {args.pretrain_seq_len} tokens, lr {args.pretrain_learning_rate:g}, "
-              f"{args.pretrain_dtype}, corpus `{args.dataset or 'embedded'}`",
+              f"{args.pretrain_dtype}, corpus `{args.dataset or 'embedded'}`"
+              + (f" plus the SFT training examples as text (`{pretrain_mix_file(args)}`)"
+                 if args.pretrain_data == "corpus+reasoning" else ""),
               f"- data (`{args.data_dir}`): {args.train_size} training and {args.eval_samples} held-out examples per "
               f"task, seed {args.data_seed}; generator settings and filters: `{json.dumps(args.task_kwargs)}`",
               f"- SFT: tasks {', '.join(args.sft_tasks)}; LoRA preset `{args.sft_lora_preset}`, {args.sft_steps} "

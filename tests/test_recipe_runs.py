@@ -291,6 +291,13 @@ def test_small_dry_run(tmp_path):
         held_out = [json.loads(line) for line in (data / f"{task}-eval.jsonl").read_text().splitlines()]
         assert len(train) == 8 and len(held_out) == 4
         assert not {r["prompt"][-1]["content"] for r in train} & {r["prompt"][-1]["content"] for r in held_out}
+    # The pretraining mix: the corpus documents, then each SFT training example (24) as chat text, nothing held out.
+    mix = [json.loads(line)["text"] for line in (data / "pretrain-mix.jsonl").read_text().splitlines()]
+    examples = [text for text in mix if "<answer>" in text]
+    assert len(examples) == 24 and len(mix) > 24
+    held_out_questions = [json.loads(line)["prompt"][-1]["content"] for task in ("gsm", "countdown", "arithmetic")
+                          for line in (data / f"{task}-eval.jsonl").read_text().splitlines()]
+    assert not any(question in text for question in held_out_questions for text in examples)
 
     lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     stage_lines = {line["stage"]: line for line in lines if line["kind"] == "stage"}
