@@ -4,8 +4,9 @@
 
 For each shape (bf16 latent cache, one new token per sequence, every sequence filled to the cache length):
   * the PyTorch absorbed path (`mla_decode_reference`, what runs without Triton) and the kernel with the launcher's
-    default config, then a sweep of (block_h, block_n, num_warps, num_stages) at the default split count, then of
-    the split count for the best tile config;
+    default config, then a sweep of (block_h, block_n, num_warps, num_stages, value_blocks: the output columns
+    shared among programs, tried at >= 64 heads) at the default split count, then of the split count for the best
+    tile config;
   * time: triton.testing.do_bench (CUDA events, L2 flushed between calls), median ms;
   * figure: effective latent-cache bandwidth = (kv_lora_rank + rope) x 2 B x batch x cache length / time; the H200's
     HBM moves ~4.3 TB/s, so the issue's target (0.15 ms at v2lite) is ~2 TB/s;
@@ -38,10 +39,16 @@ SHAPES = {
 
 def sweep_space(heads: int, quick: bool):
     block_hs = [h for h in (16, 32, 64) if h <= max(16, heads)]
-    space = itertools.product(block_hs, (32, 64), (4, 8), (2, 3))
+    space = itertools.product(block_hs, (32, 64), (4, 8), (2, 3), (1,))
     if quick:
-        space = itertools.product(block_hs[:2], (32, 64), (4, 8), (2,))
-    return [dict(block_h=h, block_n=n, num_warps=w, num_stages=s) for h, n, w, s in space]
+        space = itertools.product(block_hs[:2], (32, 64), (4, 8), (2,), (1,))
+    configs = list(space)
+    if heads >= 64:  # many heads: the output columns split over 2-4 programs (a smaller accumulator), 128-row tiles
+        configs += itertools.product((64, 128), (32, 64), (4, 8), (2,), (2, 4))
+    return [dict(block_h=h, block_n=n, num_warps=w, num_stages=s, value_blocks=v) for h, n, w, s, v in configs]
+
+
+CONFIG_KEYS = ("block_h", "block_n", "num_warps", "num_stages", "value_blocks")
 
 
 def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
@@ -81,7 +88,7 @@ def bench_shape(name, shape, args, records):
     if not timed:
         return
     best = min(timed, key=lambda r: r["ms"])
-    config = {k: best[k] for k in ("block_h", "block_n", "num_warps", "num_stages")}
+    config = {k: best[k] for k in CONFIG_KEYS}
     head_blocks = -(-heads // config["block_h"])
     tile_config = mla_decode.DecodeConfig(block_s=1, **config)
     base = mla_decode.default_num_splits(batch, head_blocks, cache_len, tile_config, rank, rope, 2, latent.device)
@@ -117,7 +124,7 @@ def main():
             f.write(json.dumps(rec) + "\n")
     print("\nshape    variant          config                                   ms      GB/s   rel err")
     for r in records:
-        config = " ".join(f"{k}={r[k]}" for k in ("block_h", "block_n", "num_warps", "num_stages", "num_splits") if k in r)
+        config = " ".join(f"{k}={r[k]}" for k in (*CONFIG_KEYS, "num_splits") if k in r)
         figures = f"{r['ms']:>8} {r['cache_GB_per_s']:>8} {r['rel_err']:>8}" if "ms" in r else r["error"][:60]
         print(f"{r['shape']:<9}{r['variant']:<17}{config:<41}{figures}")
 

@@ -203,13 +203,15 @@ def _define_kernels():
         H, S, R, DR, qk_scale,
         HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, NUM_SPLITS: tl.constexpr, DIRECT: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr, VALUE_BLOCKS: tl.constexpr, PRECISION: tl.constexpr,
     ):
         head_blocks = tl.cdiv(H, BLOCK_H)
         pid = tl.program_id(0)
-        b = pid // head_blocks
-        head_block = pid % head_blocks
+        value_block = pid % VALUE_BLOCKS  # this program's share of the output (value) columns
+        b = pid // VALUE_BLOCKS // head_blocks
+        head_block = pid // VALUE_BLOCKS % head_blocks
         split = tl.program_id(1)
+        BLOCK_V: tl.constexpr = BLOCK_R // VALUE_BLOCKS
 
         # Rows: heads x query tokens (row m = head h, token i with m = h * BLOCK_S + i).
         offs_m = tl.arange(0, BLOCK_M)
@@ -220,6 +222,8 @@ def _define_kernels():
         offs_d = tl.arange(0, BLOCK_DR)
         r_ok = offs_r < R
         d_ok = offs_d < DR
+        offs_v = value_block * BLOCK_V + tl.arange(0, BLOCK_V)
+        v_ok = offs_v < R
 
         q_lat = tl.load(
             QL + b * stride_qlb + head[:, None] * stride_qlh + token[:, None] * stride_qls
@@ -241,7 +245,7 @@ def _define_kernels():
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
         for start_n in range(start, end, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             n_ok = offs_n < end
@@ -270,17 +274,24 @@ def _define_kernels():
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(qk - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(kl.dtype), kl, input_precision=PRECISION)
+            if VALUE_BLOCKS == 1:
+                values = kl
+            else:  # the scores need the whole latent, the output only this program's columns of it
+                values = tl.load(
+                    KL + b * stride_klb + offs_n[:, None] * stride_klt + offs_v[None, :] * stride_klr,
+                    mask=n_ok[:, None] & v_ok[None, :], other=0.0,
+                )
+            acc = acc * alpha[:, None] + tl.dot(p.to(kl.dtype), values, input_precision=PRECISION)
             m_i = m_new
 
         seen = l_i > 0
         out = acc / tl.where(seen, l_i, 1.0)[:, None]
         o_ptrs = (
             O + b * stride_ob + head[:, None] * stride_oh + token[:, None] * stride_os
-            + split * stride_osplit + offs_r[None, :] * stride_or
+            + split * stride_osplit + offs_v[None, :] * stride_or
         )
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & r_ok[None, :])
-        if not DIRECT:
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & v_ok[None, :])
+        if not DIRECT and value_block == 0:
             lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))  # log2 units
             lse_ptrs = LSE + b * stride_lb + head * stride_lh + token * stride_ls + split * stride_lsplit
             tl.store(lse_ptrs, lse, mask=row_ok)
@@ -328,13 +339,16 @@ def _next_pow2(n: int, at_least: int = 1) -> int:
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """One launch of the split kernel: rows are block_h heads x block_s query tokens; block_n keys per step."""
+    """One launch of the split kernel: rows are block_h heads x block_s query tokens; block_n keys per step; the
+    output (value) columns shared among `value_blocks` programs (each computes the scores over the whole latent but
+    accumulates only its columns: a smaller accumulator for many-head tiles, at the price of recomputed scores)."""
 
     block_h: int
     block_s: int
     block_n: int
     num_warps: int
     num_stages: int
+    value_blocks: int = 1
 
     def shared_memory_bytes(self, rank: int, rope: int, element_size: int) -> int:
         """The pipelined key tiles (latent + rotary part), which dominate the kernel's shared memory."""
@@ -374,7 +388,7 @@ def default_num_splits(batch: int, head_blocks: int, kv_len: int, config: Decode
     properties = torch.cuda.get_device_properties(device)
     shared = getattr(properties, "shared_memory_per_multiprocessor", 228 * 1024)
     per_sm = max(1, shared // max(1, config.shared_memory_bytes(rank, rope, element_size)))
-    programs = batch * head_blocks
+    programs = batch * head_blocks * config.value_blocks
     by_occupancy = properties.multi_processor_count * per_sm // programs  # whole waves: a partial one is a tail
     by_length = max(1, kv_len // (4 * config.block_n))
     return int(max(1, min(by_occupancy, by_length, 64)))
@@ -393,6 +407,7 @@ def mla_decode_triton(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    value_blocks: int | None = None,
 ) -> torch.Tensor:
     """Split-KV MLA decode attention (see the module docstring).
 
@@ -415,11 +430,15 @@ def mla_decode_triton(
 
     # Rows of a program: BLOCK_H heads x BLOCK_S query tokens, all reading the same latent tiles.
     config = default_config(heads, q_len, latent.dtype, on_gpu)
-    overrides = dict(block_h=block_h, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+    overrides = dict(block_h=block_h, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
+                     value_blocks=value_blocks)
     config = replace(config, **{name: value for name, value in overrides.items() if value is not None})
     config = replace(config, block_h=max(config.block_h, _next_pow2(-(-16 // config.block_s))))  # tl.dot: >= 16 rows
     block_r = _next_pow2(rank, 16)
     block_dr = _next_pow2(rope, 16)
+    if config.value_blocks < 1 or config.value_blocks & (config.value_blocks - 1) or block_r // config.value_blocks < 16:
+        raise ValueError(f"value_blocks must be a power of two leaving >= 16 of the {block_r} latent columns to each "
+                         f"program, got {config.value_blocks}")
     head_blocks = triton.cdiv(heads, config.block_h)
     if num_splits is None:
         num_splits = default_num_splits(batch, head_blocks, kv_len, config, rank, rope, latent.element_size(), device)
@@ -443,7 +462,7 @@ def mla_decode_triton(
         lse = torch.empty((batch, heads, q_len, num_splits), device=device, dtype=torch.float32)
 
     precision = "ieee" if q_latent.dtype == torch.float32 else "tf32"
-    split_kernel[(batch * head_blocks, num_splits)](
+    split_kernel[(batch * head_blocks * config.value_blocks, num_splits)](
         q_latent, q_rope, latent, k_rope, mask, cache_seqlens, partial, lse,
         *q_latent.stride(), *q_rope.stride(), *latent.stride(), *k_rope.stride(), *mask_strides,
         *partial.stride(), *lse.stride(),
@@ -451,7 +470,8 @@ def mla_decode_triton(
         HAS_MASK=key_mask is not None, CAUSAL=key_mask is None or key_mask.dim() == 2,
         NUM_SPLITS=num_splits, DIRECT=direct,
         BLOCK_H=config.block_h, BLOCK_S=config.block_s, BLOCK_M=config.block_h * config.block_s,
-        BLOCK_N=config.block_n, BLOCK_R=block_r, BLOCK_DR=block_dr, PRECISION=precision,
+        BLOCK_N=config.block_n, BLOCK_R=block_r, BLOCK_DR=block_dr, VALUE_BLOCKS=config.value_blocks,
+        PRECISION=precision,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if not direct:

@@ -170,6 +170,25 @@ def test_triton_heads_beyond_one_block_and_odd_sizes(triton_device):
     torch.testing.assert_close(got.double().cpu(), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("value_blocks", [2, 4])
+def test_triton_value_columns_split_across_programs(triton_device, value_blocks):
+    """The output (value) columns shared among programs: each computes the scores over the whole latent and
+    accumulates its columns; a rank that is not a power of two leaves the last block partly empty; left padding,
+    several key splits (only one program per split writes the log-sum-exp) and the direct write."""
+    batch, kv_len = 2, 37
+    q_latent, q_rope, latent, k_rope = random_inputs(batch, 4, 1, 48, 8, kv_len, device=triton_device, seed=3)
+    seqlens = torch.tensor([37, 20], dtype=torch.int32)
+    key_mask = left_padding_mask(batch, kv_len, [5, 2])
+    expected = math_reference(q_latent, q_rope, latent, k_rope, 0.25, seqlens, key_mask)
+    for num_splits in (1, 3):
+        got = mla_decode_triton(q_latent, q_rope, latent, k_rope, 0.25, cache_seqlens=seqlens.to(triton_device),
+                                key_mask=key_mask.to(triton_device), num_splits=num_splits,
+                                value_blocks=value_blocks)
+        torch.testing.assert_close(got.double().cpu(), expected, rtol=1e-4, atol=1e-5, msg=f"{num_splits} splits")
+    with pytest.raises(ValueError, match="value_blocks"):
+        mla_decode_triton(q_latent, q_rope, latent, k_rope, 0.25, value_blocks=3)
+
+
 @pytest.mark.parametrize("heads, q_len", [(128, 1), (16, 2), (16, 1)])
 def test_triton_gpu_default_tile_configs(triton_device, heads, q_len):
     """The tile configs the launcher picks for bf16 on a GPU (64-row tiles for many heads, 16-32 rows otherwise),
