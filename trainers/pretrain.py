@@ -682,7 +682,12 @@ def main(argv: list[str] | None = None) -> dict:
 
 def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainArguments) -> dict:
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration
+    from accelerate.utils import (
+        DataLoaderConfiguration,
+        GradientAccumulationPlugin,
+        ProjectConfiguration,
+        gather_object,
+    )
     from transformers import get_scheduler
 
     from modeling_moe.trainers.expert_parallel import ExpertParallel, check_expert_parallel_size
@@ -1007,7 +1012,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
             started = time.perf_counter()
             summary = profiler.stop_if(step)
             if summary is not None:
-                profile = profile_record(_gather_objects(summary, world))
+                profile = profile_record(gather_object([summary]))  # every rank's, in rank order
                 record_metrics(profile)
             window["start"] += time.perf_counter() - started  # nor is the summarising
         if args.save_steps > 0 and step % args.save_steps == 0:
@@ -1124,15 +1129,6 @@ def _check_profile_steps(steps: tuple[int, int], max_steps: int):
         raise ConfigurationError(
             f"--profile_steps {steps[0]},{steps[1]}: step {steps[1]} is beyond the run's {max_steps} optimizer steps."
         )
-
-
-def _gather_objects(obj, world: int) -> list:
-    """`obj` of every rank, in rank order (a collective)."""
-    if world == 1:
-        return [obj]
-    gathered = [None] * world
-    torch.distributed.all_gather_object(gathered, obj)
-    return gathered
 
 
 def _steps(span: list[int]) -> str:
