@@ -555,7 +555,7 @@ def launch(runs: list[Run], args, log) -> None:
         log(f"[{time.strftime('%H:%M:%S')}] end {run.name}: rc={rc}, {run.result['wall_s']} s")
 
 
-LIVE: list[subprocess.Popen] = []  # launchers running now
+LIVE: list[subprocess.Popen] = []  # child processes running now (this driver's or recipe_runs.py's)
 
 
 def _kill_session(process: subprocess.Popen, grace: float = 20):
@@ -611,7 +611,8 @@ def _first_traceback(lines: list[str], limit: int = 40) -> list[str]:
 # ------------------------------------------------------------------------------------------------------- analysis
 
 
-def read_metrics(path) -> list[dict]:
+def read_jsonl(path) -> list[dict]:
+    """The records of a JSON-lines file written as a run goes ([] when missing; a torn last line is skipped)."""
     path = Path(path)
     if not path.is_file():
         return []
@@ -732,7 +733,7 @@ def analyse(runs: list[Run], args) -> list[dict]:
     """Fill every run's result from its metrics.jsonl; return the derived lines (scaling, equality, balancing)."""
     for run in runs:
         run_dir = Path(args.work_dir) / run.name
-        run.result["records"] = read_metrics(run_dir / "metrics.jsonl")
+        run.result["records"] = read_jsonl(run_dir / "metrics.jsonl")
         summary_file = run_dir / "pretrain_summary.json"  # a finished run's start-up phases (wall s)
         if summary_file.is_file():
             run.result["phase_seconds"] = json.loads(summary_file.read_text()).get("phase_seconds")
@@ -1106,8 +1107,8 @@ def write_outputs(runs: list[Run], derived: list[dict], args, wall_s: float) -> 
 
 
 def _on_signal(signum, frame):
-    """SIGTERM / SIGINT / SIGHUP (e.g. `timeout`): stop the running launchers' sessions too, then exit; the summary of
-    the runs finished so far is already in output_dir."""
+    """SIGTERM / SIGINT / SIGHUP (e.g. `timeout`): stop the running child processes' sessions (`LIVE`) too, then exit;
+    the summary of what finished so far is already in output_dir."""
     for process in list(LIVE):
         _kill_session(process, grace=5)
     raise SystemExit(128 + signum)

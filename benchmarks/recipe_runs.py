@@ -79,8 +79,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pretrain_runs import (  # noqa: E402  (the launcher and option helpers' one home)
-    HelpFormatter, _kill_session, _quote, _split, _tail, apply_size_defaults,
+from pretrain_runs import (  # noqa: E402  (the launcher, option, reading and plotting helpers' one home)
+    LIVE, HelpFormatter, _kill_session, _on_signal, _pyplot, _quote, _split, _tail, apply_size_defaults, read_jsonl,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -341,7 +341,7 @@ def write_pretrain_mix(args, log) -> bool:
     documents = load_documents(args.dataset)[0] if args.dataset else load_corpus_texts()
     tokenizer = set_chat_template(AutoTokenizer.from_pretrained(preset_path(args.model)))
     examples = [tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
-                for task in args.sft_tasks for row in _read_jsonl(data_files(args, task)["train"])]
+                for task in args.sft_tasks for row in read_jsonl(data_files(args, task)["train"])]
     with open(pretrain_mix_file(args), "w") as f:
         for text in documents + examples:
             f.write(json.dumps({"text": text}) + "\n")
@@ -534,9 +534,6 @@ def missing_input(args, stage: Stage) -> str | None:
     return None
 
 
-LIVE: list[subprocess.Popen] = []  # trainers running now
-
-
 def stage_limits(args, stage: Stage, deadline: float) -> tuple[float, float | None, str | None]:
     """(timeout, --max_train_seconds, why it cannot start) of `stage` with what the time budget has left: a SFT /
     GRPO run stops training in time to save and evaluate."""
@@ -618,20 +615,6 @@ def _read_json(path: Path):
         return None
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError:
-        return []
-    records = []
-    for line in lines:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass  # a run killed mid-write
-    return records
-
-
 def _without_samples(accuracy: dict | None) -> dict | None:
     return None if accuracy is None else {k: v for k, v in accuracy.items() if k != "samples"}
 
@@ -648,7 +631,7 @@ def read_trainer(folder: Path) -> dict:
     history comes from trainer_state.json, or from log_history.jsonl while the run goes (or if it was killed)."""
     accuracy = _read_json(folder / "accuracy.json") or {}
     state = _read_json(folder / "trainer_state.json")
-    history = state["log_history"] if state else _read_jsonl(folder / "log_history.jsonl")
+    history = state["log_history"] if state else read_jsonl(folder / "log_history.jsonl")
     losses = [r["loss"] for r in history if "loss" in r]
     steps = state.get("global_step") if state else max((r.get("step", 0) for r in history), default=0)
     rewards = [{k: v for k, v in r.items() if k == "step" or k.startswith(("reward", "completions/mean_length"))}
@@ -868,15 +851,6 @@ def summary_markdown(data: Stage, stages: list[Stage], rows: list[dict], args, f
     return "\n".join(lines)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_rewards(stages: list[Stage], path: Path) -> bool:
     runs = [s for s in stages if s.kind == "grpo" and s.result.get("rewards")]
     if not runs:
@@ -969,14 +943,6 @@ def write_outputs(data: Stage, stages: list[Stage], args, wall_s: float) -> list
 
 
 # ------------------------------------------------------------------------------------------------------------ main
-
-
-def _on_signal(signum, frame):
-    """SIGTERM / SIGINT / SIGHUP (e.g. `timeout`): stop the running trainers' sessions, then exit; the summary of the
-    stages finished so far is already in output_dir."""
-    for process in list(LIVE):
-        _kill_session(process, grace=5)
-    raise SystemExit(128 + signum)
 
 
 def list_plan(args, groups: list[list[Stage]]) -> None:
