@@ -256,13 +256,17 @@ def fused_available(dev) -> bool:
 
 
 def our_generate_variants(our_cfg, dev):
-    """name -> (config, experts implementation, generate() keywords) for our model; the static-cache variants are
-    what a user gets from `generate(cache_implementation="static")`: the latent cache preallocated, the decode step
-    compiled by transformers (mode "reduce-overhead": CUDA graphs) with the Triton MLA decode kernel inside."""
-    variants = {"ours (dynamic cache, grouped_mm)": (our_cfg, "grouped_mm", {})}
+    """name -> (config, experts implementation, generate() keywords, model attributes) for our model; the static-
+    cache variants are what a user gets from `generate(cache_implementation="static")`: the latent cache preallocated,
+    the decode step compiled by transformers (mode "reduce-overhead": CUDA graphs) with the Triton MLA decode kernel
+    inside, and the stop check deferred by a step (`defer_stop_check`; the "synchronous" variant turns it off)."""
+    variants = {"ours (dynamic cache, grouped_mm)": (our_cfg, "grouped_mm", {}, {})}
     if fused_available(dev):
-        variants["ours (dynamic cache, fused)"] = (our_cfg, "fused", {})
-        variants["ours (static cache + CUDA graphs, fused)"] = (our_cfg, "fused", dict(cache_implementation="static"))
+        static = dict(cache_implementation="static")
+        variants["ours (dynamic cache, fused)"] = (our_cfg, "fused", {}, {})
+        variants["ours (static cache + CUDA graphs, fused, synchronous stop check)"] = (
+            our_cfg, "fused", static, dict(defer_stop_check=False))
+        variants["ours (static cache + CUDA graphs, fused)"] = (our_cfg, "fused", static, {})
     return variants
 
 
@@ -303,8 +307,10 @@ def part_generate(S, args, dev, dtype):
         assert out.shape[1] == prompt_length + new_tokens, out.shape
         return time.perf_counter() - start
 
-    def build_and_warm(cfg, impl, extra):
+    def build_and_warm(cfg, impl, extra, attributes):
         model = build(cfg, impl, state, dev, dtype).eval()
+        for name, value in attributes.items():
+            setattr(model, name, value)
         generate_seconds(model, batch, prompt_len, new, extra)
         return model
 
@@ -312,9 +318,9 @@ def part_generate(S, args, dev, dtype):
         seconds = statistics.median(generate_seconds(model, batch_size, prompt_len, new, extra) for _ in range(runs))
         return dict(seconds=sig(seconds), tokens_per_s=sig(batch_size * new / seconds))
 
-    variants = {"hf": (hf_cfg, "grouped_mm", {}), **our_generate_variants(our_cfg, dev)}
+    variants = {"hf": (hf_cfg, "grouped_mm", {}, {}), **our_generate_variants(our_cfg, dev)}
     if args.with_eager:
-        variants["hf (eager experts)"] = (hf_cfg, "eager", {})
+        variants["hf (eager experts)"] = (hf_cfg, "eager", {}, {})
     models = {name: measure(build_and_warm, *variant) for name, variant in variants.items()}
     times = {name: [] for name, model in models.items() if not isinstance(model, dict)}
     for _ in range(args.gen_runs):

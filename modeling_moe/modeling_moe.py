@@ -5,6 +5,7 @@ This file is also exported next to `config.json` by `save_pretrained`, so a fold
 where the `modeling_moe` package is not installed: it imports only torch, transformers and its sibling files.
 """
 
+import contextlib
 import math
 import os
 import tempfile
@@ -16,6 +17,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import utils as generation_utils
 from transformers.integrations import use_experts_implementation
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -696,8 +698,40 @@ def expert_balance_loss(router: MoETopkRouter, router_logits: torch.Tensor, num_
     return (fraction * scores.mean(dim=1)).sum(dim=-1).mean()
 
 
+# Devices on which `generate()` may queue a decode step before knowing whether the previous one finished every
+# sequence (each needs events: `torch.Event`).
+DEFERRED_STOP_DEVICES = ("cuda", "mps")
+
+
+@contextlib.contextmanager
+def deferred_stop_check(enabled: bool = True):
+    """Within this context transformers' `_sample` loop learns that every sequence has finished one step late, also
+    on CUDA, through transformers' own `DeferredStopCheck` (which it enables only on Apple GPUs): the host no longer
+    waits for the device at every token, so it prepares step n + 1 while the GPU runs step n. With the decode step in
+    a CUDA graph the host's Python is about as long as the device's work, so the two overlap instead of adding up.
+    When the batch ends on EOS, one more step runs and transformers drops it: the tokens are the same."""
+    check = getattr(generation_utils, "DeferredStopCheck", None)
+    if not enabled or check is None:  # transformers without it: its synchronous check
+        yield
+        return
+    supported = check.__dict__["is_supported"]
+
+    def is_supported(device, cache, cache_is_returned, is_assistant):
+        if device.type not in DEFERRED_STOP_DEVICES or is_assistant:
+            return False
+        return cache is None or getattr(cache, "is_croppable", False) or not cache_is_returned
+
+    check.is_supported = staticmethod(is_supported)
+    try:
+        yield
+    finally:
+        check.is_supported = supported
+
+
 class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # generate(): defer the check "has every sequence finished?" by one step on CUDA (see `deferred_stop_check`)
+    defer_stop_check = True
 
     def __init__(self, config: MoEConfig):
         super().__init__(config)
@@ -795,6 +829,12 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
             cache.early_initialization(batch_size, dtype=self.dtype, device=self.device)  # a compiled prefill
         self._previous_max_cache_length = max_cache_len
         return cache
+
+    def _sample(self, *args, **kwargs):
+        """transformers' sampling / greedy loop, with its stop decision deferred by a step on CUDA when
+        `defer_stop_check` is set (see `deferred_stop_check`)."""
+        with deferred_stop_check(self.defer_stop_check):
+            return super()._sample(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
         """transformers' `generate`, always in eval mode (the training flag is restored after): generated tokens are

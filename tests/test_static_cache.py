@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import CompileConfig, StoppingCriteria, StoppingCriteriaList
 
+from modeling_moe import modeling_moe
 from modeling_moe.cache_moe import MoELatentStaticLayer, MoEStaticCache, MoEStaticLayer
 from modeling_moe.modeling_moe import CACHE_FIELD
 
@@ -131,6 +132,49 @@ def test_compiled_decode_step_has_no_graph_break():
     assert static.tolist() == model.generate(ids, **kwargs).tolist()
 
 
+class HostEvent:
+    """`torch.Event` for the CPU, where every op has finished when it returns: recording and waiting are no-ops."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, *args):
+        pass
+
+    def synchronize(self):
+        HostEvent.waits += 1
+
+
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_deferred_stop_check_gives_the_same_tokens(monkeypatch, cache_implementation):
+    """generate() with the stop decision one step late (what runs on CUDA) against the synchronous loop: rows that
+    stop on EOS at different steps, a batch where all stop before max_new_tokens (the extra step is dropped), and
+    one that runs to max_new_tokens. The deferred path is forced on the CPU, with no-op events."""
+    model = seeded_model(small_config(), dtype=torch.float32)
+    ids, mask = left_padded(PROMPTS)
+    kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0,
+                  cache_implementation=cache_implementation)
+    free = model.generate(ids, **kwargs)[:, ids.shape[1]:]
+    eos_cases = [None, int(free[0, 3]), [int(free[r, 2 + r]) for r in range(len(PROMPTS))]]
+
+    def run(eos, deferred):
+        model.defer_stop_check = deferred
+        return model.generate(ids, eos_token_id=eos, **kwargs)
+
+    monkeypatch.setattr(modeling_moe, "DEFERRED_STOP_DEVICES", ("cuda", "mps", "cpu"))
+    monkeypatch.setattr(torch, "Event", HostEvent)
+    for eos in eos_cases:
+        HostEvent.waits = 0
+        reference = run(eos, deferred=False)
+        assert HostEvent.waits == 0
+        deferred = run(eos, deferred=True)
+        assert HostEvent.waits > 0  # the deferred check ran
+        assert deferred.tolist() == reference.tolist()
+    assert reference.shape[1] < ids.shape[1] + 10  # the last case stopped every row on EOS before the budget
+    assert modeling_moe.generation_utils.DeferredStopCheck.is_supported(torch.device("cuda"), None, False, False) \
+        is False  # transformers' own rule is back after generate
+
+
 # ---------------------------------------------------------------------------------------------- GPU
 
 
@@ -150,6 +194,22 @@ def test_gpu_generate_with_cuda_graphs_matches_dynamic(dtype):
     else:  # bf16 rounds differently in the kernel: the prefill's token is the same, the first decode step close
         assert static.sequences[:, ids.shape[1]].tolist() == dynamic.sequences[:, ids.shape[1]].tolist()
         torch.testing.assert_close(static.logits[1].float(), dynamic.logits[1].float(), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.gpu
+def test_gpu_deferred_stop_check_gives_the_same_tokens():
+    """On CUDA the stop check is deferred by default (real events, the decode step in CUDA graphs): the same greedy
+    tokens as the synchronous loop when rows stop on EOS at different steps."""
+    model = seeded_model(small_config(), dtype=torch.float32).cuda()
+    ids, mask = left_padded(PROMPTS, device="cuda")
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                  cache_implementation="static")
+    free = model.generate(ids, **kwargs)[:, ids.shape[1]:]
+    eos = [int(free[r, 2 + 2 * r]) for r in range(len(PROMPTS))]
+    model.defer_stop_check = False
+    reference = model.generate(ids, eos_token_id=eos, **kwargs)
+    model.defer_stop_check = True
+    assert model.generate(ids, eos_token_id=eos, **kwargs).tolist() == reference.tolist()
 
 
 @pytest.mark.gpu
