@@ -287,6 +287,16 @@ def test_profiled_run_writes_a_consistent_summary(tmp_path, data_cache):
     assert (tmp_path / "config.json").is_file() and not (tmp_path / "model.safetensors").exists()
 
 
+def test_max_train_seconds_stops_early_then_evaluates_and_saves(tmp_path, data_cache):
+    summary = run(tmp_path, data_cache, "--max_steps", "50", "--max_train_seconds", "1e-9", "--eval_steps", "0",
+                  "--save_steps", "0")
+    assert summary["global_step"] == 1 and summary["stopped_by_time"] is True
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records if "loss" in r] == [1]
+    assert [r["step"] for r in records if r.get("eval_loss") is not None] == [1]
+    assert (tmp_path / "model.safetensors").is_file()
+
+
 def test_two_process_ddp_and_expert_parallel_give_the_same_losses(two_process_runs):
     ddp, ep2 = read_metrics(two_process_runs / "ddp"), read_metrics(two_process_runs / "ep2")
     assert [r["step"] for r in ddp] == [r["step"] for r in ep2] == [1, 2, 3, 4]

@@ -131,6 +131,12 @@ class PretrainArguments:
     )
     max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; <= 0: num_train_epochs decides."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs of training blocks if max_steps <= 0."})
+    max_train_seconds: float = field(
+        default=0.0,
+        metadata={"help": "Stop training after the optimizer step that ends past this many seconds of training, then "
+                  "evaluate and save as at the last step (the learning-rate schedule still spans max_steps); "
+                  "<= 0: no limit. Every rank stops at the same step."},
+    )
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Sequences per process and micro-batch."})
     per_device_eval_batch_size: int | None = field(default=None, metadata={"help": "Default: the training one."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
@@ -914,7 +920,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
         logger.info("start-up (wall s): %s", phases.seconds)
     phases.mark("before_first_step")
     model.train()
-    while state.global_step < max_steps:
+    train_start = time.perf_counter()
+    out_of_time = False
+    while state.global_step < max_steps and not out_of_time:
         step = state.global_step + 1
         if profiler is not None:
             started = time.perf_counter()
@@ -949,6 +957,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
         balance = unwrapped.update_expert_bias()  # once per optimizer step, counts summed over all ranks
 
         state.global_step = step
+        if args.max_train_seconds > 0:  # one rank's clock decides, for all (an all-reduce of a flag)
+            if time.perf_counter() - train_start >= args.max_train_seconds:
+                accelerator.set_trigger()
+            out_of_time = accelerator.check_trigger() and step < max_steps
+            if out_of_time and main_process:
+                logger.info("--max_train_seconds %g reached: training stops at step %d of %d",
+                            args.max_train_seconds, step, max_steps)
         if "first_step" not in phases.seconds:  # host time to run step 1: kernel compilation, allocator growth
             phases.mark("first_step")
         state.tokens_seen += tokens_per_step
@@ -961,7 +976,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
             window["load"] += balance["tokens_per_expert"].to(device)
 
         record = {}
-        if step % args.logging_steps == 0 or step == max_steps:
+        if step % args.logging_steps == 0 or step == max_steps or out_of_time:
             losses = accelerator.reduce(torch.stack([window["lm"], window["objective"]]), reduction="mean")
             losses = (losses / window["steps"]).tolist()
             elapsed = max(time.perf_counter() - window["start"], 1e-9)
@@ -1001,7 +1016,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
                           maxvio=torch.zeros(num_layers, device=device),
                           load=torch.zeros(num_layers, experts, device=device), first_step=step + 1)
         evaluate_now = eval_loader is not None and (
-            step == max_steps or (args.eval_steps and args.eval_steps > 0 and step % args.eval_steps == 0)
+            step == max_steps or out_of_time
+            or (args.eval_steps and args.eval_steps > 0 and step % args.eval_steps == 0)
         )
         if evaluate_now:
             record.setdefault("step", step)
@@ -1072,6 +1088,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
     summary = {
         "output_dir": output_dir,
         "global_step": state.global_step,
+        "stopped_by_time": out_of_time,
         "first_loss": train_records[0]["loss"] if train_records else None,
         "last_loss": train_records[-1]["loss"] if train_records else None,
         "final_eval_loss": eval_records[-1]["eval_loss"] if eval_records else None,
