@@ -15,8 +15,9 @@ Rows (`--sft-variants`, `--grpo-variants`):
   ours-fused             MoEForCausalLM, experts_implementation="fused" (Triton on CUDA; the reference on a CPU).
   ours-grouped_mm        MoEForCausalLM, grouped_mm experts.
   ours-fused-graphs      GRPO only: ours with `trainers.grpo.use_cuda_graph_rollouts`: rollouts through the static
-                         latent cache; with these LoRA targets (routed experts' parameters) uncompiled, since PEFT's
-                         parametrized weights cannot be captured in CUDA graphs safely (see that function).
+                         latent cache with the decode step in CUDA graphs; with these LoRA targets (routed experts'
+                         parameters, which PEFT parametrizes during each forward) on a merged copy of the policy,
+                         refreshed after each optimizer step (`trainers.rollout.MergedRolloutModel`).
   ours-fused-aux         GRPO only: ours with TRL's router load-balancing loss on (router_aux_loss_coef 0.001), which
                          transformers' DeepseekV3 cannot run; every other row has it off.
 Ours run with `trainers.sft.ExpertBiasCallback` (the expert-load statistics that `trainers/sft.py` and

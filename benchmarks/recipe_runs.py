@@ -23,7 +23,7 @@ data      reasoning-gym examples written as JSON lines to `--data_dir` (default 
 pretrain  `python -m modeling_moe.trainers.pretrain --model_config <--model>` on the corpus (`--dataset`, default
           .devdata/corpus.jsonl when it exists, else the embedded one) plus, with `--pretrain_data corpus+reasoning`
           (the default), the SFT training examples as text (the data stage writes that mix), bf16,
-          `--pretrain_steps` steps.
+          `--pretrain_steps` steps or `--pretrain_max_train_seconds`; data-parallel over `--gpus`.
 sft       `python -m modeling_moe.trainers.sft --config trainers/recipes/sft_lora_reasoning.yaml` from the pretrained
           model on the `--sft_tasks` training files, sizes from the flags; accuracy before (= after pretraining) and
           after, per task, on the held-out files of the GRPO tasks; merged model saved (the start of GRPO).
@@ -40,17 +40,17 @@ Generation budgets (`--completion_tokens`): countdown 64 and gsm 128 tokens, abo
 SFT is GRPO's starting success rate, and a group of 8 samples at temperature 1 with at least one success is what
 gives GRPO a gradient.
 
-Time on one H200 (estimates, for the defaults; --time_budget stops everything at 530 s, and the SFT and GRPO runs
-stop training at --*_max_train_seconds, capped by what the budget has left, and still save and evaluate):
+Time on two H200s (estimates, for the defaults; --time_budget stops everything at 530 s, and every run stops
+training at its --*_max_train_seconds, capped by what the budget has left, and still evaluates and saves):
   data      ~1 s (files pre-generated)
-  pretrain  ~55 s: start-up and tokenization ~20 s, 200 steps x 8 x 1024 tokens of moe-100m (107M activated,
-            ~0.15 s a step) ~30 s, save ~5 s
-  sft       ~130 s: start-up and tokenization ~25 s, two accuracy evals of 400 prompts x <= 128 tokens in batches of
-            200 (~7 s each), 400 steps x 32 sequences of ~250 tokens (~0.2 s a step) ~80 s, merge and save ~5 s
-  grpo      ~240 s, both runs at once: start-up ~25 s, evals ~5 s each, training <= 180 s (the first rollout compiles
-            the CUDA-graph decode step, ~60 s; then ~1.5 s a step for 8 prompts x 8 samples of <= 64 / 128 tokens,
-            two processes sharing the GPU), merge and save ~5 s
-  total     ~430 s, within the 10-minute limit of one GPU call with the wheel installs.
+  pretrain  ~190 s: start-up and tokenization ~30 s, then training for 150 s (600 steps x 2 GPUs x 32 x 1024 tokens
+            of moe-100m, 107M activated, if they fit: about 40M tokens, 2-3 passes over the 60k reasoning examples
+            and the corpus), evaluation and save ~10 s
+  sft       ~110 s: start-up ~25 s, two accuracy evals of 400 prompts x <= 128 tokens in batches of 200 (~7 s each),
+            training for 60 s (LoRA; pretraining has already seen these examples as text), merge and save ~5 s
+  grpo      ~230 s, one run per GPU: start-up ~25 s, evals ~5 s each, training for 170 s (the first rollout compiles
+            the CUDA-graph decode step; then a step of 16 prompts x 8 samples of <= 64 / 128 tokens), merge and save
+  total     ~530 s, within the 10-minute limit of one GPU call with the wheel installs.
 
 Output folder (`--output_dir`; at most `--max_output_files` files, rewritten after every stage and every
 `--refresh_seconds` while one runs, so a killed driver still leaves the finished stages' figures): summary.md (the
@@ -80,7 +80,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pretrain_runs import (  # noqa: E402  (the launcher, option, reading and plotting helpers' one home)
-    LIVE, HelpFormatter, _kill_session, _on_signal, _pyplot, _quote, _split, _tail, apply_size_defaults, read_jsonl,
+    LIVE, NO_MULTICAST, HelpFormatter, _kill_session, _on_signal, _pyplot, _quote, _split, _tail, apply_size_defaults,
+    free_port, read_jsonl,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -95,7 +96,6 @@ DEFAULT_TASK_KWARGS = {
 }
 OUTPUT_FILES = ("summary.md", "results.jsonl", "accuracy.png", "rewards.png", "pretrain.loss.png")
 REWARD_WINDOW = 10
-NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 # ------------------------------------------------------------------------------------------------------ arguments
@@ -104,22 +104,23 @@ NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"
 # option: (GPU default, --small default); None in the parser means "this table decides".
 SIZE_DEFAULTS = {
     "model": ("moe-100m", "tiny"),
-    "train_size": (3000, 8),
+    "train_size": (20000, 8),
     "eval_samples": (200, 4),
     "eval_batch_size": (200, 8),
-    "pretrain_steps": (200, 3),
-    "pretrain_batch_size": (8, 2),
+    "pretrain_steps": (600, 3),
+    "pretrain_batch_size": (32, 2),
     "pretrain_seq_len": (1024, 64),
-    "pretrain_warmup_steps": (20, 1),
+    "pretrain_warmup_steps": (30, 1),
     "pretrain_dtype": ("bf16", "fp32"),
+    "pretrain_max_train_seconds": (150.0, 0.0),
     "sft_steps": (400, 3),
     "sft_batch_size": (32, 4),
     "sft_max_length": (384, 256),
-    "sft_max_train_seconds": (120.0, 0.0),
+    "sft_max_train_seconds": (60.0, 0.0),
     "grpo_steps": (200, 2),
-    "grpo_prompts_per_step": (8, 2),
+    "grpo_prompts_per_step": (16, 2),
     "grpo_generations": (8, 2),
-    "grpo_max_train_seconds": (180.0, 0.0),
+    "grpo_max_train_seconds": (170.0, 0.0),
     "grpo_cuda_graph_rollouts": ("true", "false"),
     "completion_tokens": ("countdown=64,gsm=128,arithmetic=64", "countdown=16,gsm=16,arithmetic=16"),
     "time_budget": (530.0, 600.0),
@@ -140,8 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
              "Changes the defaults marked 'small:' (an explicit option still wins).")
     add("--list", action="store_true", help="Print the data plan and every stage's command, and exit.")
     add("--gpus", default="0",
-        help="GPU ids: pretraining and SFT on the first, the GRPO runs spread round robin ('' leaves "
-             "CUDA_VISIBLE_DEVICES alone; ignored with --small).")
+        help="GPU ids: pretraining data-parallel over all of them (accelerate launch, DDP, when more than one), SFT "
+             "on the first, the GRPO runs spread round robin ('' leaves CUDA_VISIBLE_DEVICES alone; ignored with "
+             "--small).")
     add("--python", default=sys.executable, help="Interpreter of the launched trainers.")
     add("--seed", type=int, default=42, help="Seed of every trainer (initialisation, data order, sampling).")
     add("--pretrained_model", default=None,
@@ -154,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Seconds for the whole driver: a stage gets at most what is left, and none starts with less than "
              "--stage_overhead + 10 s (default 530, inside a 10-minute GPU call; small: 600).")
     add("--stage_overhead", type=float, default=None,
-        help="Seconds a SFT / GRPO run needs besides training (start-up, evals, saving): its --max_train_seconds is "
+        help="Seconds a run needs besides training (start-up, evals, saving): its --max_train_seconds is "
              "capped at the time left minus this (default 60; small: 0).")
     add("--refresh_seconds", type=float, default=None,
         help="While stages run, rewrite the summary this often (default 20; small: 5).")
@@ -171,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--task_kwargs", default=json.dumps(DEFAULT_TASK_KWARGS),
         help="JSON: per task, its reasoning-gym generator's settings and the filters max_reasoning_steps / "
              "max_answer (trainers/reasoning_data.py).")
-    add("--train_size", type=int, default=None, help="Training examples per task (default 3000; small: 8).")
+    add("--train_size", type=int, default=None, help="Training examples per task (default 20000; small: 8).")
     add("--eval_samples", type=int, default=None,
         help="Held-out examples per task, all of them evaluated after each stage (default 200; small: 4).")
     add("--data_seed", type=int, default=0, help="Seed of the generated training examples (held-out: another one).")
@@ -191,14 +193,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="corpus: the corpus alone; corpus+reasoning: the corpus plus every SFT training example rendered with "
              "the chat template (in-domain text, as math-heavy pretraining mixes do; the held-out problems are "
              "another seed), written by the data stage as <data_dir>/pretrain-mix.jsonl.")
-    add("--pretrain_steps", type=int, default=None, help="Optimizer steps (default 200; small: 3).")
-    add("--pretrain_batch_size", type=int, default=None, help="Sequences per step (default 8; small: 2).")
+    add("--pretrain_steps", type=int, default=None,
+        help="Optimizer steps (the cosine schedule's length; default 600; small: 3).")
+    add("--pretrain_batch_size", type=int, default=None, help="Sequences per step and GPU (default 32; small: 2).")
     add("--pretrain_seq_len", type=int, default=None, help="Tokens per sequence (default 1024; small: 64).")
-    add("--pretrain_learning_rate", type=float, default=3e-4, help="Peak learning rate (cosine).")
+    add("--pretrain_learning_rate", type=float, default=6e-4, help="Peak learning rate (cosine).")
     add("--pretrain_warmup_steps", type=int, default=None, help="Warmup steps (default 20; small: 1).")
     add("--pretrain_dtype", choices=("bf16", "fp32"), default=None,
         help="bf16: bf16 weights and AdamW with bf16 autocast; fp32: float32 (default bf16; small: fp32).")
-    add("--pretrain_timeout", type=float, default=240.0, help="Seconds before the pretraining run is killed.")
+    add("--pretrain_max_train_seconds", type=float, default=None,
+        help="Training stops after this many seconds (then evaluates and saves), capped by what the budget has left; "
+             "0: no limit (default 150; small: 0).")
+    add("--pretrain_timeout", type=float, default=300.0, help="Seconds before the pretraining run is killed.")
 
     group = parser.add_argument_group("sft")
     add = group.add_argument
@@ -393,7 +399,7 @@ def plan(args) -> list[list[Stage]]:
     first_gpu = gpus[0] if gpus else None
     groups = []
     if "pretrain" in args.stages:
-        groups.append([Stage("pretrain", "pretrain", gpu=first_gpu)])
+        groups.append([Stage("pretrain", "pretrain", gpu=",".join(gpus) if gpus else None)])
     if "sft" in args.stages:
         groups.append([Stage("sft", "sft", gpu=first_gpu)])
     if "grpo" in args.stages:
@@ -437,16 +443,28 @@ def trainer_common_flags(args, stage: Stage) -> list[str]:
             "--disable_tqdm", "true", "--report_to", "none", "--save_strategy", "no"]
 
 
-def pretrain_command(args, stage: Stage) -> list[str]:
+def pretrain_launcher(args, stage: Stage) -> list[str]:
+    """python on one device; `accelerate launch` with the DDP config over several GPUs (the visible ones)."""
+    processes = len(_split(stage.gpu or "")) if not args.small else 1
+    if processes <= 1:
+        return [args.python]
+    return [args.python, "-m", "accelerate.commands.launch",
+            "--config_file", str(REPO / "trainers" / "accelerate_configs" / "ddp.yaml"),
+            "--num_processes", str(processes), "--main_process_port", str(free_port()),
+            "--mixed_precision", "bf16" if args.pretrain_dtype == "bf16" else "no"]
+
+
+def pretrain_command(args, stage: Stage, max_train_seconds: float | None = None) -> list[str]:
     dtype = ["--torch_dtype", "bfloat16", "--bf16"] if args.pretrain_dtype == "bf16" else ["--torch_dtype", "float32"]
-    command = [args.python, "-m", "modeling_moe.trainers.pretrain", "--model_config", args.model,
+    command = [*pretrain_launcher(args, stage), "-m", "modeling_moe.trainers.pretrain", "--model_config", args.model,
                "--output_dir", str(Path(args.work_dir) / stage.name),
                "--data_cache_dir", str(Path(args.work_dir) / "data-cache"), "--seed", str(args.seed),
                "--seq_len", str(args.pretrain_seq_len), "--per_device_train_batch_size", str(args.pretrain_batch_size),
                "--max_steps", str(args.pretrain_steps), "--learning_rate", str(args.pretrain_learning_rate),
                "--warmup_steps", str(args.pretrain_warmup_steps), "--logging_steps", "10" if not args.small else "1",
                "--eval_steps", str(args.pretrain_steps), "--max_eval_samples", "16" if not args.small else "2",
-               "--save_steps", "0", "--disable_tqdm", "--report_to", "none", *dtype]
+               "--save_steps", "0", "--disable_tqdm", "--report_to", "none", *dtype,
+               *time_limit_flags(args.pretrain_max_train_seconds if max_train_seconds is None else max_train_seconds)]
     dataset = pretrain_mix_file(args) if args.pretrain_data == "corpus+reasoning" else args.dataset
     if dataset:
         command += ["--dataset", str(dataset)]
@@ -504,7 +522,7 @@ def grpo_command(args, stage: Stage, max_train_seconds: float | None = None) -> 
 
 def stage_command(args, stage: Stage, max_train_seconds: float | None = None) -> list[str]:
     if stage.kind == "pretrain":
-        return pretrain_command(args, stage)
+        return pretrain_command(args, stage, max_train_seconds)
     if stage.kind == "sft":
         return sft_command(args, stage, max_train_seconds)
     return grpo_command(args, stage, max_train_seconds)
@@ -539,10 +557,8 @@ def stage_limits(args, stage: Stage, deadline: float) -> tuple[float, float | No
     GRPO run stops training in time to save and evaluate."""
     left = deadline - time.perf_counter()
     timeout = min(getattr(args, f"{stage.kind}_timeout"), left)
-    train_seconds = None
-    if stage.kind != "pretrain":
-        flag = getattr(args, f"{stage.kind}_max_train_seconds")
-        train_seconds = round(min(flag or math.inf, left - args.stage_overhead))
+    flag = getattr(args, f"{stage.kind}_max_train_seconds")
+    train_seconds = round(min(flag or math.inf, left - args.stage_overhead))
     reason = missing_input(args, stage)
     if reason is None and (left < args.stage_overhead + 10 or (train_seconds is not None and train_seconds < 10)):
         reason = f"time budget spent ({left:.0f} s left)"
@@ -815,8 +831,10 @@ def summary_markdown(data: Stage, stages: list[Stage], rows: list[dict], args, f
                      f"{_f(res.get('steps'))} | {stage_details(stage) if res else ''} |")
 
     lines += ["", "## Settings", "",
-              f"- model: `{args.model}` pretrained from scratch, {args.pretrain_steps} steps x "
-              f"{args.pretrain_batch_size} x {args.pretrain_seq_len} tokens, lr {args.pretrain_learning_rate:g}, "
+              f"- model: `{args.model}` pretrained from scratch, <= {args.pretrain_steps} steps x "
+              f"{args.pretrain_batch_size} x {args.pretrain_seq_len} tokens per GPU on "
+              f"{max(1, len(_split(args.gpus)))} GPU(s), training stops after "
+              f"{_f(args.pretrain_max_train_seconds or None)} s, lr {args.pretrain_learning_rate:g}, "
               f"{args.pretrain_dtype}, corpus `{args.dataset or 'embedded'}`"
               + (f" plus the SFT training examples as text (`{pretrain_mix_file(args)}`)"
                  if args.pretrain_data == "corpus+reasoning" else ""),

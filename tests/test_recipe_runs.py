@@ -57,14 +57,18 @@ def test_gpu_commands_parse_in_the_trainers(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].endswith("all files present")
     commands = dict(line.split(": ", 1) for line in lines[1:])
-    assert list(commands) == ["pretrain [CUDA_VISIBLE_DEVICES=0]", "sft [CUDA_VISIBLE_DEVICES=0]",
+    assert list(commands) == ["pretrain [CUDA_VISIBLE_DEVICES=0,1]", "sft [CUDA_VISIBLE_DEVICES=0]",
                               "grpo-countdown [CUDA_VISIBLE_DEVICES=0]", "grpo-gsm [CUDA_VISIBLE_DEVICES=1]"]
     assert not (tmp_path / "out").exists()  # --list launches and writes nothing
 
-    model_args, data_args, train_args = pretrain.parse_args(
-        trainer_args(commands["pretrain [CUDA_VISIBLE_DEVICES=0]"], "modeling_moe.trainers.pretrain"))
+    pretraining = commands["pretrain [CUDA_VISIBLE_DEVICES=0,1]"]  # DDP over both GPUs
+    launcher = shlex.split(pretraining)[:shlex.split(pretraining).index("modeling_moe.trainers.pretrain")]
+    assert launcher[1:3] == ["-m", "accelerate.commands.launch"] and "ddp.yaml" in launcher[4]
+    assert launcher[launcher.index("--num_processes") + 1] == "2"
+    model_args, data_args, train_args = pretrain.parse_args(trainer_args(pretraining, "modeling_moe.trainers.pretrain"))
     assert model_args.model_config == "moe-100m" and model_args.torch_dtype == "bfloat16" and train_args.bf16
-    assert train_args.max_steps == 200 and train_args.per_device_train_batch_size == 8 and data_args.seq_len == 1024
+    assert train_args.max_steps == 600 and train_args.per_device_train_batch_size == 32 and data_args.seq_len == 1024
+    assert train_args.max_train_seconds == 150
 
     data = tmp_path / "data"
     # The CPU cannot validate bf16 (transformers raises); everything else is parsed as the GPU will.
@@ -74,7 +78,7 @@ def test_gpu_commands_parse_in_the_trainers(tmp_path, capsys):
     assert data_args.task.split(",") == [str(data / f"{t}-train.jsonl") for t in ("gsm", "countdown", "arithmetic")]
     assert data_args.eval_task.split(",") == [str(data / f"{t}-eval.jsonl") for t in ("countdown", "gsm")]
     assert data_args.accuracy_eval_samples == 400 and data_args.accuracy_max_new_tokens == 128
-    assert data_args.accuracy_eval_batch_size == 200 and data_args.max_train_seconds == 120
+    assert data_args.accuracy_eval_batch_size == 200 and data_args.max_train_seconds == 60
     assert data_args.save_merged_model and model_args.use_peft and model_args.lora_preset == "all"
     assert model_args.lora_r == 32 and model_args.dtype == "bfloat16"  # lora_r: the recipe's
     assert training_args.max_steps == 400 and training_args.learning_rate == 5e-4
@@ -94,8 +98,8 @@ def test_gpu_commands_parse_in_the_trainers(tmp_path, capsys):
         assert data_args.accuracy_max_new_tokens == training_args.max_completion_length == budget
         # One shape for every rollout: the longest prompt (167 / 66 tokens) or the budget, rounded up to 32.
         assert training_args.pad_to_multiple_of == padding
-        assert training_args.per_device_train_batch_size == 64 and training_args.num_generations == 8
-        assert training_args.max_steps == 200 and data_args.max_train_seconds == 180
+        assert training_args.per_device_train_batch_size == 128 and training_args.num_generations == 8
+        assert training_args.max_steps == 200 and data_args.max_train_seconds == 170
         assert model_args.model_name_or_path == str(tmp_path / "work" / "sft" / "merged")
 
 
