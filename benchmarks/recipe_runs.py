@@ -40,17 +40,16 @@ Generation budgets (`--completion_tokens`): countdown 64 and gsm 128 tokens, abo
 SFT is GRPO's starting success rate, and a group of 8 samples at temperature 1 with at least one success is what
 gives GRPO a gradient.
 
-Time on two H200s (estimates, for the defaults; --time_budget stops everything at 530 s, and every run stops
-training at its --*_max_train_seconds, capped by what the budget has left, and still evaluates and saves):
-  data      ~1 s (files pre-generated)
-  pretrain  ~190 s: start-up and tokenization ~30 s, then training for 150 s (600 steps x 2 GPUs x 32 x 1024 tokens
-            of moe-100m, 107M activated, if they fit: about 40M tokens, 2-3 passes over the 60k reasoning examples
+Time on two H200s (the defaults; --time_budget stops everything at 530 s, and every run stops training at its
+--*_max_train_seconds, capped by what the budget has left, and still evaluates and saves):
+  data      ~12 s (task files pre-generated; the pretraining mix is written from them)
+  pretrain  ~170 s: start-up and tokenization ~40 s, training for 120 s (2 GPUs x 32 x 1024 tokens a step of
+            moe-100m, 107M activated: ~190k tokens/s, ~23M tokens, about 1.5 passes over the 60k reasoning examples
             and the corpus), evaluation and save ~10 s
-  sft       ~110 s: start-up ~25 s, two accuracy evals of 400 prompts x <= 128 tokens in batches of 200 (~7 s each),
-            training for 60 s (LoRA; pretraining has already seen these examples as text), merge and save ~5 s
-  grpo      ~230 s, one run per GPU: start-up ~25 s, evals ~5 s each, training for 170 s (the first rollout compiles
-            the CUDA-graph decode step; then a step of 16 prompts x 8 samples of <= 64 / 128 tokens), merge and save
-  total     ~530 s, within the 10-minute limit of one GPU call with the wheel installs.
+  sft       ~110 s: start-up ~25 s, two accuracy evals of 2 x 1000 held-out prompts (batches of 200), training for
+            30 s (LoRA; pretraining has already seen these examples as text), merge and save
+  grpo      the rest, one run per GPU: start-up ~25 s, evals of 1000 prompts before and after, training for what the
+            budget leaves (~0.6 s a step of 16 prompts x 8 samples of <= 64 / 128 tokens), merge and save
 
 Output folder (`--output_dir`; at most `--max_output_files` files, rewritten after every stage and every
 `--refresh_seconds` while one runs, so a killed driver still leaves the finished stages' figures): summary.md (the
@@ -105,22 +104,22 @@ REWARD_WINDOW = 10
 SIZE_DEFAULTS = {
     "model": ("moe-100m", "tiny"),
     "train_size": (20000, 8),
-    "eval_samples": (200, 4),
+    "eval_samples": (1000, 4),
     "eval_batch_size": (200, 8),
     "pretrain_steps": (600, 3),
     "pretrain_batch_size": (32, 2),
     "pretrain_seq_len": (1024, 64),
     "pretrain_warmup_steps": (30, 1),
     "pretrain_dtype": ("bf16", "fp32"),
-    "pretrain_max_train_seconds": (150.0, 0.0),
+    "pretrain_max_train_seconds": (120.0, 0.0),
     "sft_steps": (400, 3),
     "sft_batch_size": (32, 4),
     "sft_max_length": (384, 256),
-    "sft_max_train_seconds": (60.0, 0.0),
-    "grpo_steps": (200, 2),
+    "sft_max_train_seconds": (30.0, 0.0),
+    "grpo_steps": (400, 2),
     "grpo_prompts_per_step": (16, 2),
     "grpo_generations": (8, 2),
-    "grpo_max_train_seconds": (170.0, 0.0),
+    "grpo_max_train_seconds": (240.0, 0.0),
     "grpo_cuda_graph_rollouts": ("true", "false"),
     "completion_tokens": ("countdown=64,gsm=128,arithmetic=64", "countdown=16,gsm=16,arithmetic=16"),
     "time_budget": (530.0, 600.0),
@@ -175,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
              "max_answer (trainers/reasoning_data.py).")
     add("--train_size", type=int, default=None, help="Training examples per task (default 20000; small: 8).")
     add("--eval_samples", type=int, default=None,
-        help="Held-out examples per task, all of them evaluated after each stage (default 200; small: 4).")
+        help="Held-out examples per task, all of them evaluated after each stage (default 1000; small: 4).")
     add("--data_seed", type=int, default=0, help="Seed of the generated training examples (held-out: another one).")
     add("--completion_tokens", default=None,
         help="Generation budget per task: the accuracy evals' max_new_tokens and GRPO's max_completion_length "
@@ -198,12 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--pretrain_batch_size", type=int, default=None, help="Sequences per step and GPU (default 32; small: 2).")
     add("--pretrain_seq_len", type=int, default=None, help="Tokens per sequence (default 1024; small: 64).")
     add("--pretrain_learning_rate", type=float, default=6e-4, help="Peak learning rate (cosine).")
-    add("--pretrain_warmup_steps", type=int, default=None, help="Warmup steps (default 20; small: 1).")
+    add("--pretrain_warmup_steps", type=int, default=None, help="Warmup steps (default 30; small: 1).")
     add("--pretrain_dtype", choices=("bf16", "fp32"), default=None,
         help="bf16: bf16 weights and AdamW with bf16 autocast; fp32: float32 (default bf16; small: fp32).")
     add("--pretrain_max_train_seconds", type=float, default=None,
         help="Training stops after this many seconds (then evaluates and saves), capped by what the budget has left; "
-             "0: no limit (default 150; small: 0).")
+             "0: no limit (default 120; small: 0).")
     add("--pretrain_timeout", type=float, default=300.0, help="Seconds before the pretraining run is killed.")
 
     group = parser.add_argument_group("sft")
@@ -217,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Peak learning rate (cosine; the recipe's 2e-4 is for longer runs of larger models).")
     add("--sft_max_length", type=int, default=None, help="Longest tokenized example (default 384; small: 256).")
     add("--sft_max_train_seconds", type=float, default=None,
-        help="Training stops after this many seconds (then saves and evaluates); 0: no limit (default 120; small: 0).")
+        help="Training stops after this many seconds (then saves and evaluates); 0: no limit (default 30; small: 0).")
     add("--sft_timeout", type=float, default=300.0, help="Seconds before the SFT run is killed.")
 
     group = parser.add_argument_group("grpo")
@@ -225,14 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--grpo_lora_preset", choices=LORA_PRESETS, default="all",
         help="LoRA targets of the GRPO runs; none: full fine-tuning (float32 weights, bf16 autocast).")
     add("--grpo_steps", type=int, default=None,
-        help="Optimizer steps, unless --grpo_max_train_seconds ends training first (default 200; small: 2).")
-    add("--grpo_prompts_per_step", type=int, default=None, help="Prompts per step (default 8; small: 2).")
+        help="Optimizer steps, unless --grpo_max_train_seconds ends training first (default 400; small: 2).")
+    add("--grpo_prompts_per_step", type=int, default=None, help="Prompts per step (default 16; small: 2).")
     add("--grpo_generations", type=int, default=None, help="Samples per prompt (default 8; small: 2).")
-    add("--grpo_learning_rate", type=float, default=5e-5,
+    add("--grpo_learning_rate", type=float, default=1e-4,
         help="Learning rate (constant after the recipe's warmup; the recipe's 2e-5 is for 300-step runs).")
     add("--grpo_temperature", type=float, default=1.0, help="Sampling temperature of the rollouts.")
     add("--grpo_max_train_seconds", type=float, default=None,
-        help="Training stops after this many seconds (then saves and evaluates); 0: no limit (default 180; small: 0).")
+        help="Training stops after this many seconds (then saves and evaluates); 0: no limit (default 240; small: 0).")
     add("--grpo_cuda_graph_rollouts", choices=("true", "false"), default=None,
         help="Rollouts through the static latent cache with the decode step in CUDA graphs (default true; small: "
              "false).")

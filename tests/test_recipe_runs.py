@@ -68,7 +68,7 @@ def test_gpu_commands_parse_in_the_trainers(tmp_path, capsys):
     model_args, data_args, train_args = pretrain.parse_args(trainer_args(pretraining, "modeling_moe.trainers.pretrain"))
     assert model_args.model_config == "moe-100m" and model_args.torch_dtype == "bfloat16" and train_args.bf16
     assert train_args.max_steps == 600 and train_args.per_device_train_batch_size == 32 and data_args.seq_len == 1024
-    assert train_args.max_train_seconds == 150
+    assert train_args.max_train_seconds == 120
 
     data = tmp_path / "data"
     # The CPU cannot validate bf16 (transformers raises); everything else is parsed as the GPU will.
@@ -77,8 +77,8 @@ def test_gpu_commands_parse_in_the_trainers(tmp_path, capsys):
     data_args, training_args, model_args = sft.make_parser().parse_args_and_config(args=words)
     assert data_args.task.split(",") == [str(data / f"{t}-train.jsonl") for t in ("gsm", "countdown", "arithmetic")]
     assert data_args.eval_task.split(",") == [str(data / f"{t}-eval.jsonl") for t in ("countdown", "gsm")]
-    assert data_args.accuracy_eval_samples == 400 and data_args.accuracy_max_new_tokens == 128
-    assert data_args.accuracy_eval_batch_size == 200 and data_args.max_train_seconds == 60
+    assert data_args.accuracy_eval_samples == 2000 and data_args.accuracy_max_new_tokens == 128
+    assert data_args.accuracy_eval_batch_size == 200 and data_args.max_train_seconds == 30
     assert data_args.save_merged_model and model_args.use_peft and model_args.lora_preset == "all"
     assert model_args.lora_r == 32 and model_args.dtype == "bfloat16"  # lora_r: the recipe's
     assert training_args.max_steps == 400 and training_args.learning_rate == 5e-4
@@ -99,7 +99,7 @@ def test_gpu_commands_parse_in_the_trainers(tmp_path, capsys):
         # One shape for every rollout: the longest prompt (167 / 66 tokens) or the budget, rounded up to 32.
         assert training_args.pad_to_multiple_of == padding
         assert training_args.per_device_train_batch_size == 128 and training_args.num_generations == 8
-        assert training_args.max_steps == 200 and data_args.max_train_seconds == 170
+        assert training_args.max_steps == 400 and data_args.max_train_seconds == 240
         assert model_args.model_name_or_path == str(tmp_path / "work" / "sft" / "merged")
 
 
@@ -341,3 +341,23 @@ def test_small_dry_run(tmp_path):
                 f"{row['accuracy_grpo']:.1%} |") in summary
     for name in ("pretrain", "sft", "grpo-countdown", "grpo-gsm"):
         assert f"| {name} | ok | {stage_lines[name]['wall_s']:.3g} |" in summary
+
+
+def test_help_states_the_size_defaults():
+    """Every option whose default comes from SIZE_DEFAULTS says that default (GPU; small) in its help."""
+    import re
+
+    def shown(value):
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    checked = 0
+    for action in driver.build_parser()._actions:
+        if action.dest not in driver.SIZE_DEFAULTS or action.help is None:
+            continue
+        match = re.search(r"default ([^;]+); small: ([^)]+)\)", " ".join(action.help.split()))
+        if match is None or action.dest == "completion_tokens":  # a list, written out in words
+            continue
+        gpu, small = driver.SIZE_DEFAULTS[action.dest]
+        assert (re.split(r"[:,]", match.group(1))[0], match.group(2)) == (shown(gpu), shown(small)), action.dest
+        checked += 1
+    assert checked >= 15

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 import os
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 from datasets import Dataset
 from peft import PeftModel, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, TrainerCallback
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 from trl import SFTConfig, SFTTrainer
 
@@ -200,6 +201,39 @@ def test_lora_on_routed_experts_alone_learns(tmp_path):
     trainer.train()
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     assert losses[-1] < 0.9 * losses[0], losses
+
+
+class PoisonGradient(TrainerCallback):
+    """Puts a NaN into one trainable gradient before optimizer step `step` (what a bf16 overflow would leave)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 == self.step:
+            next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
+
+
+@pytest.mark.parametrize("guarded", [True, False])
+def test_non_finite_gradients_skip_the_step(tmp_path, guarded):
+    folder = save_toy_model(tmp_path / "toy", toy_tokenizer())
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    dataset = Dataset.from_list([{"text": "<think>12+7=19\n19*2=38</think><answer>38</answer>"}] * 4)
+    args = SFTConfig(output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+                     logging_steps=1, save_strategy="no", report_to="none", bf16=False, gradient_checkpointing=False,
+                     seed=0, lr_scheduler_type="constant")
+    callbacks = [PoisonGradient(step=2)] + ([sft.SkipNonFiniteStepCallback()] if guarded else [])
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, callbacks=callbacks,
+                         processing_class=AutoTokenizer.from_pretrained(folder),
+                         peft_config=sft.moe_lora_config(model, lora_args()))
+    trainer.train()
+    trained = [p for p in trainer.model.parameters() if p.requires_grad]
+    finite = all(torch.isfinite(p).all() for p in trained)
+    assert finite == guarded  # unguarded, AdamW spreads the NaN into the weights
+    if guarded:
+        records = [r for r in trainer.state.log_history if "loss" in r]
+        assert [r.get("skipped_steps") for r in records] == [None, 1, 1, 1]
+        assert all(math.isfinite(r["loss"]) for r in records) and records[-1]["loss"] < records[0]["loss"]
 
 
 def test_expert_bias_callback_updates_only_when_asked():

@@ -329,6 +329,31 @@ class ExpertBiasCallback(TrainerCallback):
             self._maxvio.clear()
 
 
+class SkipNonFiniteStepCallback(TrainerCallback):
+    """Skips an optimizer step whose gradients hold a NaN or an infinity: their parameters' gradients are dropped
+    (AdamW leaves a parameter without a gradient untouched), instead of AdamW turning its moments, and then the
+    weights, into NaN for good, even at learning rate 0. Counted in the logs as `skipped_steps` (cumulative)."""
+
+    def __init__(self):
+        self.skipped = 0
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = [p.grad for p in model.parameters() if p.grad is not None] if model is not None else []
+        if not grads or torch.stack([torch.isfinite(g).all() for g in grads]).all():  # one host sync
+            return
+        for parameter in model.parameters():
+            parameter.grad = None
+        self.skipped += 1
+        logger.warning("step %d: non-finite gradients, optimizer step skipped (%d so far)", state.global_step + 1,
+                       self.skipped)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.skipped and state.log_history:
+            state.log_history[-1]["skipped_steps"] = self.skipped
+            if logs is not None:
+                logs["skipped_steps"] = self.skipped
+
+
 class TimeLimitCallback(TrainerCallback):
     """Stops training at the end of the first step past `seconds` after training began."""
 
@@ -357,7 +382,8 @@ class LogHistoryCallback(TrainerCallback):
 
 
 def training_callbacks(data_args) -> list[TrainerCallback]:
-    callbacks = [ExpertBiasCallback(update=data_args.update_expert_bias), LogHistoryCallback()]
+    callbacks = [ExpertBiasCallback(update=data_args.update_expert_bias), SkipNonFiniteStepCallback(),
+                 LogHistoryCallback()]
     if data_args.max_train_seconds:
         callbacks.append(TimeLimitCallback(data_args.max_train_seconds))
     return callbacks
