@@ -220,12 +220,18 @@ def part_train(S, args, dev, dtype):
                        + 3 * seq * our_cfg.num_hidden_layers * our_cfg.num_attention_heads
                        * (our_cfg.qk_head_dim + our_cfg.v_head_dim))  # causal attention: half the score matrix
 
-    def run(cfg, impl, update_bias=False):
+    def run(cfg, impl, update_bias=False, compiled=False):
         model = build(cfg, impl, state, dev, dtype).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True if dev.type == "cuda" else None)
+        if compiled:  # what `pretrain --torch_compile` does: accelerate's regional compilation, each decoder layer
+            from accelerate.utils import compile_regions
+
+            forward = compile_regions(model)
+        else:
+            forward = model
 
         def step():
-            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+            forward(input_ids=ids, labels=ids, use_cache=False).loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             if update_bias:
@@ -245,6 +251,8 @@ def part_train(S, args, dev, dtype):
             rows["ours + update_expert_bias"] = measure(run, our_cfg, impl, True)
             if fused_available(dev):
                 rows["ours (fused experts) + update_expert_bias"] = measure(run, our_cfg, "fused", True)
+                rows["ours (fused experts, compiled layers) + update_expert_bias"] = measure(
+                    run, our_cfg, "fused", True, True)
         report("train", f"experts={impl} B{batch}xS{seq}", rows, gflop_per_token=sig(flops_per_token / 1e9))
 
 

@@ -372,21 +372,18 @@ class MoETopkRouter(nn.Module):
         if self.config.norm_topk_prob:
             topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
         topk_weights = topk_weights * self.config.routed_scaling_factor
-        if self.training and not is_recomputing_for_backward():
-            self.count_tokens(topk_indices)
         return router_logits, topk_weights, topk_indices
 
     @torch.no_grad()
-    def count_tokens(self, topk_indices: torch.Tensor):
+    def count_tokens(self, router_logits: torch.Tensor):
+        """Add the tokens of one forward to each expert's load, from the router logits it returned (the same selection
+        again). The model calls this after the layer, outside any checkpointed region, so a forward replayed for
+        backward is never counted twice, and the count traces into a compiled graph."""
+        topk_indices = self.select(self.scores(router_logits))
         if self.tokens_per_expert is None:
             self.tokens_per_expert = torch.zeros(self.num_experts, dtype=torch.float32, device=topk_indices.device)
         ones = torch.ones(topk_indices.numel(), dtype=torch.float32, device=topk_indices.device)
         self.tokens_per_expert.index_add_(0, topk_indices.flatten(), ones)
-
-
-def is_recomputing_for_backward() -> bool:
-    """True while autograd replays a checkpointed forward: those tokens were already counted once."""
-    return torch._C._current_graph_task_id() != -1
 
 
 @use_experts_implementation
@@ -647,6 +644,8 @@ class MoEModel(MoEPreTrainedModel):
             )
             if layer_router_logits is not None:
                 router_logits += (layer_router_logits,)
+                if self.training:
+                    layer.mlp.gate.count_tokens(layer_router_logits)
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
@@ -676,6 +675,8 @@ class MoEModel(MoEPreTrainedModel):
             hidden_states, router_logits = layer(
                 hidden_states[:, :keep], embeds, self.rotary_emb(embeds, positions), causal_mask, **kwargs
             )
+            if router_logits is not None and self.training:
+                layer.mlp.gate.count_tokens(router_logits)
             outputs.append((hidden_states, router_logits))
         return outputs
 
@@ -838,8 +839,7 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
 
     def generate(self, *args, **kwargs):
         """transformers' `generate`, always in eval mode (the training flag is restored after): generated tokens are
-        never counted as expert load (RL trainers such as TRL's GRPO generate with the model in training mode), and a
-        compiled decode step then traces the router without the checkpoint-recompute query, which breaks graphs."""
+        never counted as expert load (RL trainers such as TRL's GRPO generate with the model in training mode)."""
         was_training = self.training
         self.eval()
         try:

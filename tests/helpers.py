@@ -75,3 +75,20 @@ def assert_help_lists_every_option(parser):
         for option in action.option_strings:
             assert option in text
     return text
+
+
+def assert_compiled_training_step_matches(eager_model, compiled_model, ids):
+    """A training forward + backward of `compiled_model` under torch.compile(fullgraph=True) (aot_eager: no graph
+    break anywhere, the expert-load counting included) gives `eager_model`'s loss, expert loads and gradients."""
+    eager_loss = eager_model(input_ids=ids, labels=ids).loss
+    eager_loss.backward()
+    step = torch.compile(lambda x: compiled_model(input_ids=x, labels=x).loss, backend="aot_eager", fullgraph=True)
+    loss = step(ids)
+    loss.backward()
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for router, compiled_router in zip(eager_model.routers(), compiled_model.routers()):
+        torch.testing.assert_close(compiled_router.tokens_per_expert, router.tokens_per_expert, rtol=0, atol=0)
+    grads = dict(eager_model.named_parameters())
+    for name, param in compiled_model.named_parameters():
+        if param.grad is not None:
+            torch.testing.assert_close(param.grad, grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)

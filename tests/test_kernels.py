@@ -31,7 +31,7 @@ from modeling_moe.kernels import KernelConfig, config_override, fused_moe, moe_e
 from modeling_moe.kernels.fused_moe_ops import DGRAD_H_VARIANTS, dgrad_h_variant, set_dgrad_h_variant
 from modeling_moe.kernels.reference import down_and_combine, sorted_pre_activations
 
-from .helpers import small_config
+from .helpers import assert_compiled_training_step_matches, small_config
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -341,6 +341,13 @@ def test_model_loss_and_gradients_fused_equal_eager(triton_path):
             assert param.grad is None, name
             continue
         torch.testing.assert_close(param.grad, grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_training_step_compiles_as_one_graph(triton_path):
+    """torch.compile(fullgraph=True) of a training step on the fused path (custom ops with fake implementations)."""
+    eager, fused = model_pair(small_config(num_hidden_layers=2, num_nextn_predict_layers=1))
+    ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(0)).to(triton_path)
+    assert_compiled_training_step_matches(eager.to(triton_path).train(), fused.to(triton_path).train(), ids)
 
 
 @needs_triton

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from modeling_moe import MoEForCausalLM
 from modeling_moe.modeling_moe import MoESparseMoeBlock, expert_balance_loss
 
-from .helpers import gqa_config, seeded_model, small_config
+from .helpers import assert_compiled_training_step_matches, gqa_config, seeded_model, small_config
 
 
 # ---------------------------------------------------------------- routing and experts
@@ -401,3 +401,22 @@ def test_parameter_counts_total_and_activated(tie_word_embeddings):
     expected = counts["total"] - config.vocab_size * h - mtp - inactive_experts
     assert counts["activated"] == expected
     assert counts["mtp"] == mtp and counts["embedding"] == config.vocab_size * h
+
+
+def test_expert_load_is_the_routing_used_also_in_a_fullgraph_compiled_training_step():
+    """The counted load equals what the experts received (captured at their input, MTP included), and a training
+    forward + backward compiles as one graph (no graph break in the counting) with the same loss, counts and grads."""
+    config = small_config(num_nextn_predict_layers=1)
+    ids = torch.randint(3, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    model = seeded_model(config, dtype=torch.float32).train()
+    received = {}
+    moe_blocks = [layer.mlp for layer in [*model.model.layers, *model.model.mtp_layers] if layer.is_moe]
+    for block in moe_blocks:
+        block.experts.register_forward_pre_hook(
+            lambda module, args, block=block: received.__setitem__(block, torch.bincount(
+                args[1].flatten(), minlength=config.n_routed_experts).float()))
+    compiled_model = seeded_model(config, dtype=torch.float32).train()
+    assert_compiled_training_step_matches(model, compiled_model, ids)
+    assert len(received) == len(moe_blocks) == len(model.routers())
+    for block in moe_blocks:
+        torch.testing.assert_close(block.gate.tokens_per_expert, received[block], rtol=0, atol=0)

@@ -186,18 +186,24 @@ def test_lora_sft_trains_keeps_base_merges_and_reloads(tmp_path):
     torch.testing.assert_close(logits_of(plain, ids), adapter_logits, rtol=1e-4, atol=1e-4)
 
 
-def test_lora_on_routed_experts_alone_learns(tmp_path):
-    """The experts' adapters are trained, not skipped: with LoRA only on `target_parameters`, the loss still falls."""
+def toy_lora_trainer(tmp_path, max_steps, callbacks=None, **lora_overrides):
+    """TRL's SFTTrainer with LoRA on the toy model, one repeated example, a constant learning rate."""
     folder = save_toy_model(tmp_path / "toy", toy_tokenizer())
     model = AutoModelForCausalLM.from_pretrained(folder)
     dataset = Dataset.from_list([{"text": "<think>12+7=19\n19*2=38</think><answer>38</answer>"}] * 4)
-    args = SFTConfig(output_dir=str(tmp_path / "run"), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2,
-                     logging_steps=1, save_strategy="no", report_to="none", bf16=False, gradient_checkpointing=False,
-                     seed=0, lr_scheduler_type="constant")
-    peft_config = sft.moe_lora_config(model, lora_args(lora_target_modules=[], lora_preset="all"))
+    args = SFTConfig(output_dir=str(tmp_path / "run"), max_steps=max_steps, per_device_train_batch_size=4,
+                     learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to="none", bf16=False,
+                     gradient_checkpointing=False, seed=0, lr_scheduler_type="constant")
+    peft_config = sft.moe_lora_config(model, lora_args(**lora_overrides))
+    return SFTTrainer(model=model, args=args, train_dataset=dataset, callbacks=callbacks,
+                      processing_class=AutoTokenizer.from_pretrained(folder), peft_config=peft_config)
+
+
+def test_lora_on_routed_experts_alone_learns(tmp_path):
+    """The experts' adapters are trained, not skipped: with LoRA only on `target_parameters`, the loss still falls."""
+    trainer = toy_lora_trainer(tmp_path, max_steps=6, lora_target_modules=[], lora_preset="all")
+    peft_config = trainer.model.peft_config["default"]
     assert not peft_config.target_modules and peft_config.target_parameters
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset,
-                         processing_class=AutoTokenizer.from_pretrained(folder), peft_config=peft_config)
     trainer.train()
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     assert losses[-1] < 0.9 * losses[0], losses
@@ -216,16 +222,8 @@ class PoisonGradient(TrainerCallback):
 
 @pytest.mark.parametrize("guarded", [True, False])
 def test_non_finite_gradients_skip_the_step(tmp_path, guarded):
-    folder = save_toy_model(tmp_path / "toy", toy_tokenizer())
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    dataset = Dataset.from_list([{"text": "<think>12+7=19\n19*2=38</think><answer>38</answer>"}] * 4)
-    args = SFTConfig(output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
-                     logging_steps=1, save_strategy="no", report_to="none", bf16=False, gradient_checkpointing=False,
-                     seed=0, lr_scheduler_type="constant")
     callbacks = [PoisonGradient(step=2)] + ([sft.SkipNonFiniteStepCallback()] if guarded else [])
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, callbacks=callbacks,
-                         processing_class=AutoTokenizer.from_pretrained(folder),
-                         peft_config=sft.moe_lora_config(model, lora_args()))
+    trainer = toy_lora_trainer(tmp_path, max_steps=4, callbacks=callbacks)
     trainer.train()
     trained = [p for p in trainer.model.parameters() if p.requires_grad]
     finite = all(torch.isfinite(p).all() for p in trained)

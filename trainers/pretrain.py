@@ -165,6 +165,15 @@ class PretrainArguments:
     bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision (accelerate autocast / FSDP2 policy)."})
     tf32: bool | None = field(default=None, metadata={"help": "Allow TF32 matmuls on Ampere+ GPUs."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute decoder layers in backward."})
+    torch_compile: bool = field(
+        default=False,
+        metadata={"help": "torch.compile each decoder layer (accelerate's regional compilation; also reachable with "
+                  "`accelerate launch --dynamo_backend ...`)."},
+    )
+    torch_compile_backend: str = field(default="inductor", metadata={"help": "torch.compile backend."})
+    torch_compile_mode: str | None = field(
+        default=None, metadata={"help": "torch.compile mode (default, reduce-overhead, max-autotune, ...)."}
+    )
     report_to: list[str] = field(
         default_factory=lambda: ["none"],
         metadata={"help": "Trackers besides metrics.jsonl: none, tensorboard, or any accelerate tracker (wandb, ...)."},
@@ -692,6 +701,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
         DataLoaderConfiguration,
         GradientAccumulationPlugin,
         ProjectConfiguration,
+        TorchDynamoPlugin,
         gather_object,
     )
     from transformers import get_scheduler
@@ -735,6 +745,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
             project_dir=output_dir, logging_dir=args.logging_dir or os.path.join(output_dir, "runs")
         ),
         step_scheduler_with_optimizer=False,
+        dynamo_plugin=TorchDynamoPlugin(backend=args.torch_compile_backend, mode=args.torch_compile_mode,
+                                        use_regional_compilation=True) if args.torch_compile else None,
     )
     main_process = accelerator.is_main_process
     world = accelerator.num_processes
