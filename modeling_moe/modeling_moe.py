@@ -114,11 +114,26 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
 
 
+def let_keyless_queries_see_themselves(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean mask [..., q, k] in which each query that may attend to no key (left padding) attends to its own
+    position instead; the other rows are unchanged.
+
+    Such a query's output is discarded (the loss masks padding), but its logsumexp is -inf, and with that cuDNN's SDPA
+    backward, the backend PyTorch picks for MLA's unequal head dims on H100/H200, returns NaN query gradients when the
+    length is 64 mod 128 (PyTorch >= 2.11, pytorch/pytorch#196678: every countdown GRPO step of 192 tokens here)."""
+    queries, keys = mask.shape[-2:]
+    positions = torch.arange(keys, device=mask.device)
+    own = positions[None, :] == (positions[:queries, None] + keys - queries)
+    return mask | (own & ~mask.any(dim=-1, keepdim=True))
+
+
 def attend(module, query, key, value, attention_mask, **kwargs) -> torch.Tensor:
     """[batch, heads, seq, dim] attention through the `attn_implementation` chosen in the config (sdpa, eager, ...)."""
     attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
         module.config._attn_implementation, eager_attention_forward
     )
+    if module.training and attention_mask is not None and attention_mask.dtype == torch.bool:
+        attention_mask = let_keyless_queries_see_themselves(attention_mask)
     attn_output, _ = attention_interface(
         module,
         query,

@@ -1,5 +1,6 @@
-"""Diagnostic: where do non-finite gradients come from in a GRPO-shaped step? (session 4: every countdown GRPO step
-had a NaN gradient norm on the GPU, never a gsm one, same model and code.)
+"""Diagnostic: where do non-finite gradients come from in a GRPO-shaped step? (Session 4: every countdown GRPO step
+had a NaN gradient norm on the GPU, never a gsm one: 192-token batches with left padding hit cuDNN's SDPA backward
+bug, pytorch/pytorch#196678, now avoided in `modeling_moe.modeling_moe.let_keyless_queries_see_themselves`.)
 
 Builds TRL-like batches from the recipe's held-out files (chat-template prompts left-padded to a multiple of
 `--pad`, the reference completions right-padded likewise), runs the policy (a model folder, e.g. the recipe's

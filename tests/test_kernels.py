@@ -6,6 +6,7 @@ shapes and 16-wide blocks; the interpreter's bf16 `tl.dot` is unreliable, so bf1
 (`gpu` marker).
 """
 
+import contextlib
 import copy
 import importlib.util
 import sys
@@ -159,6 +160,35 @@ def test_fused_matches_float64_reference(triton_path, dgrad_h, name):
     tokens, hidden, inter, experts, top_k, routing = CASES[name]
     case = make_case(tokens, hidden, inter, experts, top_k, routing, seed=len(name), device=triton_path)
     check_against_reference(case, tolerance=1e-5)
+
+
+def poison(tensor: torch.Tensor) -> torch.Tensor:
+    """Fill a fresh buffer with what recycled GPU memory may hold: NaN, or an out-of-range index."""
+    return tensor.fill_(float("nan") if tensor.is_floating_point() else 2**20)
+
+
+@needs_triton
+@pytest.mark.parametrize("blocks", [None, (64, 64, 32)], ids=["default_blocks", "64x64x32_blocks"])
+@pytest.mark.parametrize("name", ["experts_without_tokens", "all_tokens_on_one_expert", "uneven_sizes", "one_token"])
+def test_every_output_element_is_written(triton_path, dgrad_h, monkeypatch, name, blocks):
+    """Buffers from torch.empty hold whatever the allocator recycled (on a GPU, often another tensor's NaN or -inf):
+    with every fresh allocation poisoned, the outputs and all gradients still match the float64 reference, so no
+    kernel leaves an element unwritten (e.g. for experts without tokens or the padding rows of a tile)."""
+    empty, empty_like, new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
+    poisoned = []
+
+    def counted(tensor):
+        poisoned.append(tensor.shape)
+        return poison(tensor)
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: counted(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: counted(empty_like(*a, **k)))
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: counted(new_empty(self, *a, **k)))
+    tokens, hidden, inter, experts, top_k, routing = CASES[name]
+    case = make_case(tokens, hidden, inter, experts, top_k, routing, seed=len(name), device=triton_path)
+    with config_override(KernelConfig(*blocks, 4, 2, 8)) if blocks else contextlib.nullcontext():
+        check_against_reference(case, tolerance=1e-5)
+    assert len(poisoned) >= 10  # the routing, activation and gradient buffers of both passes
 
 
 @needs_triton

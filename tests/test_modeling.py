@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from modeling_moe import MoEForCausalLM
-from modeling_moe.modeling_moe import MoESparseMoeBlock, expert_balance_loss
+from modeling_moe.modeling_moe import MoESparseMoeBlock, expert_balance_loss, let_keyless_queries_see_themselves
 
 from .helpers import assert_compiled_training_step_matches, gqa_config, seeded_model, small_config
 
@@ -205,6 +205,33 @@ def test_sdpa_and_eager_attention_agree_with_padding():
         logits[impl] = model(ids, attention_mask=mask).logits
     torch.testing.assert_close(logits["sdpa"][0, 3:], logits["eager"][0, 3:])
     torch.testing.assert_close(logits["sdpa"][1], logits["eager"][1])
+
+
+def test_keyless_queries_see_themselves_in_training_only():
+    """Rows of a boolean mask with no visible key get exactly their own (diagonal) position, also when the queries
+    are the last of the keys (a cache); the other rows are unchanged. In a training forward of a left-padded batch
+    the real tokens' logits are those of the unchanged mask (eval mode), and every gradient is finite."""
+    mask = torch.rand(2, 1, 3, 5, generator=torch.Generator().manual_seed(0)) > 0.5
+    mask[0, 0, 1] = False
+    mask[1, 0, 2] = False
+    fixed = let_keyless_queries_see_themselves(mask)
+    expected = mask.clone()
+    for b, h, i in (~mask.any(dim=-1)).nonzero().tolist():  # includes the two rows emptied above
+        expected[b, h, i, i + 5 - 3] = True  # query i's own key position
+    assert torch.equal(fixed, expected) and not torch.equal(fixed, mask)
+
+    config = small_config()
+    ids = torch.randint(3, 97, (2, 8), generator=torch.Generator().manual_seed(1))
+    padding = torch.ones_like(ids)
+    padding[0, :3] = 0
+    model = seeded_model(config)
+    reference = model(ids, attention_mask=padding).logits  # eval mode: the mask as transformers builds it
+    model.train()
+    logits = model(ids, attention_mask=padding).logits
+    torch.testing.assert_close(logits[0, 3:], reference[0, 3:])
+    torch.testing.assert_close(logits[1], reference[1])
+    logits[padding.bool()].sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
 @pytest.mark.parametrize("make_config", [small_config, gqa_config], ids=["mla", "gqa"])
@@ -420,3 +447,15 @@ def test_expert_load_is_the_routing_used_also_in_a_fullgraph_compiled_training_s
     assert len(received) == len(moe_blocks) == len(model.routers())
     for block in moe_blocks:
         torch.testing.assert_close(block.gate.tokens_per_expert, received[block], rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_gpu_left_padded_training_step_of_length_64_mod_128_has_finite_gradients():
+    """The shape of a countdown GRPO step (192 tokens, left padding, bf16, SDPA, which picks cuDNN on H100/H200):
+    finite gradients (pytorch/pytorch#196678 makes them NaN when a query row has no key)."""
+    model = MoEForCausalLM(small_config(num_attention_heads=4)).to("cuda", torch.bfloat16).train()
+    ids = torch.randint(3, 97, (4, 192), device="cuda")
+    padding = torch.ones_like(ids)
+    padding[:, :40] = 0
+    model(ids, attention_mask=padding).logits[padding.bool()].float().logsumexp(-1).mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
