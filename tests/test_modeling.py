@@ -451,11 +451,22 @@ def test_expert_load_is_the_routing_used_also_in_a_fullgraph_compiled_training_s
 
 @pytest.mark.gpu
 def test_gpu_left_padded_training_step_of_length_64_mod_128_has_finite_gradients():
-    """The shape of a countdown GRPO step (192 tokens, left padding, bf16, SDPA, which picks cuDNN on H100/H200):
-    finite gradients (pytorch/pytorch#196678 makes them NaN when a query row has no key)."""
-    model = MoEForCausalLM(small_config(num_attention_heads=4)).to("cuda", torch.bfloat16).train()
+    """The shape of a countdown GRPO step: 192 tokens, left padding, bf16, SDPA with moe-100m's unequal head dims
+    (qk 96, v 64: PyTorch picks cuDNN on H100/H200). Gradients are finite; pytorch/pytorch#196678 makes them NaN when
+    a query row has no key, which the raw SDPA call below shows on the torch builds that have the bug."""
+    config = small_config(hidden_size=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, kv_lora_rank=64,
+                          max_position_embeddings=512)
+    model = MoEForCausalLM(config).to("cuda", torch.bfloat16).train()
     ids = torch.randint(3, 97, (4, 192), device="cuda")
     padding = torch.ones_like(ids)
     padding[:, :40] = 0
     model(ids, attention_mask=padding).logits[padding.bool()].float().logsumexp(-1).mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+    q = torch.randn(4, 4, 192, 96, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(4, 4, 192, 96, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(4, 4, 192, 64, device="cuda", dtype=torch.bfloat16)
+    mask = torch.ones(192, 192, dtype=torch.bool, device="cuda").tril()[None, None].repeat(4, 1, 1, 1)
+    mask[..., :40] = False  # left padding: the first 40 queries see no key
+    F.scaled_dot_product_attention(q, k, v, attn_mask=mask).float().sum().backward()
+    print(f"raw SDPA with keyless rows: {int((~torch.isfinite(q.grad)).sum())} non-finite query gradients")
