@@ -132,8 +132,6 @@ def attend(module, query, key, value, attention_mask, **kwargs) -> torch.Tensor:
     attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
         module.config._attn_implementation, eager_attention_forward
     )
-    if module.training and attention_mask is not None and attention_mask.dtype == torch.bool:
-        attention_mask = let_keyless_queries_see_themselves(attention_mask)
     attn_output, _ = attention_interface(
         module,
         query,
@@ -644,8 +642,7 @@ class MoEModel(MoEPreTrainedModel):
             past_seen = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past_seen
 
-        # Positional arguments: the cache keyword was renamed across transformers 5.x.
-        causal_mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
+        causal_mask = self.causal_mask(inputs_embeds, attention_mask, cache, position_ids)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
 
         hidden_states = inputs_embeds
@@ -672,6 +669,15 @@ class MoEModel(MoEPreTrainedModel):
             **{CACHE_FIELD: cache},
         )
 
+    def causal_mask(self, inputs_embeds, attention_mask, cache, position_ids):
+        """transformers' mask for the configured attention; in training, a boolean one lets each query that would see
+        no key (left padding) see itself (`let_keyless_queries_see_themselves`)."""
+        # Positional arguments: the cache keyword was renamed across transformers 5.x.
+        mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
+        if self.training and isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
+            mask = let_keyless_queries_see_themselves(mask)
+        return mask
+
     def multi_token_prediction(self, hidden_states, input_ids, attention_mask=None, position_ids=None, **kwargs):
         """Run the MTP modules in sequence; depth d's hidden states at position i predict token i + d + 1.
 
@@ -686,7 +692,7 @@ class MoEModel(MoEPreTrainedModel):
             embeds = self.embed_tokens(input_ids[:, depth:])
             mask = attention_mask[:, :keep] if attention_mask is not None else None
             positions = position_ids[..., :keep]
-            causal_mask = create_causal_mask(self.config, embeds, mask, None, positions)
+            causal_mask = self.causal_mask(embeds, mask, None, positions)
             hidden_states, router_logits = layer(
                 hidden_states[:, :keep], embeds, self.rotary_emb(embeds, positions), causal_mask, **kwargs
             )

@@ -226,7 +226,11 @@ def test_keyless_queries_see_themselves_in_training_only():
     padding[0, :3] = 0
     model = seeded_model(config)
     reference = model(ids, attention_mask=padding).logits  # eval mode: the mask as transformers builds it
+    embeds, positions = model.model.embed_tokens(ids), torch.arange(8)[None]
+    assert not model.model.causal_mask(embeds, padding, None, positions)[0, 0, :3].any()
     model.train()
+    train_mask = model.model.causal_mask(embeds, padding, None, positions)
+    assert torch.equal(train_mask[0, 0, :3], torch.eye(3, 8, dtype=torch.bool))  # pad queries see themselves
     logits = model(ids, attention_mask=padding).logits
     torch.testing.assert_close(logits[0, 3:], reference[0, 3:])
     torch.testing.assert_close(logits[1], reference[1])
