@@ -496,6 +496,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def accelerate_launch(python: str, config: str, processes: int, mixed_precision: str, options: tuple = (),
+                      gpus: str | None = None) -> list[str]:
+    """`accelerate launch` with one of trainers/accelerate_configs/, up to the script: further launcher `options`,
+    `--gpu_ids` (accelerate sets CUDA_VISIBLE_DEVICES from it), a free port when several processes rendezvous."""
+    command = [python, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIGS / f"{config}.yaml"),
+               "--num_processes", str(processes), "--mixed_precision", mixed_precision, *options]
+    if gpus is not None:
+        command += ["--gpu_ids", gpus]
+    return command + (["--main_process_port", str(free_port())] if processes > 1 else [])
+
+
 def launch_command(run: Run, args) -> tuple[list[str], dict]:
     """Command line and environment of a run: `accelerate launch` on GPUs; python or torchrun (gloo) on the CPU."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -511,16 +522,12 @@ def launch_command(run: Run, args) -> tuple[list[str], dict]:
         if run.config.startswith("fsdp2"):
             return [*torchrun, str(Path(__file__).resolve()), CPU_FSDP2_FLAG, *trainer], env
         return [*torchrun, "-m", TRAINER_MODULE, *trainer], env
-    command = [args.python, "-m", "accelerate.commands.launch",
-               "--config_file", str(ACCELERATE_CONFIGS / f"{run.config}.yaml"),
-               "--num_processes", str(run.processes), "--mixed_precision", dtype_flags(run.dtype, run.config)[1]]
-    if run.part == "scaling":  # alone on the machine: its share of the cores (accelerate's default, one thread,
-        # slows the model's initialisation on the CPU)
-        command += ["--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) // run.processes))]
-    if run.gpus is not None:
-        command += ["--gpu_ids", run.gpus]  # accelerate sets CUDA_VISIBLE_DEVICES from it
-    if run.processes > 1:
-        command += ["--main_process_port", str(free_port())]
+    # Scaling runs are alone on the machine: their share of the cores (accelerate's default, one thread, slows the
+    # model's initialisation on the CPU).
+    threads = (("--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) // run.processes)))
+               if run.part == "scaling" else ())
+    command = accelerate_launch(args.python, run.config, run.processes, dtype_flags(run.dtype, run.config)[1],
+                                threads, run.gpus)
     return [*command, "-m", TRAINER_MODULE, *run.trainer_args], env
 
 

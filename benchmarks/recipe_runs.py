@@ -79,8 +79,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pretrain_runs import (  # noqa: E402  (the launcher, option, reading and plotting helpers' one home)
-    LIVE, NO_MULTICAST, HelpFormatter, _kill_session, _on_signal, _pyplot, _quote, _split, _tail, apply_size_defaults,
-    free_port, read_jsonl,
+    LIVE, NO_MULTICAST, HelpFormatter, _kill_session, _on_signal, _pyplot, _quote, _split, _tail, accelerate_launch,
+    apply_size_defaults, read_jsonl,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -447,10 +447,7 @@ def pretrain_launcher(args, stage: Stage) -> list[str]:
     processes = len(_split(stage.gpu or "")) if not args.small else 1
     if processes <= 1:
         return [args.python]
-    return [args.python, "-m", "accelerate.commands.launch",
-            "--config_file", str(REPO / "trainers" / "accelerate_configs" / "ddp.yaml"),
-            "--num_processes", str(processes), "--main_process_port", str(free_port()),
-            "--mixed_precision", "bf16" if args.pretrain_dtype == "bf16" else "no"]
+    return accelerate_launch(args.python, "ddp", processes, "bf16" if args.pretrain_dtype == "bf16" else "no")
 
 
 def pretrain_command(args, stage: Stage, max_train_seconds: float | None = None) -> list[str]:
