@@ -256,11 +256,17 @@ def part_grpo(S, args, dev, dtype):
         generate = trainer._generate_single_turn
 
         def timed_generate(*a, **k):
-            sync(dev)
-            start = time.perf_counter()
-            out = generate(*a, **k)
-            sync(dev)
-            rollouts.append((timer.step, time.perf_counter() - start, sum(len(c) for c in out[0])))
+            last = args.profile_rollout and timer.step == warmup + steps - 1
+            with (bm.profiled(f"{name} rollout of step {timer.step}") if last else contextlib.nullcontext()):
+                sync(dev)
+                start = time.perf_counter()
+                out = generate(*a, **k)
+                sync(dev)
+                seconds = time.perf_counter() - start
+            rollouts.append((timer.step, seconds, sum(len(c) for c in out[0])))
+            if args.profile_rollout:
+                print(f"[rollout] {name} step {timer.step}: {seconds:.2f} s; dynamo/inductor counters "
+                      f"{compile_counters()}", flush=True)
             return out
 
         trainer._generate_single_turn = timed_generate
@@ -285,6 +291,14 @@ def part_grpo(S, args, dev, dtype):
     rows = {label(v): bm.measure(run, v) for v in names}
     report("grpo", f"LoRA, {P['prompts']} prompts x {n_gen} gen, prompt {P['prompt_len']} +{new}", rows,
            gradient_checkpointing=args.gradient_checkpointing)
+
+
+def compile_counters() -> dict:
+    """torch.compile's running totals that tell a recompilation or a CUDA-graph re-recording from a replay."""
+    from torch._dynamo.utils import counters
+
+    return {f"{group}.{key}": value for group in ("stats", "inductor", "graph_break")
+            for key, value in counters[group].items() if value}
 
 
 def label(variant: str) -> str:
@@ -374,6 +388,9 @@ def main():
                         help="TRL turns gradient checkpointing on by default; this turns it off for every row")
     parser.add_argument("--sft-steps", type=int, help="timed SFT steps (default 8; 2 with --small)")
     parser.add_argument("--grpo-steps", type=int, help="timed GRPO steps (default 2; 1 with --small)")
+    parser.add_argument("--profile-rollout", action="store_true",
+                        help="profile the last timed GRPO rollout (top ops by device and host time) and print "
+                             "torch.compile's counters after every rollout (recompilations, CUDA-graph recordings)")
     parser.add_argument("--small", action="store_true", help="tiny shapes on the CPU: a smoke test")
     parser.add_argument("--device", default=None, help="default: cuda when available (cpu with --small)")
     args = parser.parse_args()

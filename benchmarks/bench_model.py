@@ -10,6 +10,7 @@ Every figure is reported as an absolute value and as a ratio to the transformers
 run. JSON lines go to $OUT/bench_model.jsonl, or to benchmarks/out/ when OUT is unset. See benchmarks/README.md.
 """
 import argparse
+import contextlib
 import gc
 import inspect
 import json
@@ -278,17 +279,19 @@ def our_generate_variants(our_cfg, dev):
     return variants
 
 
-def profile_generate(model, run):
-    """Where a generate() call spends its time: the busiest ops by device time and by host time, and device vs wall
-    time."""
+@contextlib.contextmanager
+def profiled(title: str):
+    """Profile the block: wall vs device-busy time, then the busiest ops by device time and by host time."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    start = time.perf_counter()
     with profile(activities=activities) as prof:
-        wall = run()
+        yield
+    wall = time.perf_counter() - start
     events = prof.key_averages()
     device_us = sum(e.self_device_time_total for e in events)
-    print(f"[profile] generate wall {wall * 1e3:.1f} ms, device busy {device_us / 1e3:.1f} ms")
+    print(f"[profile] {title}: wall {wall * 1e3:.1f} ms, device busy {device_us / 1e3:.1f} ms")
     print(events.table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=60), flush=True)
     print(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60), flush=True)  # host
 
@@ -342,8 +345,8 @@ def part_generate(S, args, dev, dtype):
 
     fastest = max(times, key=lambda name: rows[name]["tokens_per_s"] if name != "hf" else 0)
     if args.profile_generate:
-        profile_generate(models[fastest], lambda: generate_seconds(models[fastest], batch, prompt_len, 32,
-                                                                   variants[fastest][2]))
+        with profiled(f"generate of {fastest}, B{batch}, prompt {prompt_len} +32"):
+            generate_seconds(models[fastest], batch, prompt_len, 32, variants[fastest][2])
     for other_batch in S["generate_batches"]:
         generate_seconds(models[fastest], other_batch, prompt_len, new, variants[fastest][2])  # compiles this size
         rows = {fastest: measure(timed_generate, models[fastest], other_batch, variants[fastest][2], args.gen_runs)}

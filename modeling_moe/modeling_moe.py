@@ -339,6 +339,12 @@ class MoEMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+def max_violation(load: torch.Tensor) -> torch.Tensor:
+    """MaxVio of expert loads [..., experts] (Wang et al. 2024): (max load - mean load) / mean load."""
+    mean = load.mean(dim=-1)
+    return (load.amax(dim=-1) - mean) / mean.clamp(min=1e-9)
+
+
 class MoETopkRouter(nn.Module):
     """Scores every expert in fp32 and picks the top-k per token.
 
@@ -392,11 +398,19 @@ class MoETopkRouter(nn.Module):
         """Add the tokens of one forward to each expert's load, from the router logits it returned (the same selection
         again). The model calls this after the layer, outside any checkpointed region, so a forward replayed for
         backward is never counted twice, and the count traces into a compiled graph."""
-        topk_indices = self.select(self.scores(router_logits))
+        load = self.expert_load(router_logits)[0]
         if self.tokens_per_expert is None:
-            self.tokens_per_expert = torch.zeros(self.num_experts, dtype=torch.float32, device=topk_indices.device)
-        ones = torch.ones(topk_indices.numel(), dtype=torch.float32, device=topk_indices.device)
-        self.tokens_per_expert.index_add_(0, topk_indices.flatten(), ones)
+            self.tokens_per_expert = load
+        else:
+            self.tokens_per_expert.add_(load)
+
+    @torch.no_grad()
+    def expert_load(self, router_logits: torch.Tensor, num_sequences: int = 1) -> torch.Tensor:
+        """Tokens each expert receives from these router logits, per sequence: [num_sequences, experts] (the logits'
+        rows in sequence order, as the model returns them)."""
+        topk_indices = self.select(self.scores(router_logits)).view(num_sequences, -1)
+        load = torch.zeros(num_sequences, self.num_experts, dtype=torch.float32, device=topk_indices.device)
+        return load.scatter_add_(1, topk_indices, torch.ones_like(topk_indices, dtype=torch.float32))
 
 
 @use_experts_implementation
@@ -577,8 +591,7 @@ class MoEPreTrainedModel(PreTrainedModel):
                 router.e_score_correction_bias += router_delta
         for router in routers:
             router.tokens_per_expert = None
-        maxvio = (load.amax(dim=-1) - mean.squeeze(-1)) / mean.squeeze(-1).clamp(min=1e-9)
-        return {"tokens_per_expert": load, "maxvio": maxvio}
+        return {"tokens_per_expert": load, "maxvio": max_violation(load)}
 
     def num_parameters_summary(self) -> dict[str, int]:
         """Parameter counts: `total`; `mtp`, the MTP modules' own (skipped at inference); `embedding`, the input table;

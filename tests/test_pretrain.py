@@ -71,6 +71,7 @@ def test_single_process_writes_metrics_plots_and_model(trained):
         assert record["mfu"] is None  # no peak FLOP/s known for a CPU
         assert record["tokens_per_second"] > 0
     assert [r["step"] for r in records if "eval_loss" in r] == [0, 15, 30]
+    assert all(len(r["eval_maxvio"]) == 2 for r in records if "eval_loss" in r)  # the decoder's MoE layers
     assert summary["final_eval_loss"] == records[-1]["eval_loss"]
     assert summary["global_step"] == 30 and summary["tokens_seen"] == 30 * 4 * 32
     phases = summary["phase_seconds"]  # where the start-up went, in the order the run went through it
@@ -82,6 +83,39 @@ def test_single_process_writes_metrics_plots_and_model(trained):
     if HAS_MATPLOTLIB:
         for name in ("loss.png", "expert_load.png"):
             assert (output_dir / name).stat().st_size > 5000, name
+
+
+def test_held_out_loss_and_maxvio_are_those_of_the_whole_set():
+    """evaluate(): the token-weighted cross-entropy over every held-out block, and per MoE layer the MaxVio of the
+    loads the experts received (captured at their input) summed over the set, with an uneven last batch."""
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    from modeling_moe.trainers.pretrain import evaluate
+    from tests.helpers import seeded_model, small_config
+
+    config = small_config(num_hidden_layers=3, first_k_dense_replace=1)
+    model = seeded_model(config, dtype=torch.float32)
+    ids = torch.randint(3, 97, (5, 12), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    blocks = [{"input_ids": i, "labels": l} for i, l in zip(ids, labels)]
+    received = {}
+    for layer in model.model.layers:
+        if layer.is_moe:
+            layer.mlp.experts.register_forward_pre_hook(lambda module, args, layer=layer: received.setdefault(
+                layer, []).append(torch.bincount(args[1].flatten(), minlength=config.n_routed_experts)))
+    accelerator = Accelerator(cpu=True)
+    loss, maxvio = evaluate(model, accelerator.prepare(DataLoader(blocks, batch_size=2)), accelerator)
+
+    assert len(received) == 2 and all(len(counts) == 3 for counts in received.values())
+    for layer_maxvio, counts in zip(maxvio, received.values()):
+        load = torch.stack(counts).sum(dim=0).double()
+        assert layer_maxvio == pytest.approx(((load.max() - load.mean()) / load.mean()).item(), abs=1e-4)
+    with torch.no_grad():
+        logits = model(ids).logits.double()
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_loss_falls_over_30_steps(trained):

@@ -228,9 +228,11 @@ def test_analysis_and_report_on_synthetic_metrics(tmp_path):
             final = {"loss_free-u0.001": [0.4, 0.6, 0.9], "loss_free-u0.01": [0.1, 0.12, 0.3],
                      "aux_loss": [1.0, 2.0, 0.5], "none": [9.0, 9.6, 9.0]}[run.name.removeprefix("balancing-")]
             eval_loss = {"aux_loss": 6.5, "none": 6.7}.get(run.key, 6.45)
-            records = [{"step": 0, "eval_loss": 10.8}] + [record(s, 8.0, 5e4, maxvio=[2.0, 2.0, 2.0])
-                                                          for s in range(5, 150, 5)]
-            records.append(record(150, 6.4, 5e4, maxvio=final, eval_loss=eval_loss))
+            held_out = {"loss_free-u0.001": [0.2, 0.3], "loss_free-u0.01": [0.05, 0.07]}.get(
+                run.name.removeprefix("balancing-"), [0.8, 0.9])  # MaxVio_global, decoder layers only
+            records = [{"step": 0, "eval_loss": 10.8, "eval_maxvio": [9.0, 9.0]}] + [
+                record(s, 8.0, 5e4, maxvio=[2.0, 2.0, 2.0]) for s in range(5, 150, 5)]
+            records.append(record(150, 6.4, 5e4, maxvio=final, eval_loss=eval_loss, eval_maxvio=held_out))
             write_metrics(work / run.name, records, config={"n_routed_experts": 64, "num_nextn_predict_layers": 1})
         run.result.update(rc=0, wall_s=12.0, command="launch ...")
     by_name = {run.name: run for run in runs}
@@ -269,9 +271,11 @@ def test_analysis_and_report_on_synthetic_metrics(tmp_path):
     assert free["maxvio_mean"] == pytest.approx(0.11) and free["maxvio_max"] == pytest.approx(0.12)
     assert free["maxvio_mtp"] == [0.3] and free["final_eval_loss"] == 6.45 and free["first_eval_loss"] == 10.8
     assert free["maxvio_window"] == [146, 150]
+    assert free["eval_maxvio_mean"] == pytest.approx(0.06) and free["eval_maxvio_max"] == 0.07
     targets = {d["run"]: d for d in derived if d["kind"] == "balancing_target"}
     assert targets["balancing-loss_free-u0.01"]["meets_target"] is True
-    assert targets["balancing-loss_free-u0.001"]["meets_target"] is False  # MaxVio 0.5
+    assert targets["balancing-loss_free-u0.001"]["meets_target"] is False  # MaxVio_global 0.25
+    assert targets["balancing-loss_free-u0.001"]["maxvio_batch"] == pytest.approx(0.5)
     assert targets["balancing-loss_free-u0.01"]["eval_loss_minus_aux"] == pytest.approx(-0.05)
 
     written = driver.write_outputs(runs, derived, args, wall_s=100.0)
@@ -292,7 +296,9 @@ def test_analysis_and_report_on_synthetic_metrics(tmp_path):
     assert rows[1:12] == list(driver.scaling_layout([1, 2, 4]))  # after the header
     assert "fp32 master, bf16 compute" in summary and "FAILED (rc=1)" in summary
     assert "RuntimeError: something" in summary
-    assert "- balancing-loss_free-u0.01: MET (MaxVio 0.110, held-out loss -0.0500 against the aux-loss run)" in summary
+    assert ("- balancing-loss_free-u0.01: MET (MaxVio_global 0.06, MaxVio_batch 0.11, held-out loss -0.0500 "
+            "against the aux-loss run)") in summary
+    assert "| 0.06 / 0.07 | 0.11 / 0.12 |" in summary
     lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     kinds = [line["kind"] for line in lines]
     assert kinds.count("run") == len(runs) and kinds.count("profile") == 4
@@ -342,6 +348,7 @@ def test_small_dry_run(tmp_path):
     assert runs["scaling-ddp"]["profiled_steps"] is None
     balancing = runs["balancing-loss_free"]
     assert balancing["final_eval_loss"] is not None and balancing["maxvio_mean"] is not None
+    assert balancing["eval_maxvio_mean"] is not None
     assert balancing["maxvio_mtp"] is not None  # the tiny preset's MTP router, apart
     assert not list(work.glob("*/*.safetensors"))  # no weights saved
     assert "### Where the time goes (profiled steps 3-4)" in (out / "summary.md").read_text()

@@ -623,23 +623,37 @@ class Batches:
 
 
 @torch.no_grad()
-def evaluate(model, loader, accelerator) -> float:
-    """Token-weighted mean cross-entropy over the held-out blocks (plain LM loss, no MTP), exact over ranks."""
+def evaluate(model, loader, accelerator) -> tuple[float, list[float]]:
+    """Over the held-out blocks, exact over ranks: the token-weighted mean cross-entropy (plain LM loss, no MTP) and,
+    per MoE layer of the decoder, MaxVio_global (Wang et al. 2024): the MaxVio of the expert loads summed over the
+    whole held-out set, the balance that matters for inference, unlike the per-batch MaxVio of training steps."""
+    from modeling_moe.modeling_moe import max_violation
+
     model.eval()
+    routers = [layer.mlp.gate for layer in accelerator.unwrap_model(model).model.layers if layer.is_moe]
     total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     count = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    load = None
     for batch in loader:
         labels = batch.pop("labels")
-        logits = model(**batch, use_cache=False).logits
+        outputs = model(**batch, use_cache=False, output_router_logits=bool(routers))
         shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
         losses = F.cross_entropy(
-            logits.float().flatten(0, 1), shifted.flatten(), ignore_index=-100, reduction="none"
+            outputs.logits.float().flatten(0, 1), shifted.flatten(), ignore_index=-100, reduction="none"
         ).view_as(shifted)
-        sums, counts = accelerator.gather_for_metrics((losses.sum(dim=1), (shifted != -100).sum(dim=1)))
+        loads = torch.stack(  # [sequences, layers, experts], per sequence so that gather_for_metrics stays exact
+            [router.expert_load(logits, labels.shape[0]) for router, logits in zip(routers, outputs.router_logits)],
+            dim=1,
+        ) if routers else labels.new_zeros(labels.shape[0], 0, 0, dtype=torch.float32)
+        sums, counts, loads = accelerator.gather_for_metrics(
+            (losses.sum(dim=1), (shifted != -100).sum(dim=1), loads)
+        )
         total += sums.double().sum()
         count += counts.double().sum()
+        load = loads.sum(dim=0) if load is None else load + loads.sum(dim=0)
     model.train()
-    return (total / count.clamp(min=1)).item()
+    maxvio = [] if load is None or not routers else [round(v, 4) for v in max_violation(load).tolist()]
+    return (total / count.clamp(min=1)).item(), maxvio
 
 
 def _router_names(model) -> list[str]:
@@ -909,8 +923,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
     )
 
     if args.eval_on_start and eval_loader is not None and state.global_step == 0:
-        eval_loss = evaluate(model, eval_loader, accelerator)
-        record_metrics({"step": 0, "eval_loss": eval_loss})
+        eval_loss, eval_maxvio = evaluate(model, eval_loader, accelerator)
+        record_metrics({"step": 0, "eval_loss": eval_loss, "eval_maxvio": eval_maxvio})
         window["start"] = time.perf_counter()
 
     profiler = None
@@ -1033,7 +1047,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
         )
         if evaluate_now:
             record.setdefault("step", step)
-            record["eval_loss"] = evaluate(model, eval_loader, accelerator)
+            record["eval_loss"], record["eval_maxvio"] = evaluate(model, eval_loader, accelerator)
         if record:
             record_metrics(record)
         if profiler is not None:
@@ -1056,7 +1070,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
     if eval_loader is not None and not any(
         r["step"] == state.global_step and r.get("eval_loss") is not None for r in state.log_history
     ):
-        record_metrics({"step": state.global_step, "eval_loss": evaluate(model, eval_loader, accelerator)})
+        eval_loss, eval_maxvio = evaluate(model, eval_loader, accelerator)
+        record_metrics({"step": state.global_step, "eval_loss": eval_loss, "eval_maxvio": eval_maxvio})
 
     if args.save_final_model:
         # Final model: every expert gathered back into one ordinary checkpoint.
