@@ -18,6 +18,9 @@ Rows (`--sft-variants`, `--grpo-variants`):
                          latent cache with the decode step in CUDA graphs; with these LoRA targets (routed experts'
                          parameters, which PEFT parametrizes during each forward) on a merged copy of the policy,
                          refreshed after each optimizer step (`trainers.rollout.MergedRolloutModel`).
+  ours-fused-graphs-fresh-cache
+                         GRPO only: as ours-fused-graphs with a new static cache per rollout (reuse_static_cache
+                         False): the buffers move between rollouts, so the captured CUDA graphs are recorded again.
   ours-fused-aux         GRPO only: ours with TRL's router load-balancing loss on (router_aux_loss_coef 0.001), which
                          transformers' DeepseekV3 cannot run; every other row has it off.
 Ours run with `trainers.sft.ExpertBiasCallback` (the expert-load statistics that `trainers/sft.py` and
@@ -69,7 +72,8 @@ FULL = dict(model=bm.MODEL, sft=dict(batch=8, seq=2048, warmup=3, steps=8),
 SMALL = dict(model=bm.SMALL_MODEL, sft=dict(batch=2, seq=32, warmup=1, steps=2),
              grpo=dict(prompts=2, generations=4, prompt_len=8, completion_len=8, warmup=1, steps=1))
 SFT_VARIANTS = ("hf", "ours-fused", "ours-grouped_mm", "hf-full", "ours-fused-full")
-GRPO_VARIANTS = ("hf", "ours-fused", "ours-fused-graphs", "ours-fused-aux", "ours-grouped_mm")
+GRPO_VARIANTS = ("hf", "ours-fused", "ours-fused-graphs", "ours-fused-graphs-fresh-cache", "ours-fused-aux",
+                 "ours-grouped_mm")
 AUX_COEF = 0.001
 MAIN = {"sft": "tokens_per_s", "grpo": "step_s"}
 SPECIAL = ["<s>", "</s>", "<pad>", "<unk>"]  # ids 0 and 1 are the configs' bos / eos
@@ -250,8 +254,9 @@ def part_grpo(S, args, dev, dtype):
             trainer = GRPOTrainer(model=model, reward_funcs=[format_reward, even_share], args=config,
                                   train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
                                   callbacks=callbacks)
-        if name.endswith("-graphs"):
-            moe_grpo.use_cuda_graph_rollouts(trainer)
+        if "-graphs" in name:
+            rollout = moe_grpo.use_cuda_graph_rollouts(trainer)
+            (rollout.model if rollout is not None else model).reuse_static_cache = not name.endswith("-fresh-cache")
         rollouts = []  # (global step, seconds, completion tokens)
         generate = trainer._generate_single_turn
 

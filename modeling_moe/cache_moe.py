@@ -115,6 +115,13 @@ class MoEStaticCache(StaticCache):
             values = torch.zeros((batch_size, value_heads, 0, value_dim), dtype=dtype, device=device)
             layer.lazy_initialization(keys, values)
 
+    def fits(self, batch_size: int, max_cache_len: int, offloading: bool, dtype: torch.dtype, device) -> bool:
+        """Whether a generate() call with these settings can reuse this cache (after `reset()`) as it is."""
+        layer = self.layers[0]
+        return (layer.is_initialized and layer.batch_size == batch_size and layer.max_cache_len == max_cache_len
+                and self.offloading == offloading and layer.keys.dtype == dtype
+                and layer.keys.device == torch.device(device))
+
     def has_cached_tokens(self, layer_idx: int) -> bool:
         """Whether layer `layer_idx` already holds tokens, as a Python bool: no device sync, no graph break."""
         return layer_idx < len(self.layers) and self.layers[layer_idx].holds_tokens

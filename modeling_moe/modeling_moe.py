@@ -767,6 +767,12 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     # generate(): defer the check "has every sequence finished?" by one step on CUDA (see `deferred_stop_check`)
     defer_stop_check = True
+    # generate(cache_implementation="static"): keep the cache after the call and reuse it (reset) in the next call it
+    # fits (same batch size, length, dtype and device), as transformers 4.x did. Its buffers keep their addresses, so
+    # the CUDA graphs captured over them replay; a new cache allocated after other work (the training step between
+    # two RL rollouts) lands elsewhere, and every graph is recorded again. The cache a call returns is therefore
+    # overwritten by the next call; set False for a new cache per call.
+    reuse_static_cache = True
 
     def __init__(self, config: MoEConfig):
         super().__init__(config)
@@ -854,15 +860,21 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
     def _prepare_static_cache(
         self, cache_implementation, batch_size, max_cache_len, prefill_chunk_size=None, model_kwargs=None, **kwargs
     ):
-        """What `generate()` builds for `cache_implementation="static"` (or "offloaded_static"): a MoEStaticCache,
-        the latent cache of MLA models. Same sizing as transformers (never below a previous call's length, so a
-        compiled decode step is reused)."""
+        """What `generate()` uses for `cache_implementation="static"` (or "offloaded_static"): a MoEStaticCache, the
+        latent cache of MLA models, the previous call's when it fits (`reuse_static_cache`). Same sizing as
+        transformers (never below a previous call's length, so a compiled decode step is reused)."""
         max_cache_len = max(max_cache_len, getattr(self, "_previous_max_cache_length", -1))
-        cache = MoEStaticCache(self.config, max_cache_len, offloading="offloaded" in cache_implementation)
+        offloading = "offloaded" in cache_implementation
+        self._previous_max_cache_length = max_cache_len
+        cache = getattr(self, "_static_cache", None) if self.reuse_static_cache else None
+        if cache is not None and cache.fits(batch_size, max_cache_len, offloading, self.dtype, self.device):
+            cache.reset()
+            return cache
+        cache = MoEStaticCache(self.config, max_cache_len, offloading=offloading)
         one_device = len(set(getattr(self, "hf_device_map", {"": self.device}).values())) == 1
         if prefill_chunk_size is not None and one_device and (getattr(self, "_tp_size", None) or 1) == 1:
             cache.early_initialization(batch_size, dtype=self.dtype, device=self.device)  # a compiled prefill
-        self._previous_max_cache_length = max_cache_len
+        self._static_cache = cache if self.reuse_static_cache else None
         return cache
 
     def _sample(self, *args, **kwargs):

@@ -49,6 +49,29 @@ def test_static_generate_matches_dynamic_and_each_prompt_alone(make_config):
         assert row[width:].tolist() == alone[0, len(prompt):].tolist()
 
 
+def test_static_cache_is_reused_across_calls_when_it_fits():
+    """A second call with the same batch size writes into the first call's buffers (same addresses: captured CUDA
+    graphs replay) and generates what a fresh cache generates; another batch size, or reuse_static_cache=False,
+    gets a new cache."""
+    model = seeded_model(small_config(), dtype=torch.float32)
+    ids, mask = left_padded(PROMPTS)
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, cache_implementation="static",
+                  return_dict_in_generate=True)
+    first = model.generate(ids, attention_mask=mask, **kwargs)
+    pointers = [layer.keys.data_ptr() for layer in cache_of(first).layers]
+    second = model.generate(ids.flip(0), attention_mask=mask.flip(0), **kwargs)
+    assert cache_of(second) is cache_of(first)
+    assert [layer.keys.data_ptr() for layer in cache_of(second).layers] == pointers
+    model.reuse_static_cache = False
+    fresh = model.generate(ids.flip(0), attention_mask=mask.flip(0), **kwargs)
+    assert cache_of(fresh) is not cache_of(second)
+    assert second.sequences.tolist() == fresh.sequences.tolist()
+    model.reuse_static_cache = True
+    other = model.generate(ids[:2], attention_mask=mask[:2], **kwargs)
+    assert cache_of(other) is not cache_of(second)
+    assert other.sequences.tolist() == fresh.sequences.flip(0)[:2].tolist()
+
+
 class StopOnToken(StoppingCriteria):
     """Stops each sequence once it emits `token` (a per-sequence criterion: the others go on)."""
 
