@@ -6,7 +6,9 @@ Prompts: the first `--prompt_tokens` tokens of held-out documents (the corpus' h
 trainer makes it). For each prompt both decoders produce `--new_tokens` tokens (min = max); reported: tokens/s of
 each (median over prompts, after one warm-up prompt), the speed-up, the drafts' acceptance rate, and whether the two
 outputs are identical (they must be, up to floating-point ties). The anchor is our own plain greedy generate() on
-the same model in the same run: transformers has no MTP decoding to compare with. Without a trained MTP module the
+the same model in the same run (transformers has no MTP decoding to compare with), with the same dynamic cache, and
+also our fastest plain path: the static latent cache with the decode step in CUDA graphs (on a GPU;
+`cache_implementation="static"`), which the speculative decoder does not use yet. Without a trained MTP module the
 acceptance rate is ~0 and speculation only costs time. JSON lines to $OUT/bench_speculative.jsonl (or
 benchmarks/out/).
 """
@@ -66,16 +68,19 @@ def main():
     rows = []
     for index, ids in enumerate(prompts(tokenizer, args)):
         plain, plain_s = timed(ids)
+        _, static_s = timed(ids, cache_implementation="static")
         spec, spec_s = timed(ids, custom_generate=mtp_speculative_decoding, return_dict_in_generate=True)
         stats = spec.generation_stats
         rows.append(dict(prompt=index, warmup=index == 0, plain_tokens_per_s=args.new_tokens / plain_s,
+                         plain_static_tokens_per_s=args.new_tokens / static_s,
                          speculative_tokens_per_s=args.new_tokens / spec_s,
                          acceptance=stats["accepted"] / max(stats["drafts"], 1), identical=torch.equal(plain, spec.sequences)))
         print(json.dumps(rows[-1]), flush=True)
     timed_rows = [r for r in rows if not r["warmup"]] or rows
     summary = {key: statistics.median(r[key] for r in timed_rows)
-               for key in ("plain_tokens_per_s", "speculative_tokens_per_s", "acceptance")}
+               for key in ("plain_tokens_per_s", "plain_static_tokens_per_s", "speculative_tokens_per_s", "acceptance")}
     summary.update(speedup=summary["speculative_tokens_per_s"] / summary["plain_tokens_per_s"],
+                   speedup_vs_static=summary["speculative_tokens_per_s"] / summary["plain_static_tokens_per_s"],
                    identical=all(r["identical"] for r in rows), prompts=len(timed_rows), device=str(dev),
                    model=args.model, new_tokens=args.new_tokens)
     print(json.dumps(summary))
