@@ -16,8 +16,10 @@ then GRPO it on countdown and on gsm_symbolic; held-out accuracy after each stag
 Stages (`--stages`, any subset, always in this order):
 
 data      reasoning-gym examples written as JSON lines to `--data_dir` (default .devdata/reasoning, git-ignored):
-          `<task>-train.jsonl` (`--train_size` per task) and `<task>-eval.jsonl` (`--eval_samples` per task, another
-          seed, no training question), plus manifest.json with the settings. Files whose manifest entry matches the
+          `<task>-train.jsonl` (`--train_size` per task: SFT's examples, also in the pretraining mix),
+          `<task>-eval.jsonl` (`--eval_samples` per task, another seed, no training question) and `<task>-rl.jsonl`
+          (`--rl_size` per task, a third seed, none of the other questions: GRPO's prompts, never seen in
+          pretraining or SFT), plus manifest.json with the settings. Files whose manifest entry matches the
           settings are reused, so on a machine without reasoning-gym this stage only checks them. The trainers read
           them through `--task <files>` and `--eval_task <files>`.
 pretrain  `python -m modeling_moe.trainers.pretrain --model_config <--model>` on the corpus (`--dataset`, default
@@ -48,8 +50,10 @@ Time on two H200s (the defaults; --time_budget stops everything at 530 s, and ev
             and the corpus), evaluation and save ~10 s
   sft       ~110 s: start-up ~25 s, two accuracy evals of 2 x 1000 held-out prompts (batches of 200), training for
             30 s (LoRA; pretraining has already seen these examples as text), merge and save
-  grpo      the rest, one run per GPU: start-up ~25 s, evals of 1000 prompts before and after, training for what the
-            budget leaves (~0.6 s a step of 16 prompts x 8 samples of <= 64 / 128 tokens), merge and save
+  grpo      the rest, one run per GPU: start-up ~25 s, evals of 1000 prompts before and after, training on the GRPO
+            prompts (`<task>-rl.jsonl`, never seen in pretraining or SFT) for what the budget leaves (~0.6 s a step of
+            16 prompts x 8 samples of <= 64 / 128 tokens before the rollouts reused their static cache, less since),
+            merge and save
 
 Output folder (`--output_dir`; at most `--max_output_files` files, rewritten after every stage and every
 `--refresh_seconds` while one runs, so a killed driver still leaves the finished stages' figures): summary.md (the
@@ -105,6 +109,7 @@ SIZE_DEFAULTS = {
     "model": ("moe-100m", "tiny"),
     "train_size": (20000, 8),
     "eval_samples": (1000, 4),
+    "rl_size": (8000, 8),
     "eval_batch_size": (200, 8),
     "pretrain_steps": (600, 3),
     "pretrain_batch_size": (32, 2),
@@ -116,7 +121,7 @@ SIZE_DEFAULTS = {
     "sft_batch_size": (32, 4),
     "sft_max_length": (384, 256),
     "sft_max_train_seconds": (30.0, 0.0),
-    "grpo_steps": (400, 2),
+    "grpo_steps": (2000, 2),
     "grpo_prompts_per_step": (16, 2),
     "grpo_generations": (8, 2),
     "grpo_max_train_seconds": (240.0, 0.0),
@@ -175,7 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--train_size", type=int, default=None, help="Training examples per task (default 20000; small: 8).")
     add("--eval_samples", type=int, default=None,
         help="Held-out examples per task, all of them evaluated after each stage (default 1000; small: 4).")
-    add("--data_seed", type=int, default=0, help="Seed of the generated training examples (held-out: another one).")
+    add("--rl_size", type=int, default=None,
+        help="GRPO training prompts per task, disjoint from the SFT and held-out questions (default 8000; small: 8).")
+    add("--data_seed", type=int, default=0,
+        help="Seed of the generated training examples (held-out and GRPO prompts: other seeds derived from it).")
     add("--completion_tokens", default=None,
         help="Generation budget per task: the accuracy evals' max_new_tokens and GRPO's max_completion_length "
              "(default countdown=64,gsm=128,arithmetic=64; small: 16 each).")
@@ -224,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--grpo_lora_preset", choices=LORA_PRESETS, default="all",
         help="LoRA targets of the GRPO runs; none: full fine-tuning (float32 weights, bf16 autocast).")
     add("--grpo_steps", type=int, default=None,
-        help="Optimizer steps, unless --grpo_max_train_seconds ends training first (default 400; small: 2).")
+        help="Optimizer steps, unless --grpo_max_train_seconds ends training first (default 2000; small: 2).")
     add("--grpo_prompts_per_step", type=int, default=None, help="Prompts per step (default 16; small: 2).")
     add("--grpo_generations", type=int, default=None, help="Samples per prompt (default 8; small: 2).")
     add("--grpo_learning_rate", type=float, default=1e-4,
@@ -274,11 +282,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def data_files(args, task: str) -> dict[str, Path]:
-    return {split: Path(args.data_dir) / f"{task}-{split}.jsonl" for split in ("train", "eval")}
+    return {split: Path(args.data_dir) / f"{task}-{split}.jsonl" for split in ("train", "eval", "rl")}
 
 
 def data_settings(args, task: str) -> dict:
-    return {"train_size": args.train_size, "eval_size": args.eval_samples, "seed": args.data_seed,
+    return {"train_size": args.train_size, "eval_size": args.eval_samples, "rl_size": args.rl_size,
+            "seed": args.data_seed,
             "kwargs": args.task_kwargs.get(task, {})}
 
 
@@ -295,12 +304,17 @@ def stale_tasks(args) -> list[str]:
 
 
 def generate_data(args, tasks: list[str], log) -> None:
-    """Write `<task>-train.jsonl` / `<task>-eval.jsonl` and the task's manifest entry (with its longest prompt in
-    tokens, for GRPO's padding) for each of `tasks`."""
+    """Write `<task>-train.jsonl` / `<task>-eval.jsonl` / `<task>-rl.jsonl` and the task's manifest entry (with its
+    longest prompt in tokens, for GRPO's padding) for each of `tasks`."""
     from transformers import AutoTokenizer
 
     from modeling_moe.presets import preset_path
-    from modeling_moe.trainers.reasoning_data import build_datasets, set_chat_template
+    from modeling_moe.trainers.reasoning_data import (
+        RL_SEED_OFFSET,
+        build_datasets,
+        generate_task_examples,
+        set_chat_template,
+    )
 
     tokenizer = set_chat_template(AutoTokenizer.from_pretrained(preset_path(args.model)))
     manifest = read_manifest(args)
@@ -309,15 +323,18 @@ def generate_data(args, tasks: list[str], log) -> None:
         settings = data_settings(args, task)
         train, evaluation = build_datasets(task, settings["train_size"], settings["eval_size"], seed=settings["seed"],
                                            task_kwargs={task: settings["kwargs"]})
+        asked = {row["prompt"][-1]["content"] for split in (train, evaluation) for row in split}
+        rl = generate_task_examples(task, settings["rl_size"], settings["seed"] + RL_SEED_OFFSET,
+                                    exclude_questions=asked, **settings["kwargs"])
         prompts = [tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
-                   for split in (train, evaluation) for row in split]
-        for split, rows in zip(("train", "eval"), (train, evaluation)):
+                   for split in (train, evaluation, rl) for row in split]
+        for split, rows in zip(("train", "eval", "rl"), (train, evaluation, rl)):
             with open(data_files(args, task)[split], "w") as f:
                 for row in rows:
                     f.write(json.dumps(row) + "\n")
         manifest.setdefault("tasks", {})[task] = {
             "settings": settings, "max_prompt_tokens": max(len(tokenizer(p)["input_ids"]) for p in prompts)}
-        log(f"data: wrote {len(train)} + {len(evaluation)} {task} examples to {args.data_dir}")
+        log(f"data: wrote {len(train)} + {len(evaluation)} + {len(rl)} {task} examples to {args.data_dir}")
     (Path(args.data_dir) / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 
@@ -499,7 +516,7 @@ def grpo_command(args, stage: Stage, max_train_seconds: float | None = None) -> 
     command = [args.python, "-m", "modeling_moe.trainers.grpo"] + (["--config", str(recipe)] if recipe.is_file()
                                                                    else [])
     command += ["--model_name_or_path", sft_model(args), *trainer_common_flags(args, stage),
-                "--task", str(files["train"]), "--eval_task", str(files["eval"]),
+                "--task", str(files["rl"]), "--eval_task", str(files["eval"]),
                 "--accuracy_eval_samples", str(args.eval_samples),
                 "--accuracy_max_new_tokens", str(args.completion_tokens[task]),
                 "--max_completion_length", str(args.completion_tokens[task]),
@@ -834,8 +851,8 @@ def summary_markdown(data: Stage, stages: list[Stage], rows: list[dict], args, f
               f"{args.pretrain_dtype}, corpus `{args.dataset or 'embedded'}`"
               + (f" plus the SFT training examples as text (`{pretrain_mix_file(args)}`)"
                  if args.pretrain_data == "corpus+reasoning" else ""),
-              f"- data (`{args.data_dir}`): {args.train_size} training and {args.eval_samples} held-out examples per "
-              f"task, seed {args.data_seed}; generator settings and filters: `{json.dumps(args.task_kwargs)}`",
+              f"- data (`{args.data_dir}`): {args.train_size} training (SFT), {args.eval_samples} held-out and "
+              f"{args.rl_size} GRPO examples per task, disjoint, seed {args.data_seed}; generator settings and filters: `{json.dumps(args.task_kwargs)}`",
               f"- SFT: tasks {', '.join(args.sft_tasks)}; LoRA preset `{args.sft_lora_preset}`, {args.sft_steps} "
               f"steps x {args.sft_batch_size}, lr {args.sft_learning_rate:g}, max length {args.sft_max_length}, "
               f"training stops after {_f(args.sft_max_train_seconds or None)} s; recipe `{args.sft_recipe}`",

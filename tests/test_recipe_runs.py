@@ -92,14 +92,14 @@ def test_gpu_commands_parse_in_the_trainers(tmp_path, capsys):
         words = trainer_args(commands[key], "modeling_moe.trainers.grpo")
         words[words.index("--bf16") + 1] = "false"
         data_args, training_args, model_args = grpo.make_parser().parse_args_and_config(args=words)
-        assert data_args.task == str(data / f"{task}-train.jsonl")
+        assert data_args.task == str(data / f"{task}-rl.jsonl")  # prompts never seen in pretraining or SFT
         assert data_args.eval_task == str(data / f"{task}-eval.jsonl")
         assert data_args.cuda_graph_rollouts and data_args.reward_funcs == ["format_reward", reward]
         assert data_args.accuracy_max_new_tokens == training_args.max_completion_length == budget
         # One shape for every rollout: the longest prompt (167 / 66 tokens) or the budget, rounded up to 32.
         assert training_args.pad_to_multiple_of == padding
         assert training_args.per_device_train_batch_size == 128 and training_args.num_generations == 8
-        assert training_args.max_steps == 400 and data_args.max_train_seconds == 240
+        assert training_args.max_steps == 2000 and data_args.max_train_seconds == 240
         assert model_args.model_name_or_path == str(tmp_path / "work" / "sft" / "merged")
 
 
@@ -291,10 +291,11 @@ def test_small_dry_run(tmp_path):
 
     data = work / "data"
     for task in ("gsm", "countdown", "arithmetic"):
-        train = [json.loads(line) for line in (data / f"{task}-train.jsonl").read_text().splitlines()]
-        held_out = [json.loads(line) for line in (data / f"{task}-eval.jsonl").read_text().splitlines()]
-        assert len(train) == 8 and len(held_out) == 4
-        assert not {r["prompt"][-1]["content"] for r in train} & {r["prompt"][-1]["content"] for r in held_out}
+        splits = {split: {json.loads(line)["prompt"][-1]["content"]
+                          for line in (data / f"{task}-{split}.jsonl").read_text().splitlines()}
+                  for split in ("train", "eval", "rl")}
+        assert {split: len(questions) for split, questions in splits.items()} == {"train": 8, "eval": 4, "rl": 8}
+        assert not splits["train"] & splits["eval"] and not splits["rl"] & (splits["train"] | splits["eval"])
     # The pretraining mix: the corpus documents, then each SFT training example (24) as chat text, nothing held out.
     mix = [json.loads(line)["text"] for line in (data / "pretrain-mix.jsonl").read_text().splitlines()]
     examples = [text for text in mix if "<answer>" in text]

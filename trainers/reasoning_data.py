@@ -79,6 +79,7 @@ DEFAULT_TASK_KWARGS = {
 }
 _GENERATORS = {"gsm": "gsm_symbolic", "countdown": "countdown", "arithmetic": "basic_arithmetic"}
 EVAL_SEED_OFFSET = 1_000_003
+RL_SEED_OFFSET = 2_000_003  # GRPO prompts, apart from the SFT and held-out questions (recipe_runs' data stage)
 FILTER_KWARGS = ("max_reasoning_steps", "max_answer")
 
 
