@@ -45,6 +45,13 @@ class MoEStaticLayer(StaticLayer):
         super().reset()
         self.holds_tokens = False
 
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last `-tokens_to_remove` tokens (a negative count, as transformers' static layers take it) by
+        moving the device-side length back: the next update overwrites them and the mask hides them meanwhile."""
+        if tokens_to_remove > 0:
+            raise ValueError("a static cache layer is cropped with a negative count: the number of tokens to remove")
+        self.cumulative_length.sub_(-tokens_to_remove)
+
     def bytes_per_token(self) -> int:
         """Bytes this layer stores per cached token (0 before its buffers exist)."""
         if not self.is_initialized:

@@ -10,17 +10,23 @@ equals the draft, both it and the prediction after the draft are kept (two token
 the main model's prediction is kept and the draft's cache entry is dropped. Every kept token is the main model's
 argmax given the kept prefix, so the output is the plain greedy output (up to floating-point ties).
 
-Scope: batch size 1 without padding, greedy decoding (`do_sample=False`), a dynamic cache; the main model and the MTP
-module each keep their own cache. It pays where a decode step is latency-bound (batch 1) and the MTP module was
-trained: the acceptance rate is returned in `generation_stats` of the output when `return_dict_in_generate=True`.
+Scope: batch size 1 without padding, greedy decoding (`do_sample=False`); the main model and the MTP module each keep
+their own cache. With `cache_implementation="static"` both caches are static latent caches and, where generate()
+compiles its decode step (a GPU, or `compile_config` forcing it), the two-token verification and the one- or
+two-token draft run as compiled steps of fixed shapes (CUDA graphs with the default "reduce-overhead" mode), the
+prefills eagerly. It pays where a decode step is latency-bound (batch 1) and the MTP module was trained: the
+acceptance rate is returned in `generation_stats` of the output when `return_dict_in_generate=True`.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from transformers.cache_utils import DynamicCache
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from .cache_moe import MoEStaticCache
 from .modeling_moe import CACHE_FIELD
 
 __all__ = ["mtp_speculative_decoding"]
@@ -38,27 +44,57 @@ def _check(model, input_ids, generation_config, model_kwargs):
         raise ValueError("mtp_speculative_decoding takes an unpadded prompt (attention_mask all ones).")
 
 
-class _MainModel:
-    """The main model over its cache: hidden states (final norm applied) of new tokens, logits of the last two."""
+def _verify(model, tokens, positions, cache):
+    """The main model on new tokens: final hidden states (norm applied) and the logits of the last two positions (a
+    verification needs two, a prefill one)."""
+    hidden = model.model(input_ids=tokens, position_ids=positions, cache=cache, use_cache=True).last_hidden_state
+    return hidden, model.lm_head(hidden[:, -2:])
 
-    def __init__(self, model, cache):
-        self.model, self.cache = model, cache
+
+def _draft(layer, lm_head, hidden, embeds, position_embeddings, mask, cache):
+    """The first MTP module on new positions: the logits of its prediction after the last one."""
+    out, _ = layer(hidden, embeds, position_embeddings, mask, cache=cache)
+    return lm_head(out[:, -1:])
+
+
+def _compiled_steps(model, compile_config):
+    """(verify, draft) compiled as generate() compiles its decode step, once per model and compile config."""
+    cached = getattr(model, "_speculative_steps", None)
+    if cached is None or cached[0] != compile_config:
+        options = compile_config.to_dict()
+        cached = (compile_config, torch.compile(_verify, **options), torch.compile(_draft, **options))
+        model._speculative_steps = cached
+    return cached[1], cached[2]
+
+
+class _MainModel:
+    """The main model over its cache; fixed-shape steps (the two-token verification) through `step`."""
+
+    def __init__(self, model, cache, step=_verify):
+        self.model, self.cache, self.step = model, cache, step
 
     def __call__(self, tokens: torch.Tensor, start: int):
         positions = torch.arange(start, start + tokens.shape[1], device=tokens.device).unsqueeze(0)
-        hidden = self.model.model(input_ids=tokens, position_ids=positions, cache=self.cache,
-                                  use_cache=True).last_hidden_state
-        return hidden, self.model.lm_head(hidden[:, -2:])  # a verification needs two positions, a prefill one
+        forward = self.step if tokens.shape[1] == 2 else _verify
+        return forward(self.model, tokens, positions, self.cache)
 
 
 class _Drafter:
     """The first MTP module over its own cache: position i takes the main model's hidden state at i and the
-    embedding of token i + 1, and predicts token i + 2."""
+    embedding of token i + 1, and predicts token i + 2. With a static main cache its cache is static too (of the
+    same length, only the MTP layer's entry allocated) and one- or two-position drafts go through `step`."""
 
-    def __init__(self, model):
+    def __init__(self, model, main_cache, step=_draft):
         self.model = model
         self.layer = model.model.mtp_layers[0]
-        self.cache = DynamicCache()
+        self.static_length = None
+        if isinstance(main_cache, MoEStaticCache):
+            self.static_length = main_cache.layers[0].max_cache_len
+            config = copy.copy(model.config)
+            config.num_hidden_layers = self.layer.self_attn.layer_idx + 1  # the MTP layer's cache index
+            self.cache, self.step = MoEStaticCache(config, self.static_length), step
+        else:
+            self.cache, self.step = DynamicCache(), _draft
 
     def __call__(self, hidden: torch.Tensor, next_tokens: torch.Tensor, start: int) -> torch.Tensor:
         """Logits [1, 1, vocab] of the draft after positions start .. start + n - 1 (the cache holds 0 .. start - 1)."""
@@ -67,11 +103,12 @@ class _Drafter:
         new = embeds.shape[1]
         positions = torch.arange(start, start + new, device=embeds.device).unsqueeze(0)
         # Built here rather than by create_causal_mask, which sizes the mask from the cache's layer 0 (the MTP
-        # layer's entries live at its own index, num_hidden_layers).
-        keys = torch.arange(start + new, device=embeds.device)
-        mask = (keys[None, :] <= positions[0, :, None])[None, None]  # [1, 1, new, start + new], True = attend
-        out, _ = self.layer(hidden, embeds, base.rotary_emb(embeds, positions), mask, cache=self.cache)
-        return self.model.lm_head(out[:, -1:])
+        # layer's entries live at its own index, num_hidden_layers): key j sits at position j in either cache.
+        keys = torch.arange(self.static_length or start + new, device=embeds.device)
+        mask = (keys[None, :] <= positions[0, :, None])[None, None]  # [1, 1, new, keys], True = attend
+        draft = self.step if new <= 2 and start > 0 else _draft  # a prompt pass (start 0) has its own length
+        return draft(self.layer, self.model.lm_head, hidden, embeds, base.rotary_emb(embeds, positions), mask,
+                     self.cache)
 
 
 @torch.no_grad()
@@ -81,8 +118,12 @@ def mtp_speculative_decoding(model, input_ids, logits_processor, stopping_criter
     `GenerateDecoderOnlyOutput` with `generation_stats` (forwards, drafts accepted) when `return_dict_in_generate`."""
     _check(model, input_ids, generation_config, model_kwargs)
     cache = model_kwargs.get(CACHE_FIELD)  # the cache generate() prepared, under this transformers' keyword
-    main = _MainModel(model, cache if cache is not None else DynamicCache(config=model.config))
-    drafter = _Drafter(model)
+    cache = cache if cache is not None else DynamicCache(config=model.config)
+    if isinstance(cache, MoEStaticCache) and model._valid_auto_compile_criteria(model_kwargs, generation_config):
+        verify, draft = _compiled_steps(model, generation_config.compile_config or model._default_compile_config())
+        main, drafter = _MainModel(model, cache, verify), _Drafter(model, cache, draft)
+    else:
+        main, drafter = _MainModel(model, cache), _Drafter(model, cache)
     sequence = input_ids
 
     def keep(logits: torch.Tensor) -> bool:
@@ -100,9 +141,15 @@ def mtp_speculative_decoding(model, input_ids, logits_processor, stopping_criter
     forwards, accepted = 1, 0
     if not finished:  # MTP over the prompt: position i pairs h_i with token i + 1 (the last: the one just predicted)
         draft_logits = drafter(hidden, sequence[:, 1:], 0)
+    capacity = cache.layers[0].max_cache_len if isinstance(cache, MoEStaticCache) else None
     while not finished:
-        draft = draft_logits.argmax(dim=-1)
         start = sequence.shape[1] - 1  # the last kept token is not in the main cache yet
+        if capacity is not None and start + 2 > capacity:  # a static cache holds max_length - 1 tokens: no draft
+            _, logits = main(sequence[:, -1:], start)
+            forwards += 1
+            finished = keep(logits[:, -1])
+            continue
+        draft = draft_logits.argmax(dim=-1)
         hidden, logits = main(torch.cat([sequence[:, -1:], draft], dim=-1), start)
         forwards += 1
         finished = keep(logits[:, 0])

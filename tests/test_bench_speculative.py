@@ -28,7 +28,8 @@ def test_bench_speculative_runs_and_reports_every_decoder(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "out" / "bench_speculative.jsonl").read_text().splitlines()]
     summary = records[-1]
     assert summary["summary"] and summary["prompts"] == 2 and len(records) == 4  # a warm-up prompt, two timed
-    assert summary["identical"] is True  # float32: the speculative decoder's output is the greedy one
-    for key in ("plain_tokens_per_s", "plain_static_tokens_per_s", "speculative_tokens_per_s"):
+    assert summary["identical"] is True and summary["identical_static"] is True  # float32: the greedy output
+    for key in ("plain_tokens_per_s", "plain_static_tokens_per_s", "speculative_tokens_per_s",
+                "speculative_static_tokens_per_s"):
         assert summary[key] > 0
     assert 0 <= summary["acceptance"] <= 1

@@ -2,8 +2,10 @@
 
 import pytest
 import torch
+from transformers import CompileConfig
 
 from modeling_moe import mtp_speculative_decoding
+from modeling_moe.cache_moe import MoEStaticCache
 
 from .helpers import seeded_model, small_config
 
@@ -43,6 +45,32 @@ def test_same_tokens_as_greedy_with_accepted_and_rejected_drafts(seed):
     assert 0 < stats["accepted"] < stats["drafts"]  # both branches ran
     assert stats["forwards"] == 30 - stats["accepted"]  # one new token per forward, two when a draft is accepted
     assert stats["new_tokens"] == 30
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["static", "static-compiled"])
+def test_static_caches_and_compiled_steps_give_the_same_tokens_as_greedy(compiled):
+    """cache_implementation="static": both caches static (the drafter's only at the MTP layer's index); compiled,
+    the verification and draft steps run as fixed-shape graphs (fullgraph through the eager backend here, what a
+    GPU captures in CUDA graphs), with the same tokens as plain greedy."""
+    model, ids = drafting_model(), prompt(seed=2)
+    kwargs = dict(max_new_tokens=30, min_new_tokens=30, do_sample=False)
+    expected = model.generate(ids, **kwargs)
+    extra = {}
+    if compiled:
+        compile_config = CompileConfig(backend="eager", fullgraph=True, mode=None)
+        compile_config._compile_all_devices = True  # generate() compiles on GPUs only otherwise
+        extra = dict(compile_config=compile_config)
+    out = model.generate(ids, custom_generate=mtp_speculative_decoding, return_dict_in_generate=True,
+                         cache_implementation="static", **kwargs, **extra)
+    assert torch.equal(out.sequences, expected)
+    assert 0 < out.generation_stats["accepted"] < out.generation_stats["drafts"]
+    assert hasattr(model, "_speculative_steps") == compiled
+    if compiled:  # a second call reuses the compiled steps and the static cache
+        steps = model._speculative_steps
+        again = model.generate(ids, custom_generate=mtp_speculative_decoding, cache_implementation="static",
+                               **kwargs, **extra)
+        assert torch.equal(again, expected) and model._speculative_steps is steps
+    assert isinstance(model._static_cache, MoEStaticCache)
 
 
 def test_stops_at_eos_like_greedy():
