@@ -17,6 +17,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 
@@ -158,10 +159,10 @@ def cache_of(output):
     return output.cache if getattr(output, "cache", None) is not None else output.past_key_values
 
 
-def measure(fn, *args) -> dict:
+def measure(fn, *args, **kwargs) -> dict:
     """Run one measurement; a failure is printed and recorded instead of ending the part."""
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except Exception as error:
         traceback.print_exc()
         result = {"error": describe(error)}
@@ -221,7 +222,7 @@ def part_train(S, args, dev, dtype):
                        + 3 * seq * our_cfg.num_hidden_layers * our_cfg.num_attention_heads
                        * (our_cfg.qk_head_dim + our_cfg.v_head_dim))  # causal attention: half the score matrix
 
-    def run(cfg, impl, update_bias=False, compiled=False):
+    def run(cfg, impl, update_bias=False, compiled=False, profile=False):
         model = build(cfg, impl, state, dev, dtype).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True if dev.type == "cuda" else None)
         if compiled:  # what `pretrain --torch_compile` does: accelerate's regional compilation, each decoder layer
@@ -242,6 +243,8 @@ def part_train(S, args, dev, dtype):
         seconds = timed(step, dev, args.warmup, args.steps)
         result = dict(step_ms=sig(seconds * 1e3), tokens_per_s=sig(batch * seq / seconds),
                       tflops=sig(flops_per_token * batch * seq / seconds / 1e12), peak_gib=peak_gib(dev))
+        if profile:
+            result["profile"] = profile_step(step, dev)
         del model, opt
         free()
         return result
@@ -249,12 +252,33 @@ def part_train(S, args, dev, dtype):
     for impl in ["grouped_mm"] + (["eager"] if args.with_eager else []):
         rows = {"hf": measure(run, hf_cfg, impl), "ours": measure(run, our_cfg, impl)}
         if impl == "grouped_mm":
-            rows["ours + update_expert_bias"] = measure(run, our_cfg, impl, True)
+            rows["ours + update_expert_bias"] = measure(  # profiled here where the fused row does not run
+                run, our_cfg, impl, True, profile=args.profile_train and not fused_available(dev))
             if fused_available(dev):
-                rows["ours (fused experts) + update_expert_bias"] = measure(run, our_cfg, "fused", True)
+                rows["ours (fused experts) + update_expert_bias"] = measure(run, our_cfg, "fused", True,
+                                                                            profile=args.profile_train)
                 rows["ours (fused experts, compiled layers) + update_expert_bias"] = measure(
                     run, our_cfg, "fused", True, True)
         report("train", f"experts={impl} B{batch}xS{seq}", rows, gflop_per_token=sig(flops_per_token / 1e9))
+
+
+def profile_step(step, dev) -> dict:
+    """One more `step()` under the pretraining trainer's profiler: each category's share of the step's wall time
+    (routed experts, attention, other GEMMs, the rest) and the busiest kernels, printed and returned."""
+    from modeling_moe.trainers.profiling import StepProfiler
+
+    profiler = StepProfiler((0, 0), tempfile.mkdtemp(prefix="bench_model-profile-"), 0, dev)
+    profiler.start_if(0)
+    step()
+    summary = profiler.stop_if(0)
+    shares = {label: round(entry["share"], 3) for label, entry in summary["categories"].items()}
+    top = [(k["name"][:90], round(k["time_s"] * 1e3, 2), k["calls"]) for k in summary["top_kernels"]]
+    print(f"[profile] train step: wall {summary['wall_s'] * 1e3:.1f} ms, kernels {summary['device_time_s'] * 1e3:.1f} "
+          f"ms, shares {shares}", flush=True)
+    for name, ms, calls in top:
+        print(f"[profile]   {ms:8.2f} ms {calls:5d}x  {name}", flush=True)
+    return {"wall_ms": sig(summary["wall_s"] * 1e3), "kernel_ms": sig(summary["device_time_s"] * 1e3),
+            "shares": shares, "top_kernels": top}
 
 
 def fused_available(dev) -> bool:
@@ -468,7 +492,7 @@ def print_table():
             key, ratios = next(k for k in MAIN if k in r), r["vs_hf"]
             shown = {"part", "case", "model", "vs_hf", key}
             other = ", ".join(f"{k} {v}" + (f" ({ratios[k]:.2f}x)" if k in ratios and r["model"] != "hf" else "")
-                              for k, v in r.items() if k not in shown and v is not None)
+                              for k, v in r.items() if k not in shown and v is not None and not isinstance(v, dict))
             row(r["part"], r["case"], r["model"], f"{r[key]:,.5g} {key.replace('_per_s', '/s')}",
                 f"{ratios[key]:.2f}" if key in ratios else "-", other)
     print("x hf: this figure / the same figure of the hf row of the same case, measured in this run "
@@ -498,6 +522,10 @@ def main():
     parser.add_argument("--with-eager", action="store_true", help="also time eager experts (slow on a GPU)")
     parser.add_argument("--profile-generate", action="store_true",
                         help="print a torch.profiler table of our fastest generate path (32 new tokens)")
+    parser.add_argument("--profile-train", action="store_true",
+                        help="profile one more training step of our fused-experts row (grouped_mm without CUDA): time "
+                             "share per category "
+                             "(routed experts, attention, other GEMMs, the rest) and the busiest kernels")
     parser.add_argument("--small", action="store_true", help="tiny shapes: a CPU smoke test in well under a minute")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()

@@ -1,0 +1,25 @@
+"""benchmarks/bench_model.py's training part with --profile-train, end to end on the CPU (--small)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_train_part_with_profile_reports_time_shares(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path)}
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_model.py"), "--small", "--parts", "train",
+                    "--profile-train", "--steps", "1", "--warmup", "1"],
+                   check=True, env=env, cwd=ROOT, capture_output=True, timeout=600)
+    records = [json.loads(line) for line in (tmp_path / "bench_model.jsonl").read_text().splitlines()]
+    rows = {r["model"]: r for r in records if r.get("part") == "train"}
+    assert {"hf", "ours", "ours + update_expert_bias"} <= set(rows)
+    assert all(row["tokens_per_s"] > 0 for row in rows.values())
+    profile = rows["ours + update_expert_bias"]["profile"]  # the profiled row without CUDA
+    shares = profile["shares"]
+    assert shares["routed_experts"] > 0 and shares["gemm"] > 0  # grouped_mm experts, then the other matmuls
+    assert 0.5 < sum(shares.values()) <= 1.05  # CPU op self times within the step's wall time
+    assert profile["top_kernels"] and "profile" not in rows["ours"]
