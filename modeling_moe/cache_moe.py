@@ -123,9 +123,10 @@ class MoEStaticCache(StaticCache):
             layer.lazy_initialization(keys, values)
 
     def fits(self, batch_size: int, max_cache_len: int, offloading: bool, dtype: torch.dtype, device) -> bool:
-        """Whether a generate() call with these settings can reuse this cache (after `reset()`) as it is."""
-        layer = self.layers[0]
-        return (layer.is_initialized and layer.batch_size == batch_size and layer.max_cache_len == max_cache_len
+        """Whether a generate() call with these settings can reuse this cache (after `reset()`) as it is (judged by
+        its first allocated layer; a cache with none is not reused)."""
+        layer = next((layer for layer in self.layers if layer.is_initialized), None)
+        return (layer is not None and layer.batch_size == batch_size and layer.max_cache_len == max_cache_len
                 and self.offloading == offloading and layer.keys.dtype == dtype
                 and layer.keys.device == torch.device(device))
 

@@ -65,12 +65,14 @@ def test_static_caches_and_compiled_steps_give_the_same_tokens_as_greedy(compile
     assert torch.equal(out.sequences, expected)
     assert 0 < out.generation_stats["accepted"] < out.generation_stats["drafts"]
     assert hasattr(model, "_speculative_steps") == compiled
-    if compiled:  # a second call reuses the compiled steps and the static cache
-        steps = model._speculative_steps
-        again = model.generate(ids, custom_generate=mtp_speculative_decoding, cache_implementation="static",
-                               **kwargs, **extra)
-        assert torch.equal(again, expected) and model._speculative_steps is steps
-    assert isinstance(model._static_cache, MoEStaticCache)
+    caches = model._static_cache, model._speculative_draft_cache
+    assert all(isinstance(cache, MoEStaticCache) for cache in caches)
+    # A second call reuses both static caches (and the compiled steps): the same buffers, the same tokens.
+    steps = getattr(model, "_speculative_steps", None)
+    again = model.generate(ids, custom_generate=mtp_speculative_decoding, cache_implementation="static",
+                           **kwargs, **extra)
+    assert torch.equal(again, expected) and getattr(model, "_speculative_steps", None) is steps
+    assert (model._static_cache, model._speculative_draft_cache) == caches
 
 
 def test_stops_at_eos_like_greedy():
