@@ -866,15 +866,25 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         max_cache_len = max(max_cache_len, getattr(self, "_previous_max_cache_length", -1))
         offloading = "offloaded" in cache_implementation
         self._previous_max_cache_length = max_cache_len
-        cache = getattr(self, "_static_cache", None) if self.reuse_static_cache else None
+
+        def build():
+            cache = MoEStaticCache(self.config, max_cache_len, offloading=offloading)
+            one_device = len(set(getattr(self, "hf_device_map", {"": self.device}).values())) == 1
+            if prefill_chunk_size is not None and one_device and (getattr(self, "_tp_size", None) or 1) == 1:
+                cache.early_initialization(batch_size, dtype=self.dtype, device=self.device)  # a compiled prefill
+            return cache
+
+        return self.reused_static_cache("_static_cache", batch_size, max_cache_len, offloading, build)
+
+    def reused_static_cache(self, slot: str, batch_size: int, max_cache_len: int, offloading: bool, build):
+        """The static cache a previous call kept in attribute `slot`, reset, when it fits and `reuse_static_cache`
+        is on; else a new one from `build()`, kept there for the next call."""
+        cache = getattr(self, slot, None) if self.reuse_static_cache else None
         if cache is not None and cache.fits(batch_size, max_cache_len, offloading, self.dtype, self.device):
             cache.reset()
             return cache
-        cache = MoEStaticCache(self.config, max_cache_len, offloading=offloading)
-        one_device = len(set(getattr(self, "hf_device_map", {"": self.device}).values())) == 1
-        if prefill_chunk_size is not None and one_device and (getattr(self, "_tp_size", None) or 1) == 1:
-            cache.early_initialization(batch_size, dtype=self.dtype, device=self.device)  # a compiled prefill
-        self._static_cache = cache if self.reuse_static_cache else None
+        cache = build()
+        setattr(self, slot, cache if self.reuse_static_cache else None)
         return cache
 
     def _sample(self, *args, **kwargs):

@@ -95,18 +95,11 @@ class _Drafter:
             self.cache, self.step = DynamicCache(), _draft
 
     def _static_cache(self) -> MoEStaticCache:
-        """The MTP layer's static cache: the previous call's (reset) when it fits and the model reuses its static
-        caches (`reuse_static_cache`: captured graphs replay), else a new one."""
-        model = self.model
-        cache = getattr(model, "_speculative_draft_cache", None) if model.reuse_static_cache else None
-        if cache is not None and cache.fits(1, self.static_length, False, model.dtype, model.device):
-            cache.reset()
-            return cache
-        config = copy.copy(model.config)
+        """The MTP layer's static cache, reused across calls like the main one (`reuse_static_cache`)."""
+        config = copy.copy(self.model.config)
         config.num_hidden_layers = self.layer.self_attn.layer_idx + 1  # the MTP layer's cache index
-        cache = MoEStaticCache(config, self.static_length)
-        model._speculative_draft_cache = cache if model.reuse_static_cache else None
-        return cache
+        return self.model.reused_static_cache("_speculative_draft_cache", 1, self.static_length, False,
+                                              lambda: MoEStaticCache(config, self.static_length))
 
     def __call__(self, hidden: torch.Tensor, next_tokens: torch.Tensor, start: int) -> torch.Tensor:
         """Logits [1, 1, vocab] of the draft after positions start .. start + n - 1 (the cache holds 0 .. start - 1)."""
