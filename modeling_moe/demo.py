@@ -6,7 +6,8 @@
    LoRA on attention, shared and routed experts, merged into a plain checkpoint;
 3. GRPO it on countdown with TRL and the verifiable rewards, merged again;
 4. reload the result in a fresh Python process through `AutoModelForCausalLM.from_pretrained(...,
-   trust_remote_code=True)` and generate an answer to a held-out question.
+   trust_remote_code=True)` and generate an answer to a held-out question, then the same answer again by MTP
+   self-speculative decoding (the MTP module pretrained in step 1 drafts, the model verifies).
 
 Each stage writes its metrics and plots under --output_dir (pretrain/, sft/, grpo/). A few minutes of CPU train a
 6.7M-parameter model: the demo shows the pipeline working end to end, not a model that reasons.
@@ -28,6 +29,7 @@ logger = logging.getLogger("modeling_moe.demo")
 GENERATE_IN_FRESH_PROCESS = textwrap.dedent(
     """
     import sys
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, question, max_new_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -39,6 +41,18 @@ GENERATE_IN_FRESH_PROCESS = textwrap.dedent(
     output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     print("question:", question)
     print("answer:", repr(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)))
+
+    # The same answer by MTP self-speculative decoding: the MTP module drafts, the main model verifies.
+    from modeling_moe import mtp_speculative_decoding
+
+    speculative = model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                 do_sample=False, custom_generate=mtp_speculative_decoding,
+                                 return_dict_in_generate=True)
+    greedy = model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)
+    stats = speculative.generation_stats
+    print(f"MTP self-speculative decoding: the greedy tokens {torch.equal(speculative.sequences, greedy)}, "
+          f"{stats['accepted']} of {stats['drafts']} drafts accepted, {stats['forwards']} forwards for "
+          f"{stats['new_tokens']} tokens")
     """
 )
 

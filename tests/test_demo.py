@@ -13,6 +13,7 @@ def test_demo_end_to_end(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "through trust_remote_code" in result.stdout and "answer:" in result.stdout
+    assert "MTP self-speculative decoding: the greedy tokens True" in result.stdout
     out = tmp_path / "out"
     records = [json.loads(line) for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert any("eval_loss" in r for r in records)
