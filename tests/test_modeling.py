@@ -434,6 +434,16 @@ def test_parameter_counts_total_and_activated(tie_word_embeddings):
     assert counts["mtp"] == mtp and counts["embedding"] == config.vocab_size * h
 
 
+def _grouped_mm_backward_traces() -> bool:
+    """Whether transformers' grouped_mm CPU fallback has a traceable backward (a custom op; transformers 5.17's is a
+    Python loop over `offs.tolist()`, which no fullgraph compile can trace)."""
+    import transformers.integrations.moe  # noqa: F401  (registers the ops)
+
+    return hasattr(torch.ops.transformers, "grouped_mm_fallback_backward")
+
+
+@pytest.mark.skipif(not _grouped_mm_backward_traces(), reason="this transformers' grouped_mm CPU fallback backward "
+                    "does not trace under torch.compile (fixed in later transformers)")
 def test_expert_load_is_the_routing_used_also_in_a_fullgraph_compiled_training_step():
     """The counted load equals what the experts received (captured at their input, MTP included), and a training
     forward + backward compiles as one graph (no graph break in the counting) with the same loss, counts and grads."""
