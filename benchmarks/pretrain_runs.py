@@ -1043,12 +1043,17 @@ def plot_balancing(runs: list[Run], path: Path, work_dir: Path) -> bool:
         line, = ax_vio.plot(steps, [s["maxvio_mean"] for s in summaries], label=f"{run.label}: mean over layers")
         ax_vio.plot(steps, [s["maxvio_max"] for s in summaries], color=line.get_color(), alpha=0.4, linestyle="--",
                     label=f"{run.label}: max layer")
+        held_out = [(r["step"], sum(r["eval_maxvio"]) / len(r["eval_maxvio"])) for r in records if r.get("eval_maxvio")]
+        if held_out:
+            ax_vio.plot(*zip(*held_out), "s", color=line.get_color(), markersize=5,
+                        label=f"{run.label}: MaxVio_global, held-out set (mean over layers)")
         evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
         if evals:
             ax_eval.plot(*zip(*evals), "o-", color=line.get_color(), markersize=3, label=run.label)
     ax_vio.axhline(MAXVIO_TARGET, color="grey", linestyle=":", label=f"target {MAXVIO_TARGET}")
     ax_vio.set_yscale("log")
-    ax_vio.set(xlabel="optimizer step", ylabel="MaxVio (decoder MoE layers)", title="load imbalance")
+    ax_vio.set(xlabel="optimizer step", ylabel="MaxVio (decoder MoE layers)",
+               title="load imbalance: lines per training batch, squares over the held-out set")
     ax_eval.set(xlabel="optimizer step", ylabel="held-out LM loss (nats)", title="held-out loss")
     for ax in (ax_vio, ax_eval):
         ax.grid(alpha=0.3)
