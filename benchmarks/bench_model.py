@@ -524,8 +524,8 @@ def main():
                         help="print a torch.profiler table of our fastest generate path (32 new tokens)")
     parser.add_argument("--profile-train", action="store_true",
                         help="profile one more training step of our fused-experts row (grouped_mm without CUDA): time "
-                             "share per category "
-                             "(routed experts, attention, other GEMMs, the rest) and the busiest kernels")
+                             "share per category (routed experts, attention, other GEMMs, the rest) and the busiest "
+                             "kernels")
     parser.add_argument("--small", action="store_true", help="tiny shapes: a CPU smoke test in well under a minute")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()

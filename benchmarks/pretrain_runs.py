@@ -713,11 +713,11 @@ def loss_difference(a: list[dict], b: list[dict], steps: int) -> dict | None:
 def balancing_stats(records: list[dict], mtp: int) -> dict:
     train = [r for r in records if r.get("loss") is not None]
     evals = [r["eval_loss"] for r in records if r.get("eval_loss") is not None]
-    global_maxvio = next((r["eval_maxvio"] for r in reversed(records) if r.get("eval_maxvio")), None)
+    held_out = maxvio_summary(next((r["eval_maxvio"] for r in reversed(records) if r.get("eval_maxvio")), None), 0)
     last = train[-1] if train else {}
     return {
-        "eval_maxvio_mean": sum(global_maxvio) / len(global_maxvio) if global_maxvio else None,
-        "eval_maxvio_max": max(global_maxvio) if global_maxvio else None,
+        "eval_maxvio_mean": held_out["maxvio_mean"],  # decoder layers only: evaluation runs no MTP module
+        "eval_maxvio_max": held_out["maxvio_max"],
         "steps": last.get("step", 0),
         "first_eval_loss": evals[0] if evals else None,
         "final_eval_loss": evals[-1] if evals else None,
@@ -1043,7 +1043,8 @@ def plot_balancing(runs: list[Run], path: Path, work_dir: Path) -> bool:
         line, = ax_vio.plot(steps, [s["maxvio_mean"] for s in summaries], label=f"{run.label}: mean over layers")
         ax_vio.plot(steps, [s["maxvio_max"] for s in summaries], color=line.get_color(), alpha=0.4, linestyle="--",
                     label=f"{run.label}: max layer")
-        held_out = [(r["step"], sum(r["eval_maxvio"]) / len(r["eval_maxvio"])) for r in records if r.get("eval_maxvio")]
+        held_out = [(r["step"], maxvio_summary(r["eval_maxvio"], 0)["maxvio_mean"]) for r in records
+                    if r.get("eval_maxvio")]
         if held_out:
             ax_vio.plot(*zip(*held_out), "s", color=line.get_color(), markersize=5,
                         label=f"{run.label}: MaxVio_global, held-out set (mean over layers)")

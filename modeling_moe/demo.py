@@ -45,12 +45,10 @@ GENERATE_IN_FRESH_PROCESS = textwrap.dedent(
     # The same answer by MTP self-speculative decoding: the MTP module drafts, the main model verifies.
     from modeling_moe import mtp_speculative_decoding
 
-    speculative = model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                                 do_sample=False, custom_generate=mtp_speculative_decoding,
-                                 return_dict_in_generate=True)
-    greedy = model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)
+    speculative = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                 custom_generate=mtp_speculative_decoding, return_dict_in_generate=True)
     stats = speculative.generation_stats
-    print(f"MTP self-speculative decoding: the greedy tokens {torch.equal(speculative.sequences, greedy)}, "
+    print(f"MTP self-speculative decoding: the greedy tokens {torch.equal(speculative.sequences, output)}, "
           f"{stats['accepted']} of {stats['drafts']} drafts accepted, {stats['forwards']} forwards for "
           f"{stats['new_tokens']} tokens")
     """

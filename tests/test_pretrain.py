@@ -106,7 +106,8 @@ def test_held_out_loss_and_maxvio_are_those_of_the_whole_set():
             layer.mlp.experts.register_forward_pre_hook(lambda module, args, layer=layer: received.setdefault(
                 layer, []).append(torch.bincount(args[1].flatten(), minlength=config.n_routed_experts)))
     accelerator = Accelerator(cpu=True)
-    loss, maxvio = evaluate(model, accelerator.prepare(DataLoader(blocks, batch_size=2)), accelerator)
+    metrics = evaluate(model, accelerator.prepare(DataLoader(blocks, batch_size=2)), accelerator)
+    loss, maxvio = metrics["eval_loss"], metrics["eval_maxvio"]
 
     assert len(received) == 2 and all(len(counts) == 3 for counts in received.values())
     for layer_maxvio, counts in zip(maxvio, received.values()):

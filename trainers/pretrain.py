@@ -623,9 +623,9 @@ class Batches:
 
 
 @torch.no_grad()
-def evaluate(model, loader, accelerator) -> tuple[float, list[float]]:
-    """Over the held-out blocks, exact over ranks: the token-weighted mean cross-entropy (plain LM loss, no MTP) and,
-    per MoE layer of the decoder, MaxVio_global (Wang et al. 2024): the MaxVio of the expert loads summed over the
+def evaluate(model, loader, accelerator) -> dict:
+    """Over the held-out blocks, exact over ranks: `eval_loss`, the token-weighted mean cross-entropy (plain LM loss,
+    no MTP), and `eval_maxvio`, per MoE layer of the decoder, MaxVio_global (Wang et al. 2024): the MaxVio of the expert loads summed over the
     whole held-out set, the balance that matters for inference, unlike the per-batch MaxVio of training steps."""
     from modeling_moe.modeling_moe import max_violation
 
@@ -653,7 +653,7 @@ def evaluate(model, loader, accelerator) -> tuple[float, list[float]]:
         load = loads.sum(dim=0) if load is None else load + loads.sum(dim=0)
     model.train()
     maxvio = [] if load is None or not routers else [round(v, 4) for v in max_violation(load).tolist()]
-    return (total / count.clamp(min=1)).item(), maxvio
+    return {"eval_loss": (total / count.clamp(min=1)).item(), "eval_maxvio": maxvio}
 
 
 def _router_names(model) -> list[str]:
@@ -923,8 +923,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
     )
 
     if args.eval_on_start and eval_loader is not None and state.global_step == 0:
-        eval_loss, eval_maxvio = evaluate(model, eval_loader, accelerator)
-        record_metrics({"step": 0, "eval_loss": eval_loss, "eval_maxvio": eval_maxvio})
+        record_metrics({"step": 0, **evaluate(model, eval_loader, accelerator)})
         window["start"] = time.perf_counter()
 
     profiler = None
@@ -1047,7 +1046,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
         )
         if evaluate_now:
             record.setdefault("step", step)
-            record["eval_loss"], record["eval_maxvio"] = evaluate(model, eval_loader, accelerator)
+            record.update(evaluate(model, eval_loader, accelerator))
         if record:
             record_metrics(record)
         if profiler is not None:
@@ -1070,8 +1069,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
     if eval_loader is not None and not any(
         r["step"] == state.global_step and r.get("eval_loss") is not None for r in state.log_history
     ):
-        eval_loss, eval_maxvio = evaluate(model, eval_loader, accelerator)
-        record_metrics({"step": state.global_step, "eval_loss": eval_loss, "eval_maxvio": eval_maxvio})
+        record_metrics({"step": state.global_step, **evaluate(model, eval_loader, accelerator)})
 
     if args.save_final_model:
         # Final model: every expert gathered back into one ordinary checkpoint.
