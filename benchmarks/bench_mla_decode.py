@@ -51,6 +51,32 @@ def sweep_space(heads: int, quick: bool):
 CONFIG_KEYS = ("block_h", "block_n", "num_warps", "num_stages", "value_blocks")
 
 
+class LaunchRecorder:
+    """Wraps the split kernel so that each launch's compiled kernel is kept: its registers per thread, register
+    spills and shared memory say why a tile config is slow (a launch returns the CompiledKernel it ran)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.last = kernel, None
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.last = launch(*args, **kwargs)
+            return self.last
+
+        return run
+
+    def resources(self) -> dict:
+        compiled = self.last
+        if compiled is None or not hasattr(compiled, "n_regs"):
+            return {}
+        return dict(regs=compiled.n_regs, spills=compiled.n_spills, shared_KB=round(compiled.metadata.shared / 1024, 1))
+
+
+RECORDER: "LaunchRecorder | None" = None  # set in main()
+
+
 def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
     return ((out.double() - reference).abs().max() / reference.abs().max()).item()
 
@@ -71,8 +97,9 @@ def bench_shape(name, shape, args, records):
     def record(variant, fn, **info):
         try:
             out = fn()
+            resources = RECORDER.resources() if variant != "pytorch" else {}
             ms = do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms)
-            rec = dict(shape=name, variant=variant, **info, ms=round(ms, 4),
+            rec = dict(shape=name, variant=variant, **info, **resources, ms=round(ms, 4),
                        cache_GB_per_s=round(cache_bytes / ms / 1e6, 1), rel_err=float(f"{relative_error(out, reference):.2g}"))
         except Exception as error:  # out of shared memory, register spills the compiler refuses, ...
             rec = dict(shape=name, variant=variant, **info, error=f"{type(error).__name__}: {str(error)[:160]}")
@@ -114,6 +141,10 @@ def main():
     env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                args=vars(args), date=time.strftime("%Y-%m-%d"))
     print(json.dumps(env), flush=True)
+    global RECORDER
+    split_kernel, merge_kernel = mla_decode._kernels()
+    RECORDER = LaunchRecorder(split_kernel)
+    mla_decode._KERNELS[mla_decode.interpreting()] = (RECORDER, merge_kernel)
     records = []
     for name in args.shapes.split(","):
         bench_shape(name, SHAPES[name], args, records)
@@ -122,11 +153,11 @@ def main():
     with open(os.path.join(out_dir, "bench_mla_decode.jsonl"), "w") as f:
         for rec in [env] + records:
             f.write(json.dumps(rec) + "\n")
-    print("\nshape    variant          config                                   ms      GB/s   rel err")
+    print("\nshape    variant          config                                                   ms      GB/s   rel err")
     for r in records:
-        config = " ".join(f"{k}={r[k]}" for k in (*CONFIG_KEYS, "num_splits") if k in r)
+        config = " ".join(f"{k}={r[k]}" for k in (*CONFIG_KEYS, "num_splits", "regs", "spills") if k in r)
         figures = f"{r['ms']:>8} {r['cache_GB_per_s']:>8} {r['rel_err']:>8}" if "ms" in r else r["error"][:60]
-        print(f"{r['shape']:<9}{r['variant']:<17}{config:<41}{figures}")
+        print(f"{r['shape']:<9}{r['variant']:<17}{config:<57}{figures}")
 
 
 if __name__ == "__main__":

@@ -405,7 +405,14 @@ def part_decode(S, args, dev, dtype):
         outputs = []
         cache_bytes = latent.numel() * latent.element_size() + k_rope.numel() * k_rope.element_size()
 
-        def time_step(step, cuda_graph=False):
+        def time_step(step, cuda_graph=False, profile=None):
+            if profile:  # where the step's time goes, kernel by kernel (outside a graph, so launches are visible)
+                step()
+                with profiled(profile):
+                    for _ in range(10):
+                        step()
+                    sync(dev)
+                return {}
             outputs.append(step())
             free()
             if cuda_graph:
@@ -431,7 +438,7 @@ def part_decode(S, args, dev, dtype):
 
             return time_step(step)
 
-        def run_static(cuda_graph, compiled=False):
+        def run_static(cuda_graph, compiled=False, profile=None):
             """Our static latent cache, as generate(cache_implementation="static") builds it: the Triton decode
             kernel reads the filled part; a 4D mask as the model passes it. Optionally replayed from a CUDA graph,
             optionally compiled first (torch.compile fuses the norms, rotary and cache writes around the kernel, as
@@ -456,7 +463,7 @@ def part_decode(S, args, dev, dtype):
             if compiled:
                 step = torch.compile(step, fullgraph=False, dynamic=False)
 
-            return time_step(step, cuda_graph)
+            return time_step(step, cuda_graph, profile)
 
         rows = {"hf": measure(run, hf_deepseek.DeepseekV3Attention, hf_deepseek.DeepseekV3RotaryEmbedding, hf_cfg),
                 "ours (absorbed)": measure(run, MoEMultiHeadLatentAttention, MoERotaryEmbedding, our_cfg)}
@@ -464,6 +471,8 @@ def part_decode(S, args, dev, dtype):
         if dev.type == "cuda":
             rows["ours (static cache, CUDA graph)"] = measure(run_static, True)
             rows["ours (static cache, compiled, CUDA graph)"] = measure(run_static, True, True)
+        if args.profile_decode:
+            measure(run_static, False, True, profile=f"{case}: compiled decode step x10, kernels launched eagerly")
         if "step_ms" in rows["hf"]:  # same weights and cache: each absorbed output against the expanded one
             hf_out, *ours = outputs
             for name, out in zip([n for n in rows if n != "hf" and "step_ms" in rows[n]], ours):
@@ -526,6 +535,9 @@ def main():
                         help="profile one more training step of our fused-experts row (grouped_mm without CUDA): time "
                              "share per category (routed experts, attention, other GEMMs, the rest) and the busiest "
                              "kernels")
+    parser.add_argument("--profile-decode", action="store_true",
+                        help="print a torch.profiler table of ten compiled static-cache decode steps of each layer "
+                             "(kernels launched eagerly: where the layer's time goes)")
     parser.add_argument("--small", action="store_true", help="tiny shapes: a CPU smoke test in well under a minute")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
