@@ -432,6 +432,9 @@ def main():
     parser.add_argument("--parts", default="layer,breakdown,decode,model")
     parser.add_argument("--shapes", default="v2lite,v3,small")
     parser.add_argument("--no-autotune", action="store_true")
+    parser.add_argument("--tune-decode", action="store_true",
+                        help="decode part: time every tile candidate of the decode bucket (logged under 'tuning') and "
+                             "use the winner, instead of the bucket's default")
     parser.add_argument("--budget-s", type=float, default=420, help="skip the remaining parts past this")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU (with TRITON_INTERPRET=1)")
     parser.add_argument("--variants", default=None,
@@ -451,7 +454,7 @@ def main():
     for name in args.shapes.split(","):
         if "layer" in args.parts and time.time() - T0 < args.budget_s:
             part_layer(name, args)
-    kernels.set_autotune(False)  # decode-sized buckets: the defaults (tuning them would cost compile time here)
+    kernels.set_autotune(args.tune_decode)  # decode-sized buckets: the defaults unless asked to time the candidates
     for name in args.shapes.split(","):
         if "decode" in args.parts and time.time() - T0 < args.budget_s:
             try:

@@ -263,11 +263,15 @@ def _define_kernels():
             if CAUSAL:
                 allowed = allowed & (offs_n[None, :] <= last_key[:, None])
             if HAS_MASK:
-                key_ok = tl.load(
-                    MASK + b * stride_mb + token[:, None] * stride_ms + offs_n[None, :] * stride_mt,
-                    mask=allowed, other=0,
-                )
-                allowed = allowed & (key_ok != 0)
+                if BLOCK_S == 1:  # one query token: one mask row for every head, loaded once (fewer registers)
+                    key_ok = tl.load(MASK + b * stride_mb + offs_n * stride_mt, mask=n_ok, other=0)
+                    allowed = allowed & (key_ok != 0)[None, :]
+                else:
+                    key_ok = tl.load(
+                        MASK + b * stride_mb + token[:, None] * stride_ms + offs_n[None, :] * stride_mt,
+                        mask=allowed, other=0,
+                    )
+                    allowed = allowed & (key_ok != 0)
             qk = tl.where(allowed, qk * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no (-inf) - (-inf) while a row saw nothing
@@ -475,7 +479,7 @@ def mla_decode_triton(
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if not direct:
-        merge_block_r = min(block_r, 128 if on_gpu else 32)
+        merge_block_r = block_r if on_gpu else min(block_r, 32)  # GPU: the whole row in one pass of loads
         merge_kernel[(batch * heads * q_len,)](
             partial, lse, out, *partial.stride(), *lse.stride(), *out.stride(),
             heads, q_len, rank,
