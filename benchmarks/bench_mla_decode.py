@@ -118,7 +118,9 @@ def bench_shape(name, shape, args, records):
     config = {k: best[k] for k in CONFIG_KEYS}
     head_blocks = -(-heads // config["block_h"])
     tile_config = mla_decode.DecodeConfig(block_s=1, **config)
-    base = mla_decode.default_num_splits(batch, head_blocks, cache_len, tile_config, rank, rope, 2, latent.device)
+    mla_decode.mla_decode_triton(q_latent, q_rope, latent, k_rope, scale, **config)  # its compiled kernel, recorded
+    resident = mla_decode.programs_per_sm(RECORDER.last, config["num_warps"], latent.device)
+    base = mla_decode.default_num_splits(batch, head_blocks, cache_len, tile_config, resident, latent.device)
     for splits in sorted({max(1, base // 2), base * 2, base * 4, 1, 16, 32}):
         record("triton splits", lambda s=splits: mla_decode.mla_decode_triton(
             q_latent, q_rope, latent, k_rope, scale, num_splits=s, **config), num_splits=splits, **config)

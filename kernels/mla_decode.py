@@ -28,6 +28,7 @@ split, stage 1 writes the output directly.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -354,48 +355,60 @@ class DecodeConfig:
     num_stages: int
     value_blocks: int = 1
 
-    def shared_memory_bytes(self, rank: int, rope: int, element_size: int) -> int:
-        """The pipelined key tiles (latent + rotary part), which dominate the kernel's shared memory."""
-        return self.num_stages * self.block_n * (rank + rope) * element_size
-
 
 def default_config(heads: int, q_len: int, dtype: torch.dtype, on_gpu: bool) -> DecodeConfig:
     """Tile sizes picked by measurement on an H200 (benchmarks/bench_mla_decode.py, RESULTS.md):
 
     * many heads (>= 64 rows of heads x tokens, the V3 shape): 64-row tiles with 64 keys, 8 warps, 2 stages; each
-      latent tile is read once per 64 heads (1.06 TB/s at 128 heads vs 0.34 with 32-row tiles);
-    * few heads (16: V2-Lite, the 1.26B model): up to 32 rows (all 16 heads of one token), 32 keys, 4 warps,
-      3 stages (2.2 TB/s at batch 32 x 8192 keys);
+      latent tile is read once per 64 heads (1.08 TB/s at 128 heads vs 0.34 with 32-row tiles);
+    * few heads (16: V2-Lite, the 1.26B model): up to 32 rows (all 16 heads of one token), 64 keys, 4 warps,
+      2 stages (2.85 TB/s at batch 32 x 8192 keys with two programs per SM; 32 keys and 3 stages: 2.65);
     * fp32 (tests) and the CPU interpreter: small tiles that fit shared memory / run quickly.
     """
     block_s = _next_pow2(q_len)
     if not on_gpu:
         return DecodeConfig(max(1, min(_next_pow2(heads), 16 // block_s)), block_s, 16, 1, 1)
-    fp32 = dtype == torch.float32
-    if heads * block_s >= 64 and not fp32:
-        block_h, block_n, warps, stages = max(1, 64 // block_s), 64, 8, 2
-    else:
-        block_h, block_n, warps, stages = max(1, min(_next_pow2(heads), 32 // block_s)), 32, 4, 1 if fp32 else 3
-    return DecodeConfig(block_h, block_s, block_n, warps, stages)
+    if dtype == torch.float32:
+        return DecodeConfig(max(1, min(_next_pow2(heads), 32 // block_s)), block_s, 32, 4, 1)
+    if heads * block_s >= 64:
+        return DecodeConfig(max(1, 64 // block_s), block_s, 64, 8, 2)
+    return DecodeConfig(max(1, min(_next_pow2(heads), 32 // block_s)), block_s, 64, 4, 2)
 
 
-def default_num_splits(batch: int, head_blocks: int, kv_len: int, config: DecodeConfig, rank: int, rope: int,
-                       element_size: int, device: torch.device) -> int:
-    """As many split programs as fill every SM as many times as its shared memory holds programs, in whole waves
-    (V3 shape on an H200: 2 splits, one wave of 128 programs, 0.285 ms; 3 splits, 1.5 waves, 0.41 ms in a later
-    run), each split keeping >= 4 key blocks of the cache's capacity.
+def programs_per_sm(compiled, num_warps: int, device: torch.device) -> int:
+    """How many programs of a compiled kernel one SM holds at once: the fewest its threads, registers and shared
+    memory allow (as the CUDA occupancy calculator counts them, with 1 KiB of shared memory reserved per block)."""
+    compiled.run  # noqa: B018 - loads the binary, which is when Triton learns its register count
+    properties = torch.cuda.get_device_properties(device)
+    threads = 32 * num_warps
+    registers = -(-max(1, compiled.n_regs) * 32 // 256) * 256 * num_warps  # allocated per warp, 256 at a time
+    shared = compiled.metadata.shared + 1024
+    return max(1, min(
+        getattr(properties, "max_threads_per_multi_processor", 2048) // threads,
+        getattr(properties, "regs_per_multiprocessor", 65536) // registers,
+        getattr(properties, "shared_memory_per_multiprocessor", 228 * 1024) // shared,
+    ))
+
+
+def default_num_splits(batch: int, head_blocks: int, kv_len: int, config: DecodeConfig, resident_per_sm: int,
+                       device: torch.device) -> int:
+    """As many split programs as fill every SM as many times as it holds programs (`resident_per_sm`, from the
+    compiled kernel), in whole waves (V3 shape on an H200: 2 splits, one wave of 128 programs, 0.28 ms; 4 splits, two
+    waves, 0.33 ms; V2-Lite: 8 splits, one wave of 2 programs per SM, 0.106 ms; 16, 1.5 waves, 0.158 ms), each
+    split keeping >= 4 key blocks of the cache's capacity.
 
     It depends on shapes only (the capacity, not the filled length), so a captured CUDA graph stays valid while the
     cache fills; the kernel shares each sequence's filled keys among the splits at run time."""
     if device.type != "cuda":
         return 1 if kv_len <= 2 * config.block_n else 2
-    properties = torch.cuda.get_device_properties(device)
-    shared = getattr(properties, "shared_memory_per_multiprocessor", 228 * 1024)
-    per_sm = max(1, shared // max(1, config.shared_memory_bytes(rank, rope, element_size)))
     programs = batch * head_blocks * config.value_blocks
-    by_occupancy = properties.multi_processor_count * per_sm // programs  # whole waves: a partial one is a tail
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    by_occupancy = sms * resident_per_sm // programs  # whole waves: a partial one is a tail
     by_length = max(1, kv_len // (4 * config.block_n))
     return int(max(1, min(by_occupancy, by_length, 64)))
+
+
+_RESIDENT: dict = {}  # launch signature -> programs per SM of its compiled split kernel
 
 
 def mla_decode_triton(
@@ -444,11 +457,6 @@ def mla_decode_triton(
         raise ValueError(f"value_blocks must be a power of two leaving >= 16 of the {block_r} latent columns to each "
                          f"program, got {config.value_blocks}")
     head_blocks = triton.cdiv(heads, config.block_h)
-    if num_splits is None:
-        num_splits = default_num_splits(batch, head_blocks, kv_len, config, rank, rope, latent.element_size(), device)
-    num_splits = max(1, int(num_splits))
-    direct = num_splits == 1
-
     if cache_seqlens is None:
         cache_seqlens = torch.full((batch,), kv_len, device=device, dtype=torch.int32)
     cache_seqlens = cache_seqlens.to(device=device, dtype=torch.int32)
@@ -457,27 +465,45 @@ def mla_decode_triton(
         mask_strides = (mask.stride(0), mask.stride(1) if key_mask.dim() == 3 else 0, mask.stride(2))
     else:
         mask, mask_strides = cache_seqlens, (0, 0, 0)  # never read
+    precision = "ieee" if q_latent.dtype == torch.float32 else "tf32"
+
+    def launch(splits: int, partial: torch.Tensor, lse: torch.Tensor, warmup: bool = False):
+        grid = (batch * head_blocks * config.value_blocks, splits)
+        run = functools.partial(split_kernel.warmup, grid=grid) if warmup else split_kernel[grid]
+        return run(
+            q_latent, q_rope, latent, k_rope, mask, cache_seqlens, partial, lse,
+            *q_latent.stride(), *q_rope.stride(), *latent.stride(), *k_rope.stride(), *mask_strides,
+            *partial.stride(), *lse.stride(),
+            heads, q_len, rank, rope, softmax_scale * 1.4426950408889634,  # log2(e): the kernel uses exp2
+            HAS_MASK=key_mask is not None, CAUSAL=key_mask is None or key_mask.dim() == 2,
+            NUM_SPLITS=splits, DIRECT=splits == 1,
+            BLOCK_H=config.block_h, BLOCK_S=config.block_s, BLOCK_M=config.block_h * config.block_s,
+            BLOCK_N=config.block_n, BLOCK_R=block_r, BLOCK_DR=block_dr, VALUE_BLOCKS=config.value_blocks,
+            PRECISION=precision,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+
+    def partials(splits: int):
+        return (torch.empty((batch, heads, q_len, splits, rank), device=device, dtype=torch.float32),
+                torch.empty((batch, heads, q_len, splits), device=device, dtype=torch.float32))
+
+    if num_splits is None:
+        resident = 1
+        if on_gpu:  # compile (not run) the split variant once per signature to learn how many programs an SM holds
+            signature = (device.index, config, rank, rope, latent.dtype, key_mask is None, mask_strides[1] == 0)
+            if signature not in _RESIDENT:
+                _RESIDENT[signature] = programs_per_sm(launch(2, *partials(2), warmup=True), config.num_warps, device)
+            resident = _RESIDENT[signature]
+        num_splits = default_num_splits(batch, head_blocks, kv_len, config, resident, device)
+    num_splits = max(1, int(num_splits))
+    direct = num_splits == 1
 
     if direct:
         partial = out.unsqueeze(3)  # [B, H, S, 1, r]
         lse = torch.empty((1, 1, 1, 1), device=device, dtype=torch.float32)  # never written
     else:
-        partial = torch.empty((batch, heads, q_len, num_splits, rank), device=device, dtype=torch.float32)
-        lse = torch.empty((batch, heads, q_len, num_splits), device=device, dtype=torch.float32)
-
-    precision = "ieee" if q_latent.dtype == torch.float32 else "tf32"
-    split_kernel[(batch * head_blocks * config.value_blocks, num_splits)](
-        q_latent, q_rope, latent, k_rope, mask, cache_seqlens, partial, lse,
-        *q_latent.stride(), *q_rope.stride(), *latent.stride(), *k_rope.stride(), *mask_strides,
-        *partial.stride(), *lse.stride(),
-        heads, q_len, rank, rope, softmax_scale * 1.4426950408889634,  # log2(e): the kernel uses exp2
-        HAS_MASK=key_mask is not None, CAUSAL=key_mask is None or key_mask.dim() == 2,
-        NUM_SPLITS=num_splits, DIRECT=direct,
-        BLOCK_H=config.block_h, BLOCK_S=config.block_s, BLOCK_M=config.block_h * config.block_s,
-        BLOCK_N=config.block_n, BLOCK_R=block_r, BLOCK_DR=block_dr, VALUE_BLOCKS=config.value_blocks,
-        PRECISION=precision,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+        partial, lse = partials(num_splits)
+    launch(num_splits, partial, lse)
     if not direct:
         merge_block_r = block_r if on_gpu else min(block_r, 32)  # GPU: the whole row in one pass of loads
         merge_kernel[(batch * heads * q_len,)](

@@ -326,3 +326,31 @@ def test_gpu_generate_with_the_kernel_matches_pytorch(monkeypatch):
     monkeypatch.setattr(modeling, "mla_decode_attention", None)
     for impl, tokens in with_kernel.items():
         assert model.generate(ids, cache_implementation=impl, **kwargs).tolist() == tokens.tolist()
+
+
+def test_split_count_fills_whole_waves_of_resident_programs(monkeypatch):
+    """The split count from the compiled kernel's occupancy (an H200's SM: 2048 threads, 64K registers, 228 KiB of
+    shared memory, 132 SMs), with the resources Triton reported for the two default tiles (bench_mla_decode.py)."""
+    from types import SimpleNamespace
+
+    from modeling_moe.kernels.mla_decode import DecodeConfig, default_num_splits, programs_per_sm
+
+    h200 = SimpleNamespace(max_threads_per_multi_processor=2048, regs_per_multiprocessor=65536,
+                           shared_memory_per_multiprocessor=228 * 1024, multi_processor_count=132)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: h200)
+    gpu = torch.device("cuda", 0)
+
+    def compiled(regs, shared_kib):
+        return SimpleNamespace(run=None, n_regs=regs, metadata=SimpleNamespace(shared=shared_kib * 1024))
+
+    few_heads = DecodeConfig(block_h=16, block_s=1, block_n=64, num_warps=4, num_stages=2)
+    many_heads = DecodeConfig(block_h=64, block_s=1, block_n=64, num_warps=8, num_stages=2)
+    assert programs_per_sm(compiled(183, 92), 4, gpu) == 2  # shared memory: 2 x 93 KiB of 228
+    assert programs_per_sm(compiled(254, 216), 8, gpu) == 1  # registers and shared memory: one program
+    assert programs_per_sm(compiled(64, 8), 4, gpu) == 8  # registers: 64 x 128 threads = 8K of 64K
+    assert programs_per_sm(compiled(32, 4), 4, gpu) == 16  # threads: 16 x 128 = 2048
+    # batch 32 x 8192 keys: V2-Lite (one head block) fills 132 x 2 slots with 8 splits (256 programs, no tail)
+    assert default_num_splits(32, 1, 8192, few_heads, 2, gpu) == 8
+    assert default_num_splits(32, 2, 8192, many_heads, 1, gpu) == 2  # V3: two head blocks, 128 programs
+    assert default_num_splits(1, 1, 8192, few_heads, 2, gpu) == 32  # capped by length: >= 4 blocks of keys each
+    assert default_num_splits(256, 2, 8192, many_heads, 1, gpu) == 1  # more programs than slots: no split
