@@ -222,7 +222,7 @@ def part_train(S, args, dev, dtype):
                        + 3 * seq * our_cfg.num_hidden_layers * our_cfg.num_attention_heads
                        * (our_cfg.qk_head_dim + our_cfg.v_head_dim))  # causal attention: half the score matrix
 
-    def run(cfg, impl, update_bias=False, compiled=False, profile=False):
+    def run(cfg, impl, update_bias=False, compiled=False, profile=False, skip_logits=False):
         model = build(cfg, impl, state, dev, dtype).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True if dev.type == "cuda" else None)
         if compiled:  # what `pretrain --torch_compile` does: accelerate's regional compilation, each decoder layer
@@ -232,8 +232,10 @@ def part_train(S, args, dev, dtype):
         else:
             forward = model
 
+        loss_kwargs = dict(skip_logits=True) if skip_logits else {}  # the chunked loss, as pretraining computes it
+
         def step():
-            forward(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+            forward(input_ids=ids, labels=ids, use_cache=False, **loss_kwargs).loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             if update_bias:
@@ -255,10 +257,11 @@ def part_train(S, args, dev, dtype):
             rows["ours + update_expert_bias"] = measure(  # profiled here where the fused row does not run
                 run, our_cfg, impl, True, profile=args.profile_train and not fused_available(dev))
             if fused_available(dev):
-                rows["ours (fused experts) + update_expert_bias"] = measure(run, our_cfg, "fused", True,
-                                                                            profile=args.profile_train)
+                rows["ours (fused experts) + update_expert_bias"] = measure(run, our_cfg, "fused", True)
                 rows["ours (fused experts, compiled layers) + update_expert_bias"] = measure(
                     run, our_cfg, "fused", True, True)
+                rows["ours (fused experts, compiled layers, chunked loss) + update_expert_bias"] = measure(
+                    run, our_cfg, "fused", True, True, profile=args.profile_train, skip_logits=True)
         report("train", f"experts={impl} B{batch}xS{seq}", rows, gflop_per_token=sig(flops_per_token / 1e9))
 
 
@@ -532,9 +535,9 @@ def main():
     parser.add_argument("--profile-generate", action="store_true",
                         help="print a torch.profiler table of our fastest generate path (32 new tokens)")
     parser.add_argument("--profile-train", action="store_true",
-                        help="profile one more training step of our fused-experts row (grouped_mm without CUDA): time "
-                             "share per category (routed experts, attention, other GEMMs, the rest) and the busiest "
-                             "kernels")
+                        help="profile one more training step of our fastest row (what pretraining runs; grouped_mm "
+                             "without CUDA): time share per category (routed experts, attention, other GEMMs, the "
+                             "rest) and the busiest kernels")
     parser.add_argument("--profile-decode", action="store_true",
                         help="print a torch.profiler table of ten compiled static-cache decode steps of each layer "
                              "(kernels launched eagerly: where the layer's time goes)")

@@ -10,6 +10,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,7 @@ from transformers.utils import can_return_tuple
 
 from .cache_moe import MoEStaticCache
 from .configuration_moe import MoEConfig
+from .loss_moe import chunked_causal_lm_loss
 
 # experts_implementation="fused" (Triton kernels, modeling_moe.kernels) is registered when the modeling_moe package is
 # installed, also for this file's exported trust_remote_code copy; without the package the default stays grouped_mm.
@@ -40,6 +42,15 @@ try:  # the MLA decode kernel (Triton) likewise comes with the package
     from modeling_moe.kernels.mla_decode import mla_decode_attention
 except ImportError:
     MLA_DECODE_HAS_TRITON, mla_decode_attention = False, None
+
+
+@dataclass
+class MoECausalLMOutputWithPast(MoeCausalLMOutputWithPast):
+    """transformers' MoE causal-LM output, plus `lm_loss`: the next-token loss alone, without the auxiliary and MTP
+    terms that `loss` (the training objective) adds to it."""
+
+    lm_loss: torch.FloatTensor | None = None
+
 
 # transformers renamed the cache argument and output field from `past_key_values` to `cache` in 5.2x.
 CACHE_FIELD = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -794,8 +805,17 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         cache: Cache | None = None,
+        skip_logits: bool = False,
         **kwargs,
-    ) -> MoeCausalLMOutputWithPast:
+    ) -> MoECausalLMOutputWithPast:
+        r"""
+        skip_logits (`bool`, *optional*, defaults to `False`):
+            Compute the loss from the hidden states a chunk of tokens at a time (`loss_moe.chunked_causal_lm_loss`)
+            and return no logits: the [tokens, vocab] logits are never held whole. Needs `labels`. Pretraining uses
+            it; a trainer that reads the logits (TRL's SFT token accuracy, GRPO's log-probabilities) cannot.
+        """
+        if skip_logits and labels is None:
+            raise ValueError("skip_logits=True computes the loss instead of the logits: it needs `labels`")
         output_router_logits = self.config.output_router_logits if output_router_logits is None else output_router_logits
         kwargs.pop("output_attentions", None)
         outputs = self.model(
@@ -810,7 +830,8 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
+        kept = hidden_states[:, keep, :]
+        logits = None if skip_logits else self.lm_head(kept)
 
         router_logits = outputs.router_logits
         moe_routers = [layer.mlp.gate for layer in self.model.layers if layer.is_moe]
@@ -818,9 +839,9 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         if output_router_logits and router_logits:
             aux_loss = torch.stack([expert_balance_loss(r, l) for r, l in zip(moe_routers, router_logits)]).mean()
 
-        loss = None
+        loss = lm_loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = lm_loss = self.next_token_loss(kept, logits, labels, **kwargs)
             if aux_loss is not None and self.config.router_aux_loss_coef:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
             if self.training and self.config.seq_aux_loss_coef and router_logits:
@@ -831,11 +852,12 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
                 loss = loss + self.config.seq_aux_loss_coef * seq_aux
             if self.training and self.model.mtp_layers and input_ids is not None:
                 loss = loss + self.config.mtp_loss_weight * self.mtp_loss(
-                    hidden_states, input_ids, labels, attention_mask, position_ids, **kwargs
+                    hidden_states, input_ids, labels, attention_mask, position_ids, skip_logits=skip_logits, **kwargs
                 )
 
-        return MoeCausalLMOutputWithPast(
+        return MoECausalLMOutputWithPast(
             loss=loss,
+            lm_loss=lm_loss,
             aux_loss=aux_loss,
             logits=logits,
             hidden_states=outputs.hidden_states,
@@ -843,18 +865,24 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
             **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
 
-    def mtp_loss(self, hidden_states, input_ids, labels, attention_mask=None, position_ids=None, **kwargs):
+    def next_token_loss(self, hidden_states, logits, labels, **kwargs):
+        """transformers' causal-LM loss of the logits, or, without them (`skip_logits`), the same loss computed from
+        the hidden states in chunks."""
+        if logits is None:
+            return chunked_causal_lm_loss(hidden_states, self.lm_head.weight, labels, **kwargs)
+        return self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+
+    def mtp_loss(self, hidden_states, input_ids, labels, attention_mask=None, position_ids=None, skip_logits=False,
+                 **kwargs):
         """Mean over depths of the cross-entropy of MTP depth d, whose position i predicts labels[i + d + 1]."""
         kwargs.pop("num_items_in_batch", None)
+        kwargs.pop("shift_labels", None)
         losses = []
         for depth, (mtp_hidden, _) in enumerate(
             self.model.multi_token_prediction(hidden_states, input_ids, attention_mask, position_ids), start=1
         ):
-            losses.append(
-                self.loss_function(
-                    logits=self.lm_head(mtp_hidden), labels=labels[:, depth:], vocab_size=self.config.vocab_size
-                )
-            )
+            logits = None if skip_logits else self.lm_head(mtp_hidden)
+            losses.append(self.next_token_loss(mtp_hidden, logits, labels[:, depth:]))
         return torch.stack(losses).mean()
 
     def _prepare_static_cache(

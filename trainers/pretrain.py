@@ -917,10 +917,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
     }
     last_window_load, last_window_steps = None, None
     grad_norm = torch.zeros((), device=device)
-    needs_lm_loss = bool(
-        config.num_nextn_predict_layers or config.seq_aux_loss_coef
-        or (config.output_router_logits and config.router_aux_loss_coef)
-    )
 
     if args.eval_on_start and eval_loader is not None and state.global_step == 0:
         record_metrics({"step": 0, **evaluate(model, eval_loader, accelerator)})
@@ -958,14 +954,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
         for _ in range(args.gradient_accumulation_steps):
             batch = batches.next()
             with accelerator.accumulate(model):
-                output = model(**batch, use_cache=False)
+                # the loss from the hidden states in chunks: the [tokens, vocab] logits are never held whole
+                output = model(**batch, use_cache=False, skip_logits=True)
                 accelerator.backward(output.loss)
-            with torch.no_grad():
-                objective += output.loss.detach().float()
-                if needs_lm_loss:
-                    lm += unwrapped.loss_function(
-                        logits=output.logits.detach(), labels=batch["labels"], vocab_size=config.vocab_size
-                    ).float()
+            objective += output.loss.detach().float()
+            lm += output.lm_loss.detach().float()
             del output
         if not accelerator.sync_gradients:
             raise RuntimeError("gradient accumulation fell out of step with the optimizer")
@@ -994,7 +987,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
         state.tokens_seen += tokens_per_step
         micro = args.gradient_accumulation_steps
         window["objective"] += objective / micro
-        window["lm"] += (lm if needs_lm_loss else objective) / micro
+        window["lm"] += lm / micro
         window["steps"] += 1
         if num_layers:
             window["maxvio"] += balance["maxvio"].to(device)

@@ -1,0 +1,112 @@
+"""The chunked causal-LM loss against transformers' loss on the whole logits (float64), and the model's skip_logits."""
+
+import pytest
+import torch
+from transformers.loss.loss_utils import ForCausalLMLoss
+
+from modeling_moe.loss_moe import chunked_causal_lm_loss, default_chunk_tokens
+
+from .helpers import seeded_model, small_config
+
+
+def reference(hidden, weight, labels, num_items_in_batch=None, shift_labels=None):
+    """The math in float64 on the whole logits: position i predicts labels[i + 1] (or shift_labels[i])."""
+    if shift_labels is None:
+        shift_labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+    logits = (hidden @ weight.t()).flatten(0, 1)
+    targets = shift_labels.flatten()
+    counted = targets != -100
+    losses = torch.logsumexp(logits, -1) - logits.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
+    total = (losses * counted).sum()
+    return total / (counted.sum() if num_items_in_batch is None else num_items_in_batch)
+
+
+def test_reference_is_transformers_loss():
+    hidden, weight, labels = inputs()
+    torch.testing.assert_close(reference(hidden, weight, labels).float(),
+                               ForCausalLMLoss(hidden @ weight.t(), labels, weight.shape[0]))
+
+
+def inputs(batch=3, seq=11, hidden_size=16, vocab=37, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(batch, seq, hidden_size, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(vocab, hidden_size, generator=gen, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, vocab, (batch, seq), generator=gen)
+    labels[0, :4] = -100  # a masked prompt
+    labels[2, 7] = -100
+    return hidden, weight, labels
+
+
+def value_and_grads(fn, hidden, weight, labels, **kwargs):
+    hidden, weight = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    loss = fn(hidden, weight, labels, **kwargs)
+    (loss * 1.7).backward()  # an upstream gradient other than 1
+    return loss.detach(), hidden.grad, weight.grad
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 5, 33, 64])  # one token a chunk, a ragged last chunk, one chunk
+@pytest.mark.parametrize("reduction", ["mean", "num_items_in_batch", "shift_labels"])
+def test_matches_transformers_loss_and_gradients(chunk_tokens, reduction):
+    hidden, weight, labels = inputs()
+    kwargs = {}
+    if reduction == "num_items_in_batch":
+        kwargs["num_items_in_batch"] = torch.tensor(40)
+    elif reduction == "shift_labels":
+        kwargs["shift_labels"] = torch.roll(labels, 3, dims=1)
+    expected = value_and_grads(reference, hidden, weight, labels, **kwargs)
+    got = value_and_grads(chunked_causal_lm_loss, hidden, weight, labels, chunk_tokens=chunk_tokens, **kwargs)
+    for name, e, g in zip(("loss", "grad hidden", "grad weight"), expected, got):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_bf16_matches_the_fp32_reference_within_bf16_tolerance():
+    hidden, weight, labels = inputs(batch=3, seq=64, hidden_size=32, vocab=300, seed=1)
+    expected = value_and_grads(reference, hidden, weight, labels)
+    got = value_and_grads(chunked_causal_lm_loss, hidden.bfloat16(), weight.bfloat16(), labels, chunk_tokens=48)
+    for name, e, g in zip(("loss", "grad hidden", "grad weight"), expected, got):
+        assert g.dtype == torch.bfloat16 or name == "loss"
+        assert ((g.double() - e).abs().max() / e.abs().max()).item() < 2e-2, name
+
+
+def test_without_gradients_only_the_loss_is_computed():
+    hidden, weight, labels = inputs()
+    with torch.no_grad():
+        got = chunked_causal_lm_loss(hidden, weight, labels, chunk_tokens=4)
+    assert not got.requires_grad
+    torch.testing.assert_close(got, reference(hidden, weight, labels).detach())
+
+
+def test_errors_and_chunk_size():
+    hidden, weight, labels = inputs()
+    with pytest.raises(ValueError, match="targets for"):
+        chunked_causal_lm_loss(hidden, weight, labels[:, :5])
+    assert default_chunk_tokens(32000) == 2048 and default_chunk_tokens(129280) == 512
+    assert default_chunk_tokens(50) == 8192 and default_chunk_tokens(10**8) == 256
+
+
+@pytest.mark.parametrize("mtp", [0, 1])
+def test_model_skip_logits_gives_the_same_loss_and_gradients(mtp):
+    """Training forward with skip_logits: no logits, the same objective, LM loss and gradients (MTP included)."""
+    config = small_config(num_nextn_predict_layers=mtp, tie_word_embeddings=True, seq_aux_loss_coef=0.01)
+    model = seeded_model(config).train()
+    ids = torch.randint(3, config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    results = []
+    for skip in (False, True):
+        model.zero_grad()
+        out = model(input_ids=ids, labels=labels, skip_logits=skip)
+        out.loss.backward()
+        assert (out.logits is None) == skip
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results.append((out.loss.detach().double(), out.lm_loss.detach().double(), grads))
+    (loss, lm_loss, grads), (skip_loss, skip_lm_loss, skip_grads) = results
+    # transformers' loss upcasts the logits "to float": float32 even in a float64 model; the chunked loss keeps float64
+    torch.testing.assert_close(skip_loss, loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(skip_lm_loss, lm_loss, rtol=1e-6, atol=1e-6)
+    assert lm_loss < loss  # the objective adds the sequence aux loss (and the MTP loss) to the LM loss
+    assert skip_grads.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(skip_grads[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)
+    with pytest.raises(ValueError, match="needs `labels`"):
+        model(input_ids=ids, skip_logits=True)
