@@ -29,7 +29,6 @@ from transformers.utils import can_return_tuple
 
 from .cache_moe import MoEStaticCache
 from .configuration_moe import MoEConfig
-from .loss_moe import chunked_causal_lm_loss
 
 # experts_implementation="fused" (Triton kernels, modeling_moe.kernels) is registered when the modeling_moe package is
 # installed, also for this file's exported trust_remote_code copy; without the package the default stays grouped_mm.
@@ -42,6 +41,10 @@ try:  # the MLA decode kernel (Triton) likewise comes with the package
     from modeling_moe.kernels.mla_decode import mla_decode_attention
 except ImportError:
     MLA_DECODE_HAS_TRITON, mla_decode_attention = False, None
+try:  # and the chunked loss (`skip_logits`); without it the loss is taken from the whole logits
+    from modeling_moe.kernels.linear_cross_entropy import chunked_causal_lm_loss
+except ImportError:
+    chunked_causal_lm_loss = None
 
 
 @dataclass
@@ -810,7 +813,7 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
     ) -> MoECausalLMOutputWithPast:
         r"""
         skip_logits (`bool`, *optional*, defaults to `False`):
-            Compute the loss from the hidden states a chunk of tokens at a time (`loss_moe.chunked_causal_lm_loss`)
+            Compute the loss from the hidden states a chunk of tokens at a time (`kernels.linear_cross_entropy`)
             and return no logits: the [tokens, vocab] logits are never held whole. Needs `labels`. Pretraining uses
             it; a trainer that reads the logits (TRL's SFT token accuracy, GRPO's log-probabilities) cannot.
         """
@@ -867,9 +870,11 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
 
     def next_token_loss(self, hidden_states, logits, labels, **kwargs):
         """transformers' causal-LM loss of the logits, or, without them (`skip_logits`), the same loss computed from
-        the hidden states in chunks."""
-        if logits is None:
+        the hidden states in chunks (from the whole logits after all where the package's kernels are absent)."""
+        if logits is None and chunked_causal_lm_loss is not None:
             return chunked_causal_lm_loss(hidden_states, self.lm_head.weight, labels, **kwargs)
+        if logits is None:
+            logits = self.lm_head(hidden_states)
         return self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
     def mtp_loss(self, hidden_states, input_ids, labels, attention_mask=None, position_ids=None, skip_logits=False,

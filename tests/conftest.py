@@ -1,5 +1,9 @@
+import importlib.util
+
 import pytest
 import torch
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def pytest_collection_modifyitems(config, items):
@@ -32,3 +36,36 @@ def tiny_dir(tmp_path_factory):
     AutoModelForCausalLM.from_config(load_preset_config("tiny")).save_pretrained(folder)
     AutoTokenizer.from_pretrained(preset_path("tiny")).save_pretrained(folder)
     return str(folder)
+
+
+def route_jit_calls_to_interpreter(monkeypatch):
+    """Triton decides at decoration time whether a @triton.jit function is interpreted, and triton is usually
+    imported long before a test sets TRITON_INTERPRET=1 (torch._dynamo imports it), so its own jit'd library
+    functions (tl.sum, tl.max, tl.cumsum, ...) are compiled-mode objects: calls to them from inside an interpreted
+    kernel are routed to interpreted copies."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    interpreted = {}
+
+    def call_interpreted(self, *args, **kwargs):
+        if id(self) not in interpreted:  # (a JITFunction's hash is its cache key: not computable in here)
+            interpreted[id(self)] = InterpretedFunction(self.fn)
+        return interpreted[id(self)](*args, **kwargs)
+
+    monkeypatch.setattr(JITFunction, "__call__", call_interpreted)
+
+
+@pytest.fixture
+def triton_device(monkeypatch):
+    """Where the Triton kernels run: CUDA as it is, else the CPU through the interpreter (TRITON_INTERPRET=1)."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    for forcing_the_reference in ("MLA_DECODE_REFERENCE", "CROSS_ENTROPY_REFERENCE"):
+        monkeypatch.delenv(forcing_the_reference, raising=False)
+    if torch.cuda.is_available():
+        yield "cuda"
+        return
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    route_jit_calls_to_interpreter(monkeypatch)
+    yield "cpu"

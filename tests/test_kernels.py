@@ -32,6 +32,7 @@ from modeling_moe.kernels import KernelConfig, config_override, fused_moe, moe_e
 from modeling_moe.kernels.fused_moe_ops import DGRAD_H_VARIANTS, dgrad_h_variant, set_dgrad_h_variant
 from modeling_moe.kernels.reference import down_and_combine, sorted_pre_activations
 
+from .conftest import route_jit_calls_to_interpreter
 from .helpers import assert_compiled_training_step_matches, small_config
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -40,12 +41,9 @@ CUDA = torch.cuda.is_available()
 
 
 def enable_interpreter(monkeypatch):
-    """TRITON_INTERPRET=1 for this test. Triton decides at decoration time whether a @triton.jit function is
-    interpreted, and triton (with its own jit'd library: tl.sum, tl.cumsum, ...) is usually imported long before
-    this point (torch._dynamo imports it), so: our kernels module is (re)imported under the flag, and calls of the
-    library's compiled-mode JITFunctions from inside interpreted kernels are routed to interpreted copies."""
+    """TRITON_INTERPRET=1 for this test: our kernels module is (re)imported under the flag (Triton decides at
+    decoration time whether a @triton.jit function is interpreted), and the library's jit'd functions follow."""
     from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
 
     from modeling_moe.kernels import fused_moe_ops as fused_module
 
@@ -54,14 +52,7 @@ def enable_interpreter(monkeypatch):
     if kernels is not None and not isinstance(kernels._combine_kernel, InterpretedFunction):
         monkeypatch.delitem(sys.modules, "modeling_moe.kernels.fused_moe_kernels")
         monkeypatch.setattr(fused_module, "_kernels", None)
-    interpreted = {}
-
-    def call_interpreted(self, *args, **kwargs):
-        if id(self) not in interpreted:  # (a JITFunction's hash is its cache key: not computable in here)
-            interpreted[id(self)] = InterpretedFunction(self.fn)
-        return interpreted[id(self)](*args, **kwargs)
-
-    monkeypatch.setattr(JITFunction, "__call__", call_interpreted)
+    route_jit_calls_to_interpreter(monkeypatch)
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ kernels are defined at their first launch, so the setting applies) in fp32 at ti
 `tl.dot` is unreliable, so bf16 is checked on a GPU only (`gpu` marker).
 """
 
-import importlib.util
 import math
 
 import pytest
@@ -21,37 +20,7 @@ from modeling_moe.modeling_moe import CACHE_FIELD
 
 from .helpers import seeded_model, small_config
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-CUDA = torch.cuda.is_available()
-
-
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
-
-
-@pytest.fixture
-def triton_device(monkeypatch):
-    """Where the Triton kernel runs: CUDA as it is, else the CPU through the interpreter. Triton is usually imported
-    before the flag is set (torch._dynamo imports it), so its own jit'd library functions (tl.sum, tl.max, ...) are
-    compiled-mode objects: calls to them from inside an interpreted kernel are routed to interpreted copies."""
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed")
-    if CUDA:
-        yield "cuda"
-        return
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.delenv("MLA_DECODE_REFERENCE", raising=False)
-    interpreted = {}
-
-    def call_interpreted(self, *args, **kwargs):
-        if id(self) not in interpreted:
-            interpreted[id(self)] = InterpretedFunction(self.fn)
-        return interpreted[id(self)](*args, **kwargs)
-
-    monkeypatch.setattr(JITFunction, "__call__", call_interpreted)
-    yield "cpu"
 
 
 def math_reference(q_latent, q_rope, latent, k_rope, scale, cache_seqlens=None, key_mask=None):

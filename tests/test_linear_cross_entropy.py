@@ -1,10 +1,16 @@
-"""The chunked causal-LM loss against transformers' loss on the whole logits (float64), and the model's skip_logits."""
+"""The cross-entropy row kernel and the chunked causal-LM loss against float64 math and transformers' loss on the
+whole logits, and the model's skip_logits."""
 
 import pytest
 import torch
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from modeling_moe.loss_moe import chunked_causal_lm_loss, default_chunk_tokens
+from modeling_moe.kernels.linear_cross_entropy import (
+    chunked_causal_lm_loss,
+    cross_entropy_rows_,
+    cross_entropy_rows_reference,
+    default_chunk_tokens,
+)
 
 from .helpers import seeded_model, small_config
 
@@ -74,6 +80,63 @@ def test_without_gradients_only_the_loss_is_computed():
         got = chunked_causal_lm_loss(hidden, weight, labels, chunk_tokens=4)
     assert not got.requires_grad
     torch.testing.assert_close(got, reference(hidden, weight, labels).detach())
+
+
+def row_math(logits, targets, ignore_index=-100):
+    """Float64, row by row: loss = logsumexp - target logit; gradient = softmax - one-hot; ignored rows give 0."""
+    logits = logits.double().cpu()
+    losses, grads = [], []
+    for row, target in zip(logits, targets.tolist()):
+        if target == ignore_index:
+            losses.append(torch.zeros((), dtype=torch.float64))
+            grads.append(torch.zeros_like(row))
+            continue
+        probs = torch.exp(row - row.max()) / torch.exp(row - row.max()).sum()
+        losses.append(-torch.log(probs[target]))
+        grads.append(probs - torch.nn.functional.one_hot(torch.tensor(target), row.numel()).double())
+    return torch.stack(losses), torch.stack(grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [1, 37, 64, 200])  # one column, ragged and whole blocks of the interpreter's 64
+def test_row_kernel_matches_the_math(triton_device, dtype, vocab):
+    gen = torch.Generator().manual_seed(vocab)
+    logits = (torch.randn(9, vocab, generator=gen) * 4).to(dtype)
+    logits[3, :] = logits[3, 0]  # a flat row
+    targets = torch.randint(0, vocab, (9,), generator=gen)
+    targets[[1, 6]] = -100
+    targets[0] = vocab - 1  # the last column
+    losses_expected, grad_expected = row_math(logits, targets)
+    buffer = logits.to(triton_device, copy=True)
+    losses = cross_entropy_rows_(buffer, targets.to(triton_device))
+    assert losses.dtype == torch.float32 and buffer.dtype == dtype
+    tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=4e-3)
+    torch.testing.assert_close(losses.double().cpu(), losses_expected, **tolerance)
+    torch.testing.assert_close(buffer.double().cpu(), grad_expected, **tolerance)
+    without_grad = logits.to(triton_device, copy=True)
+    torch.testing.assert_close(cross_entropy_rows_(without_grad, targets.to(triton_device), with_grad=False), losses)
+    assert torch.equal(without_grad.cpu(), logits)  # untouched
+    reference_losses, reference_grad = cross_entropy_rows_reference(logits.double(), targets)
+    torch.testing.assert_close(reference_losses, losses_expected)
+    torch.testing.assert_close(reference_grad, grad_expected)
+
+
+def test_row_kernel_no_rows_and_bad_layouts(triton_device):
+    assert cross_entropy_rows_(torch.zeros(0, 5, device=triton_device), torch.zeros(0, dtype=torch.long,
+                                                                                    device=triton_device)).numel() == 0
+    with pytest.raises(ValueError, match="contiguous rows"):
+        cross_entropy_rows_(torch.zeros(5, 4).t(), torch.zeros(4, dtype=torch.long))
+
+
+def test_chunked_loss_through_the_kernel(triton_device):
+    """The chunked loss with the Triton rows (fp32) against the float64 math."""
+    hidden, weight, labels = inputs()
+    expected = value_and_grads(reference, hidden, weight, labels)
+    on = dict(device=triton_device, dtype=torch.float32)
+    got = value_and_grads(chunked_causal_lm_loss, hidden.to(**on), weight.to(**on), labels.to(triton_device),
+                          chunk_tokens=7)
+    for name, e, g in zip(("loss", "grad hidden", "grad weight"), expected, got):
+        torch.testing.assert_close(g.double().cpu(), e, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_errors_and_chunk_size():
