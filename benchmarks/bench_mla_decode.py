@@ -2,7 +2,8 @@
 
     python benchmarks/bench_mla_decode.py [--shapes v2lite,v3,small16,small64] [--quick]
 
-For each shape (bf16 latent cache, one new token per sequence, every sequence filled to the cache length):
+For each shape (bf16 latent cache, one new token per sequence, every sequence filled to the cache length, with the
+[B, 1, T] key mask the model's attention passes, unless --no-mask):
   * the PyTorch absorbed path (`mla_decode_reference`, what runs without Triton) and the kernel with the launcher's
     default config, then a sweep of (block_h, block_n, num_warps, num_stages, value_blocks: the output columns
     shared among programs, tried at >= 64 heads) at the default split count, then of the split count for the best
@@ -16,6 +17,7 @@ benchmarks/out/), a table last. The anchor for the whole decode step (transforme
 same run) is `bench_model.py --parts decode`; this script is for tuning the kernel's defaults.
 """
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -39,7 +41,7 @@ SHAPES = {
 
 def sweep_space(heads: int, quick: bool):
     block_hs = [h for h in (16, 32, 64) if h <= max(16, heads)]
-    space = itertools.product(block_hs, (32, 64), (4, 8), (2, 3), (1,))
+    space = itertools.product(block_hs, (32, 64), (4, 8), (2, 3, 4), (1,))
     if quick:
         space = itertools.product(block_hs[:2], (32, 64), (4, 8), (2,), (1,))
     configs = list(space)
@@ -67,6 +69,9 @@ class LaunchRecorder:
 
         return run
 
+    def warmup(self, *args, **kwargs):  # the launcher compiles a variant to learn its occupancy
+        return self.kernel.warmup(*args, **kwargs)
+
     def resources(self) -> dict:
         compiled = self.last
         if compiled is None or not hasattr(compiled, "n_regs"):
@@ -90,6 +95,9 @@ def bench_shape(name, shape, args, records):
     q_latent, q_rope = randn(batch, heads, 1, rank), randn(batch, heads, 1, rope)
     latent, k_rope = randn(batch, cache_len, rank), randn(batch, cache_len, rope)
     scale = 1 / (192 ** 0.5)
+    # what the model passes (one query token: its 4D mask becomes a [B, 1, T] key mask), unless --no-mask
+    key_mask = None if args.no_mask else torch.ones(batch, 1, cache_len, dtype=torch.bool, device="cuda")
+    mla = functools.partial(mla_decode.mla_decode_triton, q_latent, q_rope, latent, k_rope, scale, key_mask=key_mask)
     cache_bytes = (latent.numel() + k_rope.numel()) * 2
     reference = mla_decode.mla_decode_reference(q_latent.double(), q_rope.double(), latent.double(),
                                                 k_rope.double(), scale)
@@ -108,9 +116,8 @@ def bench_shape(name, shape, args, records):
         return rec
 
     record("pytorch", lambda: mla_decode.mla_decode_reference(q_latent, q_rope, latent, k_rope, scale))
-    default = record("triton default", lambda: mla_decode.mla_decode_triton(q_latent, q_rope, latent, k_rope, scale))
-    tiles = [record("triton", lambda c=c: mla_decode.mla_decode_triton(q_latent, q_rope, latent, k_rope, scale, **c),
-                    **c) for c in sweep_space(heads, args.quick)]
+    default = record("triton default", mla)
+    tiles = [record("triton", lambda c=c: mla(**c), **c) for c in sweep_space(heads, args.quick)]
     timed = [r for r in tiles if "ms" in r]
     if not timed:
         return
@@ -118,12 +125,11 @@ def bench_shape(name, shape, args, records):
     config = {k: best[k] for k in CONFIG_KEYS}
     head_blocks = -(-heads // config["block_h"])
     tile_config = mla_decode.DecodeConfig(block_s=1, **config)
-    mla_decode.mla_decode_triton(q_latent, q_rope, latent, k_rope, scale, **config)  # its compiled kernel, recorded
+    mla(**config)  # its compiled kernel, recorded
     resident = mla_decode.programs_per_sm(RECORDER.last, config["num_warps"], latent.device)
     base = mla_decode.default_num_splits(batch, head_blocks, cache_len, tile_config, resident, latent.device)
     for splits in sorted({max(1, base // 2), base * 2, base * 4, 1, 16, 32}):
-        record("triton splits", lambda s=splits: mla_decode.mla_decode_triton(
-            q_latent, q_rope, latent, k_rope, scale, num_splits=s, **config), num_splits=splits, **config)
+        record("triton splits", lambda s=splits: mla(num_splits=s, **config), num_splits=splits, **config)
     overall = min((r for r in records if r["shape"] == name and "ms" in r), key=lambda r: r["ms"])
     print(f"== {name}: default {default.get('ms')} ms, best {overall['ms']} ms "
           f"({overall['cache_GB_per_s']} GB/s) with {overall}", flush=True)
@@ -132,6 +138,7 @@ def bench_shape(name, shape, args, records):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {list(SHAPES)}")
+    parser.add_argument("--no-mask", action="store_true", help="no key mask (the model always passes one)")
     parser.add_argument("--quick", action="store_true", help="a smaller sweep (one stage count, two head blocks)")
     parser.add_argument("--warmup-ms", type=float, default=10, help="do_bench warmup per config")
     parser.add_argument("--rep-ms", type=float, default=50, help="do_bench measuring time per config")

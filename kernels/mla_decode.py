@@ -361,8 +361,9 @@ def default_config(heads: int, q_len: int, dtype: torch.dtype, on_gpu: bool) -> 
 
     * many heads (>= 64 rows of heads x tokens, the V3 shape): 64-row tiles with 64 keys, 8 warps, 2 stages; each
       latent tile is read once per 64 heads (1.08 TB/s at 128 heads vs 0.34 with 32-row tiles);
-    * few heads (16: V2-Lite, the 1.26B model): up to 32 rows (all 16 heads of one token), 64 keys, 4 warps,
-      2 stages (2.85 TB/s at batch 32 x 8192 keys with two programs per SM; 32 keys and 3 stages: 2.65);
+    * few heads (16: V2-Lite, the 1.26B model): up to 32 rows (all 16 heads of one token), 32 keys, 4 warps,
+      3 stages (in the layer, with its key mask: 104 us at batch 32 x 8192 keys, 2.9 TB/s; 64 keys and 2 stages,
+      113 us, although without a mask they lead, 2.85 vs 2.65 TB/s);
     * fp32 (tests) and the CPU interpreter: small tiles that fit shared memory / run quickly.
     """
     block_s = _next_pow2(q_len)
@@ -372,7 +373,7 @@ def default_config(heads: int, q_len: int, dtype: torch.dtype, on_gpu: bool) -> 
         return DecodeConfig(max(1, min(_next_pow2(heads), 32 // block_s)), block_s, 32, 4, 1)
     if heads * block_s >= 64:
         return DecodeConfig(max(1, 64 // block_s), block_s, 64, 8, 2)
-    return DecodeConfig(max(1, min(_next_pow2(heads), 32 // block_s)), block_s, 64, 4, 2)
+    return DecodeConfig(max(1, min(_next_pow2(heads), 32 // block_s)), block_s, 32, 4, 3)
 
 
 def programs_per_sm(compiled, num_warps: int, device: torch.device) -> int:

@@ -299,7 +299,7 @@ def test_gpu_generate_with_the_kernel_matches_pytorch(monkeypatch):
 
 def test_split_count_fills_whole_waves_of_resident_programs(monkeypatch):
     """The split count from the compiled kernel's occupancy (an H200's SM: 2048 threads, 64K registers, 228 KiB of
-    shared memory, 132 SMs), with the resources Triton reported for the two default tiles (bench_mla_decode.py)."""
+    shared memory, 132 SMs), with the resources Triton reported for two tiles (bench_mla_decode.py)."""
     from types import SimpleNamespace
 
     from modeling_moe.kernels.mla_decode import DecodeConfig, default_num_splits, programs_per_sm
