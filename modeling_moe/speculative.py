@@ -57,6 +57,14 @@ def _draft(layer, lm_head, hidden, embeds, position_embeddings, mask, cache):
     return lm_head(out[:, -1:])
 
 
+def _copied_out(outputs, step, eager):
+    """A compiled step's outputs live in its CUDA graphs' memory pool, which the next replay of either step overwrites;
+    the loop keeps them across steps, so they are copied out (a few vectors at batch 1)."""
+    if step is eager:
+        return outputs
+    return tuple(t.clone() for t in outputs) if isinstance(outputs, tuple) else outputs.clone()
+
+
 def _compiled_steps(model, compile_config):
     """(verify, draft) compiled as generate() compiles its decode step, once per model and compile config."""
     cached = getattr(model, "_speculative_steps", None)
@@ -76,7 +84,7 @@ class _MainModel:
     def __call__(self, tokens: torch.Tensor, start: int):
         positions = torch.arange(start, start + tokens.shape[1], device=tokens.device).unsqueeze(0)
         forward = self.step if tokens.shape[1] == 2 else _verify
-        return forward(self.model, tokens, positions, self.cache)
+        return _copied_out(forward(self.model, tokens, positions, self.cache), forward, _verify)
 
 
 class _Drafter:
@@ -112,8 +120,9 @@ class _Drafter:
         keys = torch.arange(self.static_length or start + new, device=embeds.device)
         mask = (keys[None, :] <= positions[0, :, None])[None, None]  # [1, 1, new, keys], True = attend
         draft = self.step if new <= 2 and start > 0 else _draft  # a prompt pass (start 0) has its own length
-        return draft(self.layer, self.model.lm_head, hidden, embeds, base.rotary_emb(embeds, positions), mask,
-                     self.cache)
+        logits = draft(self.layer, self.model.lm_head, hidden, embeds, base.rotary_emb(embeds, positions), mask,
+                       self.cache)
+        return _copied_out(logits, draft, _draft)
 
 
 @torch.no_grad()

@@ -75,6 +75,21 @@ def test_static_caches_and_compiled_steps_give_the_same_tokens_as_greedy(compile
     assert (model._static_cache, model._speculative_draft_cache) == caches
 
 
+@pytest.mark.gpu
+def test_gpu_cuda_graph_steps_give_the_same_tokens_as_greedy():
+    """On a GPU, generate()'s own compile config (mode "reduce-overhead": the two steps replayed from CUDA graphs,
+    whose outputs the next replay overwrites) with the same tokens as plain greedy, over two calls."""
+    model, ids = drafting_model(), prompt(seed=3)
+    model, ids = model.cuda(), ids.cuda()
+    kwargs = dict(max_new_tokens=40, min_new_tokens=40, do_sample=False, cache_implementation="static")
+    expected = model.generate(ids, **kwargs)
+    for _ in range(2):
+        out = model.generate(ids, custom_generate=mtp_speculative_decoding, return_dict_in_generate=True, **kwargs)
+        assert torch.equal(out.sequences, expected)
+        assert 0 < out.generation_stats["accepted"] < out.generation_stats["drafts"]
+    assert hasattr(model, "_speculative_steps")
+
+
 def test_stops_at_eos_like_greedy():
     model, ids = drafting_model(), prompt()
     free = model.generate(ids, max_new_tokens=30, min_new_tokens=30, do_sample=False)
