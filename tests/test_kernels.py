@@ -245,11 +245,11 @@ def test_dgrad_h_variant_setting(monkeypatch):
 
 
 @needs_triton
-@pytest.mark.parametrize("candidate", range(1, 4))
+@pytest.mark.parametrize("candidate", range(3))
 def test_decode_bucket_tile_candidates(triton_path, candidate):
-    """The 16/32-row candidates of the decode bucket (a few rows per expert, as in a generate step), forced: one to
-    two rows on most experts, none on some, sizes that are not multiples of the blocks. Forward only (the bucket
-    serves generation)."""
+    """The 16/32-row candidates of the decode bucket (the default first; a few rows per expert, as in a generate
+    step), forced: one to two rows on most experts, none on some, sizes that are not multiples of the blocks.
+    Forward only (the bucket serves generation)."""
     from modeling_moe.kernels.fused_moe_ops import CANDIDATES, _bucket
 
     assert _bucket(6 * 3, 32) == "decode" and _bucket(16 * 32, 32) == "small"
