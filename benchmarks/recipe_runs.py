@@ -702,10 +702,22 @@ def reward_windows(rewards: list[float], window: int = REWARD_WINDOW) -> dict | 
     return {"window": k, "first": sum(rewards[:k]) / k, "last": sum(rewards[-k:]) / k}
 
 
-def gain_and_error(before: float, after: float, n_before: int, n_after: int) -> tuple[float, float]:
-    """after - before and the standard error of that difference (two independent proportions)."""
+def gain_and_error(before: float, after: float, n_before: int, n_after: int, correct_before: list | None = None,
+                   correct_after: list | None = None) -> tuple[float, float, bool]:
+    """after - before, the standard error of that difference, and whether it is paired.
+
+    With each problem's 0/1 outcome before and after (the same problems, in the same order), the paired standard
+    error sd(after_i - before_i) / sqrt(n): only the problems whose outcome changed count (McNemar's test in its
+    normal approximation), the right test for two evaluations of one problem set. Without them, the error of two
+    independent proportions, which overstates it when the evaluations share their problems."""
+    if correct_before is not None and correct_after is not None and len(correct_before) == len(correct_after) > 1:
+        changes = [a - b for a, b in zip(correct_after, correct_before)]
+        n = len(changes)
+        mean = sum(changes) / n
+        variance = sum((c - mean) ** 2 for c in changes) / (n - 1)
+        return mean, math.sqrt(variance / n), True
     error = math.sqrt(before * (1 - before) / n_before + after * (1 - after) / n_after)
-    return after - before, error
+    return after - before, error, False
 
 
 def _task_value(accuracy: dict | None, task: str, metric: str, single_task: bool = False):
@@ -732,13 +744,15 @@ def task_rows(stages: list[Stage], args) -> list[dict]:
                                         ("grpo", grpo.get("accuracy_after"), True)):
             for metric in ("accuracy", "format", "n"):
                 row[f"{metric}_{label}"] = _task_value(accuracy, task, metric, single)
+        outcomes = [_task_value(grpo.get(key), task, "correct", True) for key in ("accuracy_before", "accuracy_after")]
         if row["accuracy_sft"] is None:  # SFT not run now: the same model, measured by the GRPO run
             row["accuracy_sft"], row["format_sft"], row["n_sft"] = (
                 row["accuracy_grpo_before"], row["format_grpo_before"], row["n_grpo_before"])
         if None not in (row["accuracy_grpo_before"], row["accuracy_grpo"]):
-            gain, error = gain_and_error(row["accuracy_grpo_before"], row["accuracy_grpo"], row["n_grpo_before"],
-                                         row["n_grpo"])
-            row.update(grpo_gain=gain, grpo_gain_se=error, measurably_higher=gain > 0 and gain > 2 * error)
+            gain, error, paired = gain_and_error(row["accuracy_grpo_before"], row["accuracy_grpo"],
+                                                 row["n_grpo_before"], row["n_grpo"], *outcomes)
+            row.update(grpo_gain=gain, grpo_gain_se=error, grpo_gain_paired=paired,
+                       measurably_higher=gain > 0 and gain > 2 * error)
         windows = reward_windows([r["reward"] for r in grpo.get("rewards", [])])
         if windows:
             row.update(reward_window=windows["window"], reward_first=windows["first"], reward_last=windows["last"])
@@ -791,8 +805,8 @@ def accuracy_table(rows: list[dict]) -> list[str]:
              "format: pretrain / SFT / GRPO | GRPO reward: first → last steps | GRPO steps |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        gain = (f"{row['grpo_gain']:+.1%} (± {2 * row['grpo_gain_se']:.1%})" if row.get("grpo_gain") is not None
-                else "n/a")
+        gain = (f"{row['grpo_gain']:+.1%} (± {2 * row['grpo_gain_se']:.1%}"
+                f"{', paired' if row.get('grpo_gain_paired') else ''})" if row.get("grpo_gain") is not None else "n/a")
         rewards = (f"{row['reward_first']:.3f} → {row['reward_last']:.3f} ({row['reward_window']} steps each)"
                    if row.get("reward_window") else "n/a")
         formats = " / ".join(_f(row[f"format_{k}"], pct=True) for k in ("pretrain", "sft", "grpo"))
@@ -831,8 +845,9 @@ def summary_markdown(data: Stage, stages: list[Stage], rows: list[dict], args, f
     verdict = "MET" if met and all(met) else "not measured" if None in met or not met else "NOT MET"
     lines += ["", f"Target (issue 6): accuracy after GRPO measurably higher than after SFT alone on every task: "
               f"**{verdict}**. GRPO gain = accuracy after - before, both measured by the GRPO run on the same held-out "
-              "problems; measurably higher = the gain exceeds 2 standard errors of the difference of two independent "
-              "proportions. Reward = the GRPO run's mean weighted reward (0.1 x format + 1 x correct) of the first "
+              "problems; measurably higher = the gain exceeds 2 standard errors of the difference, paired over the "
+              "problems when each one's outcome was recorded (McNemar's test in its normal approximation: only the "
+              "problems whose answer changed count), else those of two independent proportions. Reward = the GRPO run's mean weighted reward (0.1 x format + 1 x correct) of the first "
               f"and the last {REWARD_WINDOW} steps (half the steps each in shorter runs).", ""]
     if figures:
         lines += [f"Figures: {', '.join(figures)}.", ""]

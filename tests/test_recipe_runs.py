@@ -202,8 +202,17 @@ def test_reward_windows_and_gain():
     assert driver.reward_windows([1.0, 2.0, 3.0]) == {"window": 1, "first": 1.0, "last": 3.0}
     windows = driver.reward_windows([float(i) for i in range(40)])
     assert windows == {"window": 10, "first": 4.5, "last": 34.5}
-    gain, error = driver.gain_and_error(0.5, 0.6, 100, 100)
-    assert gain == pytest.approx(0.1) and error == pytest.approx(math.sqrt(0.25 / 100 + 0.24 / 100))
+    gain, error, paired = driver.gain_and_error(0.5, 0.6, 100, 100)
+    assert gain == pytest.approx(0.1) and error == pytest.approx(math.sqrt(0.25 / 100 + 0.24 / 100)) and not paired
+    # the same 100 problems: 50 right before; after, those 50 and 12 more, but 2 of the 50 lost (+10 points)
+    before = [1] * 50 + [0] * 50
+    after = [1] * 48 + [0] * 2 + [1] * 12 + [0] * 38
+    gain, error, paired = driver.gain_and_error(0.5, 0.6, 100, 100, before, after)
+    changes = [a - b for a, b in zip(after, before)]  # twelve +1, two -1, 86 zeros
+    variance = (12 * (1 - 0.1) ** 2 + 2 * (-1 - 0.1) ** 2 + 86 * 0.1 ** 2) / 99
+    assert paired and gain == pytest.approx(0.1) and sum(changes) == 10
+    assert error == pytest.approx(math.sqrt(variance / 100))  # 0.0348: half the independent 0.0700
+    assert driver.gain_and_error(0.5, 0.6, 100, 100, before, after[:99])[2] is False  # not the same problems
 
 
 def test_data_stage_checks_settings_and_explains_a_missing_generator(tmp_path, monkeypatch):
@@ -362,3 +371,19 @@ def test_help_states_the_size_defaults():
         assert (re.split(r"[:,]", match.group(1))[0], match.group(2)) == (shown(gpu), shown(small)), action.dest
         checked += 1
     assert checked >= 15
+
+
+def test_gain_is_paired_when_each_problems_outcome_is_recorded(tmp_path):
+    """The GRPO run's evaluations record each problem's 0/1 outcome: the gain's error is then the paired one, and the
+    table says so. 10 of 100 problems gained, none lost: +10 points, paired s.e. 0.030 (independent: 0.061)."""
+    args = driver.parse_args(["--output_dir", str(tmp_path), "--grpo_tasks", "countdown"])
+    before, after = [1] * 20 + [0] * 80, [1] * 30 + [0] * 70
+    evaluation = lambda acc, outcomes: {"accuracy": acc, "n": 100, "countdown/accuracy": acc,  # noqa: E731
+                                         "countdown/n": 100, "countdown/correct": outcomes}
+    stage = driver.Stage("grpo-countdown", "grpo", "countdown", result={
+        "accuracy_before": evaluation(0.2, before), "accuracy_after": evaluation(0.3, after)})
+    (row,) = driver.task_rows([stage], args)
+    assert row["grpo_gain"] == pytest.approx(0.1) and row["grpo_gain_paired"] is True
+    assert row["grpo_gain_se"] == pytest.approx(math.sqrt((10 * 0.9 ** 2 + 90 * 0.1 ** 2) / 99 / 100))
+    assert row["measurably_higher"] is True
+    assert "+10.0% (± 6.0%, paired)" in "\n".join(driver.accuracy_table([row]))

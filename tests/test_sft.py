@@ -333,3 +333,36 @@ def test_local_question_answer_file_is_converted(tmp_path):
     assert train[0]["prompt"][-1]["content"] == "What is 0 + 1?"
     assert train[0]["completion"][0]["content"].endswith("<answer>1</answer>")
     assert os.fspath(path) and train[1]["answer"] == "2"
+
+
+def test_evaluate_accuracy_records_each_problems_outcome_in_order():
+    """A stand-in model answers problem i with i for even i and i + 1 for odd i: accuracy 3/5, and the per-problem
+    outcomes (what a paired comparison of two evaluations needs) in dataset order, overall and per task."""
+    from modeling_moe.trainers.reasoning_data import evaluate_accuracy
+
+    tokenizer = AutoTokenizer.from_pretrained(preset_path("tiny"))
+    dataset = [{"prompt": [{"role": "user", "content": f"problem number {i}?"}], "answer": str(i), "task": "gsm"}
+               for i in range(5)]
+
+    class Answers:
+        device, training = torch.device("cpu"), False
+
+        def eval(self):
+            pass
+
+        def train(self, mode=True):
+            pass
+
+        def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
+            rows = []
+            for text in tokenizer.batch_decode(input_ids, skip_special_tokens=True):
+                i = int(text.split("problem number ")[1].split("?")[0])
+                answer = i if i % 2 == 0 else i + 1
+                rows.append(tokenizer(f"<think>\nx\n</think>\n<answer>{answer}</answer>").input_ids)
+            width = max(len(r) for r in rows)
+            new = torch.tensor([r + [tokenizer.eos_token_id] * (width - len(r)) for r in rows])
+            return torch.cat([input_ids, new], dim=1)
+
+    result = evaluate_accuracy(Answers(), tokenizer, dataset, batch_size=2)
+    assert result["accuracy"] == pytest.approx(0.6) and result["n"] == 5 and result["format"] == 1.0
+    assert result["correct"] == [1, 0, 1, 0, 1] and result["gsm/correct"] == [1, 0, 1, 0, 1]

@@ -331,8 +331,10 @@ def score_completion(example: dict, text: str) -> dict:
 
 def evaluate_accuracy(model, tokenizer, dataset, max_new_tokens: int = 256, batch_size: int = 16,
                       num_samples: int | None = None, do_sample: bool = False, keep: int = 4) -> dict:
-    """Generate an answer for each prompt of `dataset` (greedy by default) and score it: mean `accuracy` and `format`
-    and the number of examples `n` (overall, and per task as `<task>/accuracy`, ...), and the first `keep` `samples`."""
+    """Generate an answer for each prompt of `dataset` (greedy by default) and score it: mean `accuracy` and `format`,
+    the number of examples `n` and each example's 0/1 outcome `correct`, in dataset order (overall, and per task as
+    `<task>/accuracy`, ...: two evaluations of one set are then compared problem by problem), and the first `keep`
+    `samples`."""
     import torch
 
     rows = [dataset[i] for i in range(len(dataset) if num_samples is None else min(num_samples, len(dataset)))]
@@ -365,11 +367,13 @@ def evaluate_accuracy(model, tokenizer, dataset, max_new_tokens: int = 256, batc
     if scores:
         result["accuracy"] = sum(s["correct"] for _, s in scores) / len(scores)
         result["format"] = sum(s["format"] for _, s in scores) / len(scores)
+        result["correct"] = [int(s["correct"]) for _, s in scores]
         for task in sorted({t for t, _ in scores if t}):
             task_scores = [s for t, s in scores if t == task]
             result[f"{task}/accuracy"] = sum(s["correct"] for s in task_scores) / len(task_scores)
             result[f"{task}/format"] = sum(s["format"] for s in task_scores) / len(task_scores)
             result[f"{task}/n"] = len(task_scores)
+            result[f"{task}/correct"] = [int(s["correct"]) for s in task_scores]
     return result
 
 
