@@ -879,9 +879,9 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
 
     def mtp_loss(self, hidden_states, input_ids, labels, attention_mask=None, position_ids=None, skip_logits=False,
                  **kwargs):
-        """Mean over depths of the cross-entropy of MTP depth d, whose position i predicts labels[i + d + 1]."""
-        kwargs.pop("num_items_in_batch", None)
-        kwargs.pop("shift_labels", None)
+        """Mean over depths of the cross-entropy of MTP depth d, whose position i predicts labels[i + d + 1] (each
+        depth's mean over its counted tokens: the forward's loss keywords, such as num_items_in_batch, are the main
+        loss's)."""
         losses = []
         for depth, (mtp_hidden, _) in enumerate(
             self.model.multi_token_prediction(hidden_states, input_ids, attention_mask, position_ids), start=1
