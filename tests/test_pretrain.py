@@ -268,11 +268,13 @@ def test_time_by_category_on_synthetic_events():
         ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_kernel__5x_cublas",
          0.05),
         ("aten::mm", 0.01),
-        ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", 0.03),
+        ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", 0.03, 7),  # 7 summed
         ("Memcpy HtoD (Pageable -> Device)", 0.01),
         ("aten::broadcast_tensors", 0.01),  # not a collective
     ]
     summary = time_by_category(events, wall_s=2.0, top=3)
+    fill = time_by_category(events, wall_s=2.0, top=30)["top_kernels"]
+    assert [k["calls"] for k in fill if "FillFunctor" in k["name"]] == [7]
     expected = {"all_to_all": 0.31, "other_collectives": 0.10, "routed_experts": 0.27, "attention": 0.08,
                 "gemm": 0.12, "other": 0.05}
     assert {name: value["time_s"] for name, value in summary["categories"].items()} == pytest.approx(expected)

@@ -47,13 +47,13 @@ def category(name: str) -> str:
 
 
 def time_by_category(events, wall_s: float, top: int = TOP_KERNELS) -> dict:
-    """Summary of timed `events`, (name, seconds) pairs: time and share of `wall_s` per category, and the `top`
-    names by total time."""
+    """Summary of timed `events`, (name, seconds) pairs or (name, seconds, calls) for several calls summed: time and
+    share of `wall_s` per category, and the `top` names by total time, with their number of calls."""
     by_name: dict[str, list] = {}
-    for name, seconds in events:
+    for name, seconds, *calls in events:
         entry = by_name.setdefault(name, [0.0, 0])
         entry[0] += seconds
-        entry[1] += 1
+        entry[1] += calls[0] if calls else 1
     times = dict.fromkeys(CATEGORIES, 0.0)
     for name, (seconds, _) in by_name.items():
         times[category(name)] += seconds
@@ -95,9 +95,10 @@ def _context(event) -> str | None:
     return None
 
 
-def _timed_events(profiler, device_type: str) -> list[tuple[str, float]]:
+def _timed_events(profiler, device_type: str) -> list[tuple]:
     """(name, seconds) of every CUDA kernel / memcpy / memset on a GPU, of every CPU op (self time) on the CPU; named
-    "op > name" inside an op of a specific category."""
+    "op > name" inside an op of a specific category. The GPU's other kernels come summed per name, with their number
+    of calls: (name, seconds, calls)."""
     from torch.autograd import DeviceType
 
     events = profiler.events()
@@ -109,17 +110,22 @@ def _timed_events(profiler, device_type: str) -> list[tuple[str, float]]:
                 micros = event.cpu_time_total if event.is_async else event.self_cpu_time_total
                 timed.append((f"{context} > {event.name}" if context else event.name, micros / 1e6))
         return timed
-    unattributed: dict[str, float] = {}  # kernel name -> microseconds, every kernel
+    unattributed: dict[str, list] = {}  # kernel name -> [microseconds, calls], every kernel
     for event in events:
         if event.device_type == DeviceType.CUDA:
-            unattributed[event.name] = unattributed.get(event.name, 0.0) + event.time_range.elapsed_us()
+            entry = unattributed.setdefault(event.name, [0.0, 0])
+            entry[0] += event.time_range.elapsed_us()
+            entry[1] += 1
     timed = []
     for event in events:  # the kernels an op of a specific category launched
         context = _context(event) if event.device_type == DeviceType.CPU and event.kernels else None
         for kernel in event.kernels if context else ():
             timed.append((f"{context} > {kernel.name}", kernel.duration / 1e6))
-            unattributed[kernel.name] = unattributed.get(kernel.name, 0.0) - kernel.duration
-    return timed + [(name, max(micros, 0.0) / 1e6) for name, micros in unattributed.items()]
+            entry = unattributed.setdefault(kernel.name, [0.0, 0])
+            entry[0] -= kernel.duration
+            entry[1] -= 1
+    return timed + [(name, max(micros, 0.0) / 1e6, calls) for name, (micros, calls) in unattributed.items()
+                    if calls > 0]
 
 
 class StepProfiler:
