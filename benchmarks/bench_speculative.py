@@ -11,7 +11,7 @@ also our fastest plain path: the static latent cache with the decode step in CUD
 `cache_implementation="static"`), against the speculative decoder on the same static caches with its verification
 and draft steps in CUDA graphs. Without a trained MTP module the
 acceptance rate is ~0 and speculation only costs time. JSON lines to $OUT/bench_speculative.jsonl (or
-benchmarks/out/).
+benchmarks/out/), one per prompt as it ends (a run cut short keeps its prompts), then the summary.
 """
 import argparse
 import json
@@ -66,6 +66,9 @@ def main():
             torch.cuda.synchronize()
         return out, time.perf_counter() - start
 
+    out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
+    os.makedirs(out_dir, exist_ok=True)
+    records = open(os.path.join(out_dir, "bench_speculative.jsonl"), "w")  # a line per prompt as it ends
     rows = []
     for index, ids in enumerate(prompts(tokenizer, args)):
         plain, plain_s = timed(ids)
@@ -82,6 +85,8 @@ def main():
                          identical=torch.equal(plain, spec.sequences),
                          identical_static=torch.equal(plain_static, spec_static.sequences)))
         print(json.dumps(rows[-1]), flush=True)
+        records.write(json.dumps(rows[-1]) + "\n")
+        records.flush()
     timed_rows = [r for r in rows if not r["warmup"]] or rows
     summary = {key: statistics.median(r[key] for r in timed_rows)
                for key in ("plain_tokens_per_s", "plain_static_tokens_per_s", "speculative_tokens_per_s",
@@ -92,11 +97,8 @@ def main():
                    identical_static=all(r["identical_static"] for r in rows), prompts=len(timed_rows), device=str(dev),
                    model=args.model, new_tokens=args.new_tokens)
     print(json.dumps(summary))
-    out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "bench_speculative.jsonl"), "w") as f:
-        for record in rows + [dict(summary=True, **summary)]:
-            f.write(json.dumps(record) + "\n")
+    records.write(json.dumps(dict(summary=True, **summary)) + "\n")
+    records.close()
 
 
 if __name__ == "__main__":
