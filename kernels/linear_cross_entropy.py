@@ -130,10 +130,10 @@ class LinearCrossEntropySum(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if with_grads and hidden.requires_grad else None
         grad_weight = torch.zeros_like(weight, dtype=loss_dtype) if with_grads and weight.requires_grad else None
         total = torch.zeros((), device=hidden.device, dtype=loss_dtype)
+        wants_grad = grad_hidden is not None or grad_weight is not None
         for start in range(0, hidden.shape[0], chunk_tokens):
             chunk = hidden[start:start + chunk_tokens]
             logits = chunk @ weight.t()  # the model's compute dtype (bf16 under autocast)
-            wants_grad = grad_hidden is not None or grad_weight is not None
             total += cross_entropy_rows_(logits, targets[start:start + chunk_tokens], ignore_index, wants_grad).sum()
             if not wants_grad:
                 continue
