@@ -49,8 +49,12 @@ import sys
 import tempfile
 import time
 
-import torch
-import transformers
+# One process, one GPU: on a host with several, transformers' Trainer would wrap the model in nn.DataParallel, which
+# TRL's GRPOTrainer refuses. Set before torch initialises CUDA; an explicit CUDA_VISIBLE_DEVICES wins.
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_model as bm  # noqa: E402  (puts this checkout first on sys.path, registers MoEConfig)

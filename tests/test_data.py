@@ -62,6 +62,17 @@ def test_split_is_deterministic_disjoint_and_complete():
     assert train_eval_split(docs, eval_fraction=0.1, seed=4)[1] != evaluation
 
 
+def test_split_holds_out_each_length_stratum_in_proportion():
+    # 20 long articles among 380 short examples: a random draw of 20 documents holds out 0 to 5 articles, and with
+    # them 0% to ~60% of the text; one document from each length stratum is exactly one article and ~5% of the text.
+    docs = [f"article {i} " + "x" * 1000 for i in range(20)] + [f"example {i:03d}" for i in range(380)]
+    for seed in range(5):
+        train, evaluation = train_eval_split(docs, eval_fraction=0.05, seed=seed)
+        assert len(evaluation) == 20 and sum(doc.startswith("article") for doc in evaluation) == 1
+        share = sum(map(len, evaluation)) / sum(map(len, docs))
+        assert abs(share - 0.05) < 0.005
+
+
 def test_split_edge_cases():
     assert train_eval_split(["a", "b", "c"], eval_fraction=0.0) == (["a", "b", "c"], [])
     assert len(train_eval_split(["a", "b", "c"], eval_fraction=0.01)[1]) == 1

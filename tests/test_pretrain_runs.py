@@ -230,9 +230,15 @@ def test_analysis_and_report_on_synthetic_metrics(tmp_path):
             eval_loss = {"aux_loss": 6.5, "none": 6.7}.get(run.key, 6.45)
             held_out = {"loss_free-u0.001": [0.2, 0.3], "loss_free-u0.01": [0.05, 0.07]}.get(
                 run.name.removeprefix("balancing-"), [0.8, 0.9])  # MaxVio_global, decoder layers only
+            # an evaluation at step 100 too: u=0.001's run is cut short there (its time limit), so the target
+            # compares it with the aux-loss run at step 100, not at the aux-loss run's last evaluation
+            at_100 = {"loss_free-u0.001": (6.9, [0.1, 0.12])}.get(run.name.removeprefix("balancing-"), (7.0, [1.0, 1.0]))
             records = [{"step": 0, "eval_loss": 10.8, "eval_maxvio": [9.0, 9.0]}] + [
-                record(s, 8.0, 5e4, maxvio=[2.0, 2.0, 2.0]) for s in range(5, 150, 5)]
-            records.append(record(150, 6.4, 5e4, maxvio=final, eval_loss=eval_loss, eval_maxvio=held_out))
+                record(s, 8.0, 5e4, maxvio=[2.0, 2.0, 2.0], **(
+                    {"eval_loss": at_100[0], "eval_maxvio": at_100[1]} if s == 100 else {}))
+                for s in range(5, 150, 5)]
+            if run.name != "balancing-loss_free-u0.001":
+                records.append(record(150, 6.4, 5e4, maxvio=final, eval_loss=eval_loss, eval_maxvio=held_out))
             write_metrics(work / run.name, records, config={"n_routed_experts": 64, "num_nextn_predict_layers": 1})
         run.result.update(rc=0, wall_s=12.0, command="launch ...")
     by_name = {run.name: run for run in runs}
@@ -274,9 +280,12 @@ def test_analysis_and_report_on_synthetic_metrics(tmp_path):
     assert free["eval_maxvio_mean"] == pytest.approx(0.06) and free["eval_maxvio_max"] == 0.07
     targets = {d["run"]: d for d in derived if d["kind"] == "balancing_target"}
     assert targets["balancing-loss_free-u0.01"]["meets_target"] is True
-    assert targets["balancing-loss_free-u0.001"]["meets_target"] is False  # MaxVio_global 0.25
-    assert targets["balancing-loss_free-u0.001"]["maxvio_batch"] == pytest.approx(0.5)
+    assert targets["balancing-loss_free-u0.01"]["eval_step"] == 150
     assert targets["balancing-loss_free-u0.01"]["eval_loss_minus_aux"] == pytest.approx(-0.05)
+    cut = targets["balancing-loss_free-u0.001"]  # stopped at step 100: compared there
+    assert cut["eval_step"] == 100 and cut["maxvio_global"] == pytest.approx(0.11)
+    assert cut["eval_loss_minus_aux"] == pytest.approx(-0.1) and cut["meets_target"] is True
+    assert cut["maxvio_batch"] == pytest.approx(2.0)
 
     written = driver.write_outputs(runs, derived, args, wall_s=100.0)
     files = sorted(p.name for p in out.iterdir())
@@ -296,8 +305,8 @@ def test_analysis_and_report_on_synthetic_metrics(tmp_path):
     assert rows[1:12] == list(driver.scaling_layout([1, 2, 4]))  # after the header
     assert "fp32 master, bf16 compute" in summary and "FAILED (rc=1)" in summary
     assert "RuntimeError: something" in summary
-    assert ("- balancing-loss_free-u0.01: MET (MaxVio_global 0.06, MaxVio_batch 0.11, held-out loss -0.0500 "
-            "against the aux-loss run)") in summary
+    assert ("- balancing-loss_free-u0.01: MET at step 150, the last held-out evaluation of both runs (MaxVio_global "
+            "0.06, held-out loss -0.0500 against the aux-loss run; MaxVio_batch 0.11 at the run's end)") in summary
     assert "| 0.06 / 0.07 | 0.11 / 0.12 |" in summary
     lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     kinds = [line["kind"] for line in lines]

@@ -104,11 +104,20 @@ def load_corpus_texts() -> list[str]:
 
 def train_eval_split(docs: list, eval_fraction: float, seed: int = 0) -> tuple[list, list]:
     """Deterministic split of whole documents: `round(len(docs) * eval_fraction)` of them (at least one when the
-    fraction is positive) are held out. Both parts keep the original order."""
+    fraction is positive) are held out, stratified by length: the documents ordered by length are cut into that many
+    consecutive groups and one document is drawn from each. The held-out part then has the corpus's mix of short and
+    long documents and about `eval_fraction` of its text; a plain random draw from a mix of a few hundred long articles
+    and tens of thousands of short examples can hold out twice the articles' share, which skews the held-out loss and
+    expert loads. Both parts keep the original order."""
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
     n_eval = max(1, round(len(docs) * eval_fraction)) if eval_fraction > 0 and docs else 0
-    held_out = set(random.Random(seed).sample(range(len(docs)), n_eval))
+    if n_eval == 0:
+        return list(docs), []
+    by_length = sorted(range(len(docs)), key=lambda i: (len(docs[i]), i))
+    rng = random.Random(seed)
+    bounds = [len(docs) * k // n_eval for k in range(n_eval + 1)]
+    held_out = {by_length[rng.randrange(start, end)] for start, end in zip(bounds, bounds[1:])}
     train = [doc for i, doc in enumerate(docs) if i not in held_out]
     evaluation = [doc for i, doc in enumerate(docs) if i in held_out]
     return train, evaluation

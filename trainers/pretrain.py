@@ -386,7 +386,7 @@ def tokenized_documents(data_args: DataArguments, tokenizer, is_main: bool) -> t
         "dataset": _dataset_fingerprint(data_args),
         "tokenizer": _tokenizer_fingerprint(tokenizer),
         "validation_split_percentage": data_args.validation_split_percentage,
-        "version": 1,
+        "version": 2,  # 2: held-out documents stratified by length
     }, sort_keys=True)
     cache = _cache_root(data_args) / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
     if cache.is_file() and not data_args.overwrite_cache:
