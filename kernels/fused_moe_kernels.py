@@ -8,6 +8,10 @@ cross an expert boundary and no activation is padded or copied; the grid is a fi
 tiles (cdiv(N, BLOCK_M) + E), the programs past the real tile count exit at once. No host sync anywhere.
 
 Index arithmetic that can pass 2^31 (expert * stride, row * stride) is done in int64.
+
+WEIGHT_TMA (the row-tiled GEMMs): the expert weights, the operand that is never gathered, are read through a TMA
+descriptor over the stacked weights [E, rows, cols] (block [1, ., .]) instead of pointer loads: the copy engine moves
+the tiles, rows or columns past this expert's extent read 0, and the pointer arithmetic leaves the main loop.
 """
 
 import triton
@@ -51,11 +55,22 @@ def _wrap(offs, size, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _row_tile_matmul(a_ptr, b_ptr, a_row_offs, offs_n_ld, K, stride_ak, stride_bk, stride_bn,
+def _weight_tile(desc, expert, k0, n0, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, B_KN: tl.constexpr):
+    """[BLOCK_K, BLOCK_N] tile of expert `expert`'s B[k, n] through a TMA descriptor over the stacked weights,
+    stored [E, K, N] (B_KN) or [E, N, K] (then read transposed); past the expert's K or N it reads 0."""
+    if B_KN:
+        return desc.load([expert, k0, n0]).reshape(BLOCK_K, BLOCK_N)
+    else:
+        return tl.trans(desc.load([expert, n0, k0]).reshape(BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _row_tile_matmul(a_ptr, b_ptr, a_row_offs, offs_n_ld, K, stride_ak, stride_bk, stride_bn, b_desc, expert, n0,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                     DOT_PREC: tl.constexpr):
+                     WEIGHT_TMA: tl.constexpr, B_KN: tl.constexpr, DOT_PREC: tl.constexpr):
     """[BLOCK_M, BLOCK_N] fp32 tile of A @ B: A's rows start at a_ptr + a_row_offs (element offsets, int64), B[k, n]
-    at b_ptr + k*stride_bk + n*stride_bn (b_ptr: the expert's B), columns offs_n_ld, K reduced in BLOCK_K steps."""
+    at b_ptr + k*stride_bk + n*stride_bn (b_ptr: the expert's B), columns offs_n_ld, K reduced in BLOCK_K steps;
+    with WEIGHT_TMA, B's tiles come from b_desc (expert `expert`, columns from n0) instead."""
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_row_offs[:, None] + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n_ld[None, :] * stride_bn
@@ -63,11 +78,14 @@ def _row_tile_matmul(a_ptr, b_ptr, a_row_offs, offs_n_ld, K, stride_ak, stride_b
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
             a = tl.load(a_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < K - k * BLOCK_K, other=0.0)
+        if WEIGHT_TMA:
+            b = _weight_tile(b_desc, expert, k * BLOCK_K, n0, BLOCK_K, BLOCK_N, B_KN)
+        elif EVEN_K:
             b = tl.load(b_ptrs)
         else:
-            k_left = K - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < K - k * BLOCK_K, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
@@ -111,12 +129,12 @@ def _inverse_kernel(perm_ptr, inv_ptr, N, BLOCK: tl.constexpr):
 
 @triton.jit
 def _gemm1_swiglu_kernel(
-    x_ptr, w_ptr, h_ptr, gu_ptr, tile_expert_ptr, tile_row_ptr, offsets_ptr, perm_ptr,
+    x_ptr, w_ptr, w_desc, h_ptr, gu_ptr, tile_expert_ptr, tile_row_ptr, offsets_ptr, perm_ptr,
     H, I, num_m_tiles, top_k, num_experts,
     stride_xt, stride_xh, stride_we, stride_wn, stride_wk,
     stride_hm, stride_hn, stride_gm, stride_gn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, STORE_GU: tl.constexpr, DOT_PREC: tl.constexpr,
+    EVEN_K: tl.constexpr, STORE_GU: tl.constexpr, WEIGHT_TMA: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """h[rows, n] = silu(x[tok] @ Wg[e].T) * (x[tok] @ Wu[e].T), the token gather fused into the A loads.
 
@@ -140,13 +158,17 @@ def _gemm1_swiglu_kernel(
     for k in range(0, tl.cdiv(H, BLOCK_K)):
         if EVEN_K:
             a = tl.load(a_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < H - k * BLOCK_K, other=0.0)
+        if WEIGHT_TMA:  # W[e] is [2I, H]: gate rows n, up rows I + n (a gate tile past I reads up rows, never stored)
+            bg = _weight_tile(w_desc, expert, k * BLOCK_K, pid_n * BLOCK_N, BLOCK_K, BLOCK_N, False)
+            bu = _weight_tile(w_desc, expert, k * BLOCK_K, I + pid_n * BLOCK_N, BLOCK_K, BLOCK_N, False)
+        elif EVEN_K:
             bg = tl.load(bg_ptrs)
             bu = tl.load(bu_ptrs)
         else:
-            k_left = H - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-            bg = tl.load(bg_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-            bu = tl.load(bu_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            bg = tl.load(bg_ptrs, mask=offs_k[:, None] < H - k * BLOCK_K, other=0.0)
+            bu = tl.load(bu_ptrs, mask=offs_k[:, None] < H - k * BLOCK_K, other=0.0)
         acc_g = tl.dot(a, bg, acc_g, input_precision=DOT_PREC)
         acc_u = tl.dot(a, bu, acc_u, input_precision=DOT_PREC)
         a_ptrs += BLOCK_K * stride_xh
@@ -163,11 +185,12 @@ def _gemm1_swiglu_kernel(
 
 @triton.jit
 def _grouped_gemm_kernel(
-    a_ptr, b_ptr, c_ptr, tile_expert_ptr, tile_row_ptr, offsets_ptr, perm_ptr,
+    a_ptr, b_ptr, b_desc, c_ptr, tile_expert_ptr, tile_row_ptr, offsets_ptr, perm_ptr,
     N, K, num_m_tiles, num_experts,
     stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, WEIGHT_TMA: tl.constexpr, B_KN: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     """C[rows, n] = A[rows] @ B[e] over the row tiles of each expert (A and C in sorted row order); B[e][k, n] at
     b + e*stride_be + k*stride_bk + n*stride_bn, so both a weight and its transpose are read in place."""
@@ -179,8 +202,8 @@ def _grouped_gemm_kernel(
     a_rows = tl.where(mask_m, rows, 0)  # rows past the expert read row 0: in bounds, never stored
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = _row_tile_matmul(a_ptr, b_ptr + expert.to(tl.int64) * stride_be, a_rows * stride_am,
-                           _wrap(offs_n, N, EVEN_N), K, stride_ak, stride_bk, stride_bn,
-                           BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PREC)
+                           _wrap(offs_n, N, EVEN_N), K, stride_ak, stride_bk, stride_bn, b_desc, expert,
+                           pid_n * BLOCK_N, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, WEIGHT_TMA, B_KN, DOT_PREC)
     mask = mask_m[:, None] & (offs_n[None, :] < N)
     tl.store(c_ptr + rows[:, None] * stride_cm + offs_n[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty),
              mask=mask)
@@ -188,13 +211,14 @@ def _grouped_gemm_kernel(
 
 @triton.jit
 def _dgrad_h_kernel(
-    dy_ptr, down_ptr, dgu_ptr, gu_ptr, h_ptr, topk_w_ptr, dw_ptr,
+    dy_ptr, down_ptr, down_desc, dgu_ptr, gu_ptr, h_ptr, topk_w_ptr, dw_ptr,
     tile_expert_ptr, tile_row_ptr, offsets_ptr, perm_ptr,
     I, H, num_m_tiles, top_k, num_experts,
     stride_dyt, stride_dyh, stride_de, stride_dh, stride_di, stride_dgm, stride_dgn,
     stride_gm, stride_gn, stride_hm, stride_hn, stride_dw,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, STORE_WH: tl.constexpr, DOT_PREC: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, STORE_WH: tl.constexpr, WEIGHT_TMA: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     """Backward of GEMM2 + SwiGLU + combine weights: dA = dY[tok] @ Wd[e] ([rows, I], the gather fused into the A
     loads), and in the epilogue, per row r of the tile and its columns n:
@@ -211,8 +235,8 @@ def _dgrad_h_kernel(
     tok = (slot // top_k).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = _row_tile_matmul(dy_ptr, down_ptr + expert.to(tl.int64) * stride_de, tok * stride_dyt,
-                           _wrap(offs_n, I, EVEN_N), H, stride_dyh, stride_dh, stride_di,
-                           BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PREC)
+                           _wrap(offs_n, I, EVEN_N), H, stride_dyh, stride_dh, stride_di, down_desc, expert,
+                           pid_n * BLOCK_N, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, WEIGHT_TMA, True, DOT_PREC)
     mask = mask_m[:, None] & (offs_n[None, :] < I)
     g_ptrs = gu_ptr + rows[:, None] * stride_gm + offs_n[None, :] * stride_gn
     gate = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)

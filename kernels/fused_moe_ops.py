@@ -39,6 +39,7 @@ trains 4% faster with it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import os
 import time
@@ -101,6 +102,7 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     group_m: int = 8
+    weight_tma: bool = False  # row-tiled GEMMs: expert weights through TMA descriptors (where the weights allow)
 
     def launch_kwargs(self) -> dict:
         return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, GROUP_M=self.group_m,
@@ -108,8 +110,8 @@ class KernelConfig:
 
 
 C = KernelConfig
-# A handful of candidates per kernel (at most 4: one compile and ~0.2 s of timing each, 1-8 s per kernel and shape),
-# the first of each list being the default (no tuning). "big" when an expert holds >= 512 rows on average, "small"
+# A handful of candidates per kernel (at most 5 with the TMA twin below: one compile and ~0.2 s of timing each,
+# 1-8 s per kernel and shape), the first of each list being the default (no tuning). "big" when an expert holds >= 512 rows on average, "small"
 # otherwise: there the last row tile of an expert is a large share of its tiles (half empty on average), so every
 # row-tiled kernel has 64-row candidates (one warpgroup per 64 rows with 4 warps, two splitting N with 8).
 CANDIDATES = {  # first entry = default (autotune off): the H200 winners of v1/v2 (benchmarks/KERNEL_NOTES.md)
@@ -133,6 +135,11 @@ for _kind in ("gemm1", "gemm2"):
                                      CANDIDATES[(_kind, "small")][0]]
 for _kind in ("dgrad_h", "dgrad_x", "wgrad"):
     CANDIDATES[(_kind, "decode")] = CANDIDATES[(_kind, "small")]
+# TMA twins of the defaults (v4 candidates, see benchmarks/KERNEL_NOTES.md): the same tiles with the expert weights
+# read through TMA descriptors; last in each list, so they run only when the autotune picks them.
+for (_kind, _bucket_name), _configs in list(CANDIDATES.items()):
+    if _kind != "wgrad":
+        CANDIDATES[(_kind, _bucket_name)] = [*_configs, dataclasses.replace(_configs[0], weight_tma=True)]
 # fp32 operands take 2x the shared memory per tile (the bf16 tiles above do not fit with fp32)
 FP32_CONFIG = C(64, 64, 32, 4, 3)
 INTERPRETER_CONFIG = C(16, 16, 16, 1, 1, 4)
@@ -316,29 +323,49 @@ def _row_tiles(config, routing, n):
     return grid, (tile_expert, tile_row, routing.offsets, routing.perm), max_tiles
 
 
+def _weight_desc(config, weights, b_kn: bool):
+    """TMA descriptor of the stacked expert weights [E, rows, cols] for a row-tiled GEMM whose B[e][k, n] is
+    weights[e, k, n] (b_kn) or weights[e, n, k]: block [1, BLOCK_K, BLOCK_N] or [1, BLOCK_N, BLOCK_K]. None (pointer
+    loads) unless the config asks for it and TMA can read the tensor: last dimension contiguous, base and strides
+    16-byte aligned."""
+    if not config.weight_tma:
+        return None
+    size = weights.element_size()
+    if (weights.stride(2) != 1 or weights.data_ptr() % 16
+            or any(stride * size % 16 for stride in weights.stride()[:2])):
+        return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    block = [1, config.block_k, config.block_n] if b_kn else [1, config.block_n, config.block_k]
+    return TensorDescriptor(weights, list(weights.shape), list(weights.stride()), block)
+
+
 def _launch_gemm1(config, routing, x, gate_up, h, gu):
     """h = SwiGLU(x[tok] @ Wgu[e].T), and gu = the pre-activations unless gu is empty."""
     grid, tiles, max_tiles = _row_tiles(config, routing, routing.inter)
     store_gu = gu.shape[0] > 0
     gu_arg = gu if store_gu else h
+    desc = _weight_desc(config, gate_up, b_kn=False)
     _k()._gemm1_swiglu_kernel[grid](
-        x, gate_up, h, gu_arg, *tiles,
+        x, gate_up, desc, h, gu_arg, *tiles,
         routing.hidden, routing.inter, max_tiles, routing.top_k, routing.num_experts,
         x.stride(0), x.stride(1), gate_up.stride(0), gate_up.stride(1), gate_up.stride(2),
         h.stride(0), h.stride(1), gu_arg.stride(0), gu_arg.stride(1),
-        EVEN_K=routing.hidden % config.block_k == 0, STORE_GU=store_gu, DOT_PREC=_dot_precision(x.dtype),
-        **config.launch_kwargs(),
+        EVEN_K=routing.hidden % config.block_k == 0, STORE_GU=store_gu, WEIGHT_TMA=desc is not None,
+        DOT_PREC=_dot_precision(x.dtype), **config.launch_kwargs(),
     )
 
 
 def _launch_grouped(config, routing, a, b, c, n, k, b_strides):
     """C[rows] = A[rows] @ B[e] (sorted rows), B[e][k, n] read through b_strides = (stride_e, stride_k, stride_n)."""
     grid, tiles, max_tiles = _row_tiles(config, routing, n)
+    b_kn = b_strides[2] == 1  # b stored [E, K, N]; else [E, N, K], read transposed
+    desc = _weight_desc(config, b, b_kn)
     _k()._grouped_gemm_kernel[grid](
-        a, b, c, *tiles, n, k, max_tiles, routing.num_experts,
+        a, b, desc, c, *tiles, n, k, max_tiles, routing.num_experts,
         a.stride(0), a.stride(1), *b_strides, c.stride(0), c.stride(1),
-        EVEN_K=k % config.block_k == 0, EVEN_N=n % config.block_n == 0, DOT_PREC=_dot_precision(a.dtype),
-        **config.launch_kwargs(),
+        EVEN_K=k % config.block_k == 0, EVEN_N=n % config.block_n == 0, WEIGHT_TMA=desc is not None, B_KN=b_kn,
+        DOT_PREC=_dot_precision(a.dtype), **config.launch_kwargs(),
     )
 
 
@@ -347,13 +374,14 @@ def _launch_dgrad_h(config, routing, grad_out, down, dgu, gu, h, weights, dw, st
     saved activation, read."""
     inter, hidden = routing.inter, routing.hidden
     grid, tiles, max_tiles = _row_tiles(config, routing, inter)
+    desc = _weight_desc(config, down, b_kn=True)  # B[e][k in H, n in I] = down[e, k, n]
     _k()._dgrad_h_kernel[grid](
-        grad_out, down, dgu, gu, h, weights, dw, *tiles,
+        grad_out, down, desc, dgu, gu, h, weights, dw, *tiles,
         inter, hidden, max_tiles, routing.top_k, routing.num_experts,
         grad_out.stride(0), grad_out.stride(1), down.stride(0), down.stride(1), down.stride(2),
         dgu.stride(0), dgu.stride(1), gu.stride(0), gu.stride(1), h.stride(0), h.stride(1), dw.stride(0),
         EVEN_K=hidden % config.block_k == 0, EVEN_N=inter % config.block_n == 0, STORE_WH=store_wh,
-        DOT_PREC=_dot_precision(grad_out.dtype), **config.launch_kwargs(),
+        WEIGHT_TMA=desc is not None, DOT_PREC=_dot_precision(grad_out.dtype), **config.launch_kwargs(),
     )
 
 

@@ -290,6 +290,21 @@ def test_sft_cli_full_finetune_with_expert_bias_updates(tiny_dir, tmp_path):
             assert torch.equal(after[name], before[name]), name
 
 
+def test_only_the_examples_max_steps_reaches_are_tokenized(tmp_path):
+    rows = Dataset.from_dict({"prompt": [f"q{i}" for i in range(50)], "completion": [f"a{i}" for i in range(50)]})
+    def config(**kwargs):  # TRL defaults to bf16, which a CPU-only machine refuses
+        return SFTConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, **kwargs)
+
+    args = config(max_steps=4, per_device_train_batch_size=3, gradient_accumulation_steps=2)
+    kept = sft.reachable_examples(rows, args)
+    assert len(kept) == 4 * 3 * 2  # steps x batch x accumulation x 1 process
+    assert set(kept["prompt"]) < set(rows["prompt"]) and kept["prompt"] != rows["prompt"][:24]  # a random subset
+    assert kept["prompt"] == sft.reachable_examples(rows, args)["prompt"]  # the same one for the same seed
+    for unchanged in (config(max_steps=-1, num_train_epochs=1), config(max_steps=100),  # 800 > 50 rows
+                      config(max_steps=4, packing=True)):
+        assert sft.reachable_examples(rows, unchanged) is rows
+
+
 def test_recipes_parse_with_trl_config_files():
     recipes = Path(sft.__file__).parent / "recipes"
     data_args, training_args, model_args = sft.make_parser().parse_args_and_config(
