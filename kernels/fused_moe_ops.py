@@ -123,8 +123,12 @@ CANDIDATES = {  # first entry = default (autotune off): the H200 winners of v1/v
     ("dgrad_h", "small"): [C(64, 128, 64, 4, 4), C(64, 64, 64, 4, 4), C(64, 128, 64, 8, 4), C(128, 128, 64, 8, 4)],
     ("dgrad_x", "big"): [C(128, 256, 64, 8, 4), C(128, 256, 64, 8, 3), C(128, 128, 64, 8, 4)],
     ("dgrad_x", "small"): [C(128, 256, 64, 8, 3), C(64, 256, 64, 4, 3), C(64, 256, 64, 8, 4), C(128, 128, 64, 8, 4)],
-    ("wgrad", "big"): [C(128, 128, 64, 4, 4), C(128, 128, 64, 8, 3), C(128, 128, 64, 8, 4), C(128, 256, 64, 8, 3)],
-    ("wgrad", "small"): [C(128, 128, 32, 4, 4), C(128, 128, 64, 4, 4), C(128, 128, 64, 8, 3), C(128, 256, 64, 8, 3)],
+    # wgrad loads its row indices inside the loop, so Triton keeps fewer tile buffers than stages (sm_90 compile:
+    # 2 buffers at 3-4 stages, 3 at 5-6, 4 at 7 with BLOCK_K 32): the deeper candidates are last
+    ("wgrad", "big"): [C(128, 128, 64, 4, 4), C(128, 128, 64, 8, 3), C(128, 256, 64, 8, 3), C(128, 128, 64, 4, 5),
+                       C(128, 256, 64, 8, 5)],
+    ("wgrad", "small"): [C(128, 128, 32, 4, 4), C(128, 128, 64, 4, 4), C(128, 256, 64, 8, 3), C(128, 128, 64, 4, 5),
+                         C(128, 128, 32, 4, 7)],
 }
 # "decode": a few rows per expert (generate: 96 slots over 64 experts at batch 16), so the kernels stream the expert
 # weights. 16-row tiles (more programs, deeper K pipelines, no MMA work on empty rows) won every decode-sized case
