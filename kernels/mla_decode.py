@@ -377,17 +377,18 @@ def default_config(heads: int, q_len: int, dtype: torch.dtype, on_gpu: bool) -> 
 
 
 def programs_per_sm(compiled, num_warps: int, device: torch.device) -> int:
-    """How many programs of a compiled kernel one SM holds at once: the fewest its threads, registers and shared
-    memory allow (as the CUDA occupancy calculator counts them, with 1 KiB of shared memory reserved per block)."""
+    """How many programs of a compiled kernel one SM of `device` holds at once: the fewest its threads, registers and
+    shared memory allow (`offline_compile.ResourceUsage.programs_per_sm`)."""
+    from .offline_compile import ResourceUsage
+
     compiled.run  # noqa: B018 - loads the binary, which is when Triton learns its register count
     properties = torch.cuda.get_device_properties(device)
-    threads = 32 * num_warps
-    registers = -(-max(1, compiled.n_regs) * 32 // 256) * 256 * num_warps  # allocated per warp, 256 at a time
-    shared = compiled.metadata.shared + 1024
-    return max(1, min(
-        getattr(properties, "max_threads_per_multi_processor", 2048) // threads,
-        getattr(properties, "regs_per_multiprocessor", 65536) // registers,
-        getattr(properties, "shared_memory_per_multiprocessor", 228 * 1024) // shared,
+    usage = ResourceUsage(registers=compiled.n_regs, spill_bytes=0, shared_bytes=compiled.metadata.shared)
+    return max(1, usage.programs_per_sm(
+        num_warps,
+        registers_per_sm=getattr(properties, "regs_per_multiprocessor", 65536),
+        shared_per_sm=getattr(properties, "shared_memory_per_multiprocessor", 228 * 1024),
+        threads_per_sm=getattr(properties, "max_threads_per_multi_processor", 2048),
     ))
 
 

@@ -218,70 +218,52 @@ def test_weights_that_tma_cannot_read_fall_back_to_pointer_loads(triton_path):
         check_against_reference((x, strided, down, index, weights), tolerance=1e-5)
 
 
-def compile_for_hopper(kernel, dtypes: dict, constexprs: dict, num_warps: int, num_stages: int):
-    """Compile a kernel of fused_moe_kernels for sm_90 without a GPU (Triton's bundled ptxas): `dtypes` types the
-    tensor and descriptor arguments, the other `*_ptr` are int32 index arrays and the other scalars int32; pointers and
-    non-unit strides are declared 16-divisible, as the JIT's specialisation would find them."""
-    import inspect
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    names = list(inspect.signature(kernel.fn).parameters)
-    signature = {n: "constexpr" if n in constexprs else dtypes.get(n, "*i32" if n.endswith("_ptr") else "i32")
-                 for n in names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-             if signature[n] != "constexpr" and (n.endswith("_ptr") or n.startswith("stride"))}
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 64),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+def kernel_resources_module():
+    spec = importlib.util.spec_from_file_location(
+        "kernel_resources", Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_resources.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @needs_triton
 @pytest.mark.parametrize("kernel", ["gemm1", "gemm2", "dgrad_x", "dgrad_h"])
-def test_tma_candidates_compile_for_hopper_with_tma_weight_loads(kernel, monkeypatch):
-    """The TMA twin of each row-tiled GEMM's default, compiled for an H100/H200 (sm_90) on the CPU: the weights
-    arrive by TMA (cp.async.bulk.tensor), the gathered activations by pipelined cp.async, the MMAs are wgmma; the
-    pointer-load default has no TMA. (What the interpreter cannot show: the lowering of the descriptor loads.)"""
-    from modeling_moe.kernels import fused_moe_ops
+def test_tma_twins_compile_for_hopper_with_tma_weight_loads(kernel, monkeypatch):
+    """The TMA twin of each row-tiled GEMM's default, compiled for an H100 / H200 (sm_90) on the CPU as its launcher
+    builds it: the weights arrive by TMA (cp.async.bulk.tensor), the gathered activations by pipelined cp.async, the
+    MMAs are wgmma; the pointer-load default has no TMA. (The interpreter cannot show the descriptors' lowering.)"""
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
     from modeling_moe.kernels.fused_moe_ops import CANDIDATES
 
-    # a fresh copy of the kernels module, compiled (the shared one may be the interpreter's, set up by other tests)
+    # a fresh, compiled copy of the kernels module: an earlier test may have imported the interpreter's
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    fused_moe_ops = fused_moe_ops_module()
     spec = importlib.util.spec_from_file_location(
-        "fused_moe_kernels_sm90", Path(fused_moe_ops.__file__).with_name("fused_moe_kernels.py"))
-    k = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(k)
-    default, twin = CANDIDATES[(kernel, "big")][0], CANDIDATES[(kernel, "big")][-1]
+        "fused_moe_kernels_compiled", Path(fused_moe_ops.__file__).with_name("fused_moe_kernels.py"))
+    kernels = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kernels)
+    monkeypatch.setattr(fused_moe_ops, "_kernels", kernels)
+    resources = kernel_resources_module()
+    family = resources.FAMILIES[kernel][0]
+    default, twin = CANDIDATES[(family, "big")][0], CANDIDATES[(family, "big")][-1]
     assert twin.weight_tma and not default.weight_tma and twin.block_n == default.block_n
+    run = JITFunction.run
     for config in (twin, default):
-        blocks = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=8,
-                      EVEN_K=True, WEIGHT_TMA=config.weight_tma, DOT_PREC="tf32")
-        bf16 = "*bf16"
-        if kernel == "gemm1":  # W [E, 2I, H] read [n, k]
-            fn, desc, block = k._gemm1_swiglu_kernel, "w_desc", [1, config.block_n, config.block_k]
-            dtypes = dict(x_ptr=bf16, w_ptr=bf16, h_ptr=bf16, gu_ptr=bf16)
-            consts = dict(stride_xh=1, stride_wk=1, stride_hn=1, stride_gn=1, STORE_GU=True)
-        elif kernel == "dgrad_h":  # Wd [E, H, I] read [k, n]
-            fn, desc, block = k._dgrad_h_kernel, "down_desc", [1, config.block_k, config.block_n]
-            dtypes = dict(dy_ptr=bf16, down_ptr=bf16, dgu_ptr=bf16, gu_ptr=bf16, h_ptr=bf16, topk_w_ptr="*fp32",
-                          dw_ptr="*fp32")
-            consts = dict(stride_dyh=1, stride_di=1, stride_dgn=1, stride_gn=1, stride_hn=1, EVEN_N=True,
-                          STORE_WH=False)
-        else:  # gemm2: Wd [E, H, I] read [n, k]; dgrad_x: Wgu [E, 2I, H] read [k, n]
-            b_kn = kernel == "dgrad_x"
-            fn, desc = k._grouped_gemm_kernel, "b_desc"
-            block = [1, config.block_k, config.block_n] if b_kn else [1, config.block_n, config.block_k]
-            dtypes = dict(a_ptr=bf16, b_ptr=bf16, c_ptr=bf16)
-            consts = dict(stride_ak=1, stride_cn=1, EVEN_N=True, B_KN=b_kn, **{"stride_bn" if b_kn else "stride_bk": 1})
-        if config.weight_tma:
-            dtypes[desc] = f"tensordesc<bf16[{','.join(map(str, block))}]>"
-        else:
-            consts[desc] = None
-        ptx = compile_for_hopper(fn, dtypes, {**blocks, **consts}, config.num_warps, config.num_stages).asm["ptx"]
+        compiled = resources.compile_fused_kernel(kernel, config, hidden=256, inter=128, top_k=2)
+        ptx = compiled.asm["ptx"]
         assert ("cp.async.bulk.tensor" in ptx) == config.weight_tma
         assert "cp.async.cg.shared.global" in ptx and "wgmma" in ptx
+        usage = resources.resource_usage(compiled)
+        assert 0 < usage.registers <= 255 and usage.shared_bytes > 0
+    assert JITFunction.run is run and driver._active is None  # compile_only put everything back
+
+
+def fused_moe_ops_module():
+    from modeling_moe.kernels import fused_moe_ops
+
+    return fused_moe_ops
 
 
 @needs_triton
@@ -350,7 +332,8 @@ def test_dgrad_h_variant_setting(monkeypatch):
 @pytest.mark.parametrize("candidate", [0, 1, 2, -1])
 def test_decode_bucket_tile_candidates(triton_path, candidate):
     """The 16/32-row candidates of the decode bucket (the default first, its TMA twin last; a few rows per expert,
-    as in a generate step), forced: one to two rows on most experts, none on some, sizes that are not multiples of the blocks.
+    as in a generate step), forced: one to two rows on most experts, none on some, sizes that are not multiples of
+    the blocks.
     Forward only (the bucket serves generation)."""
     from modeling_moe.kernels.fused_moe_ops import CANDIDATES, _bucket
 

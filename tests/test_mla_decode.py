@@ -323,3 +323,22 @@ def test_split_count_fills_whole_waves_of_resident_programs(monkeypatch):
     assert default_num_splits(32, 2, 8192, many_heads, 1, gpu) == 2  # V3: two head blocks, 128 programs
     assert default_num_splits(1, 1, 8192, few_heads, 2, gpu) == 32  # capped by length: >= 4 blocks of keys each
     assert default_num_splits(256, 2, 8192, many_heads, 1, gpu) == 1  # more programs than slots: no split
+
+
+def test_decode_tiles_compile_for_hopper_without_a_gpu(monkeypatch):
+    """benchmarks/kernel_resources.py's MLA path: the split kernel as mla_decode_triton launches it with the model's
+    key mask, compiled for sm_90 on any machine; its resources fit an SM and the default 128-head tile holds one
+    program per SM, as the H200 reported (session 6)."""
+    import importlib.util
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    spec = importlib.util.spec_from_file_location(
+        "kernel_resources", Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_resources.py")
+    resources = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(resources)
+    compiled = resources.compile_mla_split_kernel(128, block_h=64, block_n=64, num_warps=8, num_stages=2)
+    usage = resources.resource_usage(compiled)
+    assert usage.shared_bytes == 216 * 1024 and 0 < usage.registers <= 255
+    assert usage.programs_per_sm(8) == 1
