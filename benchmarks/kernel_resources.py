@@ -7,7 +7,7 @@ H100 / H200 (sm_90) on any machine, no GPU needed (`kernels/offline_compile.py`)
 Parts:
   fused  the fused MoE experts' kernels (gemm1, gemm2, dgrad_h, dgrad_x, wgrad_gate_up, wgrad_down) at the shapes of
          bench_moe_layer.py (v2lite, v3, small), every candidate of the tuning bucket a training step of that shape
-         falls in (first = the default), as the launchers call them (the real dtypes, strides and sizes; a few
+         falls in (first = the default), and for gemm1 / gemm2 also the generate step's "decode" bucket, as the launchers call them (the real dtypes, strides and sizes; a few
          tokens and experts stand in for the many, which changes no specialisation)
   mla    the MLA decode split kernel at 16 heads (V2-Lite) and 128 heads (V3), r 512 + rope 64, with the key mask the
          model passes, for the default tile and the candidates of bench_mla_decode.py's sweep
@@ -137,12 +137,14 @@ def main():
                 if shape not in FUSED_SHAPES:
                     continue
                 hidden, inter, top_k, rows_per_expert = FUSED_SHAPES[shape]
-                bucket = fm._bucket(rows_per_expert * 64, 64)
+                training = fm._bucket(rows_per_expert * 64, 64)
                 for kernel in args.kernels.split(","):
-                    for index, config in enumerate(fm.CANDIDATES[(FAMILIES[kernel][0], bucket)]):
-                        compiled = compile_fused_kernel(kernel, config, hidden, inter, top_k)
-                        emit(part="fused", shape=shape, bucket=bucket, kernel=kernel, default=index == 0,
-                             config=str(config), **describe(compiled, config.num_warps))
+                    # the training step's bucket, and for the forward GEMMs also a generate step's ("decode")
+                    for bucket in (training, "decode") if kernel in ("gemm1", "gemm2") else (training,):
+                        for index, config in enumerate(fm.CANDIDATES[(FAMILIES[kernel][0], bucket)]):
+                            compiled = compile_fused_kernel(kernel, config, hidden, inter, top_k)
+                            emit(part="fused", shape=shape, bucket=bucket, kernel=kernel, default=index == 0,
+                                 config=str(config), **describe(compiled, config.num_warps))
         if "mla" in parts:
             for shape in (args.shapes.split(",") if args.shapes else MLA_SHAPES):
                 if shape not in MLA_SHAPES:
