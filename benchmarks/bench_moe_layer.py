@@ -11,7 +11,9 @@ Per anchor shape (../shared/anchors/README.md; bf16, routers fp32, weights N(0, 
              dense-GEMM ceiling (one GEMM chain with the routed FLOPs, as the anchors).
   breakdown  each fused kernel alone (routing, GEMM1+SwiGLU, GEMM2, combine, dgrad_h, wgrad down / gate_up,
              dgrad_x) with the configs in use.
-  decode     forward latency at 16, 64 and 256 tokens (no grad), grouped_mm vs fused (ours) and transformers.
+  decode     forward latency at 16, 64 and 256 tokens (no grad), grouped_mm vs fused (ours) and transformers: eager
+             (`latency_us`, host overhead included) and replayed from a CUDA graph (`replayed_us`, null where the
+             layer cannot be captured).
   model      training step (AdamW) of the anchors' 1.26B model (our MoEForCausalLM, batch 8 x 2048), grouped_mm
              vs fused experts: tokens/s.
 --variants runs the fused layer (check, timings, peak memory), its breakdown (the kernels a variant changes:
@@ -350,16 +352,43 @@ def part_decode(name, args):
     layer.load_state_dict(block.state_dict(), strict=False)
     for tokens in [16, 64, 256]:
         x = torch.randn(1, tokens, H, device=dev, dtype=DTYPE)
-        row = {}
-        for label, module, impl in [("hf grouped_mm", layer, "grouped_mm"), ("ours grouped_mm", block, "grouped_mm"),
-                                    ("ours fused", block, "fused")]:
+        row, replayed = {}, {}
+        # hf last: a failed capture is the one most likely to leave the stream unusable
+        for label, module, impl in [("ours grouped_mm", block, "grouped_mm"), ("ours fused", block, "fused"),
+                                    ("hf grouped_mm", layer, "grouped_mm")]:
             set_impl(module, impl)
             with torch.no_grad():
                 row[label] = round(bench(lambda: module(x), 5, 30) * 1000, 1)
-        emit(part="decode", shape=name, tokens=tokens, latency_us=row,
-             fused_vs_grouped=round(row["ours grouped_mm"] / row["ours fused"], 2))
+                replayed[label] = graph_replay_us(lambda: module(x))
+        emit(part="decode", shape=name, tokens=tokens, latency_us=row, replayed_us=replayed,
+             fused_vs_grouped=round(row["ours grouped_mm"] / row["ours fused"], 2),
+             replayed_fused_vs_grouped=(round(replayed["ours grouped_mm"] / replayed["ours fused"], 2)
+                                        if None not in (replayed["ours grouped_mm"], replayed["ours fused"]) else None))
     del block, layer
     free()
+
+
+def graph_replay_us(fn, warm=3, iters=30):
+    """Median us of `fn` replayed from a CUDA graph: the device time a compiled decode step pays, without the eager
+    host overhead that dominates `latency_us` at these sizes. None off CUDA or when `fn` cannot be captured (a
+    host sync in it); the reason is printed."""
+    if dev != "cuda" or DRY:
+        return None
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up off the default stream, as torch.cuda.graphs recommends
+        for _ in range(warm):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as error:
+        print(f"  (not capturable: {type(error).__name__}: {str(error)[:160]})", flush=True)
+        torch.cuda.synchronize()
+        return None
+    return round(bench(graph.replay, 5, iters) * 1000, 1)
 
 
 def part_model(args):
