@@ -33,7 +33,7 @@ from modeling_moe.kernels.fused_moe_ops import DGRAD_H_VARIANTS, dgrad_h_variant
 from modeling_moe.kernels.reference import down_and_combine, sorted_pre_activations
 
 from .conftest import route_jit_calls_to_interpreter
-from .helpers import assert_compiled_training_step_matches, small_config
+from .helpers import assert_compiled_training_step_matches, load_benchmark_script, small_config
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -218,14 +218,6 @@ def test_weights_that_tma_cannot_read_fall_back_to_pointer_loads(triton_path):
         check_against_reference((x, strided, down, index, weights), tolerance=1e-5)
 
 
-def kernel_resources_module():
-    spec = importlib.util.spec_from_file_location(
-        "kernel_resources", Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_resources.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @needs_triton
 @pytest.mark.parametrize("kernel", ["gemm1", "gemm2", "dgrad_x", "dgrad_h"])
 def test_tma_twins_compile_for_hopper_with_tma_weight_loads(kernel, monkeypatch):
@@ -235,17 +227,17 @@ def test_tma_twins_compile_for_hopper_with_tma_weight_loads(kernel, monkeypatch)
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
 
+    from modeling_moe.kernels import fused_moe_ops
     from modeling_moe.kernels.fused_moe_ops import CANDIDATES
 
     # a fresh, compiled copy of the kernels module: an earlier test may have imported the interpreter's
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    fused_moe_ops = fused_moe_ops_module()
     spec = importlib.util.spec_from_file_location(
         "fused_moe_kernels_compiled", Path(fused_moe_ops.__file__).with_name("fused_moe_kernels.py"))
     kernels = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(kernels)
     monkeypatch.setattr(fused_moe_ops, "_kernels", kernels)
-    resources = kernel_resources_module()
+    resources = load_benchmark_script("kernel_resources")
     family = resources.FAMILIES[kernel][0]
     default, twin = CANDIDATES[(family, "big")][0], CANDIDATES[(family, "big")][-1]
     assert twin.weight_tma and not default.weight_tma and twin.block_n == default.block_n
@@ -258,12 +250,6 @@ def test_tma_twins_compile_for_hopper_with_tma_weight_loads(kernel, monkeypatch)
         usage = resources.resource_usage(compiled)
         assert 0 < usage.registers <= 255 and usage.shared_bytes > 0
     assert JITFunction.run is run and driver._active is None  # compile_only put everything back
-
-
-def fused_moe_ops_module():
-    from modeling_moe.kernels import fused_moe_ops
-
-    return fused_moe_ops
 
 
 @needs_triton

@@ -18,7 +18,7 @@ from modeling_moe.kernels.mla_decode import (
 )
 from modeling_moe.modeling_moe import CACHE_FIELD
 
-from .helpers import seeded_model, small_config
+from .helpers import load_benchmark_script, seeded_model, small_config
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -329,15 +329,9 @@ def test_decode_tiles_compile_for_hopper_without_a_gpu(monkeypatch):
     """benchmarks/kernel_resources.py's MLA path: the split kernel as mla_decode_triton launches it with the model's
     key mask, compiled for sm_90 on any machine; its resources fit an SM and the default 128-head tile holds one
     program per SM, as the H200 reported (session 6)."""
-    import importlib.util
-    from pathlib import Path
-
     pytest.importorskip("triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    spec = importlib.util.spec_from_file_location(
-        "kernel_resources", Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_resources.py")
-    resources = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(resources)
+    resources = load_benchmark_script("kernel_resources")
     compiled = resources.compile_mla_split_kernel(128, block_h=64, block_n=64, num_warps=8, num_stages=2)
     usage = resources.resource_usage(compiled)
     assert usage.shared_bytes == 216 * 1024 and 0 < usage.registers <= 255
