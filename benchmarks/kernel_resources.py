@@ -7,14 +7,15 @@ H100 / H200 (sm_90) on any machine, no GPU needed (`kernels/offline_compile.py`)
 Parts:
   fused  the fused MoE experts' kernels (gemm1, gemm2, dgrad_h, dgrad_x, wgrad_gate_up, wgrad_down) at the shapes of
          bench_moe_layer.py (v2lite, v3, small), every candidate of the tuning bucket a training step of that shape
-         falls in (first = the default), and for gemm1 / gemm2 also the generate step's "decode" bucket, as the launchers call them (the real dtypes, strides and sizes; a few
-         tokens and experts stand in for the many, which changes no specialisation)
+         falls in (first = the default), and for gemm1 / gemm2 also the generate step's "decode" bucket, as the
+         launchers call them (the real dtypes, strides and sizes; a few tokens and experts stand in for the many,
+         which changes no specialisation)
   mla    the MLA decode split kernel at 16 heads (V2-Lite) and 128 heads (V3), r 512 + rope 64, with the key mask the
          model passes, for the default tile and the candidates of bench_mla_decode.py's sweep
 
 Per config: registers per thread, spill stack bytes per thread (0 = no spills), shared memory per program, the
-programs an SM holds (H100 / H200 limits), whether the weights come by TMA. Writes a table to stdout and JSON lines
-to $OUT/kernel_resources.jsonl (benchmarks/out/ when OUT is unset).
+programs an SM holds (H100 / H200 limits), whether the weights come by TMA. Prints a table and writes it to
+$OUT/kernel_resources.md, with JSON lines in $OUT/kernel_resources.jsonl (benchmarks/out/ when OUT is unset).
 """
 
 from __future__ import annotations
@@ -121,12 +122,15 @@ def main():
     out_dir = Path(os.environ.get("OUT") or Path(__file__).resolve().parent / "out")
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    records = []
     with open(out_dir / "kernel_resources.jsonl", "w") as out:
         def emit(**record):
             out.write(json.dumps(record) + "\n")
             out.flush()
-            cells = [f"{k}={v}" for k, v in record.items() if k not in ("part",)]
-            print("  ".join(cells), flush=True)
+            records.append(record)
+            if "tile" in record:
+                print(f"{record['part']} {record['shape']} {record.get('kernel', '')} {record['tile']}: "
+                      f"{record['registers']} registers, {record['spill_bytes']} spill bytes", flush=True)
 
         import triton
 
@@ -144,6 +148,8 @@ def main():
                         for index, config in enumerate(fm.CANDIDATES[(FAMILIES[kernel][0], bucket)]):
                             compiled = compile_fused_kernel(kernel, config, hidden, inter, top_k)
                             emit(part="fused", shape=shape, bucket=bucket, kernel=kernel, default=index == 0,
+                                 tile=tile_label(config.block_m, config.block_n, config.block_k, config.num_warps,
+                                                 config.num_stages) + (" TMA" if config.weight_tma else ""),
                                  config=str(config), **describe(compiled, config.num_warps))
         if "mla" in parts:
             for shape in (args.shapes.split(",") if args.shapes else MLA_SHAPES):
@@ -156,8 +162,35 @@ def main():
                 for index, (block_h, block_n, num_warps, num_stages) in enumerate(tiles):
                     compiled = compile_mla_split_kernel(heads, block_h, block_n, num_warps, num_stages)
                     emit(part="mla", shape=shape, heads=heads, default=index == 0, block_h=block_h, block_n=block_n,
-                         num_warps=num_warps, num_stages=num_stages, **describe(compiled, num_warps))
-    print(f"wrote {out_dir / 'kernel_resources.jsonl'} ({time.time() - started:.0f} s)")
+                         num_warps=num_warps, num_stages=num_stages,
+                         tile=tile_label(block_h, block_n, None, num_warps, num_stages),
+                         **describe(compiled, num_warps))
+    table = markdown_table(records)
+    (out_dir / "kernel_resources.md").write_text(table)
+    print("\n" + table)
+    print(f"wrote kernel_resources.jsonl and kernel_resources.md to {out_dir} ({time.time() - started:.0f} s)")
+
+
+def tile_label(rows: int, cols: int, depth: int | None, num_warps: int, num_stages: int) -> str:
+    """128x256x64 w8 s3 (rows x columns x K step, warps, pipeline stages); rows x keys for the MLA tiles."""
+    sizes = "x".join(str(n) for n in (rows, cols, depth) if n is not None)
+    return f"{sizes} w{num_warps} s{num_stages}"
+
+
+def markdown_table(records: list[dict]) -> str:
+    env = next(r for r in records if r["part"] == "env")
+    lines = [f"# Kernel resources on sm_90 (triton {env['triton']}, {env['date']})", "",
+             "| part | shape | bucket | kernel | tile | default | registers | spill bytes | shared KiB "
+             "| programs / SM |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        if "tile" not in r:
+            continue
+        bucket = r.get("bucket", f"{r.get('heads')} heads")
+        lines.append(f"| {r['part']} | {r['shape']} | {bucket} | {r.get('kernel', 'mla_decode_split')} | {r['tile']} | "
+                     f"{'yes' if r['default'] else ''} | {r['registers']} | {r['spill_bytes']} | {r['shared_kib']} | "
+                     f"{r['programs_per_sm']} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
