@@ -45,8 +45,8 @@ FAMILIES = {  # kernel: (candidate family, Triton kernel name)
     "gemm2": ("gemm2", "_grouped_gemm_kernel"),
     "dgrad_h": ("dgrad_h", "_dgrad_h_kernel"),
     "dgrad_x": ("dgrad_x", "_grouped_gemm_kernel"),
-    "wgrad_gate_up": ("wgrad", "_grouped_wgrad_kernel"),
-    "wgrad_down": ("wgrad", "_grouped_wgrad_kernel"),
+    "wgrad_gate_up": ("wgrad_gate_up", "_grouped_wgrad_kernel"),
+    "wgrad_down": ("wgrad_down", "_grouped_wgrad_kernel"),
 }
 MLA_SHAPES = {"v2lite": 16, "v3": 128}  # heads
 MLA_CANDIDATES = [(16, 32, 4, 3), (16, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2),

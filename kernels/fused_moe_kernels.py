@@ -265,10 +265,11 @@ def _grouped_wgrad_kernel(
     stride_ar, stride_am, stride_br, stride_bn, stride_ce, stride_cm, stride_cn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_A: tl.constexpr, EVEN_M: tl.constexpr,
-    EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
     """C[e] = sum over the rows r of expert e of A[r]^T B[r] ([M, N] per expert; the reduction runs over the
-    expert's sorted rows, so no tile crosses an expert and experts without tokens get zeros).
+    expert's sorted rows, so no tile crosses an expert and experts without tokens get zeros), or C[e] += that sum
+    with ACCUMULATE (added in fp32 and rounded once).
 
     GATHER_A / GATHER_B: that operand's row r is the per-token row perm[r] // top_k. SCALE_A: A's row r is scaled by
     the routing weight of slot perm[r]."""
@@ -282,11 +283,16 @@ def _grouped_wgrad_kernel(
     offs_n_ld = _wrap(offs_n, N, EVEN_N)
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The next K block's slots are loaded one iteration ahead (a loop-carried value), so no tile address depends on
+    # a load of the same iteration: Triton's pipeliner divides the stages by the loads' indirection depth, and with
+    # the slots loaded in-loop the tiles got 2 buffers at 3-4 stages (sm_90 compile; now one per stage)
+    if GATHER_A or GATHER_B or SCALE_A:
+        slot = tl.load(perm_ptr + start + offs_k, mask=start + offs_k < end, other=0)
+    else:
+        slot = offs_k
     for r0 in range(start, end, BLOCK_K):
         r = r0 + offs_k
         mask_r = r < end
-        if GATHER_A or GATHER_B or SCALE_A:
-            slot = tl.load(perm_ptr + r, mask=mask_r, other=0)
         if GATHER_A:
             ra = (slot // top_k).to(tl.int64)
         else:
@@ -300,10 +306,15 @@ def _grouped_wgrad_kernel(
             w = tl.load(topk_w_ptr + slot, mask=mask_r, other=0.0).to(tl.float32)
             a = (a.to(tl.float32) * w[None, :]).to(a_ptr.dtype.element_ty)
         b = tl.load(b_ptr + rb[:, None] * stride_br + offs_n_ld[None, :] * stride_bn, mask=mask_r[:, None], other=0.0)
+        if GATHER_A or GATHER_B or SCALE_A:
+            r_next = r + BLOCK_K
+            slot = tl.load(perm_ptr + r_next, mask=r_next < end, other=0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     c_ptrs = (c_ptr + expert.to(tl.int64) * stride_ce + offs_m.to(tl.int64)[:, None] * stride_cm
               + offs_n[None, :] * stride_cn)
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=mask, other=0.0).to(tl.float32)
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 

@@ -8,6 +8,7 @@ shapes and 16-wide blocks; the interpreter's bf16 `tl.dot` is unreliable, so bf1
 
 import contextlib
 import copy
+import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
@@ -218,29 +219,37 @@ def test_weights_that_tma_cannot_read_fall_back_to_pointer_loads(triton_path):
         check_against_reference((x, strided, down, index, weights), tolerance=1e-5)
 
 
-@needs_triton
-@pytest.mark.parametrize("kernel", ["gemm1", "gemm2", "dgrad_x", "dgrad_h"])
-def test_tma_twins_compile_for_hopper_with_tma_weight_loads(kernel, monkeypatch):
-    """The TMA twin of each row-tiled GEMM's default, compiled for an H100 / H200 (sm_90) on the CPU as its launcher
-    builds it: the weights arrive by TMA (cp.async.bulk.tensor), the gathered activations by pipelined cp.async, the
-    MMAs are wgmma; the pointer-load default has no TMA. (The interpreter cannot show the descriptors' lowering.)"""
-    from triton.runtime import driver
-    from triton.runtime.jit import JITFunction
-
+def hopper_compiler(monkeypatch):
+    """benchmarks/kernel_resources.py (offline sm_90 compiles), over a fresh, compiled copy of the kernels module for
+    this test (an earlier test may have imported the interpreter's; this one's must not reach later tests)."""
     from modeling_moe.kernels import fused_moe_ops
-    from modeling_moe.kernels.fused_moe_ops import CANDIDATES
 
-    # a fresh, compiled copy of the kernels module: an earlier test may have imported the interpreter's
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     spec = importlib.util.spec_from_file_location(
         "fused_moe_kernels_compiled", Path(fused_moe_ops.__file__).with_name("fused_moe_kernels.py"))
     kernels = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(kernels)
     monkeypatch.setattr(fused_moe_ops, "_kernels", kernels)
-    resources = load_benchmark_script("kernel_resources")
+    return load_benchmark_script("kernel_resources")
+
+
+@needs_triton
+@pytest.mark.parametrize("kernel", ["gemm1", "gemm2", "dgrad_x", "dgrad_h"])
+def test_tma_twins_compile_for_hopper_with_tma_weight_loads(kernel, monkeypatch):
+    """Each row-tiled GEMM's default and its twin (the same tile, weights by TMA or by pointer loads), compiled for an
+    H100 / H200 (sm_90) on the CPU as its launcher builds them: the TMA config's weights arrive by TMA
+    (cp.async.bulk.tensor), the gathered activations by pipelined cp.async, the MMAs are wgmma; the pointer-load config
+    has no TMA. (The interpreter cannot show the descriptors' lowering.)"""
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    from modeling_moe.kernels.fused_moe_ops import CANDIDATES
+
+    resources = hopper_compiler(monkeypatch)
     family = resources.FAMILIES[kernel][0]
-    default, twin = CANDIDATES[(family, "big")][0], CANDIDATES[(family, "big")][-1]
-    assert twin.weight_tma and not default.weight_tma and twin.block_n == default.block_n
+    default = CANDIDATES[(family, "big")][0]
+    twin = dataclasses.replace(default, weight_tma=not default.weight_tma)
+    assert twin in CANDIDATES[(family, "big")]
     run = JITFunction.run
     for config in (twin, default):
         compiled = resources.compile_fused_kernel(kernel, config, hidden=256, inter=128, top_k=2)
@@ -250,6 +259,126 @@ def test_tma_twins_compile_for_hopper_with_tma_weight_loads(kernel, monkeypatch)
         usage = resources.resource_usage(compiled)
         assert 0 < usage.registers <= 255 and usage.shared_bytes > 0
     assert JITFunction.run is run and driver._active is None  # compile_only put everything back
+
+
+@needs_triton
+@pytest.mark.parametrize("kernel", ["wgrad_gate_up", "wgrad_down"])
+def test_wgrad_pipelines_a_tile_buffer_per_stage_for_hopper(kernel, monkeypatch):
+    """wgrad loads the next K block's row indices one iteration ahead, so Triton's sm_90 pipeliner keeps a buffer per
+    stage for the gathered tiles (with the indices loaded in the same iteration it kept 2 at 3-4 stages): 4 stages
+    of a 128x128x32 tile pair (A and B, 8 KiB each in bf16) take 64 KiB; wgrad_down scales A in registers (one
+    buffer fewer for it) and keeps the routing weights' small buffers."""
+    resources = hopper_compiler(monkeypatch)
+    config = KernelConfig(128, 128, 32, 4, 4)
+    usage = resources.resource_usage(resources.compile_fused_kernel(kernel, config, hidden=256, inter=128, top_k=2))
+    tile = 128 * 32 * 2
+    if kernel == "wgrad_gate_up":
+        assert usage.shared_bytes == 4 * 2 * tile
+    else:
+        assert 3 * tile + 4 * tile <= usage.shared_bytes < 3 * tile + 4 * tile + 4096
+    assert usage.spill_bytes == 0
+
+
+def accumulation_spy(monkeypatch):
+    """The `accumulate` flag of every wgrad launch, in order."""
+    from modeling_moe.kernels import fused_moe_ops
+
+    flags = []
+    launch = fused_moe_ops._launch_wgrad
+
+    def spy(*args, accumulate=False, **kwargs):
+        flags.append(accumulate)
+        return launch(*args, accumulate=accumulate, **kwargs)
+
+    monkeypatch.setattr(fused_moe_ops, "_launch_wgrad", spy)
+    return flags
+
+
+def reference_gradients(case, grad):
+    """float64 gradients of (x, gate_up, down, weights) for one backward of `grad`."""
+    x, gate_up, down, index, weights = case
+    refs = [t.detach().double().cpu().requires_grad_(True) for t in (x, gate_up, down, weights)]
+    moe_experts_reference(refs[0], refs[1], refs[2], index.cpu(), refs[3]).backward(grad.double().cpu())
+    return [r.grad for r in refs]
+
+
+@needs_triton
+def test_weight_gradients_accumulate_in_place_across_backwards(triton_path, dgrad_h, monkeypatch):
+    """Gradient-accumulation fusion: when .grad already holds a gradient, wgrad adds into it (no separate add), and
+    after two backwards (two micro-batches' routings and output gradients) the weights' .grad is the float64 sum;
+    the first backward, without a .grad yet, writes a fresh gradient; turned off, every launch writes fresh."""
+    from modeling_moe.kernels.fused_moe_ops import set_grad_accumulation_fusion
+
+    flags = accumulation_spy(monkeypatch)
+    first, second = make_case(24, 48, 40, 6, 2, seed=11, device=triton_path), \
+        make_case(24, 48, 40, 6, 2, routing="some_empty", seed=12, device=triton_path)
+    gate_up = torch.nn.Parameter(first[1].clone())
+    down = torch.nn.Parameter(first[2].clone())
+    expected = [torch.zeros(gate_up.shape, dtype=torch.float64), torch.zeros(down.shape, dtype=torch.float64)]
+    for fusion in (True, False):
+        set_grad_accumulation_fusion(fusion)
+        try:
+            gate_up.grad = down.grad = None
+            flags.clear()
+            for seed, case in enumerate((first, second)):
+                x, _, _, index, weights = case
+                out = fused_moe(x, gate_up, down, index, weights)
+                grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device)
+                out.backward(grad)
+                if fusion:
+                    reference = reference_gradients((x, first[1], first[2], index, weights), grad)
+                    expected[0] += reference[1]
+                    expected[1] += reference[2]
+            assert relative_error(gate_up.grad.cpu(), expected[0]) < 1e-5
+            assert relative_error(down.grad.cpu(), expected[1]) < 1e-5
+            assert flags == [False, False, fusion, fusion]  # down then gate_up, per backward
+        finally:
+            set_grad_accumulation_fusion(True)
+
+
+@needs_triton
+def test_gradient_accumulation_fusion_only_where_it_cannot_show(triton_path, monkeypatch):
+    """With a .grad present the fusion is skipped, and every result is as without it, where a caller could tell:
+    autograd.grad() (the gradient is returned, .grad untouched), backward(inputs=...) without the weights, a tensor
+    hook on a weight (it sees this backward's gradient alone); and a weight used twice in one backward still gets
+    both uses added to its .grad."""
+    flags = accumulation_spy(monkeypatch)
+    x, gate_up0, down0, index, weights = make_case(24, 48, 40, 6, 2, seed=13, device=triton_path)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(x.device)
+    ref = reference_gradients((x, gate_up0, down0, index, weights), grad)
+    gate_up, down = torch.nn.Parameter(gate_up0.clone()), torch.nn.Parameter(down0.clone())
+    old = [torch.randn(gate_up.shape).to(x.device), torch.randn(down.shape).to(x.device)]
+
+    def fresh_grads():
+        gate_up.grad, down.grad = old[0].clone(), old[1].clone()
+        flags.clear()
+
+    fresh_grads()
+    dgate_up, ddown = torch.autograd.grad(fused_moe(x, gate_up, down, index, weights), (gate_up, down), grad)
+    assert relative_error(dgate_up.cpu(), ref[1]) < 1e-5 and relative_error(ddown.cpu(), ref[2]) < 1e-5
+    assert torch.equal(gate_up.grad, old[0]) and torch.equal(down.grad, old[1]) and not any(flags)
+
+    fresh_grads()
+    xs = x.clone().requires_grad_(True)
+    fused_moe(xs, gate_up, down, index, weights).backward(grad, inputs=[xs])
+    assert relative_error(xs.grad.cpu(), ref[0]) < 1e-5
+    assert torch.equal(gate_up.grad, old[0]) and torch.equal(down.grad, old[1]) and not any(flags)
+
+    fresh_grads()
+    seen = []
+    handle = gate_up.register_hook(lambda g: seen.append(g.clone()))
+    fused_moe(x, gate_up, down, index, weights).backward(grad)
+    handle.remove()
+    assert relative_error(seen[0].cpu(), ref[1]) < 1e-5
+    assert relative_error(gate_up.grad.cpu(), old[0].double().cpu() + ref[1]) < 1e-5
+    assert flags == [True, False]  # down (no hook) fused, gate_up (hooked) not
+
+    fresh_grads()
+    twice = fused_moe(x, gate_up, down, index, weights) + fused_moe(x, gate_up, down, index, weights)
+    twice.backward(grad)
+    assert relative_error(gate_up.grad.cpu(), old[0].double().cpu() + 2 * ref[1]) < 1e-5
+    assert relative_error(down.grad.cpu(), old[1].double().cpu() + 2 * ref[2]) < 1e-5
+    assert any(flags)
 
 
 @needs_triton
@@ -385,10 +514,13 @@ def test_custom_op_fake_and_opcheck(triton_path):
                           test_utils=checks)
     grad = torch.randn_like(x)
     for variant in DGRAD_H_VARIANTS:
-        torch.library.opcheck(ops.fused_moe_down_backward.default, (grad, gu, h, down, weights, perm, inv, offsets,
-                                                                    variant, True, True, False), test_utils=checks)
-    torch.library.opcheck(ops.fused_moe_gate_up_backward.default, (gu, x, gate_up, perm, inv, offsets, 2, True, False),
-                          test_utils=checks)
+        for grad_down in (down.new_empty(0), torch.randn_like(down)):  # weight gradient returned / added into
+            torch.library.opcheck(ops.fused_moe_down_backward.default,
+                                  (grad, gu, h, down, weights, perm, inv, offsets, variant, True, True, False,
+                                   grad_down), test_utils=checks)
+    for grad_gate_up in (gate_up.new_empty(0), torch.randn_like(gate_up)):
+        torch.library.opcheck(ops.fused_moe_gate_up_backward.default,
+                              (gu, x, gate_up, perm, inv, offsets, 2, True, True, grad_gate_up), test_utils=checks)
 
 
 def test_reference_path_without_triton_matches_eager(monkeypatch):
