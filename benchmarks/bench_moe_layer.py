@@ -7,6 +7,8 @@ Per anchor shape (../shared/anchors/README.md; bf16, routers fp32, weights N(0, 
   layer      transformers' DeepseekV3MoE with grouped_mm (and eager: forward at v2lite and small, forward+backward at
              small only, it is slow), our MoESparseMoeBlock with grouped_mm and with fused: forward and
              forward+backward ms, TFLOP/s (forward = 2 T (k + shared) 3 H I, forward+backward = 3x), peak memory;
+             gradients accumulate over the timed iterations as in the anchors' script (no zero_grad), so the fused
+             experts add their weight gradients into .grad in place; the "grad += dW" row times them without that;
              the same weights in all of them; our fused output and gradients checked against our grouped_mm; the
              dense-GEMM ceiling (one GEMM chain with the routed FLOPs, as the anchors).
   breakdown  each fused kernel alone (routing, GEMM1+SwiGLU, GEMM2, combine, dgrad_h, wgrad down / gate_up,
@@ -14,6 +16,8 @@ Per anchor shape (../shared/anchors/README.md; bf16, routers fp32, weights N(0, 
   decode     forward latency at 16, 64 and 256 tokens (no grad), grouped_mm vs fused (ours) and transformers: eager
              (`latency_us`, host overhead included) and replayed from a CUDA graph (`replayed_us`, null where the
              layer cannot be captured).
+  profile    the fused layer's forward+backward under torch.profiler (3 iterations, as the layer part times them):
+             wall vs kernel time per iteration, the busiest kernels, and the host syncs of one iteration.
   model      training step (AdamW) of the anchors' 1.26B model (our MoEForCausalLM, batch 8 x 2048), grouped_mm
              vs fused experts: tokens/s.
 --variants runs the fused layer (check, timings, peak memory), its breakdown (the kernels a variant changes:
@@ -185,6 +189,39 @@ def timings(layer, x, flops, warm_f=3, it_f=10, warm_b=2, it_b=6, backward=True)
     return result
 
 
+def profile_layer(block, x, iterations=3) -> dict:
+    """Forward+backward under the pretraining trainer's profiler (gradients accumulate, as in `timings`): wall and
+    kernel ms per iteration, the busiest kernels, and the host syncs of one more iteration (CUDA sync debug mode)."""
+    import warnings
+
+    from modeling_moe.trainers.profiling import StepProfiler
+
+    def forward_backward():
+        block(x)[0].float().pow(2).mean().backward()
+
+    profiler = StepProfiler((0, iterations - 1), Path(os.environ.get("OUT", "/tmp")) / "profile", 0, torch.device(dev))
+    for i in range(iterations):
+        profiler.start_if(i)
+        forward_backward()
+        summary = profiler.stop_if(i)
+    result = {"wall_ms": round(summary["wall_s"] * 1e3 / iterations, 3),
+              "kernel_ms": round(summary["device_time_s"] * 1e3 / iterations, 3),
+              "categories_ms": {label: round(entry["time_s"] * 1e3 / iterations, 3)
+                                for label, entry in summary["categories"].items()},
+              "top_kernels_ms": [(k["name"][:100], round(k["time_s"] * 1e3 / iterations, 3), k["calls"])
+                                 for k in summary["top_kernels"]]}
+    if dev == "cuda":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                forward_backward()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        result["host_syncs"] = [str(w.message)[:160] for w in caught if "synchroniz" in str(w.message)]
+    return result
+
+
 def rel(a, b, chunk=1 << 26):
     """||a - b|| / ||b||, in chunks (a v3 expert gradient is 22 GB in bf16)."""
     a, b = a.reshape(-1), b.reshape(-1)
@@ -255,6 +292,17 @@ def part_layer(name, args):
             free()
             res = timings(block, x, fwd_flops)
             emit(part="layer", shape=name, impl=label, dgrad_h=variant, tokens=T, **res, **check)
+            if impl == "fused":
+                # the same without the gradient-accumulation fusion: how much of the figure above it is
+                fm.set_grad_accumulation_fusion(False)
+                block.zero_grad(set_to_none=True)
+                x.grad = None
+                free()
+                emit(part="layer", shape=name, impl=f"{label[:-1]}, grad += dW]", dgrad_h=variant, tokens=T,
+                     **timings(block, x, fwd_flops))
+                fm.set_grad_accumulation_fusion(True)
+            if "profile" in args.parts and impl == "fused":
+                emit(part="profile", shape=name, impl=label, **profile_layer(block, x))
         except Exception as error:
             traceback.print_exc()
             emit(part="layer", shape=name, impl=label, error=f"{type(error).__name__}: {str(error)[:300]}")
@@ -303,7 +351,7 @@ def part_breakdown(name, block, x0, variants):
     dgrad_out = torch.randn_like(x)
     dgate_up, ddown = torch.empty_like(gate_up), torch.empty_like(down)
     c1, c2 = routing.config("gemm1", "gemm1"), routing.config("gemm2", "gemm2")
-    cx, cwg = routing.config("dgrad_x", "dgrad_x"), routing.config("wgrad_gate_up", "wgrad")
+    cx, cwg = routing.config("dgrad_x", "dgrad_x"), routing.config("wgrad_gate_up", "wgrad_gate_up")
     gemm = 2 * N * H * I
     common = {
         "routing": (lambda: fm.build_routing(index, E), 0, None),
@@ -320,7 +368,7 @@ def part_breakdown(name, block, x0, variants):
     for variant in variants:
         store_wh = variant == "store_wh"
         c_dh = routing.config(f"dgrad_h/{variant}", "dgrad_h")
-        c_wd = routing.config(f"wgrad_down/{variant}", "wgrad")
+        c_wd = routing.config(f"wgrad_down/{variant}", "wgrad_down")
         dw = torch.empty(fm.triton_cdiv(I, c_dh.block_n), N, dtype=torch.float32, device=dev)
         h_operand = hw if store_wh else h  # written (w * h) / read (the saved h) by dgrad_h; wgrad_down's B
         own = {
@@ -449,6 +497,12 @@ def table():
             step = r["step"] + (f" [{r['dgrad_h']}]" if r.get("dgrad_h") else "")
             print(f"breakdown {r['shape']:<8}{step:<32}{r['ms']:>9} ms {r.get('tflops') or '':>8} "
                   f"{r.get('config') or r.get('rows_per_expert_min_max') or ''}")
+    for r in RECORDS:
+        if r["part"] == "profile" and "wall_ms" in r:
+            print(f"profile {r['shape']:<8}{r['impl']}: wall {r['wall_ms']} ms, kernels {r['kernel_ms']} ms per "
+                  f"iteration, {r['categories_ms']}, host syncs {len(r.get('host_syncs', []))}")
+            for kernel, ms, calls in r["top_kernels_ms"]:
+                print(f"profile {r['shape']:<8}  {ms:9.3f} ms {calls:4d}x  {kernel}")
     for r in RECORDS:
         if r["part"] in ("decode", "model"):
             print({k: v for k, v in r.items() if k != "part"} | {"part": r["part"]})
