@@ -58,7 +58,10 @@ balancing   `--balancing_model` (default moe-100m) on the same tokens (same seed
             (Wang et al. 2024, Table 2): the MaxVio of the expert loads summed over the whole held-out set at the
             final evaluation; MaxVio_batch of the last logged training window (each mean and max over the decoder's
             MoE layers; the MTP router apart); and the issue's target: loss-free MaxVio_global <= 0.15 (the
-            paper's anchor is MaxVio_global) with a held-out loss no worse than the aux-loss run.
+            paper's anchor is MaxVio_global) with a held-out loss no worse than the aux-loss run. With
+            `--balancing_seeds s1,s2,...` every mode runs once per seed; each loss-free run is compared with the
+            aux-loss run of its seed, and the target is judged on the means over the seeds (held-out loss difference
+            with its standard error: one run per mode cannot tell a 0.003 difference from seed noise).
 
 Precision (`--scaling_dtype`, `--balancing_dtype`): `bf16` = bf16 weights and AdamW states with bf16 autocast, except
 under FSDP2, where accelerate's bf16 policy makes fp32 master weights with bf16 compute out of any weights (the FSDP2
@@ -267,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--aux_loss_coef", type=float, default=0.001,
         help="router_aux_loss_coef of the aux_loss mode (the value of the loss-free balancing paper's baseline).")
     add("--balancing_gpus", default="0,1", help="GPUs the concurrent balancing runs are spread over, round robin.")
+    add("--balancing_seeds", default=None,
+        help="Comma-separated seeds: every mode runs once per seed (runs named ...-seed<N>), and the loss-free vs "
+             "aux-loss comparison is paired by seed, with a standard error over the seeds (default: --seed alone).")
     return parser
 
 
@@ -306,6 +312,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--bias_update_speed: expected comma-separated numbers, got {args.bias_update_speed!r}")
     if "loss_free" in args.balancing_modes and not args.bias_update_speeds:
         parser.error("--bias_update_speed: at least one value for the loss_free mode")
+    try:
+        args.balancing_seeds = [int(v) for v in _split(args.balancing_seeds)] or [args.seed]
+    except ValueError:
+        parser.error(f"--balancing_seeds: expected comma-separated integers, got {args.balancing_seeds!r}")
     if args.dataset is None and Path(".devdata/corpus.jsonl").is_file():
         args.dataset = ".devdata/corpus.jsonl"
     if args.work_dir is None:
@@ -384,6 +394,8 @@ class Run:
     overrides: str = ""
     kind: str = ""  # scaling: the kind of SCALING_KINDS; balancing: the mode
     baseline: str | None = None  # scaling: the EP=1 run (key) of an expert-parallel run
+    variant: str = ""  # balancing: the run's name without its seed (the runs of one configuration over seeds)
+    seed: int | None = None
     result: dict = field(default_factory=dict)
 
 
@@ -393,9 +405,10 @@ def model_args(model: str, extra_overrides: str | None) -> tuple[list[str], str]
     return ["--model_config", preset] + (["--config_overrides", overrides] if overrides else []), overrides
 
 
-def common_trainer_args(args, name: str) -> list[str]:
+def common_trainer_args(args, name: str, seed: int | None = None) -> list[str]:
     out = ["--output_dir", str(Path(args.work_dir) / name),
-           "--data_cache_dir", str(Path(args.work_dir) / "data-cache"), "--seed", str(args.seed),
+           "--data_cache_dir", str(Path(args.work_dir) / "data-cache"),
+           "--seed", str(args.seed if seed is None else seed),
            "--save_steps", "0", "--disable_tqdm", "--report_to", "none"]
     if not args.keep_models:
         out += ["--save_final_model", "false"]  # gathering and writing the weights: seconds per billion parameters
@@ -477,10 +490,13 @@ def balancing_runs(args) -> list[Run]:
     runs = []
     gpus = _split(args.balancing_gpus) or ["0"]
     steps = args.balancing_steps
-    for index, (name, mode, label, mode_overrides) in enumerate(balancing_variants(args)):
+    several = len(args.balancing_seeds) > 1
+    variants = [(variant, seed) for seed in args.balancing_seeds for variant in balancing_variants(args)]
+    for index, ((variant, mode, label, mode_overrides), seed) in enumerate(variants):
+        name = f"{variant}-seed{seed}" if several else variant
         model, overrides = model_args(
             args.balancing_model, ",".join(filter(None, [args.balancing_config_overrides, mode_overrides])))
-        trainer = model + common_trainer_args(args, name) + dtype_flags(args.balancing_dtype, "single_gpu")[0] + [
+        trainer = model + common_trainer_args(args, name, seed) + dtype_flags(args.balancing_dtype, "single_gpu")[0] + [
             "--seq_len", str(args.balancing_seq_len), "--per_device_train_batch_size", str(args.balancing_batch_size),
             "--max_steps", str(steps), "--logging_steps", str(args.balancing_logging_steps),
             "--learning_rate", str(args.balancing_learning_rate),
@@ -488,7 +504,8 @@ def balancing_runs(args) -> list[Run]:
             "--eval_steps", str(args.balancing_eval_steps), "--eval_on_start",
         ]
         runs.append(Run(name, "balancing", mode, "single_gpu", 1, 1, args.balancing_dtype, trainer,
-                        gpus=gpus[index % len(gpus)], label=label, overrides=overrides, kind=mode))
+                        gpus=gpus[index % len(gpus)], label=label + (f", seed {seed}" if several else ""),
+                        overrides=overrides, kind=mode, variant=variant, seed=seed))
     return runs
 
 
@@ -792,8 +809,8 @@ def analyse(runs: list[Run], args) -> list[dict]:
         derived.append(line)
 
     balancing = [run for run in runs if run.part == "balancing"]
-    aux = next((run for run in balancing if run.kind == "aux_loss"), None)
     for free in (run for run in balancing if run.kind == "loss_free"):
+        aux = next((run for run in balancing if run.kind == "aux_loss" and run.seed == free.seed), None)
         line = {"kind": "balancing_target", "run": free.name, "maxvio_target": MAXVIO_TARGET,
                 "maxvio_global": free.result.get("eval_maxvio_mean"), "maxvio_batch": free.result.get("maxvio_mean")}
         # Both runs at the last step each evaluated (a run cut short by its time limit ends earlier than the other)
@@ -810,7 +827,36 @@ def analyse(runs: list[Run], args) -> list[dict]:
         if "maxvio_ok" in line and "eval_loss_ok" in line:
             line["meets_target"] = line["maxvio_ok"] and line["eval_loss_ok"]
         derived.append(line)
+    derived += balancing_over_seeds([d for d in derived if d["kind"] == "balancing_target"], balancing)
     return derived
+
+
+def balancing_over_seeds(targets: list[dict], balancing: list[Run]) -> list[dict]:
+    """One line per loss-free configuration run at several seeds: the per-seed held-out loss differences to the
+    aux-loss run of the same seed (same initialisation, data order and held-out set), their mean and its standard
+    error over the seeds, and the mean MaxVio_global; the target on the means."""
+    by_name = {run.name: run for run in balancing}
+    groups: dict[str, list[dict]] = {}
+    for line in targets:
+        groups.setdefault(by_name[line["run"]].variant, []).append(line)
+    lines = []
+    for variant, group in groups.items():
+        compared = [d for d in group if "eval_loss_minus_aux" in d and d.get("maxvio_global") is not None]
+        if len({by_name[d["run"]].seed for d in group}) < 2 or len(compared) < 2:
+            continue
+        diffs = [d["eval_loss_minus_aux"] for d in compared]
+        mean = sum(diffs) / len(diffs)
+        se = statistics.stdev(diffs) / math.sqrt(len(diffs))
+        maxvio = sum(d["maxvio_global"] for d in compared) / len(compared)
+        lines.append({
+            "kind": "balancing_target_seeds", "variant": variant, "seeds": [by_name[d["run"]].seed for d in compared],
+            "eval_steps": [d["eval_step"] for d in compared], "eval_loss_minus_aux": diffs,
+            "eval_loss_minus_aux_mean": mean, "eval_loss_minus_aux_se": se, "maxvio_global_mean": maxvio,
+            "maxvio_ok": maxvio <= MAXVIO_TARGET, "eval_loss_ok": mean <= 0,
+            "eval_loss_not_measurably_worse": mean - 2 * se <= 0,
+            "meets_target": maxvio <= MAXVIO_TARGET and mean <= 0,
+        })
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------------------- report
@@ -955,6 +1001,13 @@ def summary_markdown(runs: list[Run], derived: list[dict], args, copied: list[st
                              f"the last held-out evaluation of both runs (MaxVio_global {_f(d['maxvio_global'], 3)}, "
                              f"held-out loss {d['eval_loss_minus_aux']:+.4f} against the aux-loss run; MaxVio_batch "
                              f"{_f(d['maxvio_batch'], 3)} at the run's end)")
+            for d in (d for d in derived if d["kind"] == "balancing_target_seeds"):
+                lines.append(
+                    f"- {d['variant']} over seeds {', '.join(map(str, d['seeds']))}: "
+                    f"{'MET' if d['meets_target'] else 'NOT MET'} on the means (MaxVio_global "
+                    f"{_f(d['maxvio_global_mean'], 3)}; held-out loss {d['eval_loss_minus_aux_mean']:+.4f} "
+                    f"± {2 * d['eval_loss_minus_aux_se']:.4f} (2 s.e. over the seeds, paired by seed) against the "
+                    f"aux-loss runs: {'not ' if d['eval_loss_not_measurably_worse'] else ''}measurably worse)")
         lines += ["", "balancing.png: MaxVio and held-out loss against the step, every mode.", ""]
 
     lines += ["## Commands", ""] + [f"- {r.name}: `{r.result.get('command', '')}`" for r in runs] + [""]

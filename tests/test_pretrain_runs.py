@@ -322,6 +322,45 @@ def test_analysis_and_report_on_synthetic_metrics(tmp_path):
 
 
 @pytest.mark.slow
+def test_balancing_over_seeds_pairs_each_seed_with_its_aux_loss_run(tmp_path):
+    """--balancing_seeds: every mode once per seed (its own --seed and folder); each loss-free run is compared with
+    the aux-loss run of its seed, and a line over the seeds gives the mean difference, its standard error and the
+    mean MaxVio_global, the target judged on the means."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    args = driver.parse_args(["--output_dir", str(out), "--work_dir", str(work), "--balancing_modes",
+                              "loss_free,aux_loss", "--bias_update_speed", "0.001", "--balancing_seeds", "7,8,9"])
+    runs = driver.balancing_runs(args)
+    assert [r.name for r in runs] == [f"balancing-{m}-seed{s}" for s in (7, 8, 9) for m in ("loss_free", "aux_loss")]
+    for run in runs:
+        assert run.trainer_args[run.trainer_args.index("--seed") + 1] == str(run.seed)
+        assert run.trainer_args[run.trainer_args.index("--output_dir") + 1] == str(work / run.name)
+    # held-out loss at step 50: aux 7.0 at every seed; loss-free 7.0 + (0.01, -0.02, 0.04) by seed
+    free_loss = {7: 7.01, 8: 6.98, 9: 7.04}
+    for run in runs:
+        loss = free_loss[run.seed] if run.kind == "loss_free" else 7.0
+        maxvio = [0.1, 0.18] if run.kind == "loss_free" else [0.8, 0.8]
+        write_metrics(work / run.name, [record(50, 6.5, 5e4, eval_loss=loss, eval_maxvio=maxvio)],
+                      config={"n_routed_experts": 64, "num_nextn_predict_layers": 0})
+        run.result.update(rc=0, wall_s=1.0, command="launch ...")
+    derived = driver.analyse(runs, args)
+    per_seed = {d["run"]: d for d in derived if d["kind"] == "balancing_target"}
+    assert per_seed["balancing-loss_free-seed8"]["eval_loss_minus_aux"] == pytest.approx(-0.02)
+    over = [d for d in derived if d["kind"] == "balancing_target_seeds"]
+    assert len(over) == 1 and over[0]["variant"] == "balancing-loss_free" and over[0]["seeds"] == [7, 8, 9]
+    diffs = [0.01, -0.02, 0.04]
+    mean = sum(diffs) / 3
+    se = (sum((d - mean) ** 2 for d in diffs) / 2) ** 0.5 / 3 ** 0.5
+    assert over[0]["eval_loss_minus_aux_mean"] == pytest.approx(mean)
+    assert over[0]["eval_loss_minus_aux_se"] == pytest.approx(se)
+    assert over[0]["maxvio_global_mean"] == pytest.approx(0.14) and over[0]["maxvio_ok"]
+    assert not over[0]["eval_loss_ok"] and over[0]["eval_loss_not_measurably_worse"] and not over[0]["meets_target"]
+    driver.write_outputs(runs, derived, args, wall_s=10.0)
+    summary = (out / "summary.md").read_text()
+    assert (f"- balancing-loss_free over seeds 7, 8, 9: NOT MET on the means (MaxVio_global 0.14; held-out loss "
+            f"+{mean:.4f} ± {2 * se:.4f} (2 s.e. over the seeds, paired by seed) against the aux-loss runs: not "
+            f"measurably worse)") in summary
+
+
 def test_small_dry_run(tmp_path):
     """The driver end to end on the CPU: DDP and DDP + EP=2 (2 processes each; the latter profiled), then two
     concurrent balancing runs."""
