@@ -279,6 +279,44 @@ def test_wgrad_pipelines_a_tile_buffer_per_stage_for_hopper(kernel, monkeypatch)
     assert usage.spill_bytes == 0
 
 
+@needs_triton
+@pytest.mark.parametrize("kind", ["wgrad_gate_up", "wgrad_down"])
+@pytest.mark.parametrize("bucket", ["big", "small"])
+def test_every_wgrad_candidate_matches_float64(triton_path, kind, bucket):
+    """Each tile of the wgrad lists (the autotune may pick any), as its launcher runs it for that gradient (gathered x
+    for gate_up; gathered dY scaled by the routing weights for down), uneven sizes, an expert without rows, into a
+    fresh output and added into an existing one."""
+    from modeling_moe.kernels import fused_moe_ops as fm
+
+    x, gate_up, down, index, weights = make_case(23, 40, 24, 5, 2, routing="some_empty", seed=21, device=triton_path)
+    num_rows, experts = index.numel(), gate_up.shape[0]
+    perm, inv, offsets = fm.build_routing(index, experts)
+    routing = fm.Routing(perm, inv, offsets, 2, 40, 24, x.dtype)
+    sorted_rows = torch.randn(num_rows, 48 if kind == "wgrad_gate_up" else 24, generator=torch.Generator().manual_seed(2))
+    sorted_rows = sorted_rows.to(x.device)
+    token = perm.long() // 2
+    w = weights.reshape(-1)
+    counts = (offsets[1:] - offsets[:-1]).tolist()
+    if kind == "wgrad_gate_up":  # dW[e] = sum_r dgu_r^T x[tok_r]
+        a, b, gather = sorted_rows, x, dict(gather_a=False, gather_b=True)
+        rows_a, rows_b = sorted_rows.double(), x.double()[token]
+    else:  # dW[e] = sum_r (w_r dY[tok_r])^T h_r
+        a, b, gather = x, sorted_rows, dict(gather_a=True, gather_b=False, topk_w=w)
+        rows_a, rows_b = (x.double()[token] * w.double()[perm.long()][:, None]), sorted_rows.double()
+    expected = torch.stack([chunk_a.T @ chunk_b for chunk_a, chunk_b in
+                            zip(rows_a.split(counts), rows_b.split(counts))])
+    before = torch.randn(expected.shape, generator=torch.Generator().manual_seed(3)).to(x.device)
+    for config in fm.CANDIDATES[(kind, bucket)]:
+        out = torch.full(expected.shape, float("nan"), device=x.device)
+        fm._launch_wgrad(config, routing, a, b, out, gather["gather_a"], gather["gather_b"],
+                         topk_w=gather.get("topk_w"))
+        assert relative_error(out.cpu(), expected.cpu()) < 1e-5, config
+        into = before.clone()
+        fm._launch_wgrad(config, routing, a, b, into, gather["gather_a"], gather["gather_b"],
+                         topk_w=gather.get("topk_w"), accumulate=True)
+        assert relative_error(into.cpu(), expected.cpu() + before.double().cpu()) < 1e-5, config
+
+
 def accumulation_spy(monkeypatch):
     """The `accumulate` flag of every wgrad launch, in order."""
     from modeling_moe.kernels import fused_moe_ops
