@@ -374,6 +374,45 @@ def test_weight_gradients_accumulate_in_place_across_backwards(triton_path, dgra
             set_grad_accumulation_fusion(True)
 
 
+class FusedExperts(torch.nn.Module):
+    def __init__(self, gate_up, down):
+        super().__init__()
+        self.gate_up, self.down = torch.nn.Parameter(gate_up.clone()), torch.nn.Parameter(down.clone())
+
+    def forward(self, x, index, weights):
+        return fused_moe(x, self.gate_up, self.down, index, weights)
+
+
+@needs_triton
+@pytest.mark.parametrize("bucket_view", [False, True], ids=["grad_copied_to_bucket", "gradient_as_bucket_view"])
+def test_gradient_accumulation_fusion_under_ddp_no_sync(triton_path, monkeypatch, tmp_path, bucket_view):
+    """DistributedDataParallel with a micro-batch under no_sync() and a synced one (accelerate's gradient
+    accumulation): the second backward adds into .grad in place, and DDP's reducer (its hooks run after
+    AccumulateGrad; with gradient_as_bucket_view .grad is a view of its bucket) ends with the float64 sum."""
+    import torch.distributed as dist
+
+    flags = accumulation_spy(monkeypatch)
+    first = make_case(24, 48, 40, 6, 2, seed=31, device=triton_path)
+    second = make_case(24, 48, 40, 6, 2, seed=32, device=triton_path)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(FusedExperts(first[1], first[2]),
+                                                          gradient_as_bucket_view=bucket_view)
+        expected = [0.0, 0.0]
+        for seed, (case, context) in enumerate(((first, model.no_sync()), (second, contextlib.nullcontext()))):
+            x, _, _, index, weights = case
+            grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(x.device)
+            with context:
+                model(x, index, weights).backward(grad)
+            reference = reference_gradients((x, first[1], first[2], index, weights), grad)
+            expected = [expected[0] + reference[1], expected[1] + reference[2]]
+    finally:
+        dist.destroy_process_group()
+    assert relative_error(model.module.gate_up.grad.cpu(), expected[0]) < 1e-5
+    assert relative_error(model.module.down.grad.cpu(), expected[1]) < 1e-5
+    assert flags == [False, False, True, True]
+
+
 @needs_triton
 def test_gradient_accumulation_fusion_only_where_it_cannot_show(triton_path, monkeypatch):
     """With a .grad present the fusion is skipped, and every result is as without it, where a caller could tell:
