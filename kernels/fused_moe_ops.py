@@ -574,20 +574,18 @@ def _(x, gate_up, top_k_index, save_gu):
     )
 
 
-@torch.library.custom_op("modeling_moe::fused_moe_gate_up_backward", mutates_args=("grad_gate_up",))
+@torch.library.custom_op("modeling_moe::fused_moe_gate_up_backward", mutates_args=())
 def fused_moe_gate_up_backward_op(
     dgu: torch.Tensor, x: torch.Tensor, gate_up: torch.Tensor, perm: torch.Tensor, inv: torch.Tensor,
-    offsets: torch.Tensor, top_k: int, need_x: bool, need_gate_up: bool, grad_gate_up: torch.Tensor,
+    offsets: torch.Tensor, top_k: int, need_x: bool, need_gate_up: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dx, dWgu); dWgu is added into grad_gate_up instead (the second output empty) unless that is empty."""
-    grads = gate_up_backward_impl(dgu, x, gate_up, perm, inv, offsets, top_k, need_x, need_gate_up,
-                                  _or_none(grad_gate_up))
+    grads = gate_up_backward_impl(dgu, x, gate_up, perm, inv, offsets, top_k, need_x, need_gate_up)
     return _or_empty(grads, (x, gate_up))
 
 
 @fused_moe_gate_up_backward_op.register_fake
-def _(dgu, x, gate_up, perm, inv, offsets, top_k, need_x, need_gate_up, grad_gate_up):
-    return _fake_grads((x, gate_up), (need_x, need_gate_up and grad_gate_up.numel() == 0))
+def _(dgu, x, gate_up, perm, inv, offsets, top_k, need_x, need_gate_up):
+    return _fake_grads((x, gate_up), (need_x, need_gate_up))
 
 
 @torch.library.custom_op("modeling_moe::fused_moe_down", mutates_args=())
@@ -604,33 +602,25 @@ def _(gu, h, down, top_k_weights, perm, inv, offsets, dgrad_h):
     return h.new_empty(top_k_weights.shape[0], down.shape[1])
 
 
-@torch.library.custom_op("modeling_moe::fused_moe_down_backward", mutates_args=("grad_down",))
+@torch.library.custom_op("modeling_moe::fused_moe_down_backward", mutates_args=())
 def fused_moe_down_backward_op(
     grad_out: torch.Tensor, gu: torch.Tensor, h: torch.Tensor, down: torch.Tensor, top_k_weights: torch.Tensor,
     perm: torch.Tensor, inv: torch.Tensor, offsets: torch.Tensor, dgrad_h: str, need_gu: bool, need_down: bool,
-    need_weights: bool, grad_down: torch.Tensor,
+    need_weights: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dgu, dWd, d top_k_weights); dWd is added into grad_down instead (the second output empty) unless that is
-    empty."""
     grads = down_backward_impl(grad_out, gu, h, down, top_k_weights, perm, inv, offsets, dgrad_h,
-                               need_gu, need_down, need_weights, _or_none(grad_down))
+                               need_gu, need_down, need_weights)
     return _or_empty(grads, (gu, down, top_k_weights))
 
 
 @fused_moe_down_backward_op.register_fake
-def _(grad_out, gu, h, down, top_k_weights, perm, inv, offsets, dgrad_h, need_gu, need_down, need_weights,
-      grad_down):
-    return _fake_grads((gu, down, top_k_weights), (need_gu, need_down and grad_down.numel() == 0, need_weights))
+def _(grad_out, gu, h, down, top_k_weights, perm, inv, offsets, dgrad_h, need_gu, need_down, need_weights):
+    return _fake_grads((gu, down, top_k_weights), (need_gu, need_down, need_weights))
 
 
 def _or_empty(grads, like):
-    """Custom ops take and return tensors: an empty one stands for "none" (an optional mutated argument is not
-    portable across torch versions)."""
+    """Custom ops return tensors: an empty one stands for "not needed"."""
     return tuple(g if g is not None else t.new_empty(0) for g, t in zip(grads, like))
-
-
-def _or_none(tensor):
-    return tensor if tensor.numel() else None
 
 
 def _fake_grads(like, needs):
@@ -652,8 +642,11 @@ def _gate_up_backward(ctx, dgu, *unused):
         return None, None, None, None
     x, gate_up, perm, inv, offsets = ctx.saved_tensors
     into = _accumulation_target(gate_up) if need_gate_up else None
-    dx, dgate_up = torch.ops.modeling_moe.fused_moe_gate_up_backward(
-        dgu, x, gate_up, perm, inv, offsets, ctx.top_k, need_x, need_gate_up, *_or_empty([into], [gate_up]))
+    if into is None:
+        dx, dgate_up = torch.ops.modeling_moe.fused_moe_gate_up_backward(dgu, x, gate_up, perm, inv, offsets,
+                                                                          ctx.top_k, need_x, need_gate_up)
+    else:  # eager only (never while tracing): the kernels write into .grad, which no functional op may
+        dx, dgate_up = gate_up_backward_impl(dgu, x, gate_up, perm, inv, offsets, ctx.top_k, need_x, True, into)
     return dx if need_x else None, _weight_grad(gate_up, dgate_up, into) if need_gate_up else None, None, None
 
 
@@ -673,9 +666,12 @@ def _down_backward(ctx, grad_out):
     if gu.shape[0] != perm.shape[0]:
         raise RuntimeError("fused MoE: the forward ran without saving activations (no input required grad)")
     into = _accumulation_target(down) if need_down else None
-    dgu, ddown, dweights = torch.ops.modeling_moe.fused_moe_down_backward(
-        grad_out, gu, h, down, top_k_weights, perm, inv, offsets, ctx.variant, need_gu, need_down, need_weights,
-        *_or_empty([into], [down]))
+    if into is None:
+        dgu, ddown, dweights = torch.ops.modeling_moe.fused_moe_down_backward(
+            grad_out, gu, h, down, top_k_weights, perm, inv, offsets, ctx.variant, need_gu, need_down, need_weights)
+    else:  # eager only, as in _gate_up_backward
+        dgu, ddown, dweights = down_backward_impl(grad_out, gu, h, down, top_k_weights, perm, inv, offsets,
+                                                  ctx.variant, need_gu, True, need_weights, into)
     return (dgu if need_gu else None, None, _weight_grad(down, ddown, into) if need_down else None,
             dweights if need_weights else None, None, None, None, None)
 
