@@ -166,24 +166,33 @@ def set_impl(module, impl):
             m.config._experts_implementation = impl
 
 
+def forward(layer, x):
+    out = layer(x)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def forward_backward(layer, x):
+    """One forward+backward; parameter gradients accumulate (no zero_grad), as in the anchors' script."""
+    forward(layer, x).float().pow(2).mean().backward()
+
+
+def drop_grads(block, x):
+    block.zero_grad(set_to_none=True)
+    x.grad = None
+    free()
+
+
 def timings(layer, x, flops, warm_f=3, it_f=10, warm_b=2, it_b=6, backward=True):
-    def forward():
-        out = layer(x)
-        return out[0] if isinstance(out, tuple) else out
-
-    def forward_backward():
-        forward().float().pow(2).mean().backward()
-
     result = {}
     with torch.no_grad():
-        t = bench(forward, warm_f, it_f)
+        t = bench(lambda: forward(layer, x), warm_f, it_f)
     result.update(fwd_ms=round(t, 3), fwd_tflops=round(flops / t / 1e9, 1))
     if backward:
-        t = bench(forward_backward, warm_b, it_b)
+        t = bench(lambda: forward_backward(layer, x), warm_b, it_b)
         sync()
         if dev == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        forward_backward()
+        forward_backward(layer, x)
         sync()
         result.update(fwdbwd_ms=round(t, 3), fwdbwd_tflops=round(3 * flops / t / 1e9, 1), peak_gib=peak_gib())
     return result
@@ -196,13 +205,10 @@ def profile_layer(block, x, iterations=3) -> dict:
 
     from modeling_moe.trainers.profiling import StepProfiler
 
-    def forward_backward():
-        block(x)[0].float().pow(2).mean().backward()
-
     profiler = StepProfiler((0, iterations - 1), Path(os.environ.get("OUT", "/tmp")) / "profile", 0, torch.device(dev))
     for i in range(iterations):
         profiler.start_if(i)
-        forward_backward()
+        forward_backward(block, x)
         summary = profiler.stop_if(i)
     result = {"wall_ms": round(summary["wall_s"] * 1e3 / iterations, 3),
               "kernel_ms": round(summary["device_time_s"] * 1e3 / iterations, 3),
@@ -215,7 +221,7 @@ def profile_layer(block, x, iterations=3) -> dict:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                forward_backward()
+                forward_backward(block, x)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         result["host_syncs"] = [str(w.message)[:160] for w in caught if "synchroniz" in str(w.message)]
@@ -287,20 +293,18 @@ def part_layer(name, args):
                 check = {f"relerr_{n}": float(f"{rel(g, reference[n]):.3g}") for n, g in grads.items()}
                 check["relerr_out"] = float(f"{rel(out.detach(), reference['out']):.3g}")
             del out, grads
-            block.zero_grad(set_to_none=True)
-            x.grad = None
-            free()
+            drop_grads(block, x)
             res = timings(block, x, fwd_flops)
             emit(part="layer", shape=name, impl=label, dgrad_h=variant, tokens=T, **res, **check)
             if impl == "fused":
                 # the same without the gradient-accumulation fusion: how much of the figure above it is
+                drop_grads(block, x)
                 fm.set_grad_accumulation_fusion(False)
-                block.zero_grad(set_to_none=True)
-                x.grad = None
-                free()
-                emit(part="layer", shape=name, impl=f"{label[:-1]}, grad += dW]", dgrad_h=variant, tokens=T,
-                     **timings(block, x, fwd_flops))
-                fm.set_grad_accumulation_fusion(True)
+                try:
+                    emit(part="layer", shape=name, impl=f"{label[:-1]}, grad += dW]", dgrad_h=variant, tokens=T,
+                         **timings(block, x, fwd_flops))
+                finally:
+                    fm.set_grad_accumulation_fusion(True)
             if "profile" in args.parts and impl == "fused":
                 emit(part="profile", shape=name, impl=label, **profile_layer(block, x))
         except Exception as error:

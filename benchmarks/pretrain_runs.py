@@ -848,13 +848,13 @@ def balancing_over_seeds(targets: list[dict], balancing: list[Run]) -> list[dict
         mean = sum(diffs) / len(diffs)
         se = statistics.stdev(diffs) / math.sqrt(len(diffs))
         maxvio = sum(d["maxvio_global"] for d in compared) / len(compared)
+        maxvio_ok, eval_loss_ok = maxvio <= MAXVIO_TARGET, mean <= 0
         lines.append({
             "kind": "balancing_target_seeds", "variant": variant, "seeds": [by_name[d["run"]].seed for d in compared],
             "eval_steps": [d["eval_step"] for d in compared], "eval_loss_minus_aux": diffs,
             "eval_loss_minus_aux_mean": mean, "eval_loss_minus_aux_se": se, "maxvio_global_mean": maxvio,
-            "maxvio_ok": maxvio <= MAXVIO_TARGET, "eval_loss_ok": mean <= 0,
-            "eval_loss_not_measurably_worse": mean - 2 * se <= 0,
-            "meets_target": maxvio <= MAXVIO_TARGET and mean <= 0,
+            "maxvio_ok": maxvio_ok, "eval_loss_ok": eval_loss_ok, "eval_loss_not_measurably_worse": mean - 2 * se <= 0,
+            "meets_target": maxvio_ok and eval_loss_ok,
         })
     return lines
 

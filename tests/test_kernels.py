@@ -292,8 +292,8 @@ def test_every_wgrad_candidate_matches_float64(triton_path, kind, bucket):
     num_rows, experts = index.numel(), gate_up.shape[0]
     perm, inv, offsets = fm.build_routing(index, experts)
     routing = fm.Routing(perm, inv, offsets, 2, 40, 24, x.dtype)
-    sorted_rows = torch.randn(num_rows, 48 if kind == "wgrad_gate_up" else 24, generator=torch.Generator().manual_seed(2))
-    sorted_rows = sorted_rows.to(x.device)
+    width = 48 if kind == "wgrad_gate_up" else 24  # dgu [N, 2I] or h [N, I]
+    sorted_rows = torch.randn(num_rows, width, generator=torch.Generator().manual_seed(2)).to(x.device)
     token = perm.long() // 2
     w = weights.reshape(-1)
     counts = (offsets[1:] - offsets[:-1]).tolist()
@@ -308,12 +308,10 @@ def test_every_wgrad_candidate_matches_float64(triton_path, kind, bucket):
     before = torch.randn(expected.shape, generator=torch.Generator().manual_seed(3)).to(x.device)
     for config in fm.CANDIDATES[(kind, bucket)]:
         out = torch.full(expected.shape, float("nan"), device=x.device)
-        fm._launch_wgrad(config, routing, a, b, out, gather["gather_a"], gather["gather_b"],
-                         topk_w=gather.get("topk_w"))
+        fm._launch_wgrad(config, routing, a, b, out, **gather)
         assert relative_error(out.cpu(), expected.cpu()) < 1e-5, config
         into = before.clone()
-        fm._launch_wgrad(config, routing, a, b, into, gather["gather_a"], gather["gather_b"],
-                         topk_w=gather.get("topk_w"), accumulate=True)
+        fm._launch_wgrad(config, routing, a, b, into, **gather, accumulate=True)
         assert relative_error(into.cpu(), expected.cpu() + before.double().cpu()) < 1e-5, config
 
 
