@@ -20,6 +20,8 @@ Which keys a query sees:
       - [B, S, T] (a per-query mask, e.g. transformers' 4D mask with its head dim dropped): the mask is the whole
         rule (causality included); cache_seqlens then only bounds the keys that are read.
   A query that sees no key at all (a fully masked row) gets a zero output.
+  The kernel reads only each sequence's window [first visible key, cache_seqlens) (`key_window`: left padding is
+  skipped), and reads the mask itself only for sequences whose window has holes.
 
 Stage 1 (grid: batch x head blocks x splits) runs an online softmax over its share of the keys, in fp32 with exp2,
 and writes a normalized partial output and its log-sum-exp; stage 2 merges the splits (log-sum-exp weights). With one
@@ -51,6 +53,7 @@ __all__ = [
     "default_config",
     "default_num_splits",
     "key_mask_from_attention_mask",
+    "key_window",
     "mla_decode_attention",
     "mla_decode_reference",
     "mla_decode_triton",
@@ -130,6 +133,28 @@ def _seqlens_from_mask(key_mask: torch.Tensor) -> torch.Tensor:
     return (any_query.to(torch.int32) * positions).amax(dim=-1).to(torch.int32)
 
 
+def key_window(key_mask: torch.Tensor, cache_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each sequence's visible keys lie, so that the kernel reads the mask only where it must (device-side,
+    no host sync): (starts [B] int32, mask_needed [B] bool).
+
+    Every key a query may see lies in [starts[b], cache_seqlens[b]) (a left-padded prompt starts after its padding;
+    a sequence that sees nothing gets an empty window). `mask_needed` is False when every key of that window is
+    visible, as for left padding, so the window's bounds say everything; True when the window has holes or its query
+    tokens see different keys (a per-query mask [B, S, T] with S > 1).
+    """
+    any_query = key_mask if key_mask.dim() == 2 else key_mask.any(dim=1)
+    kv_len = any_query.shape[-1]
+    positions = torch.arange(kv_len, device=any_query.device, dtype=torch.int32)
+    seqlens = cache_seqlens.to(torch.int32)
+    visible = any_query & (positions < seqlens[:, None])
+    first = torch.where(visible, positions, kv_len).amin(dim=-1)
+    starts = torch.minimum(first, seqlens)
+    mask_needed = visible.sum(dim=-1, dtype=torch.int32) != seqlens - starts
+    if key_mask.dim() == 3 and key_mask.shape[1] > 1:
+        mask_needed = torch.ones_like(mask_needed)
+    return starts, mask_needed
+
+
 # ------------------------------------------------------------------------------------------------ PyTorch reference
 
 
@@ -193,7 +218,7 @@ def _kernels():
 def _define_kernels():
     @triton.jit
     def mla_decode_split_kernel(
-        QL, QR, KL, KR, MASK, SEQLENS, O, LSE,
+        QL, QR, KL, KR, MASK, SEQLENS, STARTS, MASK_NEEDED, O, LSE,
         stride_qlb, stride_qlh, stride_qls, stride_qlr,
         stride_qrb, stride_qrh, stride_qrs, stride_qrd,
         stride_klb, stride_klt, stride_klr,
@@ -239,11 +264,17 @@ def _define_kernels():
 
         seqlen = tl.load(SEQLENS + b).to(tl.int32)
         last_key = seqlen - S + token  # each query token's own position (used when CAUSAL)
-        # This split's share of the filled keys, in whole blocks; trailing splits may get nothing.
-        blocks_per_split = tl.cdiv(tl.cdiv(seqlen, BLOCK_N), NUM_SPLITS)
-        start = split * blocks_per_split * BLOCK_N
+        # The keys this sequence may see lie in [first, seqlen) (a left-padded prompt starts later); this split's
+        # share of them, in whole blocks; trailing splits may get nothing.
+        first = tl.load(STARTS + b).to(tl.int32)
+        blocks_per_split = tl.cdiv(tl.cdiv(seqlen - first, BLOCK_N), NUM_SPLITS)
+        start = first + split * blocks_per_split * BLOCK_N
         end = tl.minimum(start + blocks_per_split * BLOCK_N, seqlen)
 
+        # The per-key mask is read only where it has holes inside the window (or differs between query tokens);
+        # a contiguous window needs nothing but its bounds.
+        read_mask = (tl.zeros([BLOCK_N], dtype=tl.int32) + tl.load(MASK_NEEDED + b).to(tl.int32)) != 0  # [BLOCK_N]
+        mask_ptr = MASK + b * stride_mb
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
@@ -265,13 +296,11 @@ def _define_kernels():
                 allowed = allowed & (offs_n[None, :] <= last_key[:, None])
             if HAS_MASK:
                 if BLOCK_S == 1:  # one query token: one mask row for every head, loaded once (fewer registers)
-                    key_ok = tl.load(MASK + b * stride_mb + offs_n * stride_mt, mask=n_ok, other=0)
+                    key_ok = tl.load(mask_ptr + offs_n * stride_mt, mask=n_ok & read_mask, other=1)
                     allowed = allowed & (key_ok != 0)[None, :]
                 else:
-                    key_ok = tl.load(
-                        MASK + b * stride_mb + token[:, None] * stride_ms + offs_n[None, :] * stride_mt,
-                        mask=allowed, other=0,
-                    )
+                    key_ok = tl.load(mask_ptr + token[:, None] * stride_ms + offs_n[None, :] * stride_mt,
+                                     mask=allowed & read_mask[None, :], other=1)
                     allowed = allowed & (key_ok != 0)
             qk = tl.where(allowed, qk * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, axis=1))
@@ -422,6 +451,8 @@ def mla_decode_triton(
     cache_seqlens: torch.Tensor | None = None,
     key_mask: torch.Tensor | None = None,
     num_splits: int | None = None,
+    key_starts: torch.Tensor | None = None,
+    mask_needed: torch.Tensor | None = None,
     block_h: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
@@ -431,7 +462,8 @@ def mla_decode_triton(
     """Split-KV MLA decode attention (see the module docstring).
 
     q_latent [B, H, S, r], q_rope [B, H, S, rope], latent [B, T, r] (or [B, 1, T, r]), k_rope [B, T, rope] (or
-    [B, 1, T, rope]), cache_seqlens [B] int (default T), key_mask bool [B, T] or [B, S, T] (default all True).
+    [B, 1, T, rope]), cache_seqlens [B] int (default T), key_mask bool [B, T] or [B, S, T] (default all True);
+    `key_starts` / `mask_needed`: `key_window(key_mask, cache_seqlens)`, computed here when not given.
     Returns out_latent [B, H, S, r] in q_latent's dtype; fp32 accumulation whatever the input dtype.
     """
     if not HAS_TRITON:
@@ -465,15 +497,18 @@ def mla_decode_triton(
     if key_mask is not None:
         mask = key_mask if key_mask.dim() == 3 else key_mask[:, None, :]
         mask_strides = (mask.stride(0), mask.stride(1) if key_mask.dim() == 3 else 0, mask.stride(2))
+        if key_starts is None or mask_needed is None:
+            key_starts, mask_needed = key_window(key_mask, cache_seqlens)
     else:
         mask, mask_strides = cache_seqlens, (0, 0, 0)  # never read
+        key_starts = mask_needed = torch.zeros_like(cache_seqlens)
     precision = "ieee" if q_latent.dtype == torch.float32 else "tf32"
 
     def launch(splits: int, partial: torch.Tensor, lse: torch.Tensor, warmup: bool = False):
         grid = (batch * head_blocks * config.value_blocks, splits)
         run = functools.partial(split_kernel.warmup, grid=grid) if warmup else split_kernel[grid]
         return run(
-            q_latent, q_rope, latent, k_rope, mask, cache_seqlens, partial, lse,
+            q_latent, q_rope, latent, k_rope, mask, cache_seqlens, key_starts, mask_needed, partial, lse,
             *q_latent.stride(), *q_rope.stride(), *latent.stride(), *k_rope.stride(), *mask_strides,
             *partial.stride(), *lse.stride(),
             heads, q_len, rank, rope, softmax_scale * 1.4426950408889634,  # log2(e): the kernel uses exp2
@@ -529,15 +564,18 @@ def _mla_decode_op(
     softmax_scale: float,
     cache_seqlens: torch.Tensor | None,
     key_mask: torch.Tensor | None,
+    key_starts: torch.Tensor | None,
+    mask_needed: torch.Tensor | None,
     num_splits: int | None,
 ) -> torch.Tensor:
     """The Triton path as an opaque op: torch.compile keeps it whole (no tracing into the launcher), and a compiled
     decode step with it is captured in one CUDA graph (mode="reduce-overhead", as generate() compiles static caches)."""
-    return mla_decode_triton(q_latent, q_rope, latent, k_rope, softmax_scale, cache_seqlens, key_mask, num_splits)
+    return mla_decode_triton(q_latent, q_rope, latent, k_rope, softmax_scale, cache_seqlens, key_mask, num_splits,
+                             key_starts, mask_needed)
 
 
 @_mla_decode_op.register_fake
-def _(q_latent, q_rope, latent, k_rope, softmax_scale, cache_seqlens, key_mask, num_splits):
+def _(q_latent, q_rope, latent, k_rope, softmax_scale, cache_seqlens, key_mask, key_starts, mask_needed, num_splits):
     return torch.empty_like(q_latent)
 
 
@@ -557,12 +595,18 @@ def mla_decode_attention(
     `attention_mask` is a transformers mask (4D [B, 1, S, >= T], boolean or additive, as the model's attention
     layers receive it), or a boolean key mask [B, T] / [B, S, T]. Without `cache_seqlens`, the keys read stop after
     the last one the mask lets any query see (all T without a mask): a preallocated static cache is read only as far
-    as it is filled, with no host sync.
+    as it is filled, with no host sync. Keys before the first visible one (left padding) are not read either.
     """
     kv_len = _as_cache(latent, "latent").shape[1]
     key_mask = key_mask_from_attention_mask(attention_mask, q_latent.shape[0], q_latent.shape[2], kv_len)
     if cache_seqlens is None and key_mask is not None:
         cache_seqlens = _seqlens_from_mask(key_mask)
     if use_triton(q_latent):
-        return _mla_decode_op(q_latent, q_rope, latent, k_rope, softmax_scale, cache_seqlens, key_mask, num_splits)
+        # The window is computed here, outside the opaque op, so that a compiled step fuses it with the mask's
+        # other reductions instead of launching its own small kernels inside the op.
+        key_starts = mask_needed = None
+        if key_mask is not None:
+            key_starts, mask_needed = key_window(key_mask, cache_seqlens)
+        return _mla_decode_op(q_latent, q_rope, latent, k_rope, softmax_scale, cache_seqlens, key_mask, key_starts,
+                              mask_needed, num_splits)
     return mla_decode_reference(q_latent, q_rope, latent, k_rope, softmax_scale, cache_seqlens, key_mask)

@@ -12,6 +12,7 @@ import torch
 
 from modeling_moe.kernels.mla_decode import (
     key_mask_from_attention_mask,
+    key_window,
     mla_decode_attention,
     mla_decode_reference,
     mla_decode_triton,
@@ -97,20 +98,44 @@ def test_transformers_masks_become_key_masks():
     assert key_mask_from_attention_mask(allowed[:, 0, 0], batch=2, q_len=3, kv_len=10).shape == (2, 10)
 
 
+def test_key_window_bounds_the_visible_keys_and_flags_holes():
+    """Left padding is a window (the mask need not be read); a hole, a per-query mask of several tokens, or visible
+    keys past the filled length make the kernel read the mask; a sequence that sees nothing gets an empty window."""
+    mask = left_padding_mask(5, 10, [3, 0, 0, 10, 2])
+    mask[1, 4] = False  # a hole
+    mask[2, 7:] = False  # visible keys stop before the filled length
+    seqlens = torch.tensor([10, 10, 10, 10, 6], dtype=torch.int32)
+    starts, needed = key_window(mask, seqlens)
+    assert starts.tolist() == [3, 0, 0, 10, 2]
+    assert needed.tolist() == [False, True, True, False, False]
+    for b in range(5):  # the window holds every visible key
+        visible = mask[b, : seqlens[b]].nonzero().flatten().tolist()
+        assert all(starts[b] <= j < seqlens[b] for j in visible)
+
+    per_query = mask[:, None, :].expand(5, 2, 10)
+    assert key_window(per_query, seqlens)[1].all()  # several query tokens: the mask is the whole rule
+    assert key_window(mask[:, None, :], seqlens)[1].tolist() == needed.tolist()  # one token: as a [B, T] mask
+
+
 # ---------------------------------------------------------------------------------------------- Triton kernel
 
 
 @pytest.mark.parametrize("q_len", [1, 2])
-@pytest.mark.parametrize("masking", ["ragged", "left_padding", "per_query"])
+@pytest.mark.parametrize("masking", ["ragged", "left_padding", "holes", "per_query"])
 def test_triton_matches_float64_reference(triton_device, q_len, masking):
-    """Ragged filled lengths (one sequence shorter than a split), left padding that masks whole splits, and per-query
-    masks, with 2 and 3 splits (the log-sum-exp merge) and 1 (the direct write)."""
+    """Ragged filled lengths (one sequence shorter than a split), left padding (a window: the mask is not read),
+    holes in some sequences of a left-padded batch (the mask is read for those only), and per-query masks, with 2
+    and 3 splits (the log-sum-exp merge) and 1 (the direct write)."""
     batch, kv_len = 3, 40
     q_latent, q_rope, latent, k_rope = random_inputs(batch, 4, q_len, 32, 8, kv_len, device=triton_device)
     seqlens = torch.tensor([40, 23, 6], dtype=torch.int32)
     key_mask = None
     if masking == "left_padding":
         key_mask = left_padding_mask(batch, kv_len, [21, 3, 4])  # sequence 0: its first split sees only padding
+    elif masking == "holes":
+        key_mask = left_padding_mask(batch, kv_len, [5, 3, 0])
+        key_mask[0, 9:14] = False  # holes in sequences 0 and 2; sequence 1 is a plain window
+        key_mask[2, 2] = False
     elif masking == "per_query":
         key_mask = torch.rand(batch, q_len, kv_len, generator=torch.Generator().manual_seed(2)) > 0.4
         key_mask[2, 0] = False  # a query that sees nothing at all
