@@ -47,6 +47,8 @@ def sweep_space(heads: int, quick: bool):
     configs = list(space)
     if heads >= 64:  # many heads: the output columns split over 2-4 programs (a smaller accumulator), 128-row tiles
         configs += itertools.product((64, 128), (32, 64), (4, 8), (2,), (2, 4))
+        # 16 warps: the [64, 512] fp32 accumulator over four warpgroups (64 registers a thread instead of 128)
+        configs += itertools.product((64,), (32, 64), (16,), (2, 3), (1,))
     return [dict(block_h=h, block_n=n, num_warps=w, num_stages=s, value_blocks=v) for h, n, w, s, v in configs]
 
 

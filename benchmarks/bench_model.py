@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import modeling_moe  # noqa: E402,F401  (registers MoEConfig with the Auto classes)
 from modeling_moe import MoEConfig  # noqa: E402
 from modeling_moe.cache_moe import MoEStaticCache  # noqa: E402
+from modeling_moe.kernels import mla_decode  # noqa: E402
 from modeling_moe.modeling_moe import MoEMultiHeadLatentAttention, MoERotaryEmbedding  # noqa: E402
 from modeling_moe.presets import parameter_counts  # noqa: E402
 
@@ -491,6 +492,9 @@ def part_decode(S, args, dev, dtype):
         if dev.type == "cuda":
             rows["ours (static cache, CUDA graph)"] = measure(run_static, True)
             rows["ours (static cache, compiled, CUDA graph)"] = measure(run_static, True, True)
+            for tile in decode_tiles(args.decode_tiles, shape["num_attention_heads"]):
+                with mla_decode.tile_config(tile):
+                    rows[f"ours (compiled, CUDA graph, tile {tile_name(tile)})"] = measure(run_static, True, True)
         if args.profile_decode:
             measure(run_static, False, True, profile=f"{case}: compiled decode step x10, kernels launched eagerly")
         if "step_ms" in rows["hf"]:  # same weights and cache: each absorbed output against the expanded one
@@ -500,6 +504,22 @@ def part_decode(S, args, dev, dtype):
         report("decode", f"{case} B{batch} cache {cache_len}", rows, cache_MB=sig(cache_bytes / 1e6))
         del latent, k_rope
         free()
+
+
+def decode_tiles(specs: str, heads: int) -> list:
+    """"64x32w16s3,..." (heads x keys per program, warps, stages) -> the MLA decode tiles that fit `heads`."""
+    tiles = []
+    for spec in filter(None, specs.split(",")):
+        rows, rest = spec.split("x")
+        keys, rest = rest.split("w")
+        warps, stages = rest.split("s")
+        if int(rows) <= max(16, heads):
+            tiles.append(mla_decode.DecodeConfig(int(rows), 1, int(keys), int(warps), int(stages)))
+    return tiles
+
+
+def tile_name(tile) -> str:
+    return f"{tile.block_h}x{tile.block_n} w{tile.num_warps} s{tile.num_stages}"
 
 
 # -------------------------------------------------------------------------------------------------------- output
@@ -558,6 +578,9 @@ def main():
     parser.add_argument("--profile-decode", action="store_true",
                         help="print a torch.profiler table of ten compiled static-cache decode steps of each layer "
                              "(kernels launched eagerly: where the layer's time goes)")
+    parser.add_argument("--decode-tiles", default="",
+                        help="decode part: also time the compiled, graphed layer with each of these MLA kernel tiles, "
+                             "comma-separated heads x keys, warps, stages (e.g. 64x32w16s3,16x64w8s2)")
     parser.add_argument("--small", action="store_true", help="tiny shapes: a CPU smoke test in well under a minute")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()

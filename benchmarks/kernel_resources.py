@@ -50,7 +50,7 @@ FAMILIES = {  # kernel: (candidate family, Triton kernel name)
 }
 MLA_SHAPES = {"v2lite": 16, "v3": 128}  # heads
 MLA_CANDIDATES = [(16, 32, 4, 3), (16, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2),
-                  (128, 32, 8, 2)]  # block_h, block_n, num_warps, num_stages
+                  (128, 32, 8, 2), (64, 32, 16, 3), (64, 64, 16, 2)]  # block_h, block_n, num_warps, num_stages
 
 
 def compile_fused_kernel(kernel: str, config, hidden: int, inter: int, top_k: int, experts: int = 4,

@@ -30,6 +30,7 @@ split, stage 1 writes the output directly.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass, replace
@@ -57,6 +58,7 @@ __all__ = [
     "mla_decode_attention",
     "mla_decode_reference",
     "mla_decode_triton",
+    "tile_config",
     "use_triton",
 ]
 
@@ -405,6 +407,21 @@ def default_config(heads: int, q_len: int, dtype: torch.dtype, on_gpu: bool) -> 
     return DecodeConfig(max(1, min(_next_pow2(heads), 32 // block_s)), block_s, 32, 4, 3)
 
 
+_TILE_OVERRIDE: DecodeConfig | None = None
+
+
+@contextlib.contextmanager
+def tile_config(config: DecodeConfig | None):
+    """Launch every split kernel in this block with `config` instead of `default_config` (block_s still follows the
+    query length): how benchmarks time a candidate tile inside a whole model step."""
+    global _TILE_OVERRIDE
+    previous, _TILE_OVERRIDE = _TILE_OVERRIDE, config
+    try:
+        yield
+    finally:
+        _TILE_OVERRIDE = previous
+
+
 def programs_per_sm(compiled, num_warps: int, device: torch.device) -> int:
     """How many programs of a compiled kernel one SM of `device` holds at once: the fewest its threads, registers and
     shared memory allow (`offline_compile.ResourceUsage.programs_per_sm`)."""
@@ -481,6 +498,8 @@ def mla_decode_triton(
 
     # Rows of a program: BLOCK_H heads x BLOCK_S query tokens, all reading the same latent tiles.
     config = default_config(heads, q_len, latent.dtype, on_gpu)
+    if _TILE_OVERRIDE is not None:
+        config = replace(_TILE_OVERRIDE, block_s=config.block_s)
     overrides = dict(block_h=block_h, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
                      value_blocks=value_blocks)
     config = replace(config, **{name: value for name, value in overrides.items() if value is not None})

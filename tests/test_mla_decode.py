@@ -361,3 +361,27 @@ def test_decode_tiles_compile_for_hopper_without_a_gpu(monkeypatch):
     usage = resources.resource_usage(compiled)
     assert usage.shared_bytes == 216 * 1024 and 0 < usage.registers <= 255
     assert usage.programs_per_sm(8) == 1
+
+
+def test_tile_config_overrides_the_default_tile(triton_device, monkeypatch):
+    """`tile_config` (how benchmarks time a candidate tile inside a model step) reaches the launch, and the result
+    still matches the math."""
+    from modeling_moe.kernels import mla_decode
+
+    split_kernel, merge_kernel = mla_decode._kernels()
+    launched = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append((kwargs["BLOCK_H"], kwargs["BLOCK_N"]))
+                return split_kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(mla_decode, "_kernels", lambda: (Spy(), merge_kernel))
+    q_latent, q_rope, latent, k_rope = random_inputs(2, 4, 1, 16, 8, 24, device=triton_device)
+    with mla_decode.tile_config(mla_decode.DecodeConfig(block_h=16, block_s=1, block_n=8, num_warps=1, num_stages=1)):
+        got = mla_decode_triton(q_latent, q_rope, latent, k_rope, 0.25, num_splits=2)
+    assert launched == [(16, 8)] and mla_decode._TILE_OVERRIDE is None
+    expected = math_reference(q_latent, q_rope, latent, k_rope, 0.25)
+    torch.testing.assert_close(got.double().cpu(), expected, rtol=1e-4, atol=1e-5)
