@@ -134,16 +134,12 @@ CANDIDATES = {  # first entry = default (autotune off): the H200 winners of v1/v
     # wgrad (v5): a pipeline buffer per stage (the row indices prefetched), so 3-4 stages of 128x128x64 take 96-128
     # KiB and 128x256x64 at 4 stages 192 KiB; BLOCK_K 32 keeps 3 programs per SM. The two weight gradients prefer
     # different tiles (H200, session 8): gate_up's B operand is the gathered x, down's A the gathered, scaled dY.
-    # The 256x128 / 128x256 tiles with BLOCK_K 32 (twice the reuse per load, 2 programs per SM, no spills on sm_90)
-    # are not yet timed.
+    # 256x128 / 128x256 tiles with BLOCK_K 32 (2 programs per SM) lost at every shape (session 9: 6-60% slower).
     ("wgrad_gate_up", "big"): [C(128, 128, 32, 4, 4), C(128, 128, 64, 8, 3), C(128, 128, 32, 4, 3),
-                               C(256, 128, 32, 8, 4), C(128, 256, 64, 8, 4)],
-    ("wgrad_gate_up", "small"): [C(128, 128, 32, 4, 3), C(128, 128, 32, 4, 4), C(128, 128, 64, 8, 3),
-                                 C(256, 128, 32, 8, 4), C(128, 256, 32, 8, 4)],
-    ("wgrad_down", "big"): [C(128, 256, 64, 8, 3), C(128, 128, 64, 8, 3), C(128, 256, 64, 8, 4), C(128, 128, 32, 4, 3),
-                            C(128, 256, 32, 8, 4)],
-    ("wgrad_down", "small"): [C(128, 256, 64, 8, 3), C(128, 128, 32, 4, 3), C(128, 128, 64, 8, 3),
-                              C(128, 256, 32, 8, 4), C(256, 128, 32, 8, 3)],
+                               C(128, 256, 64, 8, 4)],
+    ("wgrad_gate_up", "small"): [C(128, 128, 32, 4, 3), C(128, 128, 32, 4, 4), C(128, 128, 64, 8, 3)],
+    ("wgrad_down", "big"): [C(128, 256, 64, 8, 3), C(128, 128, 64, 8, 3), C(128, 256, 64, 8, 4), C(128, 128, 32, 4, 3)],
+    ("wgrad_down", "small"): [C(128, 256, 64, 8, 3), C(128, 128, 32, 4, 3), C(128, 128, 64, 8, 3)],
 }
 # "decode": a few rows per expert (generate: 96 slots over 64 experts at batch 16), so the kernels stream the expert
 # weights. 16-row tiles (more programs, deeper K pipelines, no MMA work on empty rows) won every decode-sized case

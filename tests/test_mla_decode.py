@@ -380,8 +380,10 @@ def test_tile_config_overrides_the_default_tile(triton_device, monkeypatch):
 
     monkeypatch.setattr(mla_decode, "_kernels", lambda: (Spy(), merge_kernel))
     q_latent, q_rope, latent, k_rope = random_inputs(2, 4, 1, 16, 8, 24, device=triton_device)
-    with mla_decode.tile_config(mla_decode.DecodeConfig(block_h=16, block_s=1, block_n=8, num_warps=1, num_stages=1)):
+    tile = mla_decode.DecodeConfig(block_h=16, block_s=1, block_n=16, num_warps=1 if triton_device == "cpu" else 4,
+                                   num_stages=1)
+    with mla_decode.tile_config(tile):
         got = mla_decode_triton(q_latent, q_rope, latent, k_rope, 0.25, num_splits=2)
-    assert launched == [(16, 8)] and mla_decode._TILE_OVERRIDE is None
+    assert launched == [(16, 16)] and mla_decode._TILE_OVERRIDE is None
     expected = math_reference(q_latent, q_rope, latent, k_rope, 0.25)
     torch.testing.assert_close(got.double().cpu(), expected, rtol=1e-4, atol=1e-5)
