@@ -42,8 +42,12 @@ def route_jit_calls_to_interpreter(monkeypatch):
     """Triton decides at decoration time whether a @triton.jit function is interpreted, and triton is usually
     imported long before a test sets TRITON_INTERPRET=1 (torch._dynamo imports it), so its own jit'd library
     functions (tl.sum, tl.max, tl.cumsum, ...) are compiled-mode objects: calls to them from inside an interpreted
-    kernel are routed to interpreted copies."""
-    from triton.runtime.interpreter import InterpretedFunction
+    kernel are routed to interpreted copies.
+
+    Such a call patches the language module of the called function (tl.core for Triton's own) for the interpreter
+    and never restores it; a kernel compiled later in the same process would then be built by the interpreter's
+    builder. So the patch is taken here in a scope that is undone after the call."""
+    from triton.runtime.interpreter import InterpretedFunction, _patch_lang
     from triton.runtime.jit import JITFunction
 
     interpreted = {}
@@ -51,7 +55,11 @@ def route_jit_calls_to_interpreter(monkeypatch):
     def call_interpreted(self, *args, **kwargs):
         if id(self) not in interpreted:  # (a JITFunction's hash is its cache key: not computable in here)
             interpreted[id(self)] = InterpretedFunction(self.fn)
-        return interpreted[id(self)](*args, **kwargs)
+        scope = _patch_lang(self.fn)
+        try:
+            return interpreted[id(self)](*args, **kwargs)
+        finally:
+            scope.restore()
 
     monkeypatch.setattr(JITFunction, "__call__", call_interpreted)
 
