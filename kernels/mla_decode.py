@@ -229,8 +229,8 @@ def _define_kernels():
         stride_ob, stride_oh, stride_os, stride_osplit, stride_or,
         stride_lb, stride_lh, stride_ls, stride_lsplit,
         H, S, R, DR, qk_scale,
-        HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, NUM_SPLITS: tl.constexpr, DIRECT: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_MASK: tl.constexpr, SEQUENCES: tl.constexpr, CAUSAL: tl.constexpr, NUM_SPLITS: tl.constexpr,
+        DIRECT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr, VALUE_BLOCKS: tl.constexpr, PRECISION: tl.constexpr,
     ):
         head_blocks = tl.cdiv(H, BLOCK_H)
@@ -240,6 +240,15 @@ def _define_kernels():
         head_block = pid // VALUE_BLOCKS % head_blocks
         split = tl.program_id(1)
         BLOCK_V: tl.constexpr = BLOCK_R // VALUE_BLOCKS
+        # Whose mask has holes in its window (or differs between query tokens): only those sequences read it. With
+        # SEQUENCES "window" / "holes", this launch takes the sequences without / with holes and another the rest.
+        needs_mask = tl.load(MASK_NEEDED + b) != 0
+        if SEQUENCES == "window":
+            if needs_mask:
+                return
+        if SEQUENCES == "holes":
+            if needs_mask == 0:
+                return
 
         # Rows: heads x query tokens (row m = head h, token i with m = h * BLOCK_S + i).
         offs_m = tl.arange(0, BLOCK_M)
@@ -273,9 +282,7 @@ def _define_kernels():
         start = first + split * blocks_per_split * BLOCK_N
         end = tl.minimum(start + blocks_per_split * BLOCK_N, seqlen)
 
-        # The per-key mask is read only where it has holes inside the window (or differs between query tokens);
-        # a contiguous window needs nothing but its bounds.
-        read_mask = (tl.zeros([BLOCK_N], dtype=tl.int32) + tl.load(MASK_NEEDED + b).to(tl.int32)) != 0  # [BLOCK_N]
+        read_mask = (tl.zeros([BLOCK_N], dtype=tl.int32) + needs_mask.to(tl.int32)) != 0  # [BLOCK_N]
         mask_ptr = MASK + b * stride_mb
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -523,7 +530,18 @@ def mla_decode_triton(
         key_starts = mask_needed = torch.zeros_like(cache_seqlens)
     precision = "ieee" if q_latent.dtype == torch.float32 else "tf32"
 
-    def launch(splits: int, partial: torch.Tensor, lse: torch.Tensor, warmup: bool = False):
+    # Which sequences each launch takes, and whether it reads the mask. Many-head tiles have no registers to spare
+    # for the mask path (it cost 25-30% of the 128-head kernel even with its loads predicated off), so sequences
+    # without holes go to a launch without it, those with holes to a second one; few-head tiles take all at once.
+    if key_mask is None:
+        launches = [("all", False)]
+    elif config.block_h * config.block_s >= 64:
+        launches = [("window", False), ("holes", True)]
+    else:
+        launches = [("all", True)]
+
+    def launch(splits: int, partial: torch.Tensor, lse: torch.Tensor, sequences: str, has_mask: bool,
+               warmup: bool = False):
         grid = (batch * head_blocks * config.value_blocks, splits)
         run = functools.partial(split_kernel.warmup, grid=grid) if warmup else split_kernel[grid]
         return run(
@@ -531,7 +549,7 @@ def mla_decode_triton(
             *q_latent.stride(), *q_rope.stride(), *latent.stride(), *k_rope.stride(), *mask_strides,
             *partial.stride(), *lse.stride(),
             heads, q_len, rank, rope, softmax_scale * 1.4426950408889634,  # log2(e): the kernel uses exp2
-            HAS_MASK=key_mask is not None, CAUSAL=key_mask is None or key_mask.dim() == 2,
+            HAS_MASK=has_mask, SEQUENCES=sequences, CAUSAL=key_mask is None or key_mask.dim() == 2,
             NUM_SPLITS=splits, DIRECT=splits == 1,
             BLOCK_H=config.block_h, BLOCK_S=config.block_s, BLOCK_M=config.block_h * config.block_s,
             BLOCK_N=config.block_n, BLOCK_R=block_r, BLOCK_DR=block_dr, VALUE_BLOCKS=config.value_blocks,
@@ -548,7 +566,8 @@ def mla_decode_triton(
         if on_gpu:  # compile (not run) the split variant once per signature to learn how many programs an SM holds
             signature = (device.index, config, rank, rope, latent.dtype, key_mask is None, mask_strides[1] == 0)
             if signature not in _RESIDENT:
-                _RESIDENT[signature] = programs_per_sm(launch(2, *partials(2), warmup=True), config.num_warps, device)
+                compiled = launch(2, *partials(2), *launches[0], warmup=True)
+                _RESIDENT[signature] = programs_per_sm(compiled, config.num_warps, device)
             resident = _RESIDENT[signature]
         num_splits = default_num_splits(batch, head_blocks, kv_len, config, resident, device)
     num_splits = max(1, int(num_splits))
@@ -559,7 +578,8 @@ def mla_decode_triton(
         lse = torch.empty((1, 1, 1, 1), device=device, dtype=torch.float32)  # never written
     else:
         partial, lse = partials(num_splits)
-    launch(num_splits, partial, lse)
+    for sequences, has_mask in launches:
+        launch(num_splits, partial, lse, sequences, has_mask)
     if not direct:
         merge_block_r = block_r if on_gpu else min(block_r, 32)  # GPU: the whole row in one pass of loads
         merge_kernel[(batch * heads * q_len,)](
