@@ -384,7 +384,9 @@ def _next_pow2(n: int, at_least: int = 1) -> int:
 class DecodeConfig:
     """One launch of the split kernel: rows are block_h heads x block_s query tokens; block_n keys per step; the
     output (value) columns shared among `value_blocks` programs (each computes the scores over the whole latent but
-    accumulates only its columns: a smaller accumulator for many-head tiles, at the price of recomputed scores)."""
+    accumulates only its columns: a smaller accumulator for many-head tiles, at the price of recomputed scores);
+    `split_masked`: with a key mask, the sequences whose mask has holes go to a second launch, so that the first
+    runs without the mask path (otherwise one launch reads the mask for the sequences that need it)."""
 
     block_h: int
     block_s: int
@@ -392,13 +394,15 @@ class DecodeConfig:
     num_warps: int
     num_stages: int
     value_blocks: int = 1
+    split_masked: bool = False
 
 
 def default_config(heads: int, q_len: int, dtype: torch.dtype, on_gpu: bool) -> DecodeConfig:
     """Tile sizes picked by measurement on an H200 (benchmarks/bench_mla_decode.py, RESULTS.md):
 
     * many heads (>= 64 rows of heads x tokens, the V3 shape): 64-row tiles with 64 keys, 8 warps, 2 stages; each
-      latent tile is read once per 64 heads (1.08 TB/s at 128 heads vs 0.34 with 32-row tiles);
+      latent tile is read once per 64 heads (1.08 TB/s at 128 heads vs 0.34 with 32-row tiles); masks with holes
+      in a launch of their own (the mask path, even predicated off, took the kernel from 265 to 312 us in the layer);
     * few heads (16: V2-Lite, the 1.26B model): up to 32 rows (all 16 heads of one token), 32 keys, 4 warps,
       3 stages (in the layer, with its key mask: 104 us at batch 32 x 8192 keys, 2.9 TB/s; 64 keys and 2 stages,
       113 us, although without a mask they lead, 2.85 vs 2.65 TB/s);
@@ -410,7 +414,7 @@ def default_config(heads: int, q_len: int, dtype: torch.dtype, on_gpu: bool) -> 
     if dtype == torch.float32:
         return DecodeConfig(max(1, min(_next_pow2(heads), 32 // block_s)), block_s, 32, 4, 1)
     if heads * block_s >= 64:
-        return DecodeConfig(max(1, 64 // block_s), block_s, 64, 8, 2)
+        return DecodeConfig(max(1, 64 // block_s), block_s, 64, 8, 2, split_masked=True)
     return DecodeConfig(max(1, min(_next_pow2(heads), 32 // block_s)), block_s, 32, 4, 3)
 
 
@@ -482,6 +486,7 @@ def mla_decode_triton(
     num_warps: int | None = None,
     num_stages: int | None = None,
     value_blocks: int | None = None,
+    split_masked: bool | None = None,
 ) -> torch.Tensor:
     """Split-KV MLA decode attention (see the module docstring).
 
@@ -508,7 +513,7 @@ def mla_decode_triton(
     if _TILE_OVERRIDE is not None:
         config = replace(_TILE_OVERRIDE, block_s=config.block_s)
     overrides = dict(block_h=block_h, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
-                     value_blocks=value_blocks)
+                     value_blocks=value_blocks, split_masked=split_masked)
     config = replace(config, **{name: value for name, value in overrides.items() if value is not None})
     config = replace(config, block_h=max(config.block_h, _next_pow2(-(-16 // config.block_s))))  # tl.dot: >= 16 rows
     block_r = _next_pow2(rank, 16)
@@ -530,12 +535,10 @@ def mla_decode_triton(
         key_starts = mask_needed = torch.zeros_like(cache_seqlens)
     precision = "ieee" if q_latent.dtype == torch.float32 else "tf32"
 
-    # Which sequences each launch takes, and whether it reads the mask. Many-head tiles have no registers to spare
-    # for the mask path (it cost 25-30% of the 128-head kernel even with its loads predicated off), so sequences
-    # without holes go to a launch without it, those with holes to a second one; few-head tiles take all at once.
+    # Which sequences each launch takes, and whether it reads the mask (DecodeConfig.split_masked).
     if key_mask is None:
         launches = [("all", False)]
-    elif config.block_h * config.block_s >= 64:
+    elif config.split_masked:
         launches = [("window", False), ("holes", True)]
     else:
         launches = [("all", True)]
