@@ -507,22 +507,20 @@ def part_decode(S, args, dev, dtype):
 
 
 def decode_tiles(specs: str, heads: int) -> list:
-    """"64x32w16s3,16x32w4s3+split,..." (heads x keys per program, warps, stages; "+split": masks with holes in a
-    launch of their own) -> the MLA decode tiles that fit `heads`."""
+    """"64x32w16s3,16x64w8s2,..." (heads x keys per program, warps, stages) -> the MLA decode tiles that fit
+    `heads`."""
     tiles = []
     for spec in filter(None, specs.split(",")):
-        spec, split = spec.removesuffix("+split"), spec.endswith("+split")
         rows, rest = spec.split("x")
         keys, rest = rest.split("w")
         warps, stages = rest.split("s")
         if int(rows) <= max(16, heads):
-            tiles.append(mla_decode.DecodeConfig(int(rows), 1, int(keys), int(warps), int(stages), split_masked=split))
+            tiles.append(mla_decode.DecodeConfig(int(rows), 1, int(keys), int(warps), int(stages)))
     return tiles
 
 
 def tile_name(tile) -> str:
-    split = ", masks split" if tile.split_masked else ""
-    return f"{tile.block_h}x{tile.block_n} w{tile.num_warps} s{tile.num_stages}{split}"
+    return f"{tile.block_h}x{tile.block_n} w{tile.num_warps} s{tile.num_stages}"
 
 
 # -------------------------------------------------------------------------------------------------------- output
@@ -583,8 +581,7 @@ def main():
                              "(kernels launched eagerly: where the layer's time goes)")
     parser.add_argument("--decode-tiles", default="",
                         help="decode part: also time the compiled, graphed layer with each of these MLA kernel tiles, "
-                             "comma-separated heads x keys, warps, stages; '+split': masks with holes in a launch of "
-                             "their own (e.g. 64x64w8s2,16x32w4s3+split)")
+                             "comma-separated heads x keys, warps, stages (e.g. 64x32w16s3,16x64w8s2)")
     parser.add_argument("--small", action="store_true", help="tiny shapes: a CPU smoke test in well under a minute")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()

@@ -241,7 +241,7 @@ def _define_kernels():
         split = tl.program_id(1)
         BLOCK_V: tl.constexpr = BLOCK_R // VALUE_BLOCKS
         # Whose mask has holes in its window (or differs between query tokens): only those sequences read it. With
-        # SEQUENCES "window" / "holes", this launch takes the sequences without / with holes and another the rest.
+        # SEQUENCES "window" / "holes", this launch takes the sequences without / with holes, another one the rest.
         needs_mask = tl.load(MASK_NEEDED + b) != 0
         if SEQUENCES == "window":
             if needs_mask:
@@ -282,7 +282,6 @@ def _define_kernels():
         start = first + split * blocks_per_split * BLOCK_N
         end = tl.minimum(start + blocks_per_split * BLOCK_N, seqlen)
 
-        read_mask = (tl.zeros([BLOCK_N], dtype=tl.int32) + needs_mask.to(tl.int32)) != 0  # [BLOCK_N]
         mask_ptr = MASK + b * stride_mb
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -305,11 +304,11 @@ def _define_kernels():
                 allowed = allowed & (offs_n[None, :] <= last_key[:, None])
             if HAS_MASK:
                 if BLOCK_S == 1:  # one query token: one mask row for every head, loaded once (fewer registers)
-                    key_ok = tl.load(mask_ptr + offs_n * stride_mt, mask=n_ok & read_mask, other=1)
+                    key_ok = tl.load(mask_ptr + offs_n * stride_mt, mask=n_ok, other=0)
                     allowed = allowed & (key_ok != 0)[None, :]
                 else:
                     key_ok = tl.load(mask_ptr + token[:, None] * stride_ms + offs_n[None, :] * stride_mt,
-                                     mask=allowed & read_mask[None, :], other=1)
+                                     mask=allowed, other=0)
                     allowed = allowed & (key_ok != 0)
             qk = tl.where(allowed, qk * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, axis=1))
@@ -384,9 +383,7 @@ def _next_pow2(n: int, at_least: int = 1) -> int:
 class DecodeConfig:
     """One launch of the split kernel: rows are block_h heads x block_s query tokens; block_n keys per step; the
     output (value) columns shared among `value_blocks` programs (each computes the scores over the whole latent but
-    accumulates only its columns: a smaller accumulator for many-head tiles, at the price of recomputed scores);
-    `split_masked`: with a key mask, the sequences whose mask has holes go to a second launch, so that the first
-    runs without the mask path (otherwise one launch reads the mask for the sequences that need it)."""
+    accumulates only its columns: a smaller accumulator for many-head tiles, at the price of recomputed scores)."""
 
     block_h: int
     block_s: int
@@ -394,15 +391,13 @@ class DecodeConfig:
     num_warps: int
     num_stages: int
     value_blocks: int = 1
-    split_masked: bool = False
 
 
 def default_config(heads: int, q_len: int, dtype: torch.dtype, on_gpu: bool) -> DecodeConfig:
     """Tile sizes picked by measurement on an H200 (benchmarks/bench_mla_decode.py, RESULTS.md):
 
     * many heads (>= 64 rows of heads x tokens, the V3 shape): 64-row tiles with 64 keys, 8 warps, 2 stages; each
-      latent tile is read once per 64 heads (1.08 TB/s at 128 heads vs 0.34 with 32-row tiles); masks with holes
-      in a launch of their own (the mask path, even predicated off, took the kernel from 265 to 312 us in the layer);
+      latent tile is read once per 64 heads (1.08 TB/s at 128 heads vs 0.34 with 32-row tiles);
     * few heads (16: V2-Lite, the 1.26B model): up to 32 rows (all 16 heads of one token), 32 keys, 4 warps,
       3 stages (in the layer, with its key mask: 104 us at batch 32 x 8192 keys, 2.9 TB/s; 64 keys and 2 stages,
       113 us, although without a mask they lead, 2.85 vs 2.65 TB/s);
@@ -414,7 +409,7 @@ def default_config(heads: int, q_len: int, dtype: torch.dtype, on_gpu: bool) -> 
     if dtype == torch.float32:
         return DecodeConfig(max(1, min(_next_pow2(heads), 32 // block_s)), block_s, 32, 4, 1)
     if heads * block_s >= 64:
-        return DecodeConfig(max(1, 64 // block_s), block_s, 64, 8, 2, split_masked=True)
+        return DecodeConfig(max(1, 64 // block_s), block_s, 64, 8, 2)
     return DecodeConfig(max(1, min(_next_pow2(heads), 32 // block_s)), block_s, 32, 4, 3)
 
 
@@ -486,7 +481,6 @@ def mla_decode_triton(
     num_warps: int | None = None,
     num_stages: int | None = None,
     value_blocks: int | None = None,
-    split_masked: bool | None = None,
 ) -> torch.Tensor:
     """Split-KV MLA decode attention (see the module docstring).
 
@@ -513,7 +507,7 @@ def mla_decode_triton(
     if _TILE_OVERRIDE is not None:
         config = replace(_TILE_OVERRIDE, block_s=config.block_s)
     overrides = dict(block_h=block_h, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
-                     value_blocks=value_blocks, split_masked=split_masked)
+                     value_blocks=value_blocks)
     config = replace(config, **{name: value for name, value in overrides.items() if value is not None})
     config = replace(config, block_h=max(config.block_h, _next_pow2(-(-16 // config.block_s))))  # tl.dot: >= 16 rows
     block_r = _next_pow2(rank, 16)
@@ -535,13 +529,11 @@ def mla_decode_triton(
         key_starts = mask_needed = torch.zeros_like(cache_seqlens)
     precision = "ieee" if q_latent.dtype == torch.float32 else "tf32"
 
-    # Which sequences each launch takes, and whether it reads the mask (DecodeConfig.split_masked).
-    if key_mask is None:
-        launches = [("all", False)]
-    elif config.split_masked:
-        launches = [("window", False), ("holes", True)]
-    else:
-        launches = [("all", True)]
+    # Which sequences each launch takes, and whether it reads the mask. With a mask, the sequences whose visible keys
+    # form a plain window (no holes: left padding) run in a launch without the mask path, which costs even when its
+    # loads are predicated off (H200, in the layer: 16 heads 0.147 -> 0.138 ms, 128 heads 0.466 -> 0.425 ms), and
+    # those with holes in a second launch that reads it; each program of either returns at once on the others.
+    launches = [("all", False)] if key_mask is None else [("window", False), ("holes", True)]
 
     def launch(splits: int, partial: torch.Tensor, lse: torch.Tensor, sequences: str, has_mask: bool,
                warmup: bool = False):

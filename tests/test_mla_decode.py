@@ -152,11 +152,9 @@ def test_triton_matches_float64_reference(triton_device, q_len, masking):
         torch.testing.assert_close(got.double().cpu(), expected, rtol=1e-4, atol=1e-5, msg=f"{num_splits} splits")
 
 
-@pytest.mark.parametrize("split_masked", [True, False])
-def test_triton_many_head_tiles_with_masks(triton_device, split_masked):
-    """64-row tiles, and the two ways of handling a mask: the sequences whose mask is a plain window (left padding)
-    and those with holes in two launches, each skipping the other's sequences (the default of many-head tiles), or in
-    one launch that reads the mask where it has holes."""
+def test_triton_many_head_tiles_split_sequences_by_their_masks(triton_device):
+    """64-row tiles (as the other tests with few-head ones): the sequences whose mask is a plain window (left padding)
+    and those with holes go to two launches, each skipping the other's sequences."""
     batch, heads, kv_len = 4, 64, 40
     q_latent, q_rope, latent, k_rope = random_inputs(batch, heads, 1, 16, 8, kv_len, device=triton_device)
     key_mask = left_padding_mask(batch, kv_len, [0, 7, 3, 40])  # the last sequence sees nothing
@@ -166,7 +164,7 @@ def test_triton_many_head_tiles_with_masks(triton_device, split_masked):
     for num_splits in (1, 2):
         got = mla_decode_triton(q_latent, q_rope, latent, k_rope, 0.3, cache_seqlens=seqlens.to(triton_device),
                                 key_mask=key_mask.to(triton_device), num_splits=num_splits, block_h=64, block_n=16,
-                                num_warps=1 if triton_device == "cpu" else 8, num_stages=1, split_masked=split_masked)
+                                num_warps=1 if triton_device == "cpu" else 8, num_stages=1)
         torch.testing.assert_close(got.double().cpu(), expected, rtol=1e-4, atol=1e-5, msg=f"{num_splits} splits")
 
 
