@@ -92,7 +92,8 @@ def compile_fused_kernel(kernel: str, config, hidden: int, inter: int, top_k: in
 
 def compile_mla_split_kernel(heads: int, block_h: int, block_n: int, num_warps: int, num_stages: int,
                              batch: int = 2, keys: int = 256, rank: int = 512, rope: int = 64):
-    """The compiled MLA decode split kernel for one query token with the model's [B, T] key mask (compile only)."""
+    """The compiled MLA decode split kernel for one query token with the model's [B, T] key mask (compile only): the
+    launch of the sequences whose mask has no holes, what decoding runs."""
     q_latent = torch.empty(batch, heads, 1, rank, dtype=torch.bfloat16)
     q_rope = torch.empty(batch, heads, 1, rope, dtype=torch.bfloat16)
     latent = torch.empty(batch, keys, rank, dtype=torch.bfloat16)
