@@ -128,33 +128,30 @@ def key_mask_from_attention_mask(
     return mask.expand(batch, mask.shape[-1])
 
 
-def _seqlens_from_mask(key_mask: torch.Tensor) -> torch.Tensor:
-    """1 + the last position any query may attend to (0 when none), per sequence, on the device (no host sync)."""
-    any_query = key_mask if key_mask.dim() == 2 else key_mask.any(dim=1)
-    positions = torch.arange(1, any_query.shape[-1] + 1, device=any_query.device, dtype=torch.int32)
-    return (any_query.to(torch.int32) * positions).amax(dim=-1).to(torch.int32)
-
-
-def key_window(key_mask: torch.Tensor, cache_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def key_window(key_mask: torch.Tensor, cache_seqlens: torch.Tensor | None = None):
     """Where each sequence's visible keys lie, so that the kernel reads the mask only where it must (device-side,
-    no host sync): (starts [B] int32, mask_needed [B] bool).
+    no host sync): (seqlens [B] int32, starts [B] int32, mask_needed [B] bool).
 
-    Every key a query may see lies in [starts[b], cache_seqlens[b]) (a left-padded prompt starts after its padding;
-    a sequence that sees nothing gets an empty window). `mask_needed` is False when every key of that window is
-    visible, as for left padding, so the window's bounds say everything; True when the window has holes or its query
-    tokens see different keys (a per-query mask [B, S, T] with S > 1).
+    Every key a query may see lies in [starts[b], seqlens[b]): seqlens is `cache_seqlens`, or without it 1 + the last
+    key any query of the sequence may see (a preallocated static cache is read only as far as it is filled); a
+    left-padded prompt starts after its padding; a sequence that sees nothing gets an empty window. `mask_needed` is
+    False when every key of the window is visible, as for left padding, so the window's bounds say everything; True
+    when the window has holes or its query tokens see different keys (a per-query mask [B, S, T] with S > 1).
     """
     any_query = key_mask if key_mask.dim() == 2 else key_mask.any(dim=1)
     kv_len = any_query.shape[-1]
     positions = torch.arange(kv_len, device=any_query.device, dtype=torch.int32)
-    seqlens = cache_seqlens.to(torch.int32)
+    if cache_seqlens is None:
+        seqlens = torch.where(any_query, positions + 1, 0).amax(dim=-1)
+    else:
+        seqlens = cache_seqlens.to(torch.int32)
     visible = any_query & (positions < seqlens[:, None])
     first = torch.where(visible, positions, kv_len).amin(dim=-1)
     starts = torch.minimum(first, seqlens)
     mask_needed = visible.sum(dim=-1, dtype=torch.int32) != seqlens - starts
     if key_mask.dim() == 3 and key_mask.shape[1] > 1:
         mask_needed = torch.ones_like(mask_needed)
-    return starts, mask_needed
+    return seqlens, starts, mask_needed
 
 
 # ------------------------------------------------------------------------------------------------ PyTorch reference
@@ -486,7 +483,8 @@ def mla_decode_triton(
 
     q_latent [B, H, S, r], q_rope [B, H, S, rope], latent [B, T, r] (or [B, 1, T, r]), k_rope [B, T, rope] (or
     [B, 1, T, rope]), cache_seqlens [B] int (default T), key_mask bool [B, T] or [B, S, T] (default all True);
-    `key_starts` / `mask_needed`: `key_window(key_mask, cache_seqlens)`, computed here when not given.
+    `key_starts` / `mask_needed`: as `key_window(key_mask, cache_seqlens)` returns them, computed here when not
+    given.
     Returns out_latent [B, H, S, r] in q_latent's dtype; fp32 accumulation whatever the input dtype.
     """
     if not HAS_TRITON:
@@ -523,7 +521,7 @@ def mla_decode_triton(
         mask = key_mask if key_mask.dim() == 3 else key_mask[:, None, :]
         mask_strides = (mask.stride(0), mask.stride(1) if key_mask.dim() == 3 else 0, mask.stride(2))
         if key_starts is None or mask_needed is None:
-            key_starts, mask_needed = key_window(key_mask, cache_seqlens)
+            _, key_starts, mask_needed = key_window(key_mask, cache_seqlens)
     else:
         mask, mask_strides = cache_seqlens, (0, 0, 0)  # never read
         key_starts = mask_needed = torch.zeros_like(cache_seqlens)
@@ -633,14 +631,12 @@ def mla_decode_attention(
     """
     kv_len = _as_cache(latent, "latent").shape[1]
     key_mask = key_mask_from_attention_mask(attention_mask, q_latent.shape[0], q_latent.shape[2], kv_len)
-    if cache_seqlens is None and key_mask is not None:
-        cache_seqlens = _seqlens_from_mask(key_mask)
+    key_starts = mask_needed = None
+    if key_mask is not None:
+        # Here, outside the opaque op, so that a compiled step fuses these reductions with the mask's conversion
+        # instead of launching small kernels of their own inside the op.
+        cache_seqlens, key_starts, mask_needed = key_window(key_mask, cache_seqlens)
     if use_triton(q_latent):
-        # The window is computed here, outside the opaque op, so that a compiled step fuses it with the mask's
-        # other reductions instead of launching its own small kernels inside the op.
-        key_starts = mask_needed = None
-        if key_mask is not None:
-            key_starts, mask_needed = key_window(key_mask, cache_seqlens)
         return _mla_decode_op(q_latent, q_rope, latent, k_rope, softmax_scale, cache_seqlens, key_mask, key_starts,
                               mask_needed, num_splits)
     return mla_decode_reference(q_latent, q_rope, latent, k_rope, softmax_scale, cache_seqlens, key_mask)

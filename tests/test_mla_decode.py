@@ -105,16 +105,21 @@ def test_key_window_bounds_the_visible_keys_and_flags_holes():
     mask[1, 4] = False  # a hole
     mask[2, 7:] = False  # visible keys stop before the filled length
     seqlens = torch.tensor([10, 10, 10, 10, 6], dtype=torch.int32)
-    starts, needed = key_window(mask, seqlens)
-    assert starts.tolist() == [3, 0, 0, 10, 2]
+    ends, starts, needed = key_window(mask, seqlens)
+    assert ends.tolist() == seqlens.tolist() and starts.tolist() == [3, 0, 0, 10, 2]
     assert needed.tolist() == [False, True, True, False, False]
     for b in range(5):  # the window holds every visible key
         visible = mask[b, : seqlens[b]].nonzero().flatten().tolist()
         assert all(starts[b] <= j < seqlens[b] for j in visible)
 
+    ends, starts, needed = key_window(mask)  # without lengths: each window ends after its last visible key
+    assert ends.tolist() == [10, 10, 7, 0, 10] and starts.tolist() == [3, 0, 0, 0, 2]
+    assert needed.tolist() == [False, True, False, False, False]
+
     per_query = mask[:, None, :].expand(5, 2, 10)
-    assert key_window(per_query, seqlens)[1].all()  # several query tokens: the mask is the whole rule
-    assert key_window(mask[:, None, :], seqlens)[1].tolist() == needed.tolist()  # one token: as a [B, T] mask
+    assert key_window(per_query, seqlens)[2].all()  # several query tokens: the mask is the whole rule
+    one_token = key_window(mask[:, None, :], seqlens)  # one token: as a [B, T] mask
+    assert [t.tolist() for t in one_token] == [t.tolist() for t in key_window(mask, seqlens)]
 
 
 # ---------------------------------------------------------------------------------------------- Triton kernel
