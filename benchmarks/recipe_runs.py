@@ -525,8 +525,7 @@ def grpo_command(args, stage: Stage, max_train_seconds: float | None = None) -> 
                 "--learning_rate", str(args.grpo_learning_rate), "--temperature", str(args.grpo_temperature),
                 "--logging_steps", "1", "--save_merged_model", "true", *peft_flags(args, args.grpo_lora_preset),
                 *time_limit_flags(max_train_seconds if max_train_seconds is not None else args.grpo_max_train_seconds)]
-    if args.grpo_cuda_graph_rollouts == "true":
-        command.append("--cuda_graph_rollouts")
+    command += ["--cuda_graph_rollouts", args.grpo_cuda_graph_rollouts]  # either way: the recipe may set it
     padding = pad_to_multiple_of(args, task)
     if padding:
         command += ["--pad_to_multiple_of", str(padding)]

@@ -112,7 +112,13 @@ def test_full_finetuning_keeps_float32_weights_and_starts_grpo_from_the_sft_fold
     assert "--use_peft false --dtype float32 --bf16 true" in sft_command
     grpo_command = commands["grpo-gsm [CUDA_VISIBLE_DEVICES=0]"]
     assert f"--model_name_or_path {tmp_path / 'work' / 'sft'} " in grpo_command
-    assert "--cuda_graph_rollouts" not in grpo_command and "--pad_to_multiple_of" not in grpo_command
+    assert "--pad_to_multiple_of" not in grpo_command
+    from modeling_moe.trainers import grpo
+
+    words = trainer_args(grpo_command, "modeling_moe.trainers.grpo")
+    words[words.index("--bf16") + 1] = "false"
+    data_args, _, _ = grpo.make_parser().parse_args_and_config(args=words)
+    assert not data_args.cuda_graph_rollouts  # the flag overrides the recipe, which turns them on
     assert "pretrain" not in commands
 
 

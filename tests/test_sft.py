@@ -315,7 +315,16 @@ def test_recipes_parse_with_trl_config_files():
         data_args, training_args, model_args = grpo.make_parser().parse_args_and_config(
             args=["--config", str(recipes / name), "--bf16", "false"])
         assert len(data_args.reward_funcs) == len(training_args.reward_weights) == 2
-        assert training_args.num_generations == 8 and model_args.use_peft
+        assert training_args.num_generations == 8 and model_args.use_peft and data_args.cuda_graph_rollouts
+        # The generator settings of the measured runs reach the generator: countdown with three numbers up to 20 and
+        # targets up to 50; gsm problems of at most three reasoning lines.
+        train, _ = build_datasets(data_args.task, 6, task_kwargs=sft.parse_task_kwargs(data_args),
+                                  with_completion=False)
+        if data_args.task == "countdown":
+            assert all(len(row["numbers"]) == 3 and max(row["numbers"]) <= 20 and 10 <= row["target"] <= 50
+                       for row in train)
+        else:
+            assert all(float(row["answer"]) <= 100 for row in train)
 
 
 # ----------------------------------------------------------------------------------------------------------- data
