@@ -90,12 +90,24 @@ class MoEConfig(PretrainedConfig):
             self.num_key_value_heads = self.num_attention_heads
         if self.rope_parameters is None and "rope_scaling" not in kwargs:
             self.rope_parameters = {"rope_type": "default", "rope_theta": kwargs.pop("rope_theta", 10000.0)}
+        if self.attention_type != "mla" and self.head_dim is None and isinstance(self.num_attention_heads, int):
+            self.head_dim = self.hidden_size // max(self.num_attention_heads, 1)
+        super().__post_init__(**kwargs)
+        self.check()
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        # transformers sets keyword overrides (`from_pretrained(path, n_group=4)`) after the config was built and checked
+        result = super().from_dict(config_dict, **kwargs)
+        (result[0] if isinstance(result, tuple) else result).check()
+        return result
+
+    def check(self):
+        """Derive what follows from the other fields, then `validate()`. The model classes call it again, since
+        fields may have been set after construction."""
         if self.attention_type == "mla":
             # transformers' RoPE helpers read `head_dim` as the rotary size; in MLA only the rope part rotates.
             self.head_dim = self.qk_rope_head_dim
-        elif self.head_dim is None and self.num_attention_heads:
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        super().__post_init__(**kwargs)
         self.validate()
 
     @property
@@ -119,14 +131,23 @@ class MoEConfig(PretrainedConfig):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "n_routed_experts", "num_experts_per_tok",
                      "n_group", "topk_group", "max_position_embeddings"):
-            _check_positive(name, getattr(self, name))
+            _check_count(name, getattr(self, name), minimum=1)
         for name in ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers"):
-            _check_non_negative(name, getattr(self, name))
+            _check_count(name, getattr(self, name), minimum=0)
+        for name in ("norm_topk_prob", "output_router_logits", "rope_interleave", "attention_bias", "use_cache",
+                     "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         for name in ("bias_update_speed", "seq_aux_loss_coef", "router_aux_loss_coef", "mtp_loss_weight",
-                     "attention_dropout"):
+                     "attention_dropout", "initializer_range"):
             _check_non_negative(name, getattr(self, name))
+        if self.attention_dropout >= 1:
+            raise ValueError(f"attention_dropout must be in [0, 1), got {self.attention_dropout!r}.")
         _check_positive("routed_scaling_factor", self.routed_scaling_factor)
         _check_positive("rms_norm_eps", self.rms_norm_eps)
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(f"pad_token_id={self.pad_token_id!r} must be a token id in [0, vocab_size={self.vocab_size}) "
+                             "or None.")
         if self.first_k_dense_replace > self.num_hidden_layers:
             raise ValueError(
                 f"first_k_dense_replace={self.first_k_dense_replace} must be <= num_hidden_layers="
@@ -139,12 +160,12 @@ class MoEConfig(PretrainedConfig):
     def _validate_attention(self):
         if self.attention_type == "mla":
             for name in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"):
-                _check_positive(name, getattr(self, name))
+                _check_count(name, getattr(self, name), minimum=1)
             if self.q_lora_rank is not None:
-                _check_positive("q_lora_rank", self.q_lora_rank)
+                _check_count("q_lora_rank", self.q_lora_rank, minimum=1)
             rotary = self.qk_rope_head_dim
         else:
-            _check_positive("head_dim", self.head_dim)
+            _check_count("head_dim", self.head_dim, minimum=1)
             if self.num_attention_heads % self.num_key_value_heads:
                 raise ValueError(
                     f"num_attention_heads={self.num_attention_heads} must be divisible by num_key_value_heads="
@@ -193,6 +214,11 @@ class MoEConfig(PretrainedConfig):
 def _check_choice(name, value, allowed):
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not supported; allowed: {', '.join(map(repr, allowed))}.")
+
+
+def _check_count(name, value, minimum):
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
 
 
 def _check_positive(name, value):

@@ -8,6 +8,7 @@ where the `modeling_moe` package is not installed: it imports only torch, transf
 import contextlib
 import math
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -378,7 +379,9 @@ class MoETopkRouter(nn.Module):
     def scores(self, router_logits: torch.Tensor) -> torch.Tensor:
         if self.config.scoring_func == "softmax":
             return router_logits.softmax(dim=-1)
-        return router_logits.sigmoid()
+        if self.config.scoring_func == "sigmoid":
+            return router_logits.sigmoid()
+        raise ValueError(f"scoring_func={self.config.scoring_func!r} is not supported; allowed: 'softmax', 'sigmoid'.")
 
     @torch.no_grad()
     def select(self, scores: torch.Tensor) -> torch.Tensor:
@@ -522,6 +525,9 @@ class MoEMultiTokenPredictionLayer(MoEDecoderLayer):
         return self.norm(hidden_states), router_logits
 
 
+STALE_WEIGHTS = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
+
+
 class MoEPreTrainedModel(PreTrainedModel):
     config_class = MoEConfig
     config: MoEConfig
@@ -533,6 +539,10 @@ class MoEPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = False
     _supports_attention_backend = True
     _keep_in_fp32_modules_strict = ["e_score_correction_bias", "gate.weight"]
+
+    def __init__(self, config: MoEConfig, *inputs, **kwargs):
+        config.check()  # fields may have been set since the config was built
+        super().__init__(config, *inputs, **kwargs)
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         """Default to the fused Triton experts where they run (a CUDA GPU, Triton installed); transformers' choice
@@ -563,14 +573,21 @@ class MoEPreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`, written into a temporary sibling folder and then moved in, config last:
-        an interrupted save never leaves a half-written checkpoint behind a valid-looking config."""
+        an interrupted save never leaves a half-written checkpoint behind a valid-looking config. Weight shards of an
+        earlier save that the new one does not replace are removed afterwards."""
         save_directory = os.path.abspath(os.fspath(save_directory))
         os.makedirs(os.path.dirname(save_directory), exist_ok=True)
+        if kwargs.get("push_to_hub"):  # transformers names the repository after the folder it writes: the staging one
+            kwargs.setdefault("repo_id", os.path.basename(save_directory))
         with tempfile.TemporaryDirectory(dir=os.path.dirname(save_directory), prefix=".saving-") as staging:
             result = super().save_pretrained(staging, *args, **kwargs)
             os.makedirs(save_directory, exist_ok=True)
-            for name in sorted(os.listdir(staging), key=lambda name: name == "config.json"):
+            written = sorted(os.listdir(staging), key=lambda name: name == "config.json")
+            for name in written:
                 os.replace(os.path.join(staging, name), os.path.join(save_directory, name))
+        for name in os.listdir(save_directory):
+            if name not in written and STALE_WEIGHTS.fullmatch(name):
+                os.remove(os.path.join(save_directory, name))
         return result
 
     def routers(self) -> list[MoETopkRouter]:
@@ -641,6 +658,7 @@ class MoEModel(MoEPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -657,6 +675,8 @@ class MoEModel(MoEPreTrainedModel):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         cache = cache if cache is not None else past_key_values
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         if self.gradient_checkpointing and self.training:
             use_cache = False
         if use_cache and cache is None:
@@ -727,6 +747,17 @@ class MoEModel(MoEPreTrainedModel):
                 layer.mlp.gate.count_tokens(router_logits)
             outputs.append((hidden_states, router_logits))
         return outputs
+
+
+def batch_share(labels: torch.Tensor, num_items_in_batch) -> torch.Tensor | float:
+    """The weight of a per-micro-batch mean added to the language-modelling loss. A trainer that passes
+    `num_items_in_batch` (transformers' Trainer with gradient accumulation or tokens averaged across devices) sums the
+    LM loss over the whole batch and divides by that count, and no longer divides by the accumulation steps: each
+    micro-batch's mean then counts in proportion to its share of the counted tokens, so the terms add up to one mean."""
+    if num_items_in_batch is None:
+        return 1.0
+    counted = (labels[..., 1:] != -100).sum()
+    return counted / torch.as_tensor(num_items_in_batch, device=counted.device)
 
 
 def expert_balance_loss(router: MoETopkRouter, router_logits: torch.Tensor, num_sequences: int = 1) -> torch.Tensor:
@@ -845,16 +876,17 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         loss = lm_loss = None
         if labels is not None:
             loss = lm_loss = self.next_token_loss(kept, logits, labels, **kwargs)
+            share = batch_share(labels, kwargs.get("num_items_in_batch"))
             if aux_loss is not None and self.config.router_aux_loss_coef:
-                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
+                loss = loss + self.config.router_aux_loss_coef * share * aux_loss.to(loss.device)
             if self.training and self.config.seq_aux_loss_coef and router_logits:
                 batch = hidden_states.shape[0]
                 seq_aux = torch.stack(
                     [expert_balance_loss(r, l, num_sequences=batch) for r, l in zip(moe_routers, router_logits)]
                 ).mean()
-                loss = loss + self.config.seq_aux_loss_coef * seq_aux
+                loss = loss + self.config.seq_aux_loss_coef * share * seq_aux
             if self.training and self.model.mtp_layers and input_ids is not None:
-                loss = loss + self.config.mtp_loss_weight * self.mtp_loss(
+                loss = loss + self.config.mtp_loss_weight * share * self.mtp_loss(
                     hidden_states, input_ids, labels, attention_mask, position_ids, skip_logits=skip_logits, **kwargs
                 )
 
@@ -880,14 +912,15 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
     def mtp_loss(self, hidden_states, input_ids, labels, attention_mask=None, position_ids=None, skip_logits=False,
                  **kwargs):
         """Mean over depths of the cross-entropy of MTP depth d, whose position i predicts labels[i + d + 1] (each
-        depth's mean over its counted tokens: the forward's loss keywords, such as num_items_in_batch, are the main
-        loss's)."""
+        depth's mean over its counted tokens, 0 for a depth with none: the forward's loss keywords, such as
+        num_items_in_batch, are the main loss's)."""
         losses = []
         for depth, (mtp_hidden, _) in enumerate(
             self.model.multi_token_prediction(hidden_states, input_ids, attention_mask, position_ids), start=1
         ):
             logits = None if skip_logits else self.lm_head(mtp_hidden)
-            losses.append(self.next_token_loss(mtp_hidden, logits, labels[:, depth:]))
+            counted = (labels[:, depth + 1:] != -100).sum().clamp(min=1)
+            losses.append(self.next_token_loss(mtp_hidden, logits, labels[:, depth:], num_items_in_batch=counted))
         return torch.stack(losses).mean()
 
     def _prepare_static_cache(

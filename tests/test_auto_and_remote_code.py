@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
@@ -41,6 +42,52 @@ def test_save_and_load_round_trip(tmp_path):
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
+
+
+def test_saving_again_removes_the_shards_it_does_not_replace(tmp_path):
+    """A save into a folder that holds another layout of the weights (sharded -> one file -> sharded) leaves only
+    the new layout: a stale model.safetensors would be loaded instead of the new shards."""
+    model = MoEForCausalLM(small_config()).eval()
+    ids = torch.randint(3, 97, (1, 5))
+
+    def weight_files():
+        return sorted(name for name in os.listdir(tmp_path) if "safetensors" in name)
+
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert len(weight_files()) > 2 and "model.safetensors.index.json" in weight_files()
+    model.save_pretrained(tmp_path)
+    assert weight_files() == ["model.safetensors"]
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert "model.safetensors" not in weight_files()
+    torch.testing.assert_close(MoEForCausalLM.from_pretrained(tmp_path)(ids).logits, model(ids).logits)
+
+
+def test_push_to_hub_names_the_repository_after_the_folder(tmp_path, monkeypatch):
+    """The weights are written into a staging folder first; the repository is still named after the folder given."""
+    import transformers.modeling_utils as modeling_utils
+
+    created = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kwargs):
+            created.append(repo_id)
+            raise RuntimeError("no hub here")
+
+    monkeypatch.setattr(modeling_utils, "hf_api", lambda: FakeApi())
+    with pytest.raises(RuntimeError, match="no hub here"):
+        MoEForCausalLM(small_config()).save_pretrained(tmp_path / "my-moe", push_to_hub=True)
+    assert created == ["my-moe"]
+
+
+def test_hidden_states_from_the_config_and_tuples_on_request(tmp_path):
+    model = MoEForCausalLM(small_config()).eval()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, output_hidden_states=True)
+    ids = torch.randint(3, 97, (1, 5))
+    assert len(loaded(ids).hidden_states) == loaded.config.num_hidden_layers + 1
+    assert isinstance(loaded.model(ids, return_dict=False), tuple) and isinstance(loaded(ids, return_dict=False), tuple)
 
 
 REMOTE_SCRIPT = textwrap.dedent(

@@ -29,6 +29,13 @@ from .helpers import small_config
         ({"bias_update_speed": -1e-3}, "bias_update_speed"),
         ({"routed_scaling_factor": 0}, "routed_scaling_factor"),
         ({"num_nextn_predict_layers": -1}, "num_nextn_predict_layers"),
+        ({"hidden_size": 64.5}, "hidden_size"),  # sizes and counts are integers
+        ({"num_experts_per_tok": 1.5}, "num_experts_per_tok"),
+        ({"num_nextn_predict_layers": True}, "num_nextn_predict_layers"),
+        ({"norm_topk_prob": "no"}, "norm_topk_prob"),  # flags are booleans
+        ({"rope_interleave": "False"}, "rope_interleave"),
+        ({"attention_dropout": 1.5}, "attention_dropout"),
+        ({"pad_token_id": 97}, "pad_token_id"),
     ],
 )
 def test_invalid_values_name_the_field(overrides, field):
@@ -61,3 +68,28 @@ def test_round_trip_through_dict_keeps_rope_parameters():
 
 def test_legacy_rope_theta_keyword():
     assert MoEConfig(rope_theta=5000.0).rope_parameters == {"rope_type": "default", "rope_theta": 5000.0}
+
+
+@pytest.mark.parametrize("overrides, field", [({"scoring_func": "softmx"}, "scoring_func"), ({"n_group": 3}, "n_group"),
+                                              ({"num_experts_per_tok": 20}, "num_experts_per_tok")])
+def test_overrides_given_to_from_pretrained_are_checked(tmp_path, overrides, field):
+    """transformers applies `from_pretrained(path, **overrides)` after the config is built: they are checked too."""
+    from transformers import AutoConfig
+
+    from modeling_moe import MoEForCausalLM
+
+    small_config().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=field):
+        AutoConfig.from_pretrained(tmp_path, **overrides)
+    config = small_config()
+    setattr(config, next(iter(overrides)), next(iter(overrides.values())))  # set after construction
+    with pytest.raises(ValueError, match=field):
+        MoEForCausalLM(config)
+
+
+def test_overridden_rotary_size_updates_the_rotary_head_dim(tmp_path):
+    from transformers import AutoConfig
+
+    small_config().save_pretrained(tmp_path)
+    config = AutoConfig.from_pretrained(tmp_path, qk_rope_head_dim=16)
+    assert config.head_dim == config.qk_rope_head_dim == 16

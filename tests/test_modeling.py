@@ -416,6 +416,29 @@ def test_mtp_loss_matches_manual_computation_and_is_skipped_at_inference():
     torch.testing.assert_close(without(ids).logits, model(ids).logits)
 
 
+def test_losses_of_micro_batches_with_num_items_in_batch_add_up_to_the_batch_loss():
+    """transformers' Trainer with gradient accumulation passes num_items_in_batch and sums the micro-batches' losses:
+    the MTP and balance terms then count once, as in one forward over the whole batch (equal counted tokens in each
+    micro-batch, and a linear balance term: the sequence-wise loss of one sequence per micro-batch)."""
+    config = small_config(num_nextn_predict_layers=2, mtp_loss_weight=0.5, seq_aux_loss_coef=0.1)
+    model = seeded_model(config).train()
+    ids = torch.randint(3, 97, (2, 10))
+    whole = model(ids, labels=ids).loss
+    counted = 2 * 9
+    halves = [model(ids[i:i + 1], labels=ids[i:i + 1], num_items_in_batch=torch.tensor(counted)).loss for i in (0, 1)]
+    torch.testing.assert_close(sum(halves), whole, rtol=1e-6, atol=1e-6)  # the router and losses run in fp32
+
+
+def test_mtp_depth_without_counted_labels_adds_zero_not_nan():
+    config = small_config(num_nextn_predict_layers=2, mtp_loss_weight=0.5)
+    model = seeded_model(config).train()
+    ids = torch.randint(3, 97, (2, 10))
+    labels = torch.full_like(ids, -100)
+    labels[:, 1] = ids[:, 1]  # only the main loss's first target: no MTP depth has a label
+    out = model(ids, labels=labels)
+    torch.testing.assert_close(out.loss, out.lm_loss)
+
+
 # ---------------------------------------------------------------- bookkeeping
 
 
