@@ -411,23 +411,26 @@ class MoETopkRouter(nn.Module):
         return router_logits, topk_weights, topk_indices
 
     @torch.no_grad()
-    def count_tokens(self, router_logits: torch.Tensor):
+    def count_tokens(self, router_logits: torch.Tensor, token_mask: torch.Tensor | None = None):
         """Add the tokens of one forward to each expert's load, from the router logits it returned (the same selection
-        again). The model calls this after the layer, outside any checkpointed region, so a forward replayed for
-        backward is never counted twice, and the count traces into a compiled graph."""
-        load = self.expert_load(router_logits)[0]
+        again; padding, 0 in `token_mask`, does not count). The model calls this after the layer, outside any
+        checkpointed region, so a forward replayed for backward is never counted twice, and the count traces into a
+        compiled graph."""
+        load = self.expert_load(router_logits, token_mask=token_mask)[0]
         if self.tokens_per_expert is None:
             self.tokens_per_expert = load
         else:
             self.tokens_per_expert.add_(load)
 
     @torch.no_grad()
-    def expert_load(self, router_logits: torch.Tensor, num_sequences: int = 1) -> torch.Tensor:
+    def expert_load(self, router_logits: torch.Tensor, num_sequences: int = 1,
+                    token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens each expert receives from these router logits, per sequence: [num_sequences, experts] (the logits'
-        rows in sequence order, as the model returns them)."""
-        topk_indices = self.select(self.scores(router_logits)).view(num_sequences, -1)
+        rows in sequence order, as the model returns them; rows where `token_mask` is 0 do not count)."""
+        topk_indices = self.select(self.scores(router_logits))
+        weights = token_weights(token_mask, topk_indices, torch.float32)
         load = torch.zeros(num_sequences, self.num_experts, dtype=torch.float32, device=topk_indices.device)
-        return load.scatter_add_(1, topk_indices, torch.ones_like(topk_indices, dtype=torch.float32))
+        return load.scatter_add_(1, topk_indices.view(num_sequences, -1), weights.reshape(num_sequences, -1))
 
 
 @use_experts_implementation
@@ -695,6 +698,7 @@ class MoEModel(MoEPreTrainedModel):
         hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None
         router_logits = ()
+        token_mask = padding_mask(attention_mask, *inputs_embeds.shape[:2]) if self.training else None
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
@@ -704,7 +708,7 @@ class MoEModel(MoEPreTrainedModel):
             if layer_router_logits is not None:
                 router_logits += (layer_router_logits,)
                 if self.training:
-                    layer.mlp.gate.count_tokens(layer_router_logits)
+                    layer.mlp.gate.count_tokens(layer_router_logits, token_mask)
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
@@ -744,7 +748,7 @@ class MoEModel(MoEPreTrainedModel):
                 hidden_states[:, :keep], embeds, self.rotary_emb(embeds, positions), causal_mask, **kwargs
             )
             if router_logits is not None and self.training:
-                layer.mlp.gate.count_tokens(router_logits)
+                layer.mlp.gate.count_tokens(router_logits, padding_mask(mask, *embeds.shape[:2]))
             outputs.append((hidden_states, router_logits))
         return outputs
 
@@ -760,22 +764,41 @@ def batch_share(labels: torch.Tensor, num_items_in_batch) -> torch.Tensor | floa
     return counted / torch.as_tensor(num_items_in_batch, device=counted.device)
 
 
-def expert_balance_loss(router: MoETopkRouter, router_logits: torch.Tensor, num_sequences: int = 1) -> torch.Tensor:
+def padding_mask(attention_mask, batch: int, seq_len: int) -> torch.Tensor | None:
+    """This forward's [batch, seq_len] padding mask (1 = a real token) from a 2D attention mask, which may also cover
+    cached positions before these tokens; None for no mask or another kind (4D, custom)."""
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and (
+            attention_mask.shape[0] == batch and attention_mask.shape[1] >= seq_len):
+        return attention_mask[:, attention_mask.shape[1] - seq_len:]
+    return None
+
+
+def token_weights(token_mask: torch.Tensor | None, topk_indices: torch.Tensor, dtype) -> torch.Tensor:
+    """1 per (token, chosen expert), 0 for the padding tokens of `token_mask` ([tokens] or any shape of that size)."""
+    if token_mask is None:
+        return torch.ones_like(topk_indices, dtype=dtype)
+    return token_mask.reshape(-1, 1).to(dtype).expand_as(topk_indices)
+
+
+def expert_balance_loss(router: MoETopkRouter, router_logits: torch.Tensor, num_sequences: int = 1,
+                        token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """DeepSeek's expert-level balance loss sum_i f_i * P_i, averaged over `num_sequences` equal slices of the tokens.
 
     f_i = E / (k T) * (tokens routed to expert i), P_i = mean affinity of expert i (scores normalised per token);
     a perfectly balanced router gives 1. One slice is the batch-wise loss; one slice per sequence is DeepSeek-V3's
-    sequence-wise loss.
+    sequence-wise loss. Tokens where `token_mask` is 0 (padding) take no part: T counts the others.
     """
     scores = router.scores(router_logits)
     scores = scores / scores.sum(dim=-1, keepdim=True)
     selected = router.select(scores.detach())
     experts, top_k = router.num_experts, router.top_k
-    scores = scores.view(num_sequences, -1, experts)
+    weights = token_weights(token_mask, selected, scores.dtype)
     counts = torch.zeros(num_sequences, experts, device=scores.device, dtype=scores.dtype)
-    counts.scatter_add_(1, selected.view(num_sequences, -1), torch.ones_like(selected, dtype=scores.dtype).view(num_sequences, -1))
-    fraction = counts * experts / (top_k * scores.shape[1])
-    return (fraction * scores.mean(dim=1)).sum(dim=-1).mean()
+    counts.scatter_add_(1, selected.view(num_sequences, -1), weights.reshape(num_sequences, -1))
+    tokens = weights[:, 0].reshape(num_sequences, -1).sum(dim=1, keepdim=True).clamp(min=1)  # per slice
+    fraction = counts * experts / (top_k * tokens)
+    mean_scores = (scores * weights[:, :1]).reshape(num_sequences, -1, experts).sum(dim=1) / tokens
+    return (fraction * mean_scores).sum(dim=-1).mean()
 
 
 # Devices on which `generate()` may queue a decode step before knowing whether the previous one finished every
@@ -870,8 +893,11 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         router_logits = outputs.router_logits
         moe_routers = [layer.mlp.gate for layer in self.model.layers if layer.is_moe]
         aux_loss = None
+        token_mask = padding_mask(attention_mask, *hidden_states.shape[:2])
         if output_router_logits and router_logits:
-            aux_loss = torch.stack([expert_balance_loss(r, l) for r, l in zip(moe_routers, router_logits)]).mean()
+            aux_loss = torch.stack(
+                [expert_balance_loss(r, l, token_mask=token_mask) for r, l in zip(moe_routers, router_logits)]
+            ).mean()
 
         loss = lm_loss = None
         if labels is not None:
@@ -882,7 +908,8 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
             if self.training and self.config.seq_aux_loss_coef and router_logits:
                 batch = hidden_states.shape[0]
                 seq_aux = torch.stack(
-                    [expert_balance_loss(r, l, num_sequences=batch) for r, l in zip(moe_routers, router_logits)]
+                    [expert_balance_loss(r, l, num_sequences=batch, token_mask=token_mask)
+                     for r, l in zip(moe_routers, router_logits)]
                 ).mean()
                 loss = loss + self.config.seq_aux_loss_coef * share * seq_aux
             if self.training and self.model.mtp_layers and input_ids is not None:

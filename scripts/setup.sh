@@ -8,7 +8,7 @@ source .venv/bin/activate
 TORCH_SPEC="${TORCH_SPEC-torch==2.13.0}"
 # Installing torch on its own first keeps the resolver from choosing a torch build for the package's requirements.
 [[ -z "$TORCH_SPEC" ]] || python -m pip install -q "$TORCH_SPEC"
-if ! python -m pip install -q -e ".[test,triton]"; then
+if ! python -m pip install -q -e ".[test,triton,math]"; then
     echo "setup.sh: triton could not be installed; continuing without it" >&2
     python -m pip install -q -e ".[test]"
 fi

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from modeling_moe.trainers import grpo, rewards
+from modeling_moe.trainers import grpo, rewards, sft
 
 from .test_sft import save_toy_model, toy_tokenizer
 
@@ -180,3 +180,21 @@ def test_reward_resolution_and_defaults():
     assert grpo.resolve_reward_func(f"{__name__}.share_of_a") is share_of_a
     with pytest.raises(ValueError, match="Unknown reward"):
         grpo.resolve_reward_func("no_such_reward")
+
+
+def test_trl_accuracy_rewards_read_the_answer_column():
+    """TRL's accuracy rewards take the reference from a `solution` column; the tasks here call it `answer`."""
+    pytest.importorskip("math_verify")
+    reward = grpo.resolve_reward_func("reasoning_accuracy_reward")
+    assert reward.__name__ == "reasoning_accuracy_reward"  # the name TRL logs it under
+    completions = [[{"role": "assistant", "content": f"<think>x</think>\\boxed{{{n}}}"}] for n in (3, 4)]
+    assert reward(completions, answer=["3", "3"]) == [1.0, 0.0]
+
+
+def test_help_lists_the_config_file_option(capsys):
+    for module in (grpo, sft):
+        with pytest.raises(SystemExit):
+            module.make_parser().parse_args_and_config(args=["--help"])
+        assert "--config FILE.yaml" in capsys.readouterr().out
+    data_args, _, _ = grpo.make_parser().parse_args_and_config(args=["--output_dir", "x"])  # still three dataclasses
+    assert not hasattr(data_args, "config")

@@ -286,6 +286,31 @@ def test_balance_loss_matches_formula_and_is_one_when_balanced():
     assert expert_balance_loss(router, torch.zeros(8, 8, dtype=torch.float64)).item() == pytest.approx(1.0)
 
 
+def test_padding_takes_no_part_in_the_balance_loss_nor_the_expert_load():
+    """A right-padded batch: the padding's router logits count neither in the balance loss (batch-wise: as the
+    real tokens alone; sequence-wise: each sequence over its own tokens) nor in the load update_expert_bias reads."""
+    config = small_config(output_router_logits=True, router_aux_loss_coef=0.01)
+    model = seeded_model(config).train()
+    ids = torch.randint(3, 97, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    out = model(ids, attention_mask=mask)
+    routers = model.routers()
+    real = mask.reshape(-1).bool()
+    expected = torch.stack([expert_balance_loss(r, l[real]) for r, l in zip(routers, out.router_logits)]).mean()
+    torch.testing.assert_close(out.aux_loss, expected)
+    router, logits = routers[0], out.router_logits[0]
+    per_sequence = (expert_balance_loss(router, logits[:10]) + expert_balance_loss(router, logits[10:16])) / 2
+    torch.testing.assert_close(expert_balance_loss(router, logits, 2, token_mask=mask), per_sequence)
+    for router in routers:
+        router.tokens_per_expert = None
+    model(ids, attention_mask=mask)
+    load = torch.stack([r.tokens_per_expert for r in routers])
+    assert load.sum().item() == 16 * config.num_experts_per_tok * len(routers)  # 16 real tokens, k experts each
+    expected_load = torch.stack([r.expert_load(l[real])[0] for r, l in zip(routers, out.router_logits)])
+    torch.testing.assert_close(load, expected_load)
+
+
 def count_tokens(model, batches, **kwargs):
     model.train()
     for ids in batches:

@@ -143,8 +143,10 @@ def test_saved_model_loads_like_a_hub_checkpoint(trained):
 
 
 def test_resume_after_sigkill_during_save_is_bitwise(tmp_path, data_cache):
-    # 8 training blocks = 4 batches per epoch: the resumed part also crosses an epoch boundary.
-    extra = ["--max_steps", "6", "--save_steps", "3", "--max_train_samples", "8", "--eval_steps", "3"]
+    # 8 training blocks = 4 batches per epoch: the resumed part also crosses an epoch boundary. Logging every 2 steps,
+    # the checkpoint at step 3 cuts the window of steps 3-4, which the resumed run continues.
+    extra = ["--max_steps", "6", "--save_steps", "3", "--max_train_samples", "8", "--eval_steps", "3",
+             "--logging_steps", "2"]
     reference = run(tmp_path / "reference", data_cache, *extra)
 
     killed_dir = tmp_path / "killed"
@@ -164,6 +166,10 @@ def test_resume_after_sigkill_during_save_is_bitwise(tmp_path, data_cache):
     # Every logged value but the throughput is bitwise identical.
     assert without_throughput(read_metrics(killed_dir)) == without_throughput(read_metrics(tmp_path / "reference"))
     assert resumed["final_eval_loss"] == reference["final_eval_loss"]
+    assert resumed["maxvio"] == reference["maxvio"]
+    state = json.loads((killed_dir / "checkpoint-6" / "trainer_state.json").read_text())
+    reference_state = json.loads((tmp_path / "reference" / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["total_load"] == reference_state["total_load"]  # the expert load of the whole run
     assert not (killed_dir / ".tmp-checkpoint-6").exists()
     assert [p.name for p in sorted(killed_dir.glob("checkpoint-*"))] == ["checkpoint-3", "checkpoint-6"]
 
@@ -399,12 +405,22 @@ def test_two_process_fsdp2_with_expert_parallel_matches_ddp(two_process_runs):
         # 8 blocks, 2 a step: one epoch is 4 steps, known once the data is loaded
         (["--max_steps", "-1", "--max_train_samples", "8", "--profile_steps", "3,5"],
          "step 5 is beyond the run's 4 optimizer steps"),
+        (["--max_train_samples", "0"], "The training set has 0 blocks"),
+        (["--learning_rate", "-1"], "--learning_rate must be > 0"),
+        (["--warmup_steps", "-5"], "--warmup_steps must be >= 0"),
+        (["--report_to", "bogus"], "--report_to 'bogus' is not a tracker"),
+        (["--max_steps", "0", "--num_train_epochs", "0"], "Nothing to train"),
     ],
 )
 def test_configuration_errors_are_clear(tmp_path, data_cache, extra, message):
     with pytest.raises(ConfigurationError) as error:
         run(tmp_path, data_cache, "--max_steps", "1", *extra)
     assert message in str(error.value)
+
+
+def test_no_held_out_split(tmp_path, data_cache):
+    run(tmp_path, data_cache, "--max_steps", "2", "--validation_split_percentage", "0")
+    assert all(record.get("eval_loss") is None for record in read_metrics(tmp_path))
 
 
 def test_unreadable_datasets_are_clear(tmp_path, data_cache):
@@ -418,6 +434,10 @@ def test_unreadable_datasets_are_clear(tmp_path, data_cache):
     wrong_field.write_text('{"body": "text"}\n')
     with pytest.raises(DatasetReadError, match="no 'text' field"):
         run(tmp_path / "out", data_cache, "--max_steps", "1", "--dataset", str(wrong_field))
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'\xff\xfe{"text": "caf\xe9"}\n')
+    with pytest.raises(DatasetReadError, match="not UTF-8 text"):
+        run(tmp_path / "out", data_cache, "--max_steps", "1", "--dataset", str(latin))
     unsupported = tmp_path / "data.csv"
     unsupported.write_text("text\nhello\n")
     with pytest.raises(DatasetReadError, match="unsupported dataset format"):
@@ -463,6 +483,15 @@ def test_help_lists_every_option_and_yaml_config_is_overridable(tmp_path):
     model_args, data_args, args = parse_args(["--config", str(config), "--seq_len", "64"])
     assert (args.max_steps, args.learning_rate, args.bf16, args.report_to) == (7, 0.01, True, ["none"])
     assert data_args.seq_len == 64  # the command line wins
+    config.write_text("report_to: [tensorboard, wandb]\n")
+    assert parse_args(["--config", str(config)])[2].report_to == ["tensorboard", "wandb"]
+    # File values get the flags' checks; unknown flags and broken files are usage errors (exit status 2).
+    for text, argv in (("max_steps: 2.5\n", []), ("max_steps: [1\n", []), ("", ["--max_stepz", "3"]),
+                       ("lr_scheduler_type: reduce_lr_on_plateau\n", []), ("text_sample_by: sentence\n", [])):
+        config.write_text(text)
+        with pytest.raises(SystemExit) as exit_info:
+            parse_args(["--config", str(config), *argv])
+        assert exit_info.value.code == 2, text
     config.write_text("no_such_option: 1\n")
     with pytest.raises(SystemExit):
         parse_args(["--config", str(config)])

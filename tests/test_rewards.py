@@ -10,6 +10,7 @@ from modeling_moe.trainers.rewards import (
     accuracy_reward,
     countdown_reward,
     extract_answer,
+    format_number,
     format_reward,
     math_accuracy_reward,
     parse_number,
@@ -89,7 +90,7 @@ def test_intermediate_values_are_bounded():
 
 @pytest.mark.parametrize("text, value", [
     ("42", 42), (" -3.5 ", Fraction(-7, 2)), ("1,234", 1234), ("$12", 12), ("15%", 15), ("3/4", Fraction(3, 4)),
-    ("\\boxed{7}", 7), ("288.", 288), ("5.0", 5),
+    ("\\boxed{7}", 7), ("288.", 288), ("5.0", 5), ("−5", -5), ("-$5", -5),
 ])
 def test_parse_number(text, value):
     assert parse_number(text) == value
@@ -124,7 +125,17 @@ def test_format_reward():
 
 def test_extract_answer_takes_the_last_block():
     assert extract_answer("<answer>1</answer> then <answer> 2 </answer>") == "2"
+    assert extract_answer("<answer>a<answer>b</answer> x </answer>") == "a<answer>b"  # blocks left to right
+    assert extract_answer("<answer>1</answer><answer>unclosed") == "1"
     assert extract_answer("no tags") is None
+
+
+@pytest.mark.parametrize("text", ["<answer>" * 20000, "<think>" + "</think><answer>" * 10000,
+                                  "<think>" * 10000 + "</answer>" * 10000])
+def test_tags_in_long_hostile_text_are_read_in_linear_time(text):
+    start = time.perf_counter()
+    assert format_reward([text]) == [0.0] and math_accuracy_reward([text], answer=["1"]) == [0.0]
+    assert time.perf_counter() - start < 0.1
 
 
 # ------------------------------------------------------------------------------------------------- countdown
@@ -181,6 +192,9 @@ def test_math_accuracy_reward_cases():
         (wrap("-61"), "-61", 1.0),
         (wrap("0.5"), "1/2", 1.0),
         (wrap("287"), "288", 0.0),
+        (wrap("1000001"), "1000000", 0.0),         # integers: exactly, however large
+        (wrap("123456790"), "123456789", 0.0),
+        (wrap("0.333333"), "1/3", 1.0),            # a fraction: to six places
         (wrap("160 + 128"), "288", 0.0),          # an expression is not an answer
         (wrap("288 apples"), "288", 0.0),
         (wrap("9**9**9"), "288", 0.0),
@@ -209,3 +223,18 @@ def test_reward_signature_accepts_trl_keywords():
     assert format_reward([wrap("1")], **extra) == [1.0]
     assert countdown_reward([wrap("1+2")], numbers=[[1, 2]], target=[3], answer=[None], **extra) == [1.0]
     assert math_accuracy_reward([wrap("3")], answer=["3"], numbers=[None], target=[None], **extra) == [1.0]
+
+
+def test_format_number_writes_exact_digits():
+    assert format_number(Fraction(10**17 + 1, 2)) == "50000000000000000.5"
+    assert format_number(Fraction(-7, 4)) == "-1.75" and format_number(Fraction(1, 3)) == "1/3"
+    assert format_number(Fraction(12)) == "12" and format_number(Fraction(-1, 10**6)) == "-0.000001"
+
+
+def test_symbolic_answers_refuse_power_towers_quickly():
+    pytest.importorskip("math_verify")
+    assert math_accuracy_reward([wrap("\\frac{2}{4}")], answer=["\\frac{1}{2}"]) == [1.0]
+    for tower in ("9^9^9^9", "2**2**2**2**99", "$10^{10^{10^{10}}}$"):
+        start = time.perf_counter()
+        assert math_accuracy_reward([wrap(tower)], answer=["\\frac{1}{2}"]) == [0.0]
+        assert time.perf_counter() - start < 0.5, tower

@@ -17,7 +17,7 @@ from trl import SFTConfig, SFTTrainer
 
 from modeling_moe.presets import load_preset_config, preset_path
 from modeling_moe.trainers import grpo, sft
-from modeling_moe.trainers.reasoning_data import CHAT_TEMPLATE, build_datasets, set_chat_template
+from modeling_moe.trainers.reasoning_data import RL_SEED_OFFSET, CHAT_TEMPLATE, build_datasets, set_chat_template
 from modeling_moe.trainers.rewards import accuracy_reward, format_reward
 
 from .helpers import gqa_config, small_config
@@ -359,6 +359,26 @@ def test_local_question_answer_file_is_converted(tmp_path):
     assert os.fspath(path) and train[1]["answer"] == "2"
 
 
+def test_local_answers_as_numbers_or_missing_mix_with_generated_tasks(tmp_path):
+    """Numeric answers become text (one column type, also beside a generated task); rows without an answer are
+    prompts for GRPO and left out of SFT."""
+    path = tmp_path / "data.jsonl"
+    rows = [{"question": "Two?", "answer": 2}, {"question": "Name?", "answer": None}, {"question": "Ten?", "answer": 10}]
+    path.write_text("\n".join(json.dumps(row) for row in rows))
+    sft_rows, _ = build_datasets(f"gsm,{path}", 2, 0)
+    assert len(sft_rows) == 4 and {"2", "10"} <= set(sft_rows["answer"])
+    prompts, _ = build_datasets(f"gsm,{path}", 2, 0, with_completion=False)
+    assert len(prompts) == 5 and None in prompts["answer"]
+
+
+def test_grpo_prompts_come_from_another_seed_and_keep_the_held_out_set():
+    sft_train, sft_eval = build_datasets("gsm", 8, 4, seed=0)
+    rl_train, rl_eval = build_datasets("gsm", 8, 4, seed=0, train_seed=0 + RL_SEED_OFFSET)
+    questions = lambda split: {row["prompt"][-1]["content"] for row in split}  # noqa: E731
+    assert not questions(rl_train) & questions(sft_train) and not questions(rl_train) & questions(rl_eval)
+    assert questions(rl_eval) == questions(sft_eval)
+
+
 def test_evaluate_accuracy_records_each_problems_outcome_in_order():
     """A stand-in model answers problem i with i for even i and i + 1 for odd i: accuracy 3/5, and the per-problem
     outcomes (what a paired comparison of two evaluations needs) in dataset order, overall and per task."""
@@ -390,3 +410,16 @@ def test_evaluate_accuracy_records_each_problems_outcome_in_order():
     result = evaluate_accuracy(Answers(), tokenizer, dataset, batch_size=2)
     assert result["accuracy"] == pytest.approx(0.6) and result["n"] == 5 and result["format"] == 1.0
     assert result["correct"] == [1, 0, 1, 0, 1] and result["gsm/correct"] == [1, 0, 1, 0, 1]
+
+
+def test_log_history_starts_over_unless_resuming(tmp_path):
+    from types import SimpleNamespace
+
+    callback = sft.LogHistoryCallback()
+    path = tmp_path / "log_history.jsonl"
+    state = SimpleNamespace(is_world_process_zero=True, log_history=[{"step": 1, "loss": 2.0}])
+    for resume, lines in ((None, 1), ("checkpoint-1", 2)):
+        args = SimpleNamespace(output_dir=str(tmp_path), resume_from_checkpoint=resume)
+        callback.on_train_begin(args, state, None)
+        callback.on_log(args, state, None)
+        assert len(path.read_text().splitlines()) == lines

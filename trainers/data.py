@@ -125,7 +125,7 @@ def train_eval_split(docs: list, eval_fraction: float, seed: int = 0) -> tuple[l
 
 def tokenize_documents(tokenizer, docs: list[str]) -> list[list[int]]:
     """Token ids of each document, without special tokens (packing adds the EOS separators)."""
-    return tokenizer(docs, add_special_tokens=False)["input_ids"]
+    return tokenizer(docs, add_special_tokens=False)["input_ids"] if docs else []
 
 
 def pack_documents(token_lists: list[list[int]], seq_len: int, eos_id: int) -> dict[str, torch.Tensor]:
@@ -208,7 +208,10 @@ def _read_text_file(path: Path, sample_by: str) -> list[str]:
 def _read_json_file(path: Path, text_field: str) -> list[str]:
     import json
 
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DatasetReadError(f"{path} is not UTF-8 text ({error}).") from None
     records = None
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:

@@ -26,7 +26,9 @@ in `log_history`), `rewards.png` (mean reward per function and completion length
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import logging
 import os
 import sys
@@ -36,12 +38,13 @@ import torch
 from transformers import set_seed
 from trl import GRPOConfig, GRPOTrainer, TrlParser
 
-from .reasoning_data import build_datasets, parse_tasks
+from .reasoning_data import RL_SEED_OFFSET, build_datasets, parse_tasks
 from .rewards import REWARD_FUNCS
 from .sft import (
     MoEModelConfig,
     ReasoningDataArguments,
     accuracy_eval,
+    add_config_option,
     default_precision,
     finish,
     is_preset_name,
@@ -98,7 +101,7 @@ GRPO_DEFAULTS = dict(
 def make_parser() -> TrlParser:
     parser = TrlParser((GRPODataArguments, GRPOConfig, MoEModelConfig))
     parser.set_defaults(**GRPO_DEFAULTS, **default_precision())
-    return parser
+    return add_config_option(parser)
 
 
 def default_reward_funcs(task_spec: str) -> list[str]:
@@ -108,6 +111,18 @@ def default_reward_funcs(task_spec: str) -> list[str]:
     if all(t in ("gsm", "arithmetic") for t in tasks):
         return ["format_reward", "math_accuracy_reward"]
     return ["format_reward", "accuracy_reward"]
+
+
+def with_solution_from_answer(func):
+    """TRL's accuracy rewards read the reference from a `solution` column; the reasoning datasets call it `answer`."""
+
+    @functools.wraps(func)
+    def reward(completions, solution=None, answer=None, **kwargs):
+        if solution is None and answer is not None:
+            solution = ["" if value is None else str(value) for value in answer]
+        return func(completions, solution=solution, **kwargs)
+
+    return reward
 
 
 def resolve_reward_func(name: str, max_completion_length: int | None = None):
@@ -121,7 +136,8 @@ def resolve_reward_func(name: str, max_completion_length: int | None = None):
         length = max_completion_length or 1280
         return trl_rewards.get_soft_overlong_punishment(max_completion_len=length, soft_punish_cache=length // 4)
     if hasattr(trl_rewards, name):
-        return getattr(trl_rewards, name)
+        func = getattr(trl_rewards, name)
+        return with_solution_from_answer(func) if "solution" in inspect.signature(func).parameters else func
     if "." in name:
         module_path, attribute = name.rsplit(".", 1)
         if os.getcwd() not in sys.path:
@@ -194,6 +210,7 @@ def main(argv: list[str] | None = None):
     tokenizer.padding_side = "left"
     train_dataset, eval_dataset = build_datasets(
         data_args.task, data_args.train_size, data_args.eval_size, seed=data_args.task_seed,
+        train_seed=data_args.task_seed + RL_SEED_OFFSET,  # prompts apart from SFT's examples; the same held-out set
         system_prompt=data_args.system_prompt, task_kwargs=parse_task_kwargs(data_args), with_completion=False,
         eval_tasks=data_args.eval_task,
     )

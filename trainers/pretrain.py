@@ -60,6 +60,12 @@ KILL_DURING_SAVE_ENV = "MODELING_MOE_TEST_KILL_DURING_SAVE"
 
 
 
+# transformers' schedulers that need nothing beyond the warmup and the number of steps (reduce_lr_on_plateau wants a
+# metric, cosine_with_min_lr a minimum: neither has a flag here).
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt")
+
+
 class ConfigurationError(ValueError):
     """A setting that cannot work (unknown preset, too long seq_len, parallel sizes that do not fit, ...)."""
 
@@ -104,7 +110,8 @@ class DataArguments:
     )
     dataset_text_field: str = field(default="text", metadata={"help": "Text field of .jsonl / .parquet / datasets."})
     text_sample_by: str = field(
-        default="line", metadata={"help": "Documents of a .txt file: 'line', 'paragraph' or 'document' (whole file)."}
+        default="line", metadata={"help": "Documents of a .txt file: 'line', 'paragraph' or 'document' (whole file).",
+                                  "choices": ["line", "paragraph", "document"]}
     )
     seq_len: int = field(default=512, metadata={"help": "Tokens per packed training sequence."})
     validation_split_percentage: float = field(
@@ -150,7 +157,7 @@ class PretrainArguments:
     )
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (<= 0: no clipping)."})
     lr_scheduler_type: str = field(
-        default="cosine", metadata={"help": "transformers scheduler: cosine, linear, constant_with_warmup, ..."}
+        default="cosine", metadata={"help": "transformers' learning-rate schedule.", "choices": list(LR_SCHEDULERS)}
     )
     warmup_steps: int = field(default=0, metadata={"help": "Linear warmup steps."})
     logging_steps: int = field(default=10, metadata={"help": "Log (console, metrics.jsonl, trackers) every N steps."})
@@ -241,20 +248,34 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         path = Path(known.config)
         if not path.is_file():
             parser.error(f"--config {known.config}: no such file")
-        values = yaml.safe_load(path.read_text()) or {}
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            parser.error(f"--config {known.config}: not valid YAML ({' '.join(str(error).split())})")
         if not isinstance(values, dict):
             parser.error(f"--config {known.config}: expected a mapping of option: value")
         options = {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - options)
         if unknown:
             parser.error(f"--config {known.config}: unknown option(s) {unknown}")
-        if isinstance(values.get("report_to"), str):
-            values["report_to"] = [values["report_to"]]
-        parser.set_defaults(**values)
-    model_args, data_args, train_args, _extra = parser.parse_args_into_dataclasses(
-        args=argv, look_for_args_file=False
+        # The file's values go through the same parsing and checks as flags: they come first, flags override them.
+        argv = [*_as_flags(values), *argv]
+    model_args, data_args, train_args, *_namespace, unknown = parser.parse_args_into_dataclasses(
+        args=argv, look_for_args_file=False, return_remaining_strings=True
     )
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return model_args, data_args, train_args
+
+
+def _as_flags(values: dict) -> list[str]:
+    """A YAML mapping as command-line words: `report_to: [a, b]` -> --report_to a b; `bf16: true` -> --bf16 true."""
+    words = []
+    for key, value in values.items():
+        items = value if isinstance(value, list) else [value]
+        words += [f"--{key}", *("none" if item is None else str(item).lower() if isinstance(item, bool) else str(item)
+                                for item in items)]
+    return words
 
 
 # ------------------------------------------------------------------------------------------------ model and data
@@ -523,6 +544,7 @@ class TrainerState:
     first_window_load: list | None = None  # tokens per expert [MoE layers][experts] over the first logging window
     first_window_steps: list | None = None
     total_load: list | None = None  # ... and over the whole run
+    open_window: dict | None = None  # the logging window a checkpoint cut (sums over its steps, all ranks' mean)
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -671,7 +693,13 @@ def _router_names(model) -> list[str]:
 
 
 def _check_trackers(report_to: list[str]) -> list[str]:
+    from accelerate.utils import LoggerType
+
     trackers = [t for t in report_to if t and t.lower() != "none"]
+    known = [member.value for member in LoggerType]
+    for tracker in trackers:
+        if tracker.lower() not in known:
+            raise ConfigurationError(f"--report_to {tracker!r} is not a tracker accelerate knows: {', '.join(known)}.")
     if any(t.lower() in ("tensorboard", "all") for t in trackers):
         from accelerate.utils import is_tensorboard_available
 
@@ -731,6 +759,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
         if getattr(args, name) < 1:
             raise ConfigurationError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    for name in ("warmup_steps", "weight_decay"):
+        if getattr(args, name) < 0:
+            raise ConfigurationError(f"--{name} must be >= 0, got {getattr(args, name)}.")
+    if args.learning_rate <= 0:
+        raise ConfigurationError(f"--learning_rate must be > 0, got {args.learning_rate}.")
+    if args.max_steps <= 0 and args.num_train_epochs <= 0:
+        raise ConfigurationError("Nothing to train: give --max_steps >= 1 or --num_train_epochs > 0.")
     try:
         profile_steps = parse_profile_steps(args.profile_steps)
     except ValueError as error:
@@ -796,6 +831,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
     phases.mark("setup")
     tokenizer = load_tokenizer(model_args, config)
     train_set, eval_set, data_info = build_datasets(data_args, tokenizer, accelerator)
+    if len(train_set) < args.per_device_train_batch_size * world:
+        raise ConfigurationError(
+            f"The training set has {len(train_set)} blocks of {data_args.seq_len} tokens: fewer than one batch of "
+            f"{args.per_device_train_batch_size} x {world} processes. Use a smaller --seq_len or batch size, or more "
+            "data."
+        )
     collate = make_collate(data_args.document_attention)
     pin = accelerator.device.type == "cuda"
     train_loader = DataLoader(
@@ -841,12 +882,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
     unwrapped = accelerator.unwrap_model(model)
 
     micro_per_epoch = len(train_loader)
-    if micro_per_epoch < 1:
-        raise ConfigurationError(
-            f"The training set has {len(train_set)} blocks of {data_args.seq_len} tokens: fewer than one batch of "
-            f"{args.per_device_train_batch_size} x {world} processes. Use a smaller --seq_len or batch size, or more "
-            "data."
-        )
     steps_per_epoch = max(micro_per_epoch // args.gradient_accumulation_steps, 1)
     max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
     if profile_steps:
@@ -909,12 +944,17 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
     device = accelerator.device
     num_layers = len(layer_names)
     experts = config.n_routed_experts
-    # Window accumulators, summed on the device and read (one sync) at logging steps only.
+    # Window accumulators, summed on the device and read (one sync) at logging steps only; a resumed run continues
+    # the window its checkpoint cut, so that its next record averages the same steps as an uninterrupted run's.
     window = {
         "lm": torch.zeros((), device=device), "objective": torch.zeros((), device=device), "steps": 0,
         "maxvio": torch.zeros(num_layers, device=device), "load": torch.zeros(num_layers, experts, device=device),
         "start": time.perf_counter(), "first_step": state.global_step + 1,
     }
+    if state.open_window:
+        window.update({key: torch.tensor(value, device=device) if key in ("lm", "objective", "maxvio", "load")
+                       else value for key, value in state.open_window.items()})
+        state.open_window = None
     last_window_load, last_window_steps = None, None
     grad_norm = torch.zeros((), device=device)
 
@@ -1050,7 +1090,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
                 record_metrics(profile)
             window["start"] += time.perf_counter() - started  # nor is the summarising
         if args.save_steps > 0 and step % args.save_steps == 0:
+            if window["steps"]:
+                losses = accelerator.reduce(torch.stack([window["lm"], window["objective"]]), reduction="mean")
+                state.open_window = {"lm": losses[0].item(), "objective": losses[1].item(), "steps": window["steps"],
+                                     "maxvio": window["maxvio"].tolist(), "load": window["load"].tolist(),
+                                     "first_step": window["first_step"]}
             save_checkpoint(accelerator, state, output_dir, args.save_total_limit)
+            state.open_window = None
         if progress is not None:
             progress.update(1)
         if record or (args.save_steps > 0 and step % args.save_steps == 0):

@@ -262,14 +262,15 @@ def load_local_dataset(path: str, system_prompt: str | None = SYSTEM_PROMPT):
                          "or dataset folder.")
     columns = set(dataset.column_names)
     if "prompt" not in columns and "messages" not in columns and "text" not in columns and "question" in columns:
+        if "answer" in columns:  # numbers or text: one type for every row (and for mixing with generated tasks)
+            dataset = dataset.cast_column("answer", datasets.Value("string"))
+
         def convert(row):
-            answer = None if row.get("answer") is None else str(row["answer"])
+            answer = row.get("answer")
             reasoning = row.get("cot") or row.get("reasoning") or row.get("answer_cot") or ""
-            converted = {"prompt": make_prompt(row["question"], system_prompt)}
-            if answer is not None:
-                converted["completion"] = [{"role": "assistant", "content": format_completion(reasoning, answer)}]
-                converted["answer"] = answer
-            return converted
+            completion = None if answer is None else [
+                {"role": "assistant", "content": format_completion(reasoning, answer)}]
+            return {"prompt": make_prompt(row["question"], system_prompt), "completion": completion, "answer": answer}
 
         dataset = dataset.map(convert)
     return dataset
@@ -277,13 +278,16 @@ def load_local_dataset(path: str, system_prompt: str | None = SYSTEM_PROMPT):
 
 def build_datasets(tasks: str | Sequence[str], train_size: int, eval_size: int = 0, seed: int = 0,
                    system_prompt: str | None = SYSTEM_PROMPT, task_kwargs: dict | None = None,
-                   with_completion: bool = True, eval_tasks: str | Sequence[str] | None = None):
+                   with_completion: bool = True, eval_tasks: str | Sequence[str] | None = None,
+                   train_seed: int | None = None):
     """(train, eval) `datasets.Dataset`s: `train_size` and `eval_size` examples per generated task, shuffled with
     `seed`; the evaluation split uses another seed and excludes every training question. `task_kwargs` maps a task
     to its generator's settings (e.g. `{"countdown": {"max_numbers": 5}}`). A local path contributes its whole
     dataset to train (none to eval). `eval_tasks` (local paths) replaces the generated evaluation split, e.g. with
     files generated where reasoning-gym is installed. `eval` is None when there is no evaluation example.
-    `with_completion=False` drops the SFT targets (GRPO prompts)."""
+    `with_completion=False` drops the SFT targets (GRPO prompts). `train_seed` (default `seed`) generates the training
+    examples from another seed while the evaluation split stays `seed`'s (GRPO: prompts apart from SFT's examples,
+    scored on the same held-out problems)."""
     import datasets
 
     task_kwargs = task_kwargs or {}
@@ -291,14 +295,18 @@ def build_datasets(tasks: str | Sequence[str], train_size: int, eval_size: int =
     for task in parse_tasks(tasks):
         if task in TASKS:
             kwargs = task_kwargs.get(task, {})
-            rows = generate_task_examples(task, train_size, seed, system_prompt, **kwargs)
+            rows = generate_task_examples(task, train_size, seed if train_seed is None else train_seed, system_prompt,
+                                          **kwargs)
             seen = {_question_of(r) for r in rows}
             if eval_size and not eval_tasks:
                 eval_rows += generate_task_examples(task, eval_size, seed + EVAL_SEED_OFFSET, system_prompt,
                                                     exclude_questions=seen, **kwargs)
             generated += rows
         else:
-            train_parts.append(load_local_dataset(task, system_prompt))
+            part = load_local_dataset(task, system_prompt)
+            if with_completion and "completion" in part.column_names:  # SFT: only the rows with an answer
+                part = part.filter(lambda row: row["completion"] is not None)
+            train_parts.append(part)
     if generated:
         random.Random(seed).shuffle(generated)
         train_parts.insert(0, _to_dataset(generated))

@@ -60,21 +60,27 @@ def completion_text(completion) -> str:
 
 _TAG = re.compile(r"</?(?:think|answer)>")
 _FORMAT = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL)
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
 def is_well_formatted(text: str) -> bool:
     """Exactly `<think>...</think>` then `<answer>...</answer>` (non-empty), nothing but whitespace around them."""
-    match = _FORMAT.fullmatch(text)
-    if match is None or len(_TAG.findall(text)) != 4:
+    if len(_TAG.findall(text)) != 4:  # first: with four tags the match below runs in linear time
         return False
-    return bool(match.group(2).strip())
+    match = _FORMAT.fullmatch(text)
+    return match is not None and bool(match.group(2).strip())
 
 
 def extract_answer(text: str) -> str | None:
-    """The stripped content of the last `<answer>...</answer>` block, or None."""
-    answers = _ANSWER.findall(text)
-    return answers[-1].strip() if answers else None
+    """The stripped content of the last `<answer>...</answer>` block (blocks taken left to right, each ending at the
+    first closing tag after it), or None. Linear in the text, also with many unclosed tags."""
+    answer, start = None, text.find("<answer>")
+    while start >= 0:
+        end = text.find("</answer>", start + len("<answer>"))
+        if end < 0:
+            break
+        answer = text[start + len("<answer>"):end]
+        start = text.find("<answer>", end + len("</answer>"))
+    return None if answer is None else answer.strip()
 
 
 # ------------------------------------------------------------------------------------------------ safe arithmetic
@@ -294,8 +300,9 @@ def format_number(value: Fraction) -> str:
     if value.denominator == 1:
         return str(value.numerator)
     scaled = value * 10**6
-    if scaled.denominator == 1:
-        return f"{float(value):.6f}".rstrip("0").rstrip(".")
+    if scaled.denominator == 1:  # exact digits, not a float's (wrong above 2**53)
+        whole, millionths = divmod(abs(scaled.numerator), 10**6)
+        return f"{'-' if value < 0 else ''}{whole}.{millionths:06d}".rstrip("0")
     return f"{value.numerator}/{value.denominator}"
 
 
@@ -319,7 +326,10 @@ def parse_number(text) -> Fraction | None:
     if boxed:
         text = boxed.group(1).strip()
     text = text.rstrip(".").strip()
-    text = text.removeprefix("$").removesuffix("%").strip()
+    if text[:1] in ("−", "–"):  # a typographic minus
+        text = "-" + text[1:]
+    sign = text[:1] if text[:1] in "+-" else ""
+    text = sign + text[len(sign):].lstrip().removeprefix("$").removesuffix("%").strip()
     text = _THOUSANDS.sub("", text).replace(" ", "")
     if not _PLAIN_NUMBER.fullmatch(text) or sum(c.isdigit() for c in text) > MAX_LITERAL_DIGITS:
         return None
@@ -331,24 +341,33 @@ def parse_number(text) -> Fraction | None:
 
 
 def numbers_match(predicted: Fraction, reference: Fraction, rel_tol: float = 1e-6) -> bool:
+    """Exactly equal, or, for a reference that is not an integer (1/3), within a relative `rel_tol` (0.333333)."""
     if predicted == reference:
         return True
-    return abs(predicted - reference) <= rel_tol * max(abs(reference), 1)
+    return reference.denominator != 1 and abs(predicted - reference) <= rel_tol * max(abs(reference), 1)
 
 
 def _normalise_text(text: str) -> str:
     return re.sub(r"\s+", "", text).rstrip(".").lower()
 
 
+_POWER_TOWER = re.compile(r"(?:\^|\*\*)\s*[{(]?\s*[\w.]+\s*[})]?\s*(?:\^|\*\*)")
+MATH_VERIFY_TIMEOUT_S = 1  # math-verify's own default is 5 s per call
+
+
 def _math_verify_equal(predicted: str, reference: str) -> bool | None:
-    """math-verify's verdict when it is installed (LaTeX and symbolic answers), else None."""
+    """math-verify's verdict when it is installed (LaTeX and symbolic answers), else None. Power towers (`9^9^9`,
+    `10^{10^{10}}`) are refused before it sees them: it would spend its whole timeout on one."""
     try:
         from math_verify import parse, verify
     except ImportError:
         return None
+    if _POWER_TOWER.search(predicted):
+        return False
     try:
-        gold = parse(reference)
-        return bool(gold) and bool(verify(gold, parse(predicted)))
+        gold = parse(reference, parsing_timeout=MATH_VERIFY_TIMEOUT_S)
+        return bool(gold) and bool(verify(gold, parse(predicted, parsing_timeout=MATH_VERIFY_TIMEOUT_S),
+                                          timeout_seconds=MATH_VERIFY_TIMEOUT_S))
     except Exception:
         return False
 

@@ -44,6 +44,7 @@ tokenizer with its chat template, `trainer_state.json`, and with `--save_merged_
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -173,6 +174,13 @@ SFT_DEFAULTS = dict(
 def make_parser() -> TrlParser:
     parser = TrlParser((ReasoningDataArguments, SFTConfig, MoEModelConfig))
     parser.set_defaults(**SFT_DEFAULTS, **default_precision())
+    return add_config_option(parser)
+
+
+def add_config_option(parser: TrlParser) -> TrlParser:
+    """List TrlParser's `--config` in `--help` (TrlParser reads it before parsing, so this entry never parses)."""
+    parser.add_argument("--config", metavar="FILE.yaml", default=argparse.SUPPRESS,
+                        help="YAML file of option values (any flag above); flags on the command line override it.")
     return parser
 
 
@@ -372,7 +380,13 @@ class TimeLimitCallback(TrainerCallback):
 
 class LogHistoryCallback(TrainerCallback):
     """Appends every log record (with its step) to `output_dir/log_history.jsonl` as it is logged, so that a run
-    killed before `trainer_state.json` is written still leaves its curves."""
+    killed before `trainer_state.json` is written still leaves its curves. A run that does not resume starts the
+    file over."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        path = os.path.join(args.output_dir, "log_history.jsonl")
+        if state.is_world_process_zero and not args.resume_from_checkpoint and os.path.exists(path):
+            os.remove(path)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and state.log_history:
