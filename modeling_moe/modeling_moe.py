@@ -661,6 +661,15 @@ class MoEModel(MoEPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Also loads the base model of a DeepSeek-V2/V3 checkpoint (see `MoEForCausalLM.from_pretrained`)."""
+        from .deepseek_checkpoint import is_deepseek_checkpoint
+
+        if is_deepseek_checkpoint(pretrained_model_name_or_path):
+            return MoEForCausalLM.from_pretrained(pretrained_model_name_or_path, *args, **kwargs).model
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
     @can_return_tuple
     def forward(
         self,

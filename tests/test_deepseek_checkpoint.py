@@ -287,6 +287,16 @@ def saved_checkpoint(tmp_path):
     return path
 
 
+def test_base_model_loads_from_a_deepseek_checkpoint(saved_checkpoint):
+    from modeling_moe import MoEModel
+
+    full = MoEForCausalLM.from_pretrained(saved_checkpoint).eval()
+    base = MoEModel.from_pretrained(saved_checkpoint).eval()
+    assert type(base) is MoEModel
+    ids = torch.randint(3, 64, (2, 6))
+    torch.testing.assert_close(base(ids).last_hidden_state, full.model(ids).last_hidden_state)
+
+
 @pytest.mark.parametrize("key", [
     "model.layers.1.mlp.experts.3.up_proj.weight",
     "model.layers.2.self_attn.kv_b_proj.weight",
