@@ -51,8 +51,14 @@ from . import dispatch
 from .dispatch import interpreting
 from .reference import moe_experts_reference
 
-# Triton is optional (without it "fused" runs the PyTorch reference) and imported only when a kernel first runs.
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+# Triton is optional (without it "fused" runs the PyTorch reference); the kernels module is imported when a kernel
+# first runs.
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the environment
+    HAS_TRITON = False
 
 _kernels = None
 
@@ -729,7 +735,8 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj
               top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
     """Routed experts' output [T, H] in hidden_states' dtype (see the module docstring). Differentiable in
     hidden_states, both weights and top_k_weights. Triton on CUDA (or under TRITON_INTERPRET=1), else the reference."""
-    if not use_triton(hidden_states):
+    _check_fused_moe_inputs(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights)
+    if not use_triton(hidden_states) or gate_up_proj.dtype == torch.float64:  # the kernels accumulate in fp32
         return moe_experts_reference(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights)
     dtype = hidden_states.dtype
     x = hidden_states.to(gate_up_proj.dtype)
@@ -738,6 +745,25 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj
     gu, h, perm, inv, offsets = torch.ops.modeling_moe.fused_moe_gate_up(x, gate_up_proj, top_k_index, save)
     out = torch.ops.modeling_moe.fused_moe_down(gu, h, down, top_k_weights, perm, inv, offsets, dgrad_h_variant())
     return out.to(dtype)
+
+
+def _check_fused_moe_inputs(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights):
+    """Shapes and dtypes, from the tensors' metadata only (no device sync; expert ids are not range-checked)."""
+    if gate_up_proj.dim() != 3 or down_proj.dim() != 3:
+        raise ValueError(f"gate_up_proj must be [E, 2I, H] and down_proj [E, H, I], got {tuple(gate_up_proj.shape)} "
+                         f"and {tuple(down_proj.shape)}")
+    experts, two_inter, hidden = gate_up_proj.shape
+    if tuple(down_proj.shape) != (experts, hidden, two_inter // 2) or two_inter % 2:
+        raise ValueError(f"down_proj must be [E, H, I] = [{experts}, {hidden}, {two_inter // 2}] for gate_up_proj "
+                         f"{tuple(gate_up_proj.shape)}, got {tuple(down_proj.shape)}")
+    if hidden_states.dim() != 2 or hidden_states.shape[1] != hidden:
+        raise ValueError(f"hidden_states must be [tokens, {hidden}], got {tuple(hidden_states.shape)}")
+    expected = (hidden_states.shape[0], top_k_index.shape[-1] if top_k_index.dim() == 2 else -1)
+    if top_k_index.dim() != 2 or tuple(top_k_index.shape) != expected or tuple(top_k_weights.shape) != expected:
+        raise ValueError(f"top_k_index and top_k_weights must both be [tokens, k] with tokens = "
+                         f"{hidden_states.shape[0]}, got {tuple(top_k_index.shape)} and {tuple(top_k_weights.shape)}")
+    if top_k_index.dtype.is_floating_point or top_k_index.dtype == torch.bool:
+        raise ValueError(f"top_k_index must hold integer expert ids, got {top_k_index.dtype}")
 
 
 def fused_experts_forward(self, hidden_states, top_k_index, top_k_weights):

@@ -100,6 +100,9 @@ def cross_entropy_rows_(logits: torch.Tensor, targets: torch.Tensor, ignore_inde
         if grad is not None:
             logits.copy_(grad)
         return losses
+    targets = targets.contiguous()  # the kernel reads one target per row at unit stride
+    # A target outside the vocabulary would read another row's logit: checked on the device (no host sync).
+    torch._assert_async(((targets >= 0) & (targets < logits.shape[1]) | (targets == ignore_index)).all())
     losses = torch.empty(logits.shape[0], device=logits.device, dtype=torch.float32)
     if logits.shape[0]:
         block_v = min(triton.next_power_of_2(logits.shape[1]), 4096 if logits.is_cuda else 64)
@@ -148,9 +151,12 @@ class LinearCrossEntropySum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total):
+        if torch.is_grad_enabled():  # create_graph=True: the gradients come from the forward, a second derivative
+            raise RuntimeError("the chunked cross-entropy has no second derivative (its gradients are computed in "
+                               "the forward); for create_graph=True compute the loss on the whole logits")
         grad_hidden, grad_weight = ctx.saved_tensors
         if grad_hidden is not None:
-            grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
+            grad_hidden = grad_hidden * grad_total  # a 0-dim fp32 scale: applied in fp32, the result in hidden's dtype
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None, None, None
@@ -169,6 +175,8 @@ def chunked_causal_lm_loss(
     """transformers' `ForCausalLMLoss(hidden_states @ weight.T, labels, ...)` without the whole logits: position i
     predicts labels[i + 1] (or shift_labels[i]); the mean over counted tokens, or their sum / num_items_in_batch
     (gradient accumulation) when given. Other keyword arguments (a forward's attention kwargs) are ignored."""
+    if chunk_tokens is not None and (not isinstance(chunk_tokens, int) or chunk_tokens < 1):
+        raise ValueError(f"chunk_tokens must be a positive integer (or None: by the vocabulary), got {chunk_tokens!r}")
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])

@@ -11,9 +11,9 @@ sequence, shared by every head. The kernel reads each latent tile once for a blo
 heads x query tokens are the rows of one [BLOCK_H * BLOCK_S, r] x [r, BLOCK_N] product.
 
 Which keys a query sees:
-  * `cache_seqlens` [B] (default: T for all): keys at positions >= cache_seqlens[b] are never read (a preallocated
-    static cache is only filled up to there); the kernel splits the filled part of each sequence across the split
-    programs, from the device-side length (no host sync: CUDA-graph safe).
+  * `cache_seqlens` [B] (default: T for all; clamped to T): keys at positions >= cache_seqlens[b] are never read (a
+    preallocated static cache is only filled up to there); the kernel splits the filled part of each sequence across
+    the split programs, from the device-side length (no host sync: CUDA-graph safe).
   * `key_mask`, True = may attend:
       - None or [B, T] (padding of each sequence): the S query tokens are the last S filled positions,
         cache_seqlens[b] - S + i for token i, and are causal among themselves;
@@ -109,20 +109,23 @@ def key_mask_from_attention_mask(
 ) -> torch.Tensor | None:
     """A transformers attention mask -> the boolean key mask of this module ([B, T] or [B, S, T], True = attend).
 
-    4D masks [B or 1, 1, S or 1, >= T] (boolean, or additive with 0 for "attend" and a very negative value for
-    "masked", as create_causal_mask builds them) keep their only head and their first T keys; 2D / 3D masks keep
-    their first T keys. Broadcast batch / query dims are expanded; any mask is made boolean.
+    4D masks [B or 1, 1, S or 1, >= T] (boolean, or additive with 0 for "attend" and a negative value, -1e4 or
+    below, for "masked", as create_causal_mask builds them) keep their only head and their first T keys; 2D / 3D masks
+    (padding masks: 1 or True = attend, 0 = padding, any dtype) keep their first T keys. Broadcast batch / query dims
+    are expanded; any mask is made boolean.
     """
     if attention_mask is None:
         return None
     mask = attention_mask
+    additive = mask.dim() == 4 and mask.is_floating_point()
     if mask.dim() == 4:
         if mask.shape[1] != 1:
-            raise ValueError("a 4D attention mask must hold one mask for every head ([B, 1, S, T])")
+            raise ValueError(f"a 4D attention mask must hold one mask for every head ([B, 1, S, T]), got "
+                             f"{tuple(mask.shape)}")
         mask = mask[:, 0]
     mask = mask[..., :kv_len]
     if mask.dtype != torch.bool:
-        mask = mask > torch.finfo(mask.dtype).min / 2
+        mask = mask > -1 if additive else mask != 0
     if mask.dim() == 3:
         return mask.expand(batch, q_len, mask.shape[-1])
     return mask.expand(batch, mask.shape[-1])
@@ -144,7 +147,7 @@ def key_window(key_mask: torch.Tensor, cache_seqlens: torch.Tensor | None = None
     if cache_seqlens is None:
         seqlens = torch.where(any_query, positions + 1, 0).amax(dim=-1)
     else:
-        seqlens = cache_seqlens.to(torch.int32)
+        seqlens = cache_seqlens.to(torch.int32).clamp(max=kv_len)  # never past the keys there are
     visible = any_query & (positions < seqlens[:, None])
     first = torch.where(visible, positions, kv_len).amin(dim=-1)
     starts = torch.minimum(first, seqlens)
@@ -181,7 +184,7 @@ def mla_decode_reference(
     device = q_latent.device
     seqlens = (
         torch.full((batch,), kv_len, device=device, dtype=torch.long) if cache_seqlens is None
-        else cache_seqlens.to(device=device, dtype=torch.long)
+        else cache_seqlens.to(device=device, dtype=torch.long).clamp(max=kv_len)
     )
     keys = torch.arange(kv_len, device=device)
     allowed = (keys < seqlens[:, None])[:, None, :]  # [B, 1, T]
@@ -516,7 +519,7 @@ def mla_decode_triton(
     head_blocks = triton.cdiv(heads, config.block_h)
     if cache_seqlens is None:
         cache_seqlens = torch.full((batch,), kv_len, device=device, dtype=torch.int32)
-    cache_seqlens = cache_seqlens.to(device=device, dtype=torch.int32)
+    cache_seqlens = cache_seqlens.to(device=device, dtype=torch.int32).clamp(max=kv_len)  # never past the cache
     if key_mask is not None:
         mask = key_mask if key_mask.dim() == 3 else key_mask[:, None, :]
         mask_strides = (mask.stride(0), mask.stride(1) if key_mask.dim() == 3 else 0, mask.stride(2))

@@ -68,7 +68,7 @@ def down_and_combine(gate_up_sorted: torch.Tensor, down_proj: torch.Tensor, top_
               for expert, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])) if end > start]
     y_sorted = torch.cat(pieces, dim=0) if pieces else h.new_zeros(0, down_proj.shape[1])
     accumulate_dtype = torch.promote_types(gate_up_sorted.dtype, torch.float32)
-    y = y_sorted[inv].view(num_tokens, top_k, -1).to(accumulate_dtype)
+    y = y_sorted[inv].view(num_tokens, top_k, down_proj.shape[1]).to(accumulate_dtype)
     weights = top_k_weights.to(accumulate_dtype)
     out = y[:, 0] * weights[:, 0, None]
     for j in range(1, top_k):

@@ -547,6 +547,32 @@ def test_no_tokens(triton_path):
     assert out.shape == (0, 16)
 
 
+def test_no_tokens_on_the_reference_path(monkeypatch):
+    monkeypatch.setenv("MOE_FUSED_REFERENCE", "1")
+    x, gate_up, down, index, weights = make_case(0, 16, 16, 4, 2)
+    assert fused_moe(x, gate_up, down, index, weights).shape == (0, 16)
+
+
+@needs_triton
+def test_float64_goes_to_the_reference(triton_path):
+    """The kernels accumulate in fp32: float64 inputs take the float64 reference (on the Triton path too)."""
+    case = [t.double() if t.is_floating_point() else t for t in make_case(9, 24, 16, 5, 2, device=triton_path)]
+    expected = moe_experts_reference(*(t.cpu() for t in case))
+    torch.testing.assert_close(fused_moe(*case).cpu(), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: (c[0][:, :-1], *c[1:]), "hidden_states must be"),
+    (lambda c: (c[0], c[1], c[2][:, :, :-1], *c[3:]), "down_proj must be"),
+    (lambda c: (*c[:3], c[3][:, :1], c[4]), "top_k_index and top_k_weights"),
+    (lambda c: (*c[:3], c[3][:-1], c[4][:-1]), "top_k_index and top_k_weights"),
+    (lambda c: (*c[:3], c[3].float(), c[4]), "integer expert ids"),
+])
+def test_fused_moe_names_the_argument_that_does_not_fit(change, message):
+    with pytest.raises(ValueError, match=message):
+        fused_moe(*change(make_case(6, 16, 8, 4, 2)))
+
+
 @needs_triton
 def test_deterministic_and_inference_path(triton_path):
     case = make_case(20, 48, 40, 6, 3, seed=7, device=triton_path)

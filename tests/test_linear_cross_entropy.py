@@ -126,6 +126,14 @@ def test_row_kernel_no_rows_and_bad_layouts(triton_device):
                                                                                     device=triton_device)).numel() == 0
     with pytest.raises(ValueError, match="contiguous rows"):
         cross_entropy_rows_(torch.zeros(5, 4).t(), torch.zeros(4, dtype=torch.long))
+    logits = torch.randn(4, 10, generator=torch.Generator().manual_seed(0))
+    strided = torch.tensor([1, 0, 9, 0, 3, 0, 7, 0])[::2]  # targets at stride 2
+    expected, _ = row_math(logits, strided.contiguous())
+    got = cross_entropy_rows_(logits.to(triton_device, copy=True), strided.to(triton_device), with_grad=False)
+    torch.testing.assert_close(got.double().cpu(), expected, rtol=1e-5, atol=1e-6)
+    for outside in (10, -1):  # not a column, and not ignore_index: never another row's logit
+        with pytest.raises(RuntimeError):
+            cross_entropy_rows_(logits.to(triton_device, copy=True), torch.tensor([1, outside, 2, 3], device=triton_device))
 
 
 def test_chunked_loss_through_the_kernel(triton_device):
@@ -143,6 +151,13 @@ def test_errors_and_chunk_size():
     hidden, weight, labels = inputs()
     with pytest.raises(ValueError, match="targets for"):
         chunked_causal_lm_loss(hidden, weight, labels[:, :5])
+    for bad in (0, -4, 2.5):
+        with pytest.raises(ValueError, match="chunk_tokens"):
+            chunked_causal_lm_loss(hidden, weight, labels, chunk_tokens=bad)
+    hidden = hidden.clone().requires_grad_()
+    loss = chunked_causal_lm_loss(hidden, weight, labels) + 0.5 * hidden.square().sum()
+    with pytest.raises(RuntimeError, match="no second derivative"):  # the gradients come from the forward
+        torch.autograd.grad(loss, hidden, create_graph=True)
     assert default_chunk_tokens(32000) == 2048 and default_chunk_tokens(129280) == 512
     assert default_chunk_tokens(50) == 8192 and default_chunk_tokens(10**8) == 256
 

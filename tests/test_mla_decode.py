@@ -89,10 +89,14 @@ def test_fully_masked_queries_give_zeros_not_nan():
 
 def test_transformers_masks_become_key_masks():
     allowed = torch.rand(2, 1, 3, 10) > 0.4  # [B, 1, S, T + extra]
-    additive = torch.zeros(2, 1, 3, 10).masked_fill(~allowed, torch.finfo(torch.float32).min)
-    for mask in (allowed, additive):
+    additive = [torch.zeros(2, 1, 3, 10).masked_fill(~allowed, value) for value in
+                (torch.finfo(torch.float32).min, float("-inf"), -1e9, -1e4)]
+    for mask in (allowed, allowed.long(), *additive):
         key_mask = key_mask_from_attention_mask(mask, batch=2, q_len=3, kv_len=8)
         assert key_mask.dtype == torch.bool and key_mask.tolist() == allowed[:, 0, :, :8].tolist()
+    padding = allowed[:, 0, 0]  # 2D padding masks: 1 = attend in any dtype
+    for mask in (padding, padding.long(), padding.float()):
+        assert key_mask_from_attention_mask(mask, batch=2, q_len=3, kv_len=10).tolist() == padding.tolist()
     broadcast = key_mask_from_attention_mask(allowed[:1, :, -1:], batch=2, q_len=3, kv_len=10)
     assert broadcast.shape == (2, 3, 10) and broadcast[1, 2].tolist() == allowed[0, 0, -1].tolist()
     assert key_mask_from_attention_mask(allowed[:, 0, 0], batch=2, q_len=3, kv_len=10).shape == (2, 10)
@@ -171,6 +175,18 @@ def test_triton_many_head_tiles_split_sequences_by_their_masks(triton_device):
                                 key_mask=key_mask.to(triton_device), num_splits=num_splits, block_h=64, block_n=16,
                                 num_warps=1 if triton_device == "cpu" else 8, num_stages=1)
         torch.testing.assert_close(got.double().cpu(), expected, rtol=1e-4, atol=1e-5, msg=f"{num_splits} splits")
+
+
+def test_filled_lengths_beyond_the_cache_are_clamped(triton_device):
+    """cache_seqlens larger than the cache reads the whole cache, never past it (kernel and reference alike)."""
+    q_latent, q_rope, latent, k_rope = random_inputs(2, 4, 1, 16, 8, 12, device=triton_device)
+    on = dict(device=triton_device, dtype=torch.int32)
+    expected = math_reference(q_latent, q_rope, latent[:, :6], k_rope[:, :6], 0.3)
+    window = (latent[:, :6], k_rope[:, :6])  # a view of the first 6 keys of a larger buffer
+    for decode in (mla_decode_triton, mla_decode_reference):
+        got = decode(q_latent, q_rope, *window, 0.3, cache_seqlens=torch.tensor([9, 6], **on), num_splits=2) \
+            if decode is mla_decode_triton else decode(q_latent, q_rope, *window, 0.3, torch.tensor([9, 6], **on))
+        torch.testing.assert_close(got.double().cpu(), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_triton_heads_beyond_one_block_and_odd_sizes(triton_device):
