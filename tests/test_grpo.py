@@ -189,6 +189,8 @@ def test_trl_accuracy_rewards_read_the_answer_column():
     assert reward.__name__ == "reasoning_accuracy_reward"  # the name TRL logs it under
     completions = [[{"role": "assistant", "content": f"<think>x</think>\\boxed{{{n}}}"}] for n in (3, 4)]
     assert reward(completions, answer=["3", "3"]) == [1.0, 0.0]
+    by_path = grpo.resolve_reward_func("trl.rewards.accuracy_reward")  # a dotted path gets the same column
+    assert by_path(completions, answer=["3", "3"]) == [1.0, 0.0]
 
 
 def test_help_lists_the_config_file_option(capsys):

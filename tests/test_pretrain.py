@@ -343,10 +343,14 @@ def test_max_train_seconds_stops_early_then_evaluates_and_saves(tmp_path, data_c
 def test_torch_compile_gives_the_same_losses(tmp_path, data_cache):
     """--torch_compile (accelerate's regional compilation of the decoder layers; aot_eager here, inductor on a GPU)
     trains as the eager model does: same losses and expert loads."""
-    flags = ["--max_steps", "3", "--eval_steps", "0", "--save_steps", "0", "--save_final_model", "false"]
+    flags = ["--max_steps", "3", "--eval_steps", "0", "--save_steps", "0"]
     run(tmp_path / "eager", data_cache, *flags)
     run(tmp_path / "compiled", data_cache, *flags, "--torch_compile", "--torch_compile_backend", "aot_eager")
     eager, compiled = read_metrics(tmp_path / "eager"), read_metrics(tmp_path / "compiled")
+    from safetensors.torch import load_file  # the compiled run's model saves under the plain names
+
+    expected, got = load_file(tmp_path / "eager" / "model.safetensors"), load_file(tmp_path / "compiled" / "model.safetensors")
+    assert expected.keys() == got.keys()
     assert [r["step"] for r in compiled] == [r["step"] for r in eager] == [1, 2, 3]
     for a, b in zip(eager, compiled):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a["step"], a["loss"], b["loss"])

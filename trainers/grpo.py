@@ -137,14 +137,15 @@ def resolve_reward_func(name: str, max_completion_length: int | None = None):
         return trl_rewards.get_soft_overlong_punishment(max_completion_len=length, soft_punish_cache=length // 4)
     if hasattr(trl_rewards, name):
         func = getattr(trl_rewards, name)
-        return with_solution_from_answer(func) if "solution" in inspect.signature(func).parameters else func
-    if "." in name:
+    elif "." in name:
         module_path, attribute = name.rsplit(".", 1)
         if os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())
-        return getattr(importlib.import_module(module_path), attribute)
-    raise ValueError(f"Unknown reward function {name!r}: use one of {', '.join(REWARD_FUNCS)}, a TRL reward "
-                     "(think_format_reward, reasoning_accuracy_reward, ...) or a dotted import path.")
+        func = getattr(importlib.import_module(module_path), attribute)
+    else:
+        raise ValueError(f"Unknown reward function {name!r}: use one of {', '.join(REWARD_FUNCS)}, a TRL reward "
+                         "(think_format_reward, reasoning_accuracy_reward, ...) or a dotted import path.")
+    return with_solution_from_answer(func) if "solution" in inspect.signature(func).parameters else func
 
 
 def use_cuda_graph_rollouts(trainer: GRPOTrainer):
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None):
     tokenizer.padding_side = "left"
     train_dataset, eval_dataset = build_datasets(
         data_args.task, data_args.train_size, data_args.eval_size, seed=data_args.task_seed,
-        train_seed=data_args.task_seed + RL_SEED_OFFSET,  # prompts apart from SFT's examples; the same held-out set
+        train_seed=data_args.task_seed + RL_SEED_OFFSET,  # prompts apart from SFT's examples of the same task_seed
         system_prompt=data_args.system_prompt, task_kwargs=parse_task_kwargs(data_args), with_completion=False,
         eval_tasks=data_args.eval_task,
     )

@@ -1201,6 +1201,8 @@ def save_final_model(config, state_dict: dict, output_dir: str):
 
     with torch.device("meta"):
         plain = AutoModelForCausalLM.from_config(config)
+    # --torch_compile wraps modules in torch.compile's OptimizedModule: their keys gain an `_orig_mod.` level
+    state_dict = {key.replace("._orig_mod.", "."): value for key, value in state_dict.items()}
     plain.load_state_dict(state_dict, strict=True, assign=True)
     plain.save_pretrained(output_dir)
 

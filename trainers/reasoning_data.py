@@ -286,8 +286,8 @@ def build_datasets(tasks: str | Sequence[str], train_size: int, eval_size: int =
     dataset to train (none to eval). `eval_tasks` (local paths) replaces the generated evaluation split, e.g. with
     files generated where reasoning-gym is installed. `eval` is None when there is no evaluation example.
     `with_completion=False` drops the SFT targets (GRPO prompts). `train_seed` (default `seed`) generates the training
-    examples from another seed while the evaluation split stays `seed`'s (GRPO: prompts apart from SFT's examples,
-    scored on the same held-out problems)."""
+    examples from another seed while the evaluation split is drawn from `seed`'s (GRPO: prompts apart from SFT's
+    examples; the held-out problems exclude the prompts, so in a small task space they can differ from SFT's)."""
     import datasets
 
     task_kwargs = task_kwargs or {}
