@@ -143,17 +143,24 @@ def key_window(key_mask: torch.Tensor, cache_seqlens: torch.Tensor | None = None
     """
     any_query = key_mask if key_mask.dim() == 2 else key_mask.any(dim=1)
     kv_len = any_query.shape[-1]
-    positions = torch.arange(kv_len, device=any_query.device, dtype=torch.int32)
+    # In int64, the type of `kv_len`: when it is a symbolic size under torch.compile (generate's decode step after a
+    # recompile), inductor's Triton reductions mixing it with int32 values fail to compile (torch 2.11: "Loop-carried
+    # variable ... int32 ... int64").
+    positions = torch.arange(kv_len, device=any_query.device, dtype=torch.long)
     if cache_seqlens is None:
+        # 1 + the last visible key: every visible key lies below it, so `visible` is the mask itself and the three
+        # reductions (last, first, count) read the mask in one pass.
         seqlens = torch.where(any_query, positions + 1, 0).amax(dim=-1)
+        visible = any_query
     else:
-        seqlens = cache_seqlens.to(torch.int32).clamp(max=kv_len)  # never past the keys there are
-    visible = any_query & (positions < seqlens[:, None])
+        seqlens = cache_seqlens.to(torch.long).clamp(max=kv_len)  # never past the keys there are
+        visible = any_query & (positions < seqlens[:, None])
     first = torch.where(visible, positions, kv_len).amin(dim=-1)
     starts = torch.minimum(first, seqlens)
-    mask_needed = visible.sum(dim=-1, dtype=torch.int32) != seqlens - starts
+    mask_needed = visible.sum(dim=-1) != seqlens - starts
     if key_mask.dim() == 3 and key_mask.shape[1] > 1:
         mask_needed = torch.ones_like(mask_needed)
+    seqlens, starts = seqlens.to(torch.int32), starts.to(torch.int32)
     return seqlens, starts, mask_needed
 
 
@@ -228,7 +235,7 @@ def _define_kernels():
         stride_mb, stride_ms, stride_mt,
         stride_ob, stride_oh, stride_os, stride_osplit, stride_or,
         stride_lb, stride_lh, stride_ls, stride_lsplit,
-        H, S, R, DR, qk_scale,
+        H, S, R, DR, T, qk_scale,
         HAS_MASK: tl.constexpr, SEQUENCES: tl.constexpr, CAUSAL: tl.constexpr, NUM_SPLITS: tl.constexpr,
         DIRECT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr, VALUE_BLOCKS: tl.constexpr, PRECISION: tl.constexpr,
@@ -273,7 +280,7 @@ def _define_kernels():
             mask=row_ok[:, None] & d_ok[None, :], other=0.0,
         )
 
-        seqlen = tl.load(SEQLENS + b).to(tl.int32)
+        seqlen = tl.minimum(tl.load(SEQLENS + b).to(tl.int32), T)  # never past the cache (no clamp launch)
         last_key = seqlen - S + token  # each query token's own position (used when CAUSAL)
         # The keys this sequence may see lie in [first, seqlen) (a left-padded prompt starts later); this split's
         # share of them, in whole blocks; trailing splits may get nothing.
@@ -519,7 +526,7 @@ def mla_decode_triton(
     head_blocks = triton.cdiv(heads, config.block_h)
     if cache_seqlens is None:
         cache_seqlens = torch.full((batch,), kv_len, device=device, dtype=torch.int32)
-    cache_seqlens = cache_seqlens.to(device=device, dtype=torch.int32).clamp(max=kv_len)  # never past the cache
+    cache_seqlens = cache_seqlens.to(device=device, dtype=torch.int32)  # clamped to the cache in the kernel
     if key_mask is not None:
         mask = key_mask if key_mask.dim() == 3 else key_mask[:, None, :]
         mask_strides = (mask.stride(0), mask.stride(1) if key_mask.dim() == 3 else 0, mask.stride(2))
@@ -544,7 +551,7 @@ def mla_decode_triton(
             q_latent, q_rope, latent, k_rope, mask, cache_seqlens, key_starts, mask_needed, partial, lse,
             *q_latent.stride(), *q_rope.stride(), *latent.stride(), *k_rope.stride(), *mask_strides,
             *partial.stride(), *lse.stride(),
-            heads, q_len, rank, rope, softmax_scale * 1.4426950408889634,  # log2(e): the kernel uses exp2
+            heads, q_len, rank, rope, kv_len, softmax_scale * 1.4426950408889634,  # log2(e): the kernel uses exp2
             HAS_MASK=has_mask, SEQUENCES=sequences, CAUSAL=key_mask is None or key_mask.dim() == 2,
             NUM_SPLITS=splits, DIRECT=splits == 1,
             BLOCK_H=config.block_h, BLOCK_S=config.block_s, BLOCK_M=config.block_h * config.block_s,
