@@ -393,3 +393,26 @@ def test_gain_is_paired_when_each_problems_outcome_is_recorded(tmp_path):
     assert row["grpo_gain_se"] == pytest.approx(math.sqrt((10 * 0.9 ** 2 + 90 * 0.1 ** 2) / 99 / 100))
     assert row["measurably_higher"] is True
     assert "+10.0% (± 6.0%, paired)" in "\n".join(driver.accuracy_table([row]))
+
+
+def test_sft_eval_samples_sets_the_sft_stages_evaluation(tmp_path, capsys):
+    """--sft_eval_samples: how many held-out problems the SFT stage evaluates (0: none; the GRPO runs still evaluate
+    every --eval_samples); negative counts are refused by name."""
+    argv = ["--output_dir", str(tmp_path / "out"), "--work_dir", str(tmp_path / "work"),
+            "--data_dir", str(tmp_path / "data"), "--list", "--stages", "sft,grpo",
+            "--eval_samples", "4000"]
+    write_manifest(driver.parse_args(argv), {"gsm": 167, "countdown": 66, "arithmetic": 58})
+
+    def flag(stage: str, extra: list[str]) -> str:
+        assert driver.main(argv + extra) == 0
+        line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith(stage))
+        words = shlex.split(line.split(": ", 1)[1])
+        return words[words.index("--accuracy_eval_samples") + 1]
+
+    assert flag("sft", []) == "8000"  # every held-out problem of both GRPO tasks
+    assert flag("sft", ["--sft_eval_samples", "0"]) == "0"
+    assert flag("grpo-gsm", ["--sft_eval_samples", "0"]) == "4000"
+    with pytest.raises(SystemExit):
+        driver.parse_args(argv + ["--sft_eval_samples", "-1"])
+    assert "--sft_eval_samples must be >= 0" in capsys.readouterr().err
+

@@ -955,6 +955,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
         window.update({key: torch.tensor(value, device=device) if key in ("lm", "objective", "maxvio", "load")
                        else value for key, value in state.open_window.items()})
         state.open_window = None
+
+    def window_losses() -> torch.Tensor:
+        """The window's summed [lm, objective] losses, averaged over the data-parallel ranks."""
+        return accelerator.reduce(torch.stack([window["lm"], window["objective"]]), reduction="mean")
+
     last_window_load, last_window_steps = None, None
     grad_norm = torch.zeros((), device=device)
 
@@ -1035,8 +1040,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
 
         record = {}
         if step % args.logging_steps == 0 or step == max_steps or out_of_time:
-            losses = accelerator.reduce(torch.stack([window["lm"], window["objective"]]), reduction="mean")
-            losses = (losses / window["steps"]).tolist()
+            losses = (window_losses() / window["steps"]).tolist()
             elapsed = max(time.perf_counter() - window["start"], 1e-9)
             tokens_per_second = window["steps"] * tokens_per_step / elapsed
             maxvio = (window["maxvio"] / window["steps"]).tolist()
@@ -1091,7 +1095,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
             window["start"] += time.perf_counter() - started  # nor is the summarising
         if args.save_steps > 0 and step % args.save_steps == 0:
             if window["steps"]:
-                losses = accelerator.reduce(torch.stack([window["lm"], window["objective"]]), reduction="mean")
+                losses = window_losses()
                 state.open_window = {"lm": losses[0].item(), "objective": losses[1].item(), "steps": window["steps"],
                                      "maxvio": window["maxvio"].tolist(), "load": window["load"].tolist(),
                                      "first_step": window["first_step"]}
