@@ -20,6 +20,10 @@ class MoEStaticLayer(StaticLayer):
     bool and without reading its device-side length, whether it holds tokens: the MLA attention picks its code path
     (expanded prefill, absorbed decode) from it, so that choice never syncs with the device nor breaks a graph."""
 
+    # `crop` (below) rolls the cache back exactly, so generate()'s deferred stop check may run with a cache that it
+    # returns. transformers' StaticLayer says so itself from 5.24 on; 5.17's neither crops nor says it.
+    is_croppable = True
+
     def __init__(self, max_cache_len: int, num_heads: int | None = None, key_dim: int | None = None,
                  value_dim: int | None = None, **kwargs):
         super().__init__(max_cache_len=max_cache_len)
@@ -50,7 +54,8 @@ class MoEStaticLayer(StaticLayer):
         moving the device-side length back: the next update overwrites them and the mask hides them meanwhile."""
         if tokens_to_remove > 0:
             raise ValueError("a static cache layer is cropped with a negative count: the number of tokens to remove")
-        self.cumulative_length.sub_(-tokens_to_remove)
+        if tokens_to_remove:  # crop(0), which the deferred stop check calls every step, launches nothing
+            self.cumulative_length.sub_(-tokens_to_remove)
 
     def bytes_per_token(self) -> int:
         """Bytes this layer stores per cached token (0 before its buffers exist)."""

@@ -997,13 +997,15 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
 
     def generate(self, *args, **kwargs):
         """transformers' `generate`, always in eval mode (the training flag is restored after): generated tokens are
-        never counted as expert load (RL trainers such as TRL's GRPO generate with the model in training mode)."""
-        was_training = self.training
+        never counted as expert load (RL trainers such as TRL's GRPO generate with the model in training mode).
+        Each submodule's own flag is restored, so submodules kept in eval mode inside a training model stay so."""
+        modes = [(module, module.training) for module in self.modules()]
         self.eval()
         try:
             return super().generate(*args, **kwargs)
         finally:
-            self.train(was_training)
+            for module, training in modes:
+                module.training = training
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):

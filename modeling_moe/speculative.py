@@ -42,6 +42,11 @@ def _check(model, input_ids, generation_config, model_kwargs):
     mask = model_kwargs.get("attention_mask")
     if mask is not None and not bool(mask.all()):
         raise ValueError("mtp_speculative_decoding takes an unpadded prompt (attention_mask all ones).")
+    cache = model_kwargs.get(CACHE_FIELD)
+    if cache is not None and (cache.has_cached_tokens(0) if isinstance(cache, MoEStaticCache)
+                              else int(cache.get_seq_length()) > 0):
+        raise ValueError("mtp_speculative_decoding starts from an empty cache: the MTP drafter needs the main model's "
+                         "hidden states over the whole prompt. Pass the full prompt without a filled cache.")
 
 
 def _verify(model, tokens, positions, cache):
@@ -83,7 +88,9 @@ class _MainModel:
 
     def __call__(self, tokens: torch.Tensor, start: int):
         positions = torch.arange(start, start + tokens.shape[1], device=tokens.device).unsqueeze(0)
-        forward = self.step if tokens.shape[1] == 2 else _verify
+        # The prompt pass (start 0) runs eagerly whatever its length: a compiled prefill would allocate the static
+        # cache's buffers inside the compiled region (and a two-token prompt would share the verification's graph).
+        forward = self.step if tokens.shape[1] == 2 and start > 0 else _verify
         return _copied_out(forward(self.model, tokens, positions, self.cache), forward, _verify)
 
 
@@ -139,11 +146,19 @@ def mtp_speculative_decoding(model, input_ids, logits_processor, stopping_criter
     else:
         main, drafter = _MainModel(model, cache), _Drafter(model, cache)
     sequence = input_ids
+    record = generation_config.return_dict_in_generate
+    all_scores = () if record and generation_config.output_scores else None
+    all_logits = () if record and generation_config.output_logits else None
 
     def keep(logits: torch.Tensor) -> bool:
         """Append the processed argmax of `logits` [1, vocab]; whether generation must stop."""
-        nonlocal sequence
-        scores = logits_processor(sequence, logits.float())
+        nonlocal sequence, all_scores, all_logits
+        logits = logits.float()
+        if all_logits is not None:
+            all_logits += (logits.clone(),)
+        scores = logits_processor(sequence, logits)
+        if all_scores is not None:
+            all_scores += (scores,)
         sequence = torch.cat([sequence, scores.argmax(dim=-1, keepdim=True)], dim=-1)
         if streamer is not None:
             streamer.put(sequence[:, -1:].cpu())
@@ -167,7 +182,8 @@ def mtp_speculative_decoding(model, input_ids, logits_processor, stopping_criter
         hidden, logits = main(torch.cat([sequence[:, -1:], draft], dim=-1), start)
         forwards += 1
         finished = keep(logits[:, 0])
-        if finished:
+        if finished:  # the draft's entry is beyond the kept tokens: dropped, so a returned cache holds them only
+            main.cache.crop(-1)
             break
         if sequence[0, -1] == draft[0, 0]:  # the draft is the main model's own choice: keep the next one too
             accepted += 1
@@ -182,7 +198,9 @@ def mtp_speculative_decoding(model, input_ids, logits_processor, stopping_criter
         streamer.end()
     if not generation_config.return_dict_in_generate:
         return sequence
-    output = GenerateDecoderOnlyOutput(sequences=sequence)
+    # As transformers' loop: the cache holds every token but the last; scores / logits one entry per new token.
+    output = GenerateDecoderOnlyOutput(sequences=sequence, scores=all_scores, logits=all_logits,
+                                       **{CACHE_FIELD: cache if generation_config.use_cache else None})
     output.generation_stats = dict(forwards=forwards, drafts=forwards - 1, accepted=accepted,
                                    new_tokens=sequence.shape[1] - prompt_len)
     return output

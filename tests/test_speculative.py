@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from transformers import CompileConfig
+from transformers import CompileConfig, DynamicCache
 
-from modeling_moe import mtp_speculative_decoding
+from modeling_moe import mtp_speculative_decoding, speculative
 from modeling_moe.cache_moe import MoEStaticCache
+from modeling_moe.modeling_moe import CACHE_FIELD
 
 from .helpers import seeded_model, small_config
 
@@ -115,3 +116,62 @@ def test_unsupported_uses_are_clear_errors(case, message):
         kwargs["attention_mask"] = torch.ones_like(ids).index_fill_(1, torch.tensor([0]), 0)
     with pytest.raises(ValueError, match=message):
         model.generate(ids, **kwargs)
+
+
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_return_dict_has_the_scores_logits_and_cache_of_greedy(cache_implementation):
+    """output_scores / output_logits give one entry per new token, as plain greedy does (they were None), and the
+    returned cache holds every token but the last, also when the loop ends on a verification's first token."""
+    model, ids = drafting_model(), prompt(seed=2)
+    kwargs = dict(max_new_tokens=12, do_sample=False, return_dict_in_generate=True, output_scores=True,
+                  output_logits=True, cache_implementation=cache_implementation)
+    for new_tokens in (12, 13):  # one of the two ends on a verification's first token
+        kwargs["max_new_tokens"] = new_tokens
+        expected = model.generate(ids, **kwargs)
+        out = model.generate(ids, custom_generate=mtp_speculative_decoding, **kwargs)
+        assert torch.equal(out.sequences, expected.sequences)
+        for name in ("scores", "logits"):
+            got, want = getattr(out, name), getattr(expected, name)
+            assert got is not None and len(got) == len(want) == new_tokens
+            torch.testing.assert_close(torch.stack(got), torch.stack(want), rtol=1e-4, atol=1e-4)
+        assert int(getattr(out, CACHE_FIELD).get_seq_length()) == out.sequences.shape[1] - 1
+
+
+def test_a_filled_cache_is_a_clear_error():
+    """A cache that already holds the prompt's start (prompt caching, a second turn) was extended from position 0,
+    silently giving other tokens than greedy."""
+    model, ids = drafting_model(), prompt(seed=2)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids[:, :5], use_cache=True, **{CACHE_FIELD: cache})
+    with pytest.raises(ValueError, match="empty cache"):
+        model.generate(ids, max_new_tokens=6, do_sample=False, custom_generate=mtp_speculative_decoding,
+                       **{CACHE_FIELD: cache})
+
+
+def test_a_two_token_prompt_is_prefilled_eagerly(monkeypatch):
+    """The compiled verification step takes two tokens: a two-token prompt's prefill must not go through it (it
+    would allocate the static cache inside the compiled region, CUDA graphs' memory pool on a GPU)."""
+    model = drafting_model()
+    model.set_experts_implementation("grouped_mm")
+    ids = prompt(length=2, seed=2)
+    kwargs = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    expected = model.generate(ids, **kwargs)
+    compile_config = CompileConfig(backend="eager", fullgraph=True, mode=None)
+    compile_config._compile_all_devices = True
+    starts = []
+    compiled = speculative._compiled_steps
+
+    def recording_steps(model, config):
+        verify, draft = compiled(model, config)
+
+        def step(model, tokens, positions, cache):
+            starts.append(int(positions[0, 0]))
+            return verify(model, tokens, positions, cache)
+        return step, draft
+
+    monkeypatch.setattr(speculative, "_compiled_steps", recording_steps)
+    out = model.generate(ids, custom_generate=mtp_speculative_decoding, cache_implementation="static",
+                         compile_config=compile_config, **kwargs)
+    assert torch.equal(out, expected)
+    assert starts and 0 not in starts

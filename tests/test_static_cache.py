@@ -286,3 +286,43 @@ def test_gpu_decode_step_captured_in_a_cuda_graph_matches_eager():
             graph.replay()
             captured.append(logits.clone())
     torch.testing.assert_close(torch.cat(captured, 1), torch.cat(eager, 1), rtol=1e-4, atol=1e-4)
+
+
+def test_deferred_stop_check_with_a_returned_static_cache(monkeypatch):
+    """return_dict_in_generate returns the cache: transformers defers the stop check then only for a croppable cache.
+    MoEStaticCache is croppable on every transformers (5.17's StaticLayer is not), the tokens and the returned cache's
+    length are those of the synchronous loop, and the per-step crop(0) launches nothing."""
+    model = seeded_model(small_config(), dtype=torch.float32)
+    ids, mask = left_padded(PROMPTS)
+    kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0,
+                  cache_implementation="static", return_dict_in_generate=True)
+    free = model.generate(ids, **kwargs).sequences[:, ids.shape[1]:]
+    eos = [int(free[r, 2 + r]) for r in range(len(PROMPTS))]
+    assert MoEStaticCache(small_config(), max_cache_len=8).is_croppable
+    model.defer_stop_check = False
+    reference = model.generate(ids, eos_token_id=eos, **kwargs)
+    reference_length = int(cache_of(reference).get_seq_length())  # (the next call reuses this cache)
+    monkeypatch.setattr(modeling_moe, "DEFERRED_STOP_DEVICES", ("cuda", "mps", "cpu"))
+    monkeypatch.setattr(torch, "Event", HostEvent)
+    HostEvent.waits = 0
+    launches = []  # in-place subtractions: the cache layers' crops that move their length back
+    sub = torch.Tensor.sub_
+    monkeypatch.setattr(torch.Tensor, "sub_", lambda self, *a, **k: (launches.append(a), sub(self, *a, **k))[1])
+    model.defer_stop_check = True
+    deferred = model.generate(ids, eos_token_id=eos, **kwargs)
+    monkeypatch.undo()
+    assert HostEvent.waits > 0  # the deferred check ran
+    assert deferred.sequences.tolist() == reference.sequences.tolist()
+    assert int(cache_of(deferred).get_seq_length()) == reference_length == deferred.sequences.shape[1] - 1
+    assert len(launches) <= len(cache_of(deferred).layers)  # the final crop(-1) alone, not one per step and layer
+
+
+def test_generate_restores_each_submodule_mode():
+    """generate() runs in eval mode and restores the training flags after: each submodule's own, not train() on all."""
+    model = seeded_model(small_config(), dtype=torch.float32)
+    model.train()
+    model.model.embed_tokens.eval()
+    model.model.layers[0].eval()
+    modes = {name: module.training for name, module in model.named_modules()}
+    model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, do_sample=False)
+    assert {name: module.training for name, module in model.named_modules()} == modes
