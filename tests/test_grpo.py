@@ -200,3 +200,26 @@ def test_help_lists_the_config_file_option(capsys):
         assert "--config FILE.yaml" in capsys.readouterr().out
     data_args, _, _ = grpo.make_parser().parse_args_and_config(args=["--output_dir", "x"])  # still three dataclasses
     assert not hasattr(data_args, "config")
+
+
+def test_merged_rollout_copy_takes_the_trained_modules_to_save(tiny_dir):
+    """`--lora_modules_to_save`: the copy holds the adapter's trained copy of the module (not the frozen original),
+    and follows its updates."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from modeling_moe.trainers.rollout import MergedRolloutModel
+    from modeling_moe.trainers.sft import MoEModelConfig, moe_lora_config
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    config = moe_lora_config(model, MoEModelConfig(use_peft=True, lora_modules_to_save=["embed_tokens"]))
+    policy = get_peft_model(model, config).eval()
+    rollout = MergedRolloutModel(policy)
+    ids = torch.randint(3, 500, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "modules_to_save" in name or "lora_B" in name:  # an optimizer step
+                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(2)) * 0.05)
+        rollout.sync()
+        torch.testing.assert_close(rollout.model(input_ids=ids).logits, policy(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)

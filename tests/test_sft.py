@@ -422,3 +422,90 @@ def test_log_history_starts_over_unless_resuming(tmp_path):
         callback.on_train_begin(args, state, None)
         callback.on_log(args, state, None)
         assert len(path.read_text().splitlines()) == lines
+
+
+def test_evaluate_accuracy_takes_plain_text_prompts():
+    """TRL's standard format (a `prompt` string, e.g. a local --eval_task file) is generated from as it is, as TRL's
+    trainers do; only conversations go through the chat template."""
+    from modeling_moe.trainers.reasoning_data import evaluate_accuracy
+
+    tokenizer = AutoTokenizer.from_pretrained(preset_path("tiny"))
+    seen = []
+
+    class Echo:
+        device, training = torch.device("cpu"), False
+
+        def eval(self):
+            pass
+
+        def train(self, mode=True):
+            pass
+
+        def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
+            seen.extend(tokenizer.batch_decode(input_ids, skip_special_tokens=True))
+            answer = torch.tensor(tokenizer("<think>\nx\n</think>\n<answer>3</answer>").input_ids)
+            return torch.cat([input_ids, answer.expand(len(input_ids), -1)], dim=1)
+
+    result = evaluate_accuracy(Echo(), tokenizer, [{"prompt": "What is 1+2?", "answer": "3"}])
+    assert seen == ["What is 1+2?"]
+    assert result["accuracy"] == 1.0 and result["samples"][0]["question"] == "What is 1+2?"
+
+
+def test_trackers_receive_the_moe_metrics(tiny_dir, tmp_path, monkeypatch):
+    """`--report_to` callbacks (TensorBoard, W&B, ...) sit ahead of the trainer's own callbacks: `moe/maxvio` must be
+    in the record before they log it."""
+    import transformers.trainer as hf_trainer
+
+    seen = []
+
+    class Tracker(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if "loss" in logs:
+                seen.append("moe/maxvio" in logs)
+
+    monkeypatch.setattr(hf_trainer, "get_reporting_integration_callbacks", lambda report_to: [Tracker])
+    sft.main(["--model_name_or_path", tiny_dir, "--use_peft", "--task", "arithmetic", "--train_size", "4",
+              "--eval_size", "0", "--output_dir", str(tmp_path / "sft"), "--max_steps", "2", "--logging_steps", "1",
+              "--per_device_train_batch_size", "2"])
+    assert seen == [True, True]
+
+
+def test_time_limit_stops_every_rank_at_the_same_step(monkeypatch):
+    """With several processes, one rank past the budget stops them all (else the others wait in an all-reduce)."""
+    from types import SimpleNamespace
+
+    callback = sft.TimeLimitCallback(seconds=3600)
+    callback.on_train_begin(None, None, None)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda flag, op=None: flag.fill_(1.0))  # another rank is over
+    control = SimpleNamespace(should_training_stop=False)
+    callback.on_step_end(SimpleNamespace(device=torch.device("cpu")), SimpleNamespace(global_step=3), control)
+    assert control.should_training_stop
+
+
+@pytest.mark.parametrize("flag, expected", [("true", True), ("True", True), ("false", None),
+                                            ("ckpt/checkpoint-2", "ckpt/checkpoint-2")])
+def test_resume_from_checkpoint_true_means_the_last_checkpoint(flag, expected):
+    for module in (sft, grpo):
+        _, training_args, _ = module.make_parser().parse_args_and_config(
+            args=["--output_dir", "x", "--resume_from_checkpoint", flag])
+        assert sft.resume_argument(training_args) == expected
+
+
+def test_load_in_4bit_is_passed_to_from_pretrained(tiny_dir, monkeypatch):
+    """ModelConfig's quantization flags are not silently dropped."""
+    captured = {}
+
+    def from_pretrained(name, **kwargs):
+        captured.update(kwargs)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(sft.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    _, training_args, model_args = sft.make_parser().parse_args_and_config(
+        args=["--output_dir", "x", "--model_name_or_path", tiny_dir, "--load_in_4bit"])
+    with pytest.raises(RuntimeError, match="stop"):
+        sft.load_model_and_tokenizer(model_args, training_args)
+    assert captured["quantization_config"].load_in_4bit
+    model_args.model_name_or_path = "tiny"
+    with pytest.raises(ValueError, match="preset"):
+        sft.load_model_and_tokenizer(model_args, training_args)

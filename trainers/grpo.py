@@ -49,8 +49,10 @@ from .sft import (
     finish,
     is_preset_name,
     load_model_and_tokenizer,
+    metrics_before_reporting,
     parse_task_kwargs,
     prepare_model_for_training,
+    resume_argument,
     training_callbacks,
 )
 
@@ -230,9 +232,10 @@ def main(argv: list[str] | None = None):
         peft_config=peft_config,
         callbacks=training_callbacks(data_args),
     )
+    metrics_before_reporting(trainer)
     if data_args.cuda_graph_rollouts:
         use_cuda_graph_rollouts(trainer)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume_argument(training_args))
 
     finish(trainer, tokenizer, data_args, peft_config, eval_dataset, accuracy,
            plot=lambda history, folder: plot_rewards(history, os.path.join(folder, "rewards.png")))

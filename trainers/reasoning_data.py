@@ -337,6 +337,14 @@ def score_completion(example: dict, text: str) -> dict:
     return {"format": float(is_well_formatted(text)), "correct": float(correct)}
 
 
+def prompt_text(tokenizer, prompt) -> str:
+    """The text a prompt is generated from, as TRL renders it: a conversation (`[{"role": ..., "content": ...}]`)
+    through the chat template with the generation prompt, a plain string (TRL's standard format) as it is."""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
 def evaluate_accuracy(model, tokenizer, dataset, max_new_tokens: int = 256, batch_size: int = 16,
                       num_samples: int | None = None, do_sample: bool = False, keep: int = 4) -> dict:
     """Generate an answer for each prompt of `dataset` (greedy by default) and score it: mean `accuracy` and `format`,
@@ -355,8 +363,7 @@ def evaluate_accuracy(model, tokenizer, dataset, max_new_tokens: int = 256, batc
     try:
         for start in range(0, len(rows), batch_size):
             batch = rows[start:start + batch_size]
-            texts = [tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
-                     for r in batch]
+            texts = [prompt_text(tokenizer, r["prompt"]) for r in batch]
             inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
             inputs = {k: v.to(model.device) for k, v in inputs.items()}
             with torch.no_grad():
@@ -367,7 +374,7 @@ def evaluate_accuracy(model, tokenizer, dataset, max_new_tokens: int = 256, batc
                 score = score_completion(row, text)
                 scores.append((row.get("task"), score))
                 if len(samples) < keep:
-                    samples.append({"question": row["prompt"][-1]["content"], "completion": text, **score})
+                    samples.append({"question": _question_of(row), "completion": text, **score})
     finally:
         tokenizer.padding_side = padding_side
         model.train(was_training)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 
 import torch
 from transformers import TrainerCallback
@@ -23,6 +24,8 @@ from transformers import TrainerCallback
 logger = logging.getLogger("modeling_moe.trainers.rollout")
 
 PEFT_PREFIX = "base_model.model."
+# PEFT's `modules_to_save` (`--lora_modules_to_save`): a trained copy per adapter beside the frozen original.
+_MODULES_TO_SAVE = re.compile(r"\.modules_to_save\.([^.]+)\.")
 
 
 def plain_name(peft_name: str) -> str:
@@ -49,8 +52,16 @@ class MergedRolloutModel(TrainerCallback):
     def __init__(self, peft_model):
         self.peft_model = peft_model
         base = peft_model.get_base_model()
-        self.sources = {plain_name(name): tensor for name, tensor in base.state_dict(keep_vars=True).items()
-                        if ".lora_" not in name}
+        self.sources = {}
+        for name, tensor in base.state_dict(keep_vars=True).items():
+            if ".lora_" in name or ".original_module." in name:
+                continue
+            saved = _MODULES_TO_SAVE.search(name)
+            if saved:  # the active adapter's trained copy stands for the module
+                if saved.group(1) != peft_model.active_adapter:
+                    continue
+                name = name.replace(saved.group(0), ".")
+            self.sources[plain_name(name)] = tensor
         self.targets = lora_targets(peft_model)
         with torch.device(base.device):
             self.model = type(base)._from_config(copy.deepcopy(base.config), dtype=base.dtype)

@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import PartialState
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
-from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
+from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config, get_quantization_config
 
 from .reasoning_data import SYSTEM_PROMPT, build_datasets, dump_json, evaluate_accuracy, set_chat_template
 
@@ -213,6 +213,14 @@ def load_model_and_tokenizer(model_args: ModelConfig, training_args=None):
     experts_implementation = getattr(model_args, "experts_implementation", None)
     if experts_implementation:
         kwargs.setdefault("experts_implementation", experts_implementation)
+    quantization_config = get_quantization_config(model_args)  # --load_in_4bit / --load_in_8bit (bitsandbytes)
+    if quantization_config is not None:
+        if is_preset_name(name):
+            raise ValueError("--load_in_4bit / --load_in_8bit quantize a model folder's weights as they load; a preset "
+                             "name builds a fresh model: save it first and pass the folder.")
+        kwargs.setdefault("quantization_config", quantization_config)
+        if torch.cuda.is_available():  # bitsandbytes quantizes on the GPU: each process loads onto its own
+            kwargs.setdefault("device_map", {"": PartialState().local_process_index})
     if is_preset_name(name):
         dtype = kwargs.pop("dtype", None)
         config = load_preset_config(name, **{k: kwargs.pop(k) for k in ("attn_implementation",
@@ -373,7 +381,14 @@ class TimeLimitCallback(TrainerCallback):
         self.start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if time.perf_counter() - self.start >= self.seconds:
+        stop = time.perf_counter() - self.start >= self.seconds
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Every rank must stop at the same step (a rank that runs one more step waits forever in its all-reduce):
+            # the first rank past the budget decides for all, as in pretraining.
+            flag = torch.tensor(float(stop), device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop = bool(flag.item())
+        if stop:
             logger.info("--max_train_seconds %g reached: training stops at step %d", self.seconds, state.global_step)
             control.should_training_stop = True
 
@@ -393,6 +408,26 @@ class LogHistoryCallback(TrainerCallback):
             os.makedirs(args.output_dir, exist_ok=True)
             with open(os.path.join(args.output_dir, "log_history.jsonl"), "a") as f:
                 f.write(json.dumps(state.log_history[-1], default=str) + "\n")
+
+
+def metrics_before_reporting(trainer):
+    """Run the callbacks that add `moe/maxvio` and `skipped_steps` to each log before the trackers' callbacks
+    (`--report_to`), which `Trainer` puts ahead of the callbacks it is given and which would log the record without
+    them."""
+    handler = trainer.callback_handler
+    ours = [cb for cb in handler.callbacks if isinstance(cb, (ExpertBiasCallback, SkipNonFiniteStepCallback))]
+    handler.callbacks = ours + [cb for cb in handler.callbacks if cb not in ours]
+    return trainer
+
+
+def resume_argument(training_args):
+    """`--resume_from_checkpoint` as `Trainer.train` takes it: a checkpoint folder, True (`true`: the last checkpoint
+    in output_dir) or None (`false`); the parser reads the flag as a string, which `Trainer` would take as a path."""
+    value = training_args.resume_from_checkpoint
+    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "false", "no", "0", ""):
+        value = value.strip().lower() in ("true", "yes", "1") or None
+    training_args.resume_from_checkpoint = value  # LogHistoryCallback reads it too
+    return value
 
 
 def training_callbacks(data_args) -> list[TrainerCallback]:
@@ -487,10 +522,11 @@ def main(argv: list[str] | None = None):
         peft_config=peft_config,
         callbacks=training_callbacks(data_args),
     )
+    metrics_before_reporting(trainer)
     if peft_config is not None:
         trainable, total = trainer.model.get_nb_trainable_parameters()
         logger.info("LoRA (%s): %d trainable parameters of %d", model_args.lora_preset, trainable, total)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume_argument(training_args))
 
     finish(trainer, tokenizer, data_args, peft_config, eval_dataset, accuracy)
     return trainer
