@@ -10,11 +10,10 @@ Two weight layouts are read:
 Saving writes the Hub layout, which transformers, vLLM and SGLang all load.
 """
 
+import copy
 import json
 import os
 import re
-import shutil
-import tempfile
 from contextlib import contextmanager
 
 import torch
@@ -57,7 +56,6 @@ ROPE_ROW_SUFFIXES = (
 )
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 NOOP_LOAD_KWARGS = ("trust_remote_code", "local_files_only", "low_cpu_mem_usage", "use_safetensors")
-WEIGHT_FILE = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.h5|\.msgpack|\.index\.json)$")
 
 
 def is_deepseek_checkpoint(path) -> bool:
@@ -84,7 +82,8 @@ def deepseek_config_to_moe(config_dict: dict) -> MoEConfig:
             f"model_type={model_type!r} is not a DeepSeek checkpoint; expected one of {DEEPSEEK_MODEL_TYPES}."
         )
     _refuse_unsupported(config_dict)
-    source = DEEPSEEK_CONFIG_CLASSES[model_type].from_dict(dict(config_dict))
+    # A deep copy: transformers standardises `rope_scaling` in place, which would edit the caller's dict.
+    source = DEEPSEEK_CONFIG_CLASSES[model_type].from_dict(copy.deepcopy(config_dict))
     fields = {name: getattr(source, name) for name in SHARED_FIELDS}
     fields.update(_v3_routing(source) if model_type == "deepseek_v3" else _v2_routing(source))
     fields.update({name: config_dict[name] for name in TRAINING_FIELDS if name in config_dict})
@@ -560,27 +559,25 @@ def save_deepseek_checkpoint(model, save_directory, max_shard_size="5GB"):
     """Save `model` (MoEForCausalLM) as a DeepSeek-V3 (sigmoid) or V2 (softmax) checkpoint in the Hub layout.
 
     Writes config.json, generation_config.json, `model-0000i-of-0000n.safetensors` shards and
-    `model.safetensors.index.json` into a temporary folder next to `save_directory`, then swaps it in, so the target is
-    never left half-written. Files already there that are not weights or configs (a tokenizer, a README) are kept.
+    `model.safetensors.index.json` into a hidden folder inside `save_directory`, then moves them in, config last
+    (`save_through_staging`), so the target never holds a valid-looking config over half-written weights. Files
+    already there that are not this model's weights (a tokenizer, a README, a Trainer's optimizer state) are kept;
+    the weight shards of an earlier save that this one does not replace are removed.
     """
+    from .modeling_moe import save_through_staging
+
     config_dict = moe_config_to_deepseek(model.config)
     config_dict["torch_dtype"] = config_dict["dtype"] = _dtype_name(model.get_input_embeddings().weight.dtype)
     tensors = moe_state_dict_to_deepseek(model.state_dict(), model.config)
-    target = os.path.abspath(str(save_directory))
-    if os.path.isfile(target):
-        raise ValueError(f"save_directory {target} is a file, not a directory.")
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=os.path.dirname(target))
-    try:
+
+    def write(staging):
         _write_shards(tensors, staging, convert_file_size_to_int(max_shard_size))
         with open(os.path.join(staging, "config.json"), "w") as f:
             json.dump(config_dict, f, indent=2, sort_keys=True)
         generation_config = getattr(model, "generation_config", None)
         (generation_config or GenerationConfig.from_model_config(model.config)).save_pretrained(staging)
-        _replace_directory(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    save_through_staging(str(save_directory), write)
 
 
 def _write_shards(tensors: dict, directory: str, max_shard_bytes: int):
@@ -603,25 +600,6 @@ def _write_shards(tensors: dict, directory: str, max_shard_bytes: int):
     total = sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
     with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-
-
-def _replace_directory(staging: str, target: str):
-    if not os.path.exists(target):
-        os.rename(staging, target)
-        return
-    for entry in os.listdir(target):
-        source = os.path.join(target, entry)
-        if WEIGHT_FILE.search(entry) or os.path.exists(os.path.join(staging, entry)):
-            continue
-        (shutil.copytree if os.path.isdir(source) else shutil.copy2)(source, os.path.join(staging, entry))
-    backup = f"{staging}.old"
-    os.rename(target, backup)
-    try:
-        os.rename(staging, target)
-    except BaseException:
-        os.rename(backup, target)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
 
 
 __all__ = [

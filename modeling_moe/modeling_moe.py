@@ -9,6 +9,7 @@ import contextlib
 import math
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -531,6 +532,45 @@ class MoEMultiTokenPredictionLayer(MoEDecoderLayer):
 STALE_WEIGHTS = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
 
 
+def save_through_staging(save_directory: str, write: Callable[[str], object]):
+    """Call `write(staging)` on a hidden folder inside `save_directory`, then move what it wrote in; returns what
+    `write` returned.
+
+    Staging inside the target keeps every move on one file system, also when `save_directory` is itself a mount point
+    (a container volume), and needs no write access to its parent. Files of other tools already there (a tokenizer,
+    a Trainer's optimizer state) are kept. The earlier config.json goes first and the new one comes in last, after
+    the weight files of an earlier save that this one does not replace are removed (a stale model.safetensors would
+    be loaded instead of new shards): a save interrupted while its files move in leaves a folder that does not load,
+    never a valid-looking config over a mix of two saves. If `write` fails, the folder is left as it was.
+    """
+    save_directory = os.path.abspath(os.fspath(save_directory))
+    if os.path.isfile(save_directory):
+        raise ValueError(f"save_directory {save_directory} is a file, not a directory.")
+    created = not os.path.isdir(save_directory)
+    os.makedirs(save_directory, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=save_directory, prefix=".saving-")
+    try:
+        try:
+            result = write(staging)
+        except BaseException:
+            if created:
+                shutil.rmtree(save_directory, ignore_errors=True)
+            raise
+        written = sorted(os.listdir(staging), key=lambda name: name == "config.json")
+        config_file = os.path.join(save_directory, "config.json")
+        if "config.json" in written and os.path.lexists(config_file):
+            os.remove(config_file)
+        for name in written:
+            if name == "config.json":
+                for stale in os.listdir(save_directory):
+                    if stale not in written and STALE_WEIGHTS.fullmatch(stale):
+                        os.remove(os.path.join(save_directory, stale))
+            os.replace(os.path.join(staging, name), os.path.join(save_directory, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return result
+
+
 class MoEPreTrainedModel(PreTrainedModel):
     config_class = MoEConfig
     config: MoEConfig
@@ -575,23 +615,15 @@ class MoEPreTrainedModel(PreTrainedModel):
             module.inv_freq.copy_(MoERotaryEmbedding(self.config).inv_freq)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """`PreTrainedModel.save_pretrained`, written into a temporary sibling folder and then moved in, config last:
-        an interrupted save never leaves a half-written checkpoint behind a valid-looking config. Weight shards of an
-        earlier save that the new one does not replace are removed afterwards."""
+        """`PreTrainedModel.save_pretrained` through `save_through_staging`: written into a hidden folder inside
+        `save_directory`, then moved in, config last and the earlier config removed first, so an interrupted save never
+        leaves a half-written checkpoint behind a valid-looking config. Weight shards of an earlier save that the new
+        one does not replace are removed."""
         save_directory = os.path.abspath(os.fspath(save_directory))
-        os.makedirs(os.path.dirname(save_directory), exist_ok=True)
         if kwargs.get("push_to_hub"):  # transformers names the repository after the folder it writes: the staging one
             kwargs.setdefault("repo_id", os.path.basename(save_directory))
-        with tempfile.TemporaryDirectory(dir=os.path.dirname(save_directory), prefix=".saving-") as staging:
-            result = super().save_pretrained(staging, *args, **kwargs)
-            os.makedirs(save_directory, exist_ok=True)
-            written = sorted(os.listdir(staging), key=lambda name: name == "config.json")
-            for name in written:
-                os.replace(os.path.join(staging, name), os.path.join(save_directory, name))
-        for name in os.listdir(save_directory):
-            if name not in written and STALE_WEIGHTS.fullmatch(name):
-                os.remove(os.path.join(save_directory, name))
-        return result
+        save = super().save_pretrained
+        return save_through_staging(save_directory, lambda staging: save(staging, *args, **kwargs))
 
     def routers(self) -> list[MoETopkRouter]:
         return [module for module in self.modules() if isinstance(module, MoETopkRouter)]
