@@ -7,6 +7,8 @@ Two weight layouts are read:
       `shared_head.norm` and copies of the embedding (`embed_tokens`) and output head (`shared_head.head`);
     - transformers' in-memory layout, with the experts stacked as `mlp.experts.gate_up_proj` [E, 2I, H] (gate rows
       first) and `mlp.experts.down_proj` [E, H, I], exactly like ours.
+Weights stored in FP8 with block scales (`<name>.weight_scale_inv`, DeepSeek-V3's official checkpoint) are dequantized
+to the model's dtype as they load.
 Saving writes the Hub layout, which transformers, vLLM and SGLang all load.
 """
 
@@ -55,6 +57,8 @@ ROPE_ROW_SUFFIXES = (
     ".self_attn.kv_a_proj_with_mqa.weight", ".self_attn.kv_a_proj_with_mqa.bias",
 )
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+SCALE_SUFFIX = "_scale_inv"  # DeepSeek-V3's FP8 checkpoint: `<name>.weight` in FP8 beside `<name>.weight_scale_inv`
 NOOP_LOAD_KWARGS = ("trust_remote_code", "local_files_only", "low_cpu_mem_usage", "use_safetensors")
 
 
@@ -100,13 +104,38 @@ def deepseek_config_to_moe(config_dict: dict) -> MoEConfig:
     )
 
 
-def _refuse_unsupported(config_dict: dict):
-    if config_dict.get("quantization_config"):
-        method = config_dict["quantization_config"].get("quant_method", "?")
+def fp8_block_size(config_dict: dict) -> tuple[int, int] | None:
+    """The [rows, columns] of the blocks that share one scale in a checkpoint's FP8 weights (DeepSeek-V3's official
+    checkpoint: 128 x 128), from its `quantization_config`; None without one. Other quantization methods are refused.
+    """
+    quantization = config_dict.get("quantization_config")
+    if not quantization:
+        return None
+    method, block = quantization.get("quant_method"), quantization.get("weight_block_size")
+    if method != "fp8" or not (isinstance(block, (list, tuple)) and len(block) == 2
+                               and all(isinstance(size, int) and size > 0 for size in block)):
         raise ValueError(
-            f"quantization_config (quant_method={method!r}): quantized DeepSeek weights (e.g. FP8 with block scales) "
-            "cannot be loaded; convert the checkpoint to bfloat16 first."
+            f"quantization_config (quant_method={method!r}, weight_block_size={block!r}): only FP8 weights with "
+            "block scales (DeepSeek-V3's quant_method='fp8', weight_block_size=[128, 128]) are read, dequantized as "
+            "they load; convert other quantized checkpoints to bfloat16 first."
         )
+    return tuple(block)
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """An FP8 weight [rows, columns] times its blocks' scales [ceil(rows / block[0]), ceil(columns / block[1])], in
+    float32 (as DeepSeek-V3's `weight_dequant`; the last blocks may be partial)."""
+    rows, columns = weight.shape
+    expected = (-(-rows // block[0]), -(-columns // block[1]))
+    if tuple(scale_inv.shape) != expected:
+        raise ValueError(f"an FP8 weight of shape {(rows, columns)} in {block[0]} x {block[1]} blocks needs scales of "
+                         f"shape {expected}, got {tuple(scale_inv.shape)}.")
+    scale = scale_inv.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :columns]
+    return weight.float() * scale
+
+
+def _refuse_unsupported(config_dict: dict):
+    fp8_block_size(config_dict)
     if config_dict.get("moe_layer_freq", 1) != 1:
         raise ValueError(
             f"moe_layer_freq={config_dict['moe_layer_freq']!r} is not supported: only 1 (every layer after "
@@ -378,12 +407,13 @@ def load_deepseek_checkpoint(cls, path, *args, **kwargs):
     Supported keyword arguments: `dtype` / `torch_dtype` (a torch dtype, its name, or "auto": the config's, else the
     checkpoint's), `device_map` (one device), `attn_implementation`, `experts_implementation`; `trust_remote_code`,
     `local_files_only`, `low_cpu_mem_usage` and `use_safetensors=True` are accepted and ignored. Missing or unexpected
-    weights raise.
+    weights raise. FP8 weights are dequantized with their block scales (`quantization_config` quant_method "fp8").
     """
     dtype, device, implementations = _load_options(args, kwargs)
     path = str(path)
     with open(os.path.join(path, "config.json")) as f:
-        config = deepseek_config_to_moe(json.load(f))
+        config_dict = json.load(f)
+    config = deepseek_config_to_moe(config_dict)
     key_files = _checkpoint_keys(path)
     _drop_absent_mtp(config, key_files)
     dtype = _resolve_dtype(dtype, config, key_files)
@@ -392,7 +422,7 @@ def load_deepseek_checkpoint(cls, path, *args, **kwargs):
         model = cls(config)
     if config.tie_word_embeddings:
         model.tie_weights()
-    _load_weights(model, key_files, path)
+    _load_weights(model, key_files, path, fp8_block_size(config_dict))
     if "attn_implementation" in implementations:
         model.set_attn_implementation(implementations["attn_implementation"])
     if "experts_implementation" in implementations:
@@ -478,7 +508,7 @@ def _resolve_dtype(dtype, config: MoEConfig, key_files: dict) -> torch.dtype:
         dtype = config.dtype
     if dtype is None:
         with safe_open(key_files["model.embed_tokens.weight"], framework="pt") as f:
-            dtype = SAFETENSORS_DTYPES[f.get_slice("model.embed_tokens.weight").get_dtype()]
+            dtype = SAFETENSORS_DTYPES.get(f.get_slice("model.embed_tokens.weight").get_dtype(), torch.bfloat16)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.removeprefix("torch."), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -498,13 +528,16 @@ def _default_dtype(dtype: torch.dtype):
 
 
 @torch.no_grad()
-def _load_weights(model, key_files: dict, path: str):
+def _load_weights(model, key_files: dict, path: str, fp8_block: tuple[int, int] | None = None):
     config, targets = model.config, model.state_dict()
     pending, unexpected = _expected_slots(targets, config), []
     per_expert_layout = any(EXPERT_KEY.match(key) for key in key_files)
+    scales, used_scales = {key for key in key_files if key.endswith(SCALE_SUFFIX)}, set()
     for file in dict.fromkeys(key_files.values()):
         with safe_open(file, framework="pt") as f:
             for key in f.keys():
+                if key in scales:
+                    continue  # read with its weight
                 target = deepseek_key_to_moe(key, config)
                 if target is None:
                     continue
@@ -512,15 +545,35 @@ def _load_weights(model, key_files: dict, path: str):
                 if name not in targets or (slot is not None and slot[0] >= targets[name].shape[0]):
                     unexpected.append(key)
                     continue
-                _copy(targets[name], slot, f.get_tensor(key), key)
+                tensor = f.get_tensor(key)
+                if tensor.dtype in FP8_DTYPES:
+                    tensor = _dequantized(key, tensor, key_files, fp8_block)
+                    used_scales.add(key + SCALE_SUFFIX)
+                _copy(targets[name], slot, tensor, key)
                 if slot is None:
                     pending[name].clear()
                 else:
                     pending[name].discard(slot)
+    unexpected += sorted(scales - used_scales)  # scales of no FP8 weight
     missing = _missing_keys(pending, config, per_expert_layout)
     if missing or unexpected:
         raise ValueError(f"Cannot load the DeepSeek checkpoint {path}:" + _listing("missing", missing)
                          + _listing("unexpected", unexpected))
+
+
+def _dequantized(key: str, weight: torch.Tensor, key_files: dict, block: tuple[int, int] | None) -> torch.Tensor:
+    if block is None:
+        raise ValueError(f"{key} is stored in {weight.dtype}, but config.json has no quantization_config giving the "
+                         "size of its scales' blocks (DeepSeek-V3: quant_method 'fp8', weight_block_size [128, 128]).")
+    scale_key = key + SCALE_SUFFIX
+    if scale_key not in key_files:
+        raise ValueError(f"{key} is stored in {weight.dtype} without its scales {scale_key}.")
+    with safe_open(key_files[scale_key], framework="pt") as f:
+        scale_inv = f.get_tensor(scale_key)
+    try:
+        return dequantize_fp8(weight, scale_inv, block)
+    except ValueError as error:
+        raise ValueError(f"{key}: {error}") from None
 
 
 def _copy(target: torch.Tensor, slot, tensor: torch.Tensor, key: str):
@@ -604,6 +657,7 @@ def _write_shards(tensors: dict, directory: str, max_shard_bytes: int):
 
 __all__ = [
     "deepseek_config_to_moe",
+    "dequantize_fp8",
     "moe_config_to_deepseek",
     "deepseek_state_dict_to_moe",
     "moe_state_dict_to_deepseek",

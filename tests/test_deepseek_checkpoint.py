@@ -330,6 +330,7 @@ def test_load_options(saved_checkpoint):
 @pytest.mark.parametrize("change, field", [
     ({"moe_layer_freq": 2}, "moe_layer_freq"),
     ({"quantization_config": {"quant_method": "fp8"}}, "quantization_config"),
+    ({"quantization_config": {"quant_method": "gptq", "weight_block_size": [128, 128]}}, "quantization_config"),
     ({"scoring_func": "softmax"}, "scoring_func"),
     ({"topk_method": "greedy"}, "topk_method"),
 ])
@@ -372,3 +373,78 @@ def test_training_steps_match_transformers(tmp_path):
     theirs = reference.state_dict()
     for key, value in ours.state_dict().items():
         torch.testing.assert_close(value, theirs[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+# ------------------------------------------------------------------------------------------------------ FP8 weights
+
+
+FP8_KEPT = ("embed_tokens", "lm_head", "shared_head.head", "norm", "mlp.gate.weight")  # bf16 in DeepSeek-V3's release
+FP8_QUANTIZATION = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8"}
+
+
+def quantize_fp8(state_dict, block, expected):
+    """DeepSeek-V3's storage of its linear weights, in place: FP8 (e4m3) values and one float32 scale per block
+    (amax / 448), written as `<name>.weight_scale_inv`; `expected[name]` gets FP8 value x its block's scale, computed
+    element by element in float64."""
+    for key in [k for k, t in state_dict.items() if t.dim() == 2 and not any(part in k for part in FP8_KEPT)]:
+        weight = state_dict[key].double()
+        rows, columns = weight.shape
+        scales = torch.empty(-(-rows // block[0]), -(-columns // block[1]), dtype=torch.float32)
+        values = torch.empty_like(weight)
+        for i in range(scales.shape[0]):
+            for j in range(scales.shape[1]):
+                tile = (slice(i * block[0], (i + 1) * block[0]), slice(j * block[1], (j + 1) * block[1]))
+                scales[i, j] = weight[tile].abs().max().clamp(min=1e-12) / 448
+                values[tile] = weight[tile] / scales[i, j].double()
+        state_dict[key] = values.to(torch.float8_e4m3fn)
+        state_dict[key + "_scale_inv"] = scales
+        fp8 = state_dict[key].double()
+        expected[key] = torch.stack([torch.stack([fp8[r, c] * scales[r // block[0], c // block[1]].double()
+                                                  for c in range(columns)]) for r in range(rows)]).float()
+
+
+@pytest.mark.parametrize("block", [(128, 128), (16, 12)], ids=["v3_blocks", "partial_blocks"])
+def test_fp8_block_scaled_weights_are_dequantized(tmp_path, block):
+    """A checkpoint stored as DeepSeek-V3's official one (FP8 linear weights with 2D block scales, a
+    quantization_config) loads as the same checkpoint holding the dequantized weights; that one, carrying the
+    quantization_config DeepSeek's fp8_cast_bf16.py leaves behind, loads too."""
+    fp8_path, plain_path = tmp_path / "fp8", tmp_path / "plain"
+    for path in (fp8_path, plain_path):
+        save_deepseek_checkpoint(randomize(MoEForCausalLM(moe_config())), path)
+    expected = {}
+    rewrite_checkpoint(fp8_path, lambda state_dict: quantize_fp8(state_dict, block, expected))
+    rewrite_checkpoint(plain_path, lambda state_dict: state_dict.update(expected))
+    assert len(expected) > 20 and any(".experts." in key for key in expected)
+    for path in (fp8_path, plain_path):
+        with open(path / "config.json") as f:
+            config_dict = json.load(f)
+        config_dict["quantization_config"] = {**FP8_QUANTIZATION, "weight_block_size": list(block)}
+        with open(path / "config.json", "w") as f:
+            json.dump(config_dict, f)
+    loaded = MoEForCausalLM.from_pretrained(fp8_path, dtype=torch.float32)
+    reference = MoEForCausalLM.from_pretrained(plain_path, dtype=torch.float32)
+    for (name, value), (_, reference_value) in zip(loaded.state_dict().items(), reference.state_dict().items()):
+        torch.testing.assert_close(value, reference_value, rtol=0, atol=0, msg=name)
+    ids = torch.randint(2, TINY["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(loaded(ids).logits, reference(ids).logits, rtol=0, atol=0)
+
+
+def test_fp8_weights_need_their_scales_and_block_size(tmp_path):
+    path = tmp_path / "fp8"
+    save_deepseek_checkpoint(randomize(MoEForCausalLM(moe_config())), path)
+    rewrite_checkpoint(path, lambda state_dict: quantize_fp8(state_dict, (16, 16), {}))
+    with pytest.raises(ValueError, match="no quantization_config"):  # the block size is unknown
+        MoEForCausalLM.from_pretrained(path)
+    with open(path / "config.json") as f:
+        config_dict = json.load(f)
+    config_dict["quantization_config"] = {**FP8_QUANTIZATION, "weight_block_size": [16, 16]}
+    with open(path / "config.json", "w") as f:
+        json.dump(config_dict, f)
+    key = "model.layers.2.self_attn.kv_b_proj.weight"
+    rewrite_checkpoint(path, lambda state_dict: state_dict.pop(key + "_scale_inv"))
+    with pytest.raises(ValueError, match=f"without its scales {key}_scale_inv"):
+        MoEForCausalLM.from_pretrained(path)
+    rewrite_checkpoint(path, lambda state_dict: state_dict.update({key + "_scale_inv": torch.ones(3, 3)}))
+    with pytest.raises(ValueError, match=r"needs scales of shape \(4, 1\)"):
+        MoEForCausalLM.from_pretrained(path)
+

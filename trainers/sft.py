@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import PartialState
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
-from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config, get_quantization_config
+from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
 
 from .reasoning_data import SYSTEM_PROMPT, build_datasets, dump_json, evaluate_accuracy, set_chat_template
 
@@ -213,14 +213,10 @@ def load_model_and_tokenizer(model_args: ModelConfig, training_args=None):
     experts_implementation = getattr(model_args, "experts_implementation", None)
     if experts_implementation:
         kwargs.setdefault("experts_implementation", experts_implementation)
-    quantization_config = get_quantization_config(model_args)  # --load_in_4bit / --load_in_8bit (bitsandbytes)
-    if quantization_config is not None:
-        if is_preset_name(name):
-            raise ValueError("--load_in_4bit / --load_in_8bit quantize a model folder's weights as they load; a preset "
-                             "name builds a fresh model: save it first and pass the folder.")
-        kwargs.setdefault("quantization_config", quantization_config)
-        if torch.cuda.is_available():  # bitsandbytes quantizes on the GPU: each process loads onto its own
-            kwargs.setdefault("device_map", {"": PartialState().local_process_index})
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        raise ValueError("--load_in_4bit / --load_in_8bit (QLoRA) are not supported: bitsandbytes quantizes nn.Linear "
+                         "layers only, while the routed experts, most of the weights, are stacked 3D parameters it "
+                         "leaves in full precision (see the README). Train LoRA on the bf16 model instead.")
     if is_preset_name(name):
         dtype = kwargs.pop("dtype", None)
         config = load_preset_config(name, **{k: kwargs.pop(k) for k in ("attn_implementation",
