@@ -97,6 +97,11 @@ class MoEConfig(PretrainedConfig):
 
     @classmethod
     def from_dict(cls, config_dict, **kwargs):
+        if config_dict.get("model_type") in ("deepseek_v2", "deepseek_v3"):
+            # A DeepSeek checkpoint's config (`MoEConfig.from_pretrained(folder)`): mapped as loading its weights maps it
+            from .deepseek_checkpoint import deepseek_config_to_moe
+
+            config_dict = deepseek_config_to_moe(config_dict).to_dict()
         # transformers sets keyword overrides (`from_pretrained(path, n_group=4)`) after the config was built and checked
         result = super().from_dict(config_dict, **kwargs)
         (result[0] if isinstance(result, tuple) else result).check()

@@ -409,11 +409,11 @@ def load_deepseek_checkpoint(cls, path, *args, **kwargs):
     `local_files_only`, `low_cpu_mem_usage` and `use_safetensors=True` are accepted and ignored. Missing or unexpected
     weights raise. FP8 weights are dequantized with their block scales (`quantization_config` quant_method "fp8").
     """
-    dtype, device, implementations = _load_options(args, kwargs)
+    dtype, device, implementations, overrides = _load_options(args, kwargs)
     path = str(path)
     with open(os.path.join(path, "config.json")) as f:
         config_dict = json.load(f)
-    config = deepseek_config_to_moe(config_dict)
+    config = _with_overrides(deepseek_config_to_moe(config_dict), overrides)
     key_files = _checkpoint_keys(path)
     _drop_absent_mtp(config, key_files)
     dtype = _resolve_dtype(dtype, config, key_files)
@@ -445,14 +445,25 @@ def _load_options(args, kwargs):
     }
     if kwargs.get("use_safetensors") is False:
         raise ValueError("use_safetensors=False: DeepSeek checkpoints are only read from *.safetensors files.")
-    unsupported = sorted(set(kwargs) - set(NOOP_LOAD_KWARGS))
+    overrides = {name: value for name, value in kwargs.items() if name not in NOOP_LOAD_KWARGS}
+    return dtype, device, implementations, overrides
+
+
+def _with_overrides(config: MoEConfig, overrides: dict) -> MoEConfig:
+    """Keyword arguments naming config fields (`use_cache=False`, `output_router_logits=True`) update the config, as
+    `from_pretrained` does with a transformers checkpoint; any other is an error."""
+    unsupported = sorted(name for name in overrides if not hasattr(config, name))
     if unsupported:
         raise TypeError(
             f"Unsupported keyword argument(s) for loading a DeepSeek checkpoint: {', '.join(unsupported)}. Supported: "
-            f"dtype, torch_dtype, device_map (one device), attn_implementation, experts_implementation, "
+            f"config fields, dtype, torch_dtype, device_map (one device), attn_implementation, experts_implementation, "
             f"{', '.join(NOOP_LOAD_KWARGS)}."
         )
-    return dtype, device, implementations
+    for name, value in overrides.items():
+        setattr(config, name, value)
+    if overrides:
+        config.check()
+    return config
 
 
 def _single_device(device_map) -> torch.device:

@@ -287,6 +287,18 @@ def saved_checkpoint(tmp_path):
     return path
 
 
+@pytest.mark.parametrize("hub_config", [HUB_V3, HUB_V2], ids=["v3", "v2"])
+def test_config_alone_loads_from_a_deepseek_checkpoint(tmp_path, hub_config):
+    """MoEConfig.from_pretrained on a DeepSeek folder maps the config as loading the model does."""
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(hub_config, f)
+    config = MoEConfig.from_pretrained(tmp_path, use_cache=False)
+    expected = deepseek_config_to_moe(dict(hub_config))
+    assert not config.use_cache
+    for field in ROUTING_FIELDS + ("q_lora_rank", "routed_scaling_factor", "bias_update_speed", "hidden_size"):
+        assert getattr(config, field) == getattr(expected, field), field
+
+
 def test_base_model_loads_from_a_deepseek_checkpoint(saved_checkpoint):
     from modeling_moe import MoEModel
 
@@ -325,6 +337,12 @@ def test_load_options(saved_checkpoint):
     assert model.model.layers[1].mlp.gate.weight.dtype == torch.float32
     with pytest.raises(TypeError, match="revision"):
         MoEForCausalLM.from_pretrained(saved_checkpoint, revision="main")
+    # Config fields given as keywords update the config, as with a transformers checkpoint; bad values are named.
+    model = MoEForCausalLM.from_pretrained(saved_checkpoint, use_cache=False, output_router_logits=True, n_group=2)
+    assert not model.config.use_cache and model.config.output_router_logits and model.config.n_group == 2
+    assert model(torch.randint(3, 64, (1, 5))).router_logits is not None
+    with pytest.raises(ValueError, match="topk_group"):
+        MoEForCausalLM.from_pretrained(saved_checkpoint, topk_group=9)
 
 
 @pytest.mark.parametrize("change, field", [
