@@ -416,12 +416,24 @@ def test_log_history_starts_over_unless_resuming(tmp_path):
 
     callback = sft.LogHistoryCallback()
     path = tmp_path / "log_history.jsonl"
-    state = SimpleNamespace(is_world_process_zero=True, log_history=[{"step": 1, "loss": 2.0}])
+    state = SimpleNamespace(is_world_process_zero=True, log_history=[{"step": 1, "loss": 2.0}], global_step=1)
     for resume, lines in ((None, 1), ("checkpoint-1", 2)):
         args = SimpleNamespace(output_dir=str(tmp_path), resume_from_checkpoint=resume)
         callback.on_train_begin(args, state, None)
         callback.on_log(args, state, None)
         assert len(path.read_text().splitlines()) == lines
+    # A run killed after step 3 resumes from its step-2 checkpoint: steps 3 and later are logged again, not twice.
+    path.write_text("".join(json.dumps({"step": step, "loss": 1.0}) + "\n" for step in (1, 2, 3)))
+    args = SimpleNamespace(output_dir=str(tmp_path), resume_from_checkpoint="checkpoint-2")
+    state.global_step = 0  # transformers loads the checkpoint's state after on_train_begin
+    callback.on_train_begin(args, state, None)
+    state.global_step = 2
+    callback.on_step_begin(args, state, None)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+    state.global_step = 3
+    path.write_text(path.read_text() + json.dumps({"step": 3, "loss": 0.5}) + "\n")
+    callback.on_step_begin(args, state, None)  # later steps keep what they logged
+    assert len(path.read_text().splitlines()) == 3
 
 
 def test_evaluate_accuracy_takes_plain_text_prompts():

@@ -392,12 +392,25 @@ class TimeLimitCallback(TrainerCallback):
 class LogHistoryCallback(TrainerCallback):
     """Appends every log record (with its step) to `output_dir/log_history.jsonl` as it is logged, so that a run
     killed before `trainer_state.json` is written still leaves its curves. A run that does not resume starts the
-    file over."""
+    file over; a resumed one keeps the records up to its checkpoint's step (those after it are logged again)."""
+
+    resuming = False
 
     def on_train_begin(self, args, state, control, **kwargs):
         path = os.path.join(args.output_dir, "log_history.jsonl")
-        if state.is_world_process_zero and not args.resume_from_checkpoint and os.path.exists(path):
+        self.resuming = bool(args.resume_from_checkpoint)
+        if state.is_world_process_zero and not self.resuming and os.path.exists(path):
             os.remove(path)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        # The first step of a resumed run: the checkpoint's state is loaded by now (after on_train_begin)
+        path = os.path.join(args.output_dir, "log_history.jsonl")
+        if self.resuming and state.is_world_process_zero and os.path.exists(path):
+            with open(path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= state.global_step]
+            with open(path, "w") as f:
+                f.writelines(kept)
+        self.resuming = False
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and state.log_history:
