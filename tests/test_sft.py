@@ -378,6 +378,18 @@ def test_grpo_prompts_come_from_another_seed_than_sft_examples():
     assert not questions(rl_train) & questions(sft_train) and not questions(rl_train) & questions(rl_eval)
 
 
+class StandInGenerator:
+    """A model stand-in for `evaluate_accuracy` (on the CPU, mode switches do nothing); subclasses answer in
+    `generate`."""
+    device, training = torch.device("cpu"), False
+
+    def eval(self):
+        pass
+
+    def train(self, mode=True):
+        pass
+
+
 def test_evaluate_accuracy_records_each_problems_outcome_in_order():
     """A stand-in model answers problem i with i for even i and i + 1 for odd i: accuracy 3/5, and the per-problem
     outcomes (what a paired comparison of two evaluations needs) in dataset order, overall and per task."""
@@ -387,15 +399,7 @@ def test_evaluate_accuracy_records_each_problems_outcome_in_order():
     dataset = [{"prompt": [{"role": "user", "content": f"problem number {i}?"}], "answer": str(i), "task": "gsm"}
                for i in range(5)]
 
-    class Answers:
-        device, training = torch.device("cpu"), False
-
-        def eval(self):
-            pass
-
-        def train(self, mode=True):
-            pass
-
+    class Answers(StandInGenerator):
         def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
             rows = []
             for text in tokenizer.batch_decode(input_ids, skip_special_tokens=True):
@@ -444,15 +448,7 @@ def test_evaluate_accuracy_takes_plain_text_prompts():
     tokenizer = AutoTokenizer.from_pretrained(preset_path("tiny"))
     seen = []
 
-    class Echo:
-        device, training = torch.device("cpu"), False
-
-        def eval(self):
-            pass
-
-        def train(self, mode=True):
-            pass
-
+    class Echo(StandInGenerator):
         def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
             seen.extend(tokenizer.batch_decode(input_ids, skip_special_tokens=True))
             answer = torch.tensor(tokenizer("<think>\nx\n</think>\n<answer>3</answer>").input_ids)
