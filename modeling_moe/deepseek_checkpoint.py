@@ -558,7 +558,7 @@ def _load_weights(model, key_files: dict, path: str, fp8_block: tuple[int, int] 
                     continue
                 tensor = f.get_tensor(key)
                 if tensor.dtype in FP8_DTYPES:
-                    tensor = _dequantized(key, tensor, key_files, fp8_block)
+                    tensor = _dequantized(key, tensor, key_files, fp8_block, (file, f))
                     used_scales.add(key + SCALE_SUFFIX)
                 _copy(targets[name], slot, tensor, key)
                 if slot is None:
@@ -572,15 +572,22 @@ def _load_weights(model, key_files: dict, path: str, fp8_block: tuple[int, int] 
                          + _listing("unexpected", unexpected))
 
 
-def _dequantized(key: str, weight: torch.Tensor, key_files: dict, block: tuple[int, int] | None) -> torch.Tensor:
+def _dequantized(key: str, weight: torch.Tensor, key_files: dict, block: tuple[int, int] | None,
+                 open_shard: tuple) -> torch.Tensor:
+    """`weight` (FP8) times its scales, read from `open_shard` (file, handle) when they lie in it, as they usually do
+    (reopening a shard parses its header again: tens of thousands of times for DeepSeek-V3's experts)."""
     if block is None:
         raise ValueError(f"{key} is stored in {weight.dtype}, but config.json has no quantization_config giving the "
                          "size of its scales' blocks (DeepSeek-V3: quant_method 'fp8', weight_block_size [128, 128]).")
     scale_key = key + SCALE_SUFFIX
     if scale_key not in key_files:
         raise ValueError(f"{key} is stored in {weight.dtype} without its scales {scale_key}.")
-    with safe_open(key_files[scale_key], framework="pt") as f:
-        scale_inv = f.get_tensor(scale_key)
+    file, shard = open_shard
+    if key_files[scale_key] == file:
+        scale_inv = shard.get_tensor(scale_key)
+    else:
+        with safe_open(key_files[scale_key], framework="pt") as other:
+            scale_inv = other.get_tensor(scale_key)
     try:
         return dequantize_fp8(weight, scale_inv, block)
     except ValueError as error:
