@@ -319,6 +319,7 @@ def generate_data(args, tasks: list[str], log) -> None:
         RL_SEED_OFFSET,
         build_datasets,
         generate_task_examples,
+        prompt_text,
         set_chat_template,
     )
 
@@ -332,8 +333,7 @@ def generate_data(args, tasks: list[str], log) -> None:
         asked = {row["prompt"][-1]["content"] for split in (train, evaluation) for row in split}
         rl = generate_task_examples(task, settings["rl_size"], settings["seed"] + RL_SEED_OFFSET,
                                     exclude_questions=asked, **settings["kwargs"])
-        prompts = [tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
-                   for split in (train, evaluation, rl) for row in split]
+        prompts = [prompt_text(tokenizer, row["prompt"]) for split in (train, evaluation, rl) for row in split]
         for split, rows in zip(("train", "eval", "rl"), (train, evaluation, rl)):
             with open(data_files(args, task)[split], "w") as f:
                 for row in rows:
