@@ -39,6 +39,10 @@ def _check(model, input_ids, generation_config, model_kwargs):
         raise ValueError(f"mtp_speculative_decoding decodes one sequence at a time, got a batch of {input_ids.shape[0]}.")
     if generation_config.do_sample or (generation_config.num_beams or 1) > 1:
         raise ValueError("mtp_speculative_decoding is greedy: use do_sample=False and num_beams=1.")
+    if generation_config.return_dict_in_generate and (generation_config.output_hidden_states
+                                                      or generation_config.output_attentions):
+        raise ValueError("mtp_speculative_decoding returns sequences, scores, logits and the cache, not hidden states "
+                         "or attentions: use output_hidden_states=False and output_attentions=False.")
     mask = model_kwargs.get("attention_mask")
     if mask is not None and not bool(mask.all()):
         raise ValueError("mtp_speculative_decoding takes an unpadded prompt (attention_mask all ones).")

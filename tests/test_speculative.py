@@ -149,6 +149,15 @@ def test_a_filled_cache_is_a_clear_error():
                        **{CACHE_FIELD: cache})
 
 
+@pytest.mark.parametrize("requested", ["output_hidden_states", "output_attentions"])
+def test_hidden_states_or_attentions_are_a_clear_error(requested):
+    """What the speculative loop does not return is refused by name, not returned as a silent None."""
+    model, ids = drafting_model(), prompt(seed=2)
+    with pytest.raises(ValueError, match="not hidden states or attentions"):
+        model.generate(ids, max_new_tokens=4, do_sample=False, custom_generate=mtp_speculative_decoding,
+                       return_dict_in_generate=True, **{requested: True})
+
+
 def test_a_two_token_prompt_is_prefilled_eagerly(monkeypatch):
     """The compiled verification step takes two tokens: a two-token prompt's prefill must not go through it (it
     would allocate the static cache inside the compiled region, CUDA graphs' memory pool on a GPU)."""
