@@ -882,12 +882,23 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
     # two RL rollouts) lands elsewhere, and every graph is recorded again. The cache a call returns is therefore
     # overwritten by the next call; set False for a new cache per call.
     reuse_static_cache = True
+    # What generate() keeps for its next call (the static caches above, MTP speculative decoding's draft cache and
+    # compiled steps): rebuilt on demand, so left out of copies and pickles (`__getstate__`).
+    GENERATION_STATE = ("_static_cache", "_speculative_draft_cache", "_speculative_steps")
 
     def __init__(self, config: MoEConfig):
         super().__init__(config)
         self.model = MoEModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def __getstate__(self):
+        """The module's state without `GENERATION_STATE`: `copy.deepcopy(model)` (TRL's create_reference_model, for
+        one) would otherwise copy the kept static cache too, doubling its memory, and try to copy compiled steps."""
+        state = super().__getstate__()
+        for slot in self.GENERATION_STATE:
+            state.pop(slot, None)
+        return state
 
     @can_return_tuple
     def forward(

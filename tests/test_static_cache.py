@@ -72,6 +72,22 @@ def test_static_cache_is_reused_across_calls_when_it_fits():
     assert other.sequences.tolist() == fresh.sequences.flip(0)[:2].tolist()
 
 
+def test_copies_leave_the_kept_cache_behind():
+    """copy.deepcopy after a static generate copies the weights, not the cache the model keeps for its next call
+    (TRL deep-copies models into reference models); the copy builds its own and generates the same tokens."""
+    import copy
+
+    model = seeded_model(small_config(), dtype=torch.float32)
+    ids, mask = left_padded(PROMPTS)
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, cache_implementation="static")
+    expected = model.generate(ids, attention_mask=mask, **kwargs)
+    kept = model._static_cache
+    copied = copy.deepcopy(model)
+    assert getattr(copied, "_static_cache", None) is None and model._static_cache is kept
+    assert copied.generate(ids, attention_mask=mask, **kwargs).tolist() == expected.tolist()
+    assert copied._static_cache is not kept
+
+
 class StopOnToken(StoppingCriteria):
     """Stops each sequence once it emits `token` (a per-sequence criterion: the others go on)."""
 
