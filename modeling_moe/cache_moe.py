@@ -135,6 +135,17 @@ class MoEStaticCache(StaticCache):
                 and self.offloading == offloading and layer.keys.dtype == dtype
                 and layer.keys.device == torch.device(device))
 
+    def check_length(self, needed: int, needed_by: str) -> None:
+        """A ValueError that says what to do when `needed_by` needs more positions than the buffers hold: the write
+        would otherwise fail deep inside the attention with an index error."""
+        max_cache_len = self.layers[0].max_cache_len
+        if needed > max_cache_len:
+            raise ValueError(
+                f"{needed_by} needs {needed} cache positions, but this MoEStaticCache holds max_cache_len="
+                f"{max_cache_len}: build it with max_cache_len >= {needed}, or pass no cache and let generate() build "
+                'one (cache_implementation="static")'
+            )
+
     def has_cached_tokens(self, layer_idx: int) -> bool:
         """Whether layer `layer_idx` already holds tokens, as a Python bool: no device sync, no graph break."""
         return layer_idx < len(self.layers) and self.layers[layer_idx].holds_tokens

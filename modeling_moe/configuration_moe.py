@@ -31,6 +31,8 @@ class MoEConfig(PretrainedConfig):
         - `seq_aux_loss_coef`: DeepSeek-V3 sequence-wise balance loss, added to the loss in training.
         - `router_aux_loss_coef`: batch-wise balance loss, computed when `output_router_logits=True` and returned as
           `aux_loss` (TRL's SFT and GRPO trainers read these fields and `num_experts`).
+        - Both weigh the mean of the per-layer losses over the MoE layers. DeepSeek's `aux_loss_alpha` weighs their
+          sum, so its alpha is `coef / num_moe_layers` (DeepSeek-V2 checkpoints are converted that way).
 
     Multi-token prediction: `num_nextn_predict_layers` DeepSeek-V3 MTP modules (sharing the embedding and the head)
     add `mtp_loss_weight` times their mean loss in training forwards with labels; they are skipped otherwise, so an

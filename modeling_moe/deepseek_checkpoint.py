@@ -89,7 +89,11 @@ def deepseek_config_to_moe(config_dict: dict) -> MoEConfig:
     # A deep copy: transformers standardises `rope_scaling` in place, which would edit the caller's dict.
     source = DEEPSEEK_CONFIG_CLASSES[model_type].from_dict(copy.deepcopy(config_dict))
     fields = {name: getattr(source, name) for name in SHARED_FIELDS}
-    fields.update(_v3_routing(source) if model_type == "deepseek_v3" else _v2_routing(source))
+    if model_type == "deepseek_v3":
+        fields.update(_v3_routing(source))
+    else:
+        moe_layers = max(source.num_hidden_layers - source.first_k_dense_replace, 0)
+        fields.update(_v2_routing(source), **_balance_loss_from_v2(config_dict, moe_layers))
     fields.update({name: config_dict[name] for name in TRAINING_FIELDS if name in config_dict})
     # transformers' DeepseekV2 always uses complex (interleaved) rotary embeddings.
     interleave = getattr(source, "rope_interleave", True) if model_type == "deepseek_v3" else True
@@ -181,6 +185,28 @@ def _v2_routing(source) -> dict:
     return {"scoring_func": "softmax", "norm_topk_prob": False, "bias_update_speed": 0.0, **grouping}
 
 
+def _balance_loss_from_v2(config_dict: dict, num_moe_layers: int) -> dict:
+    """Our fields for DeepSeek-V2's balance loss: `aux_loss_alpha` times the sequence-wise loss (`seq_aux`, true
+    unless given) or the batch-wise one, which our model computes only when it outputs the router logits. DeepSeek
+    adds each MoE layer's loss times alpha; our coefficients weigh the mean over the layers, hence alpha x layers.
+    (DeepSeek-V3 configs carry these fields too, but its released code never trains: not mapped.)"""
+    alpha = config_dict.get("aux_loss_alpha")
+    if alpha is None:
+        return {}
+    coef = alpha * num_moe_layers
+    if config_dict.get("seq_aux", True):
+        return {"seq_aux_loss_coef": coef}
+    return {"router_aux_loss_coef": coef, "output_router_logits": True}
+
+
+def _balance_loss_to_v2(config: MoEConfig) -> dict:
+    """DeepSeek-V2's one balance loss for `config`: the sequence-wise one, unless only the batch-wise one is on."""
+    layers = max(config.num_moe_layers, 1)
+    if not config.seq_aux_loss_coef and config.router_aux_loss_coef and config.output_router_logits:
+        return {"aux_loss_alpha": config.router_aux_loss_coef / layers, "seq_aux": False}
+    return {"aux_loss_alpha": config.seq_aux_loss_coef / layers, "seq_aux": True}
+
+
 def _grouping(n_group: int, topk_group: int) -> dict:
     if topk_group >= n_group:  # every group is kept: plain top-k
         return {"topk_method": "greedy", "n_group": 1, "topk_group": 1}
@@ -228,6 +254,7 @@ def moe_config_to_deepseek(config: MoEConfig) -> dict:
         "rope_theta": rope["rope_theta"],
         "rope_parameters": rope,
         **{name: getattr(config, name) for name in TRAINING_FIELDS},
+        **({} if v3 else _balance_loss_to_v2(config)),
     }
     if rope["rope_type"] != "default":
         scaling = {key: value for key, value in rope.items() if key not in ("rope_type", "rope_theta")}

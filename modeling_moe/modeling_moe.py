@@ -729,6 +729,8 @@ class MoEModel(MoEPreTrainedModel):
             cache = None
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        if isinstance(cache, MoEStaticCache) and not cache.has_cached_tokens(0):  # a prefill, from position 0
+            cache.check_length(inputs_embeds.shape[1], "this forward")
         if position_ids is None:
             past_seen = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past_seen
@@ -1001,6 +1003,17 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
             counted = (labels[:, depth + 1:] != -100).sum().clamp(min=1)
             losses.append(self.next_token_loss(mtp_hidden, logits, labels[:, depth:], num_items_in_batch=counted))
         return torch.stack(losses).mean()
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                      max_cache_length):
+        """transformers' cache preparation; a static cache passed in must hold the whole generation (else the decode
+        step fails when it runs past the end), checked here, before anything runs or is compiled."""
+        super()._prepare_cache_for_generation(
+            generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+        )
+        cache = model_kwargs.get(CACHE_FIELD)
+        if isinstance(cache, MoEStaticCache):
+            cache.check_length(max_cache_length, "this generate() call (prompt + max_new_tokens - 1)")
 
     def _prepare_static_cache(
         self, cache_implementation, batch_size, max_cache_len, prefill_chunk_size=None, model_kwargs=None, **kwargs

@@ -133,7 +133,7 @@ PRESETS: dict[str, dict] = {
         norm_topk_prob=False,
         routed_scaling_factor=1.0,
         bias_update_speed=0.0,  # V2 balances with auxiliary losses, not with the routing bias
-        seq_aux_loss_coef=0.001,  # aux_loss_alpha with seq_aux=true in the released config
+        seq_aux_loss_coef=0.026,  # aux_loss_alpha 0.001 (seq_aux=true) of the released config x 26 MoE layers
         num_nextn_predict_layers=0,
         max_position_embeddings=163840,
         rope_parameters=_yarn(0.707),
@@ -166,7 +166,7 @@ PRESETS: dict[str, dict] = {
         norm_topk_prob=True,
         routed_scaling_factor=2.5,
         bias_update_speed=0.001,  # gamma of the V3 report (for the first 14.3T tokens)
-        seq_aux_loss_coef=0.0001,  # alpha of the V3 report
+        seq_aux_loss_coef=0.0058,  # alpha 0.0001 of the V3 report x 58 MoE layers
         num_nextn_predict_layers=1,
         max_position_embeddings=163840,
         rope_parameters=_yarn(1.0),
@@ -469,7 +469,9 @@ def _model_card(name: str, config: MoEConfig, counts: dict, kv: dict, with_code:
     if config.bias_update_speed:
         balance.append(f"aux-loss-free bias, speed {config.bias_update_speed:g}")
     if config.seq_aux_loss_coef:
-        balance.append(f"sequence-wise loss {config.seq_aux_loss_coef:g}")
+        per_layer = config.seq_aux_loss_coef / max(config.num_moe_layers, 1)
+        balance.append(f"sequence-wise loss {config.seq_aux_loss_coef:g} (mean over MoE layers; "
+                       f"alpha {per_layer:.3g} a layer)")
     if config.router_aux_loss_coef:
         balance.append(f"batch-wise loss {config.router_aux_loss_coef:g} (with output_router_logits)")
     dense, mtp = config.first_k_dense_replace, config.num_nextn_predict_layers

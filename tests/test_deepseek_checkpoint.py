@@ -299,6 +299,51 @@ def test_config_alone_loads_from_a_deepseek_checkpoint(tmp_path, hub_config):
         assert getattr(config, field) == getattr(expected, field), field
 
 
+HUB_V2_NO_LOSS = {key: value for key, value in HUB_V2.items() if key not in ("aux_loss_alpha", "seq_aux")}
+
+
+MOE_LAYERS = TINY["num_hidden_layers"] - TINY["first_k_dense_replace"]
+
+
+@pytest.mark.parametrize("loss, expected", [
+    ({"aux_loss_alpha": 0.01, "seq_aux": True}, {"seq_aux_loss_coef": 0.01 * MOE_LAYERS}),
+    ({"aux_loss_alpha": 0.01}, {"seq_aux_loss_coef": 0.01 * MOE_LAYERS}),  # seq_aux defaults to true in V2's code
+    ({"aux_loss_alpha": 0.01, "seq_aux": False},
+     {"router_aux_loss_coef": 0.01 * MOE_LAYERS, "output_router_logits": True}),
+], ids=["sequence_wise", "sequence_wise_by_default", "batch_wise"])
+def test_v2_balance_loss_maps_onto_our_loss_fields(tmp_path, loss, expected):
+    """DeepSeek-V2 adds aux_loss_alpha times each MoE layer's sequence-wise (or batch-wise) loss; our coefficient of
+    the same loss weighs the mean over the layers: alpha x MoE layers (the batch-wise one with output_router_logits,
+    which turns it on), also through MoEConfig.from_pretrained."""
+    assert MOE_LAYERS > 1  # else the scaling would go unchecked
+    (tmp_path / "config.json").write_text(json.dumps({**HUB_V2_NO_LOSS, **loss}))
+    defaults = {"seq_aux_loss_coef": 0.0, "router_aux_loss_coef": 0.0, "output_router_logits": False}
+    for config in (deepseek_config_to_moe({**HUB_V2_NO_LOSS, **loss}), MoEConfig.from_pretrained(tmp_path)):
+        assert {name: getattr(config, name) for name in defaults} == pytest.approx({**defaults, **expected})
+
+
+@pytest.mark.parametrize("losses, written", [
+    ({"seq_aux_loss_coef": 0.002 * MOE_LAYERS}, {"aux_loss_alpha": 0.002, "seq_aux": True}),
+    ({"router_aux_loss_coef": 0.003 * MOE_LAYERS, "output_router_logits": True},
+     {"aux_loss_alpha": 0.003, "seq_aux": False}),
+    ({"router_aux_loss_coef": 0.003}, {"aux_loss_alpha": 0.0, "seq_aux": True}),  # computed only with router logits
+    ({}, {"aux_loss_alpha": 0.0, "seq_aux": True}),
+], ids=["sequence_wise", "batch_wise", "batch_wise_off", "none"])
+def test_v2_export_writes_the_balance_loss_deepseek_reads(losses, written):
+    """A V2 export carries our balance loss as DeepSeek-V2's fields (alpha = our coefficient / MoE layers), which
+    alone (without our own training fields) load back into the same loss. V3 configs neither write nor read them
+    (V3's released code never trains)."""
+    config = moe_config(scoring_func="softmax", norm_topk_prob=False, **losses)
+    assert config.num_moe_layers == MOE_LAYERS
+    exported = moe_config_to_deepseek(config)
+    assert {key: exported[key] for key in written} == pytest.approx(written)
+    theirs = deepseek_config_to_moe({key: value for key, value in exported.items() if key not in TRAINING_FIELDS})
+    active = "seq_aux_loss_coef" if written["seq_aux"] else "router_aux_loss_coef"
+    assert getattr(theirs, active) == pytest.approx(written["aux_loss_alpha"] * MOE_LAYERS)
+    assert "aux_loss_alpha" not in moe_config_to_deepseek(moe_config(seq_aux_loss_coef=0.002))
+    assert deepseek_config_to_moe(dict(HUB_V3)).seq_aux_loss_coef == 0.0  # HUB_V3 has aux_loss_alpha, seq_aux
+
+
 def test_base_model_loads_from_a_deepseek_checkpoint(saved_checkpoint):
     from modeling_moe import MoEModel
 

@@ -158,6 +158,32 @@ def test_early_initialized_cache_is_filled_in_place():
     assert not cache.has_cached_tokens(0) and int(cache.get_seq_length()) == 0
 
 
+@pytest.mark.parametrize("make_config", [small_config, gqa_config], ids=["mla", "gqa"])
+def test_a_user_cache_too_short_for_generate_is_a_clear_error(make_config):
+    """A cache the caller built holds prompt + max_new_tokens - 1 positions or generate() refuses it before the
+    prefill, naming both lengths (it used to fail with an index error at the first decode step past its end)."""
+    config = make_config()
+    model = seeded_model(config, dtype=torch.float32)
+    ids, mask = left_padded(PROMPTS)
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    needed = ids.shape[1] + 6 - 1
+    with pytest.raises(ValueError, match=f"needs {needed} cache positions.*max_cache_len={needed - 1}.*"
+                                         f"max_cache_len >= {needed}"):
+        model.generate(ids, **kwargs, **{CACHE_FIELD: MoEStaticCache(config, max_cache_len=needed - 1)})
+    exact = model.generate(ids, **kwargs, **{CACHE_FIELD: MoEStaticCache(config, max_cache_len=needed)})
+    assert exact.tolist() == model.generate(ids, **kwargs).tolist()
+
+
+def test_a_forward_longer_than_the_cache_is_a_clear_error():
+    """A prefill with more tokens than the cache holds names both lengths, before any layer writes."""
+    config = small_config()
+    model = seeded_model(config, dtype=torch.float32)
+    cache = MoEStaticCache(config, max_cache_len=4)
+    with pytest.raises(ValueError, match="this forward needs 6 cache positions.*max_cache_len=4"):
+        model(torch.randint(3, 97, (2, 6)), use_cache=True, **{CACHE_FIELD: cache})
+    assert not cache.has_cached_tokens(0)
+
+
 def test_compiled_decode_step_has_no_graph_break():
     """generate()'s own compiled decode step (what it captures in CUDA graphs on a GPU), here with fullgraph=True on
     the CPU through the eager backend: no data-dependent branch or shape in the step, the same tokens."""
