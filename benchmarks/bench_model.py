@@ -471,11 +471,12 @@ def part_decode(S, args, dev, dtype):
 
             return time_step(step)
 
-        def run_static(cuda_graph, compiled=False, profile=None):
+        def run_static(cuda_graph, compiled=False, profile=None, compile_mode=None):
             """Our static latent cache, as generate(cache_implementation="static") builds it: the Triton decode
             kernel reads the filled part; a 4D mask as the model passes it. Optionally replayed from a CUDA graph,
             optionally compiled first (torch.compile fuses the norms, rotary and cache writes around the kernel, as
-            in generate's compiled decode step)."""
+            in generate's compiled decode step; `compile_mode` as torch.compile's `mode`, what a user sets through
+            generate's `compile_config`)."""
             with torch.device(dev):
                 attn = MoEMultiHeadLatentAttention(our_cfg, 0).to(dtype).eval()
             attn.load_state_dict(state)
@@ -494,7 +495,7 @@ def part_decode(S, args, dev, dtype):
                     return attn(x, position_embeddings, mask, cache)
 
             if compiled:
-                step = torch.compile(step, fullgraph=False, dynamic=False)
+                step = torch.compile(step, fullgraph=False, dynamic=False, mode=compile_mode)
 
             return time_step(step, cuda_graph, profile)
 
@@ -504,6 +505,8 @@ def part_decode(S, args, dev, dtype):
         if dev.type == "cuda":
             rows["ours (static cache, CUDA graph)"] = measure(run_static, True)
             rows["ours (static cache, compiled, CUDA graph)"] = measure(run_static, True, True)
+            for mode in filter(None, args.decode_compile_modes.split(",")):
+                rows[f"ours (compiled {mode}, CUDA graph)"] = measure(run_static, True, True, compile_mode=mode)
             for tile in decode_tiles(args.decode_tiles, shape["num_attention_heads"]):
                 with mla_decode.tile_config(tile):
                     rows[f"ours (compiled, CUDA graph, tile {tile_name(tile)})"] = measure(run_static, True, True)
@@ -594,6 +597,9 @@ def main():
     parser.add_argument("--decode-tiles", default="",
                         help="decode part: also time the compiled, graphed layer with each of these MLA kernel tiles, "
                              "comma-separated heads x keys, warps, stages (e.g. 64x32w16s3,16x64w8s2)")
+    parser.add_argument("--decode-compile-modes", default="",
+                        help="decode part: also time the graphed layer compiled with each of these torch.compile "
+                             "modes, comma-separated (e.g. max-autotune-no-cudagraphs: inductor tunes the GEMMs)")
     parser.add_argument("--small", action="store_true", help="tiny shapes: a CPU smoke test in well under a minute")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
