@@ -6,6 +6,7 @@ where the `modeling_moe` package is not installed: it imports only torch, transf
 """
 
 import contextlib
+import dataclasses
 import math
 import os
 import re
@@ -1044,6 +1045,23 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         cache = build()
         setattr(self, slot, cache if self.reuse_static_cache else None)
         return cache
+
+    def _default_compile_config(self):
+        """transformers' default for generate's compiled decode step (inductor, CUDA graphs), without the CUDA graphs
+        when the experts read their group sizes on the host, which a graph capture refuses: the eager loop, and
+        transformers' grouped_mm in dtypes other than bf16 (under torch.compile it falls back to a per-expert loop)."""
+        config = super()._default_compile_config()
+        if config.mode == "reduce-overhead" and not self._experts_capturable():
+            config = dataclasses.replace(config, mode="default")
+        return config
+
+    def _experts_capturable(self) -> bool:
+        """Whether the routed experts run without host syncs, so a CUDA graph can capture them."""
+        implementation = self.config._experts_implementation
+        if implementation == "grouped_mm":
+            return all(layer.mlp.experts.gate_up_proj.dtype == torch.bfloat16
+                       for layer in self.model.layers if layer.is_moe)
+        return implementation == "fused"
 
     def _sample(self, *args, **kwargs):
         """transformers' sampling / greedy loop, with its stop decision deferred by a step on CUDA when

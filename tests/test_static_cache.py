@@ -261,6 +261,33 @@ def test_gpu_generate_with_cuda_graphs_matches_dynamic(dtype):
         torch.testing.assert_close(static.logits[1].float(), dynamic.logits[1].float(), rtol=0.05, atol=0.05)
 
 
+@pytest.mark.parametrize("implementation, dtype, graphs", [
+    ("fused", torch.float32, True),
+    ("grouped_mm", torch.bfloat16, True),
+    ("grouped_mm", torch.float32, False),  # transformers' per-expert fallback reads the group sizes on the host
+    ("eager", torch.float32, False),  # the reference loop reads which experts are hit on the host
+])
+def test_generate_compiles_without_cuda_graphs_when_the_experts_sync(implementation, dtype, graphs):
+    """generate()'s default compile config keeps transformers' CUDA graphs (mode "reduce-overhead") only for experts
+    that a graph can capture; the others compile without graphs instead of failing at capture."""
+    model = seeded_model(small_config(), dtype=dtype)
+    model.set_experts_implementation(implementation)
+    assert model._default_compile_config().mode == ("reduce-overhead" if graphs else "default")
+    assert CompileConfig().mode == "reduce-overhead"  # transformers' default, which the graphs case keeps
+
+
+@pytest.mark.gpu
+def test_gpu_static_generate_with_grouped_mm_in_float32():
+    """transformers' grouped_mm experts in float32 with a static cache on a GPU: the compiled step runs without CUDA
+    graphs (a capture used to fail on the fallback's host read) and gives the dynamic cache's greedy tokens."""
+    model = seeded_model(small_config(), dtype=torch.float32).cuda()
+    model.set_experts_implementation("grouped_mm")
+    ids, mask = left_padded(PROMPTS, device="cuda")
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    static = model.generate(ids, cache_implementation="static", **kwargs)
+    assert static.tolist() == model.generate(ids, **kwargs).tolist()
+
+
 @pytest.mark.gpu
 def test_gpu_deferred_stop_check_gives_the_same_tokens():
     """On CUDA the stop check is deferred by default (real events, the decode step in CUDA graphs): the same greedy
