@@ -770,7 +770,29 @@ def fused_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     time, so PEFT's target_parameters LoRA (a parametrization) is applied."""
     if getattr(self, "_is_expert_parallel", False):
         raise NotImplementedError("experts_implementation='fused' does not support expert parallelism yet")
+    _check_swiglu_experts(self)
     return fused_moe(hidden_states, self.gate_up_proj, self.down_proj, top_k_index, top_k_weights)
+
+
+def is_silu(act_fn) -> bool:
+    try:
+        from transformers.activations import SiLUActivation
+    except ImportError:  # pragma: no cover - older transformers
+        SiLUActivation = torch.nn.SiLU
+    return isinstance(act_fn, (torch.nn.SiLU, SiLUActivation))
+
+
+def _check_swiglu_experts(experts):
+    """The kernels (and the reference) compute silu(gate) * up with stacked, untransposed [gate | up] weights and no
+    biases: any other experts module would get a silently different function."""
+    layout = dict(has_gate=True, is_concatenated=True, has_bias=False, is_transposed=False, has_post_expert_norm=False)
+    unsupported = [f"{name}={not value}" for name, value in layout.items() if getattr(experts, name, value) != value]
+    if not is_silu(getattr(experts, "act_fn", None)):
+        unsupported.append(f"act_fn={type(getattr(experts, 'act_fn', None)).__name__}")
+    if unsupported:
+        raise NotImplementedError(f"experts_implementation='fused' computes SwiGLU experts (silu activation, stacked "
+                                  f"[gate | up] weights, no biases); this module has {', '.join(unsupported)}: use "
+                                  f"'grouped_mm' or 'eager'")
 
 
 def preferred_by_default() -> bool:

@@ -589,9 +589,11 @@ class MoEPreTrainedModel(PreTrainedModel):
         super().__init__(config, *inputs, **kwargs)
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
-        """Default to the fused Triton experts where they run (a CUDA GPU, Triton installed); transformers' choice
-        (grouped_mm) otherwise. An explicit `experts_implementation` always wins."""
-        if requested_experts is None and moe_kernels is not None and moe_kernels.preferred_by_default():
+        """Default to the fused Triton experts where they run (a CUDA GPU, Triton installed) and compute this model's
+        experts (SwiGLU: hidden_act="silu"); transformers' choice (grouped_mm) otherwise. An explicit
+        `experts_implementation` always wins."""
+        if (requested_experts is None and moe_kernels is not None and moe_kernels.preferred_by_default()
+                and self.config.hidden_act == "silu"):
             requested_experts = "fused"
         return super().get_correct_experts_implementation(requested_experts)
 

@@ -640,6 +640,19 @@ def test_reference_path_without_triton_matches_eager(monkeypatch):
     torch.testing.assert_close(fused_moe(x, gate_up, down, index, weights), eager, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("hidden_act", ["gelu", "relu"])
+def test_fused_refuses_experts_it_does_not_compute(monkeypatch, hidden_act):
+    """The kernels and their reference compute silu(gate) * up: a model with another activation is not given "fused"
+    by default where the kernels run, and asking for it is a clear error, never silu's output."""
+    monkeypatch.setattr(modeling_moe.kernels, "preferred_by_default", lambda: True)
+    assert MoEForCausalLM(small_config(num_hidden_layers=2)).config._experts_implementation == "fused"
+    model = MoEForCausalLM(small_config(num_hidden_layers=2, hidden_act=hidden_act))
+    assert model.config._experts_implementation != "fused"
+    model.set_experts_implementation("fused")
+    with pytest.raises(NotImplementedError, match="act_fn"):
+        model(input_ids=torch.tensor([[3, 4, 5]]))
+
+
 def model_pair(config):
     torch.manual_seed(0)
     eager = MoEForCausalLM(config)
