@@ -229,12 +229,15 @@ def chosen_config(kind: str, key: tuple, candidates: list[KernelConfig]) -> Kern
     return _chosen.get((kind, key, candidates[0]), candidates[0])
 
 
-def _choose(kind: str, key: tuple, candidates: list[KernelConfig], launch) -> KernelConfig:
-    """Cached config of `kind` for `key`; with autotune on, the fastest candidate, timed once (bounded budget)."""
+def _choose(kind: str, key: tuple, candidates: list[KernelConfig], launch, tune: bool = True) -> KernelConfig:
+    """Cached config of `kind` for `key`; with autotune on, the fastest candidate, timed once (bounded budget).
+    `tune=False` for a launch that adds into its output (timing runs it many times): the default, left unsettled."""
     full_key = (kind, key, candidates[0])
     config = _chosen.get(full_key)
     if config is not None:
         return config
+    if not tune:
+        return candidates[0]
     config = candidates[0]
     can_time = (autotune_enabled() and len(candidates) > 1 and torch.cuda.is_available()
                 and not torch.cuda.is_current_stream_capturing() and not torch.compiler.is_compiling())
@@ -316,9 +319,10 @@ class Routing:
             self._tiles[block_m] = tile_schedule(self.offsets, block_m, self.num_rows, self.num_experts)
         return self._tiles[block_m]
 
-    def run(self, kind: str, family: str, launch) -> KernelConfig:
-        """`launch(config)` with the config chosen for `kind` (candidates of `family`, tuned once); returns it."""
-        config = _choose(kind, self.key, self._candidates(family), launch)
+    def run(self, kind: str, family: str, launch, tune: bool = True) -> KernelConfig:
+        """`launch(config)` with the config chosen for `kind` (candidates of `family`, tuned once unless `tune` is
+        False); returns it."""
+        config = _choose(kind, self.key, self._candidates(family), launch, tune)
         launch(config)
         return config
 
@@ -485,7 +489,8 @@ def gate_up_backward_impl(dgu, x, gate_up, perm, inv, offsets, top_k, need_x, ne
     if need_gate_up:
         into = grad_gate_up if grad_gate_up is not None else torch.empty_like(gate_up)
         routing.run("wgrad_gate_up", "wgrad_gate_up",
-                    lambda c: _launch_wgrad(c, routing, dgu, x, into, False, True, accumulate=grad_gate_up is not None))
+                    lambda c: _launch_wgrad(c, routing, dgu, x, into, False, True, accumulate=grad_gate_up is not None),
+                    tune=grad_gate_up is None)
         dgate_up = into if grad_gate_up is None else None
     return dx, dgate_up
 
@@ -541,7 +546,7 @@ def down_backward_impl(grad_out, gu, h, down, top_k_weights, perm, inv, offsets,
         scale = None if store_wh else weights
         routing.run(f"wgrad_down/{variant}", "wgrad_down",
                     lambda c: _launch_wgrad(c, routing, grad_out, wgrad_b, into, True, False, topk_w=scale,
-                                            accumulate=grad_down is not None))
+                                            accumulate=grad_down is not None), tune=grad_down is None)
         ddown = into if grad_down is None else None
     return dgu if need_gu else None, ddown, dweights
 

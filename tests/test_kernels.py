@@ -376,6 +376,40 @@ def test_weight_gradients_accumulate_in_place_across_backwards(triton_path, dgra
             set_grad_accumulation_fusion(True)
 
 
+@needs_triton
+def test_autotune_never_times_a_launch_that_adds_into_grad(triton_path, monkeypatch):
+    """Timing a candidate runs it many times: a wgrad launch that adds into .grad (gradient-accumulation fusion) must
+    not be timed, or .grad gets this backward's gradient once per run. The second micro-batch is of a new token
+    bucket, so its backward, which adds into .grad, is the first to choose configs for it."""
+    import triton.testing
+
+    from modeling_moe.kernels import fused_moe_ops
+
+    def do_bench(fn, **kwargs):
+        for _ in range(3):
+            fn()
+        return 1.0
+
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # timing needs CUDA; do_bench is faked above
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(fused_moe_ops, "_chosen", {})
+    monkeypatch.setattr(fused_moe_ops, "_candidates",
+                        lambda *args: [KernelConfig(16, 16, 16, 1, 1, 4), KernelConfig(16, 32, 16, 1, 1, 4)])
+    set_autotune(True)
+    first = make_case(8, 32, 16, 4, 2, seed=11, device=triton_path)
+    second = make_case(20, 32, 16, 4, 2, seed=12, device=triton_path)
+    gate_up, down = torch.nn.Parameter(first[1].clone()), torch.nn.Parameter(first[2].clone())
+    expected = [0.0, 0.0]
+    for seed, (x, _, _, index, weights) in enumerate((first, second)):
+        grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(x.device)
+        fused_moe(x, gate_up, down, index, weights).backward(grad)
+        reference = reference_gradients((x, first[1], first[2], index, weights), grad)
+        expected = [expected[0] + reference[1], expected[1] + reference[2]]
+    assert relative_error(gate_up.grad.cpu(), expected[0]) < 1e-5
+    assert relative_error(down.grad.cpu(), expected[1]) < 1e-5
+
+
 class FusedExperts(torch.nn.Module):
     def __init__(self, gate_up, down):
         super().__init__()
