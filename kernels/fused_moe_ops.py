@@ -487,7 +487,7 @@ def gate_up_backward_impl(dgu, x, gate_up, perm, inv, offsets, top_k, need_x, ne
         _launch_combine(dxs, inv, None, dx, top_k)
         del dxs
     if need_gate_up:
-        into = grad_gate_up if grad_gate_up is not None else torch.empty_like(gate_up)
+        into = grad_gate_up if grad_gate_up is not None else gate_up.new_empty(gate_up.shape)  # the fake's strides
         routing.run("wgrad_gate_up", "wgrad_gate_up",
                     lambda c: _launch_wgrad(c, routing, dgu, x, into, False, True, accumulate=grad_gate_up is not None),
                     tune=grad_gate_up is None)
@@ -542,7 +542,7 @@ def down_backward_impl(grad_out, gu, h, down, top_k_weights, perm, inv, offsets,
             dw_sorted = partial[config.block_n].sum(0)
             dweights = dw_sorted.index_select(0, inv).view_as(top_k_weights).to(top_k_weights.dtype)
     if need_down:  # dWd[e] [H, I] = sum_r (w_r dY[tok_r])^T h_r
-        into = grad_down if grad_down is not None else torch.empty_like(down)
+        into = grad_down if grad_down is not None else down.new_empty(down.shape)  # the fake's strides
         scale = None if store_wh else weights
         routing.run(f"wgrad_down/{variant}", "wgrad_down",
                     lambda c: _launch_wgrad(c, routing, grad_out, wgrad_b, into, True, False, topk_w=scale,

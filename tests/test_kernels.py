@@ -659,6 +659,22 @@ def test_custom_op_fake_and_opcheck(triton_path):
                           test_utils=checks)
 
 
+@needs_triton
+def test_weight_gradients_of_strided_weights_match_the_fake(triton_path):
+    """Expert weights stored transposed (a view): the backward ops return their gradients with the fake's contiguous
+    strides, which torch.compile's graph assumes."""
+    ops = torch.ops.modeling_moe
+    x, gate_up, down, index, weights = make_case(5, 16, 16, 4, 2, device=triton_path)
+    gate_up, down = (w.transpose(1, 2).contiguous().transpose(1, 2) for w in (gate_up, down))
+    gu, h, perm, inv, offsets = ops.fused_moe_gate_up(x, gate_up, index, True)
+    checks = ("test_schema", "test_faketensor")
+    grad = torch.randn_like(x)
+    torch.library.opcheck(ops.fused_moe_down_backward.default, (grad, gu, h, down, weights, perm, inv, offsets,
+                                                                "store_wh", True, True, True), test_utils=checks)
+    torch.library.opcheck(ops.fused_moe_gate_up_backward.default, (gu, x, gate_up, perm, inv, offsets, 2, True, True),
+                          test_utils=checks)
+
+
 def test_reference_path_without_triton_matches_eager(monkeypatch):
     """CPU without the interpreter: "fused" runs the PyTorch reference, same function as the eager loop."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
