@@ -51,6 +51,19 @@ def run(output_dir, data_cache, *extra) -> dict:
     return main([*TINY, "--data_cache_dir", data_cache, "--output_dir", str(output_dir), *extra])
 
 
+def short_documents(path) -> str:
+    """A .jsonl file of documents of 1 to 40 words: the first token of each is not predicted, so blocks of the same
+    length hold uneven numbers of predicted tokens."""
+    import random
+
+    rng = random.Random(0)
+    words = "the cat sat on a mat while dogs ran over hills and rivers under grey skies".split()
+    lengths = [rng.choice([1, 2, 3, 40]) for _ in range(400)]
+    path.write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(n))}) + "\n"
+                            for n in lengths))
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_cache):
     """30 steps of 4 x 32 tokens on the embedded corpus, evaluated before the first step and at steps 15 and 30."""
@@ -237,14 +250,17 @@ DISTRIBUTED_DRIVER = textwrap.dedent(
 )
 
 
+TWO_PROCESS_FLAGS = ["--max_steps", "4", "--save_steps", "2", "--max_train_samples", "40"]
+
+
 @pytest.fixture(scope="module")
 def two_process_runs(tmp_path_factory, data_cache):
     out = tmp_path_factory.mktemp("two-processes")
     driver = out / "driver.py"
     driver.write_text(DISTRIBUTED_DRIVER)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(driver), str(out), *TINY, "--data_cache_dir", data_cache, "--max_steps", "4", "--save_steps", "2",
-               "--max_train_samples", "40"]
+               str(driver), str(out), *TINY, "--data_cache_dir", data_cache, *TWO_PROCESS_FLAGS,
+               "--dataset", short_documents(out / "short.jsonl")]
     benchmarks = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MOE_BENCHMARKS_DIR": benchmarks}
     process = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400, cwd=out)
@@ -340,6 +356,21 @@ def test_max_train_seconds_stops_early_then_evaluates_and_saves(tmp_path, data_c
     assert (tmp_path / "model.safetensors").is_file()
 
 
+def test_gradient_accumulation_gives_the_step_of_the_whole_batch(tmp_path, data_cache):
+    """2 micro-batches of 2 blocks train as one batch of 4: the loss of a step is the mean over all its predicted
+    tokens, not the mean of the micro-batches' means. (Without MTP, whose loss is a mean per micro-batch.)"""
+    flags = ["--dataset", short_documents(tmp_path / "short.jsonl"), "--max_steps", "3", "--eval_steps", "0",
+             "--save_steps", "0", "--config_overrides", "num_nextn_predict_layers=0"]
+    run(tmp_path / "batch4", data_cache, *flags, "--per_device_train_batch_size", "4")
+    run(tmp_path / "accumulated", data_cache, *flags, "--per_device_train_batch_size", "2",
+        "--gradient_accumulation_steps", "2")
+    whole, accumulated = read_metrics(tmp_path / "batch4"), read_metrics(tmp_path / "accumulated")
+    for a, b in zip(whole, accumulated, strict=True):
+        for key in ("loss", "train_objective", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-6), (a["step"], key)
+    assert accumulated[-1]["eval_loss"] == pytest.approx(whole[-1]["eval_loss"], rel=1e-6)
+
+
 def test_torch_compile_gives_the_same_losses(tmp_path, data_cache):
     """--torch_compile (accelerate's regional compilation of the decoder layers; aot_eager here, inductor on a GPU)
     trains as the eager model does: same losses and expert loads."""
@@ -375,6 +406,19 @@ def test_two_process_ddp_and_expert_parallel_give_the_same_losses(two_process_ru
     assert sharded["model.layers.1.mlp.experts.gate_up_proj"].shape == (8, 64, 64)
     for name in dense:
         torch.testing.assert_close(sharded[name], dense[name], atol=1e-4, rtol=0)
+
+
+def test_two_processes_give_the_step_of_one_process_with_the_whole_batch(two_process_runs, tmp_path, data_cache):
+    """2 processes x 2 blocks train as 1 process x 4 blocks (the same blocks: the ranks take turns through one
+    order): the loss is the mean over every rank's tokens, and the gradients are scaled accordingly."""
+    run(tmp_path, data_cache, *TWO_PROCESS_FLAGS, "--dataset", str(two_process_runs / "short.jsonl"),
+        "--per_device_train_batch_size", "4")
+    one, ddp = read_metrics(tmp_path), read_metrics(two_process_runs / "ddp")
+    for a, b in zip(one, ddp, strict=True):
+        if a["step"] <= 2:  # the initial weights still (warmup: step 1's learning rate is 0)
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), a["step"]
+        # the MTP loss, a mean per rank weighted by the rank's share of the tokens, is not exactly the whole batch's
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3), a["step"]
 
 
 def test_two_process_expert_parallel_resume_is_bitwise(two_process_runs):

@@ -146,7 +146,10 @@ class PretrainArguments:
     )
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Sequences per process and micro-batch."})
     per_device_eval_batch_size: int | None = field(default=None, metadata={"help": "Default: the training one."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Micro-batches per optimizer step, whose loss is the mean over all their tokens "
+                                     "(on all ranks)."}
+    )
     learning_rate: float = field(default=3e-4, metadata={"help": "Peak learning rate (AdamW)."})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay of matrices (not of norms)."})
     adam_beta1: float = field(default=0.9)
@@ -644,6 +647,12 @@ class Batches:
         return next(self._iterator)
 
 
+def predicted_tokens(micro_batches: list[dict], accelerator) -> torch.Tensor:
+    """The tokens with a label to predict in an optimizer step's micro-batches, summed over the ranks."""
+    count = sum((batch["labels"][:, 1:] != -100).sum() for batch in micro_batches)
+    return accelerator.reduce(count, reduction="sum").clamp(min=1)
+
+
 @torch.no_grad()
 def evaluate(model, loader, accelerator) -> dict:
     """Over the held-out blocks, exact over ranks: `eval_loss`, the token-weighted mean cross-entropy (plain LM loss,
@@ -996,14 +1005,18 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
             window["start"] += time.perf_counter() - started  # the profiler's set-up is not training time
         objective = torch.zeros((), device=device)
         lm = torch.zeros((), device=device)
-        for _ in range(args.gradient_accumulation_steps):
-            batch = batches.next()
+        micro_batches = [batches.next() for _ in range(args.gradient_accumulation_steps)]
+        num_items = predicted_tokens(micro_batches, accelerator)
+        for batch in micro_batches:
             with accelerator.accumulate(model):
-                # the loss from the hidden states in chunks: the [tokens, vocab] logits are never held whole
-                output = model(**batch, use_cache=False, skip_logits=True)
-                accelerator.backward(output.loss)
-            objective += output.loss.detach().float()
-            lm += output.lm_loss.detach().float()
+                # the loss from the hidden states in chunks: the [tokens, vocab] logits are never held whole; each
+                # micro-batch's loss is its share of the mean over the step's tokens on all ranks
+                output = model(**batch, use_cache=False, skip_logits=True, num_items_in_batch=num_items)
+                # accelerator.backward divides by the accumulation steps and DDP / FSDP average over the ranks:
+                # the shares must add up instead
+                accelerator.backward(output.loss * (args.gradient_accumulation_steps * world))
+            objective += output.loss.detach().float() * world  # (the logged window averages over the ranks)
+            lm += output.lm_loss.detach().float() * world
             del output
         if not accelerator.sync_gradients:
             raise RuntimeError("gradient accumulation fell out of step with the optimizer")
@@ -1030,9 +1043,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
         if "first_step" not in phases.seconds:  # host time to run step 1: kernel compilation, allocator growth
             phases.mark("first_step")
         state.tokens_seen += tokens_per_step
-        micro = args.gradient_accumulation_steps
-        window["objective"] += objective / micro
-        window["lm"] += lm / micro
+        window["objective"] += objective
+        window["lm"] += lm
         window["steps"] += 1
         if num_layers:
             window["maxvio"] += balance["maxvio"].to(device)
