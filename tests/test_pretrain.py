@@ -545,6 +545,14 @@ def test_help_lists_every_option_and_yaml_config_is_overridable(tmp_path):
         parse_args(["--config", str(config)])
 
 
+def test_yaml_config_null_is_the_default(tmp_path):
+    config = tmp_path / "pretrain.yaml"
+    config.write_text("dataset: null\ntokenizer_name: ~\neval_steps: null\ndata_seed: null\nreport_to: null\n")
+    model_args, data_args, args = parse_args(["--config", str(config)])
+    assert data_args.dataset is None and model_args.tokenizer_name is None
+    assert args.eval_steps is None and args.data_seed is None and args.report_to == ["none"]
+
+
 def test_config_overrides_parse_json_values():
     assert parse_config_overrides("a=1, b=true,c=1e-3,d=null,e=name,f=False") == {
         "a": 1, "b": True, "c": 0.001, "d": None, "e": "name", "f": False,

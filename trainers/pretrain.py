@@ -231,7 +231,8 @@ def build_parser():
 
     parser = HfArgumentParser(ARGUMENT_CLASSES, description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument("--config", metavar="FILE.yaml", default=None,
-                        help="YAML (or JSON) file of option: value pairs; options on the command line override it.")
+                        help="YAML (or JSON) file of option: value pairs (null: the default); options on the command "
+                             "line override it.")
     return parser
 
 
@@ -272,9 +273,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
 
 
 def _as_flags(values: dict) -> list[str]:
-    """A YAML mapping as command-line words: `report_to: [a, b]` -> --report_to a b; `bf16: true` -> --bf16 true."""
+    """A YAML mapping as command-line words: `report_to: [a, b]` -> --report_to a b; `bf16: true` -> --bf16 true;
+    `dataset: null` -> nothing, so the option keeps its default (a word 'none' would be read as a path, or fail as a
+    number)."""
     words = []
     for key, value in values.items():
+        if value is None:
+            continue
         items = value if isinstance(value, list) else [value]
         words += [f"--{key}", *("none" if item is None else str(item).lower() if isinstance(item, bool) else str(item)
                                 for item in items)]
