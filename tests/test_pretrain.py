@@ -371,6 +371,14 @@ def test_gradient_accumulation_gives_the_step_of_the_whole_batch(tmp_path, data_
     assert accumulated[-1]["eval_loss"] == pytest.approx(whole[-1]["eval_loss"], rel=1e-6)
 
 
+def test_num_train_epochs_counts_micro_batches(tmp_path, data_cache):
+    # 10 blocks of 2: 5 micro-batches an epoch, so 2 epochs are 5 optimizer steps of 2 micro-batches
+    summary = run(tmp_path, data_cache, "--max_steps", "-1", "--num_train_epochs", "2", "--max_train_samples", "10",
+                  "--gradient_accumulation_steps", "2", "--save_steps", "0", "--save_final_model", "false")
+    assert summary["global_step"] == 5
+    assert [r["epoch"] for r in read_metrics(tmp_path) if "loss" in r][-1] == 2.0
+
+
 def test_torch_compile_gives_the_same_losses(tmp_path, data_cache):
     """--torch_compile (accelerate's regional compilation of the decoder layers; aot_eager here, inductor on a GPU)
     trains as the eager model does: same losses and expert loads."""

@@ -895,9 +895,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
     phases.mark("prepare")
     unwrapped = accelerator.unwrap_model(model)
 
-    micro_per_epoch = len(train_loader)
-    steps_per_epoch = max(micro_per_epoch // args.gradient_accumulation_steps, 1)
-    max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    # Optimizer steps draw micro-batches across epoch boundaries: an epoch is a number of micro-batches, not of steps.
+    epochs_in_micro_batches = args.num_train_epochs * len(train_loader)
+    max_steps = args.max_steps if args.max_steps > 0 else math.ceil(
+        epochs_in_micro_batches / args.gradient_accumulation_steps
+    )
     if profile_steps:
         _check_profile_steps(profile_steps, max_steps)
     scheduler = get_scheduler(
