@@ -356,6 +356,24 @@ def test_max_train_seconds_stops_early_then_evaluates_and_saves(tmp_path, data_c
     assert (tmp_path / "model.safetensors").is_file()
 
 
+def test_a_run_stopped_by_the_clock_resumes_where_it_stopped(tmp_path, data_cache):
+    """With checkpoints on, --max_train_seconds leaves one at the step where it stopped; resuming from it finishes
+    the run with the weights of a run that was never stopped (its learning-rate schedule spans max_steps)."""
+    extra = ["--max_steps", "3", "--save_steps", "100", "--eval_steps", "0"]
+    reference = run(tmp_path / "reference", data_cache, *extra)
+    stopped = run(tmp_path / "stopped", data_cache, *extra, "--max_train_seconds", "1e-9")
+    assert stopped["global_step"] == 1 and stopped["stopped_by_time"] is True
+    assert [p.name for p in (tmp_path / "stopped").glob("checkpoint-*")] == ["checkpoint-1"]
+    resumed = run(tmp_path / "stopped", data_cache, *extra, "--resume_from_checkpoint", "latest")
+    assert resumed["resumed_from"].endswith("checkpoint-1") and resumed["global_step"] == 3
+    assert resumed["final_eval_loss"] == reference["final_eval_loss"]
+    from safetensors.torch import load_file
+
+    expected = load_file(tmp_path / "reference" / "model.safetensors")
+    got = load_file(tmp_path / "stopped" / "model.safetensors")
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+
+
 def test_gradient_accumulation_gives_the_step_of_the_whole_batch(tmp_path, data_cache):
     """2 micro-batches of 2 blocks train as one batch of 4: the loss of a step is the mean over all its predicted
     tokens, not the mean of the micro-batches' means. (Without MTP, whose loss is a mean per micro-batch.)"""

@@ -141,8 +141,9 @@ class PretrainArguments:
     max_train_seconds: float = field(
         default=0.0,
         metadata={"help": "Stop training after the optimizer step that ends past this many seconds of training, then "
-                  "evaluate and save as at the last step (the learning-rate schedule still spans max_steps); "
-                  "<= 0: no limit. Every rank stops at the same step."},
+                  "evaluate and save as at the last step, with a checkpoint there when --save_steps > 0 (the "
+                  "learning-rate schedule still spans max_steps: --resume_from_checkpoint continues it); <= 0: no "
+                  "limit. Every rank stops at the same step."},
     )
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Sequences per process and micro-batch."})
     per_device_eval_batch_size: int | None = field(default=None, metadata={"help": "Default: the training one."})
@@ -1112,7 +1113,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
                 profile = profile_record(gather_object([summary]))  # every rank's, in rank order
                 record_metrics(profile)
             window["start"] += time.perf_counter() - started  # nor is the summarising
-        if args.save_steps > 0 and step % args.save_steps == 0:
+        save_now = args.save_steps > 0 and (step % args.save_steps == 0 or out_of_time)
+        if save_now:  # a run stopped by the clock can be resumed from where it stopped
             if window["steps"]:
                 losses = window_losses()
                 state.open_window = {"lm": losses[0].item(), "objective": losses[1].item(), "steps": window["steps"],
@@ -1122,7 +1124,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
             state.open_window = None
         if progress is not None:
             progress.update(1)
-        if record or (args.save_steps > 0 and step % args.save_steps == 0):
+        if record or save_now:
             window["start"] = time.perf_counter()  # throughput windows exclude evaluation and checkpointing
     if progress is not None:
         progress.close()
