@@ -276,15 +276,19 @@ def test_local_files_need_no_reasoning_gym(tmp_path, monkeypatch):
 
 
 def test_time_limit_callback_stops_training():
+    from types import SimpleNamespace
+
     from transformers import TrainerControl, TrainerState
 
     from modeling_moe.trainers.sft import TimeLimitCallback
 
     for seconds, stops in ((0.0, True), (3600.0, False)):
-        callback, control = TimeLimitCallback(seconds), TrainerControl()
-        callback.on_train_begin(None, TrainerState(), control)
-        callback.on_step_end(None, TrainerState(), control)
-        assert control.should_training_stop is stops
+        for strategy in ("steps", "no"):
+            callback, control = TimeLimitCallback(seconds), TrainerControl()
+            callback.on_train_begin(None, TrainerState(), control)
+            callback.on_step_end(SimpleNamespace(save_strategy=strategy), TrainerState(), control)
+            assert control.should_training_stop is stops
+            assert control.should_save is (stops and strategy == "steps")
 
 
 # ---------------------------------------------------------------------------------------------------- dry run

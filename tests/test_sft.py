@@ -273,6 +273,19 @@ def test_sft_cli_lora_with_router_aux_loss(tiny_dir, tmp_path):
     assert all(not router.e_score_correction_bias.any() for router in base.routers())  # biases fixed by default
 
 
+def test_a_run_stopped_by_the_clock_leaves_a_checkpoint_to_resume(tiny_dir, tmp_path):
+    """--max_train_seconds with checkpoints every save_steps: a checkpoint at the step where training stopped, from
+    which --resume_from_checkpoint finishes the run."""
+    out = tmp_path / "sft"
+    flags = ["--model_name_or_path", tiny_dir, "--use_peft", "--output_dir", str(out), "--max_steps", "3",
+             "--per_device_train_batch_size", "2", "--max_length", "96", "--task", "arithmetic", "--train_size", "6",
+             "--eval_size", "0", "--save_strategy", "steps", "--save_steps", "100"]
+    sft.main([*flags, "--max_train_seconds", "1e-9"])
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-1"]
+    trainer = sft.main([*flags, "--resume_from_checkpoint", "true"])
+    assert trainer.state.global_step == 3
+
+
 def test_sft_cli_full_finetune_with_expert_bias_updates(tiny_dir, tmp_path):
     out = tmp_path / "full"
     sft.main([
@@ -486,8 +499,9 @@ def test_time_limit_stops_every_rank_at_the_same_step(monkeypatch):
     callback.on_train_begin(None, None, None)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "all_reduce", lambda flag, op=None: flag.fill_(1.0))  # another rank is over
-    control = SimpleNamespace(should_training_stop=False)
-    callback.on_step_end(SimpleNamespace(device=torch.device("cpu")), SimpleNamespace(global_step=3), control)
+    control = SimpleNamespace(should_training_stop=False, should_save=False)
+    args = SimpleNamespace(device=torch.device("cpu"), save_strategy="no")
+    callback.on_step_end(args, SimpleNamespace(global_step=3), control)
     assert control.should_training_stop
 
 

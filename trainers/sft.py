@@ -147,7 +147,8 @@ class ReasoningDataArguments:
     max_train_seconds: float | None = field(
         default=None,
         metadata={"help": "Stop training after the step that ends this many seconds after training began; the model "
-                          "is still saved and evaluated (a fixed time budget)."},
+                          "is still saved and evaluated (a fixed time budget), with a checkpoint at that step when "
+                          "--save_strategy steps (--resume_from_checkpoint true continues the run)."},
     )
 
 
@@ -367,7 +368,8 @@ class SkipNonFiniteStepCallback(TrainerCallback):
 
 
 class TimeLimitCallback(TrainerCallback):
-    """Stops training at the end of the first step past `seconds` after training began."""
+    """Stops training at the end of the first step past `seconds` after training began, with a checkpoint there when
+    checkpoints are saved every `save_steps` (as at the last step): `--resume_from_checkpoint` continues the run."""
 
     def __init__(self, seconds: float):
         self.seconds = seconds
@@ -387,6 +389,7 @@ class TimeLimitCallback(TrainerCallback):
         if stop:
             logger.info("--max_train_seconds %g reached: training stops at step %d", self.seconds, state.global_step)
             control.should_training_stop = True
+            control.should_save = control.should_save or args.save_strategy == "steps"
 
 
 class LogHistoryCallback(TrainerCallback):
