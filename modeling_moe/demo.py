@@ -42,6 +42,10 @@ GENERATE_IN_FRESH_PROCESS = textwrap.dedent(
     print("question:", question)
     print("answer:", repr(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)))
 
+    if not model.config.num_nextn_predict_layers:
+        print("no MTP module (num_nextn_predict_layers=0): no MTP self-speculative decoding")
+        sys.exit()
+
     # The same answer by MTP self-speculative decoding: the MTP module drafts, the main model verifies.
     from modeling_moe import mtp_speculative_decoding
 

@@ -4,6 +4,10 @@ import json
 import subprocess
 import sys
 
+import torch
+
+from modeling_moe import demo
+
 
 def test_demo_end_to_end(tmp_path):
     args = ["--output_dir", "out", "--pretrain_steps", "3", "--sft_steps", "2", "--grpo_steps", "1", "--seq_len", "64",
@@ -20,3 +24,24 @@ def test_demo_end_to_end(tmp_path):
     assert (out / "pretrain" / "loss.png").stat().st_size > 0
     assert (out / "sft" / "adapter_model.safetensors").is_file()
     assert (out / "grpo" / "merged" / "modeling_moe.py").is_file()
+
+
+def saved_model_with_chat_template(folder, **overrides):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from modeling_moe.presets import load_preset_config, preset_path
+    from modeling_moe.trainers.reasoning_data import set_chat_template
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(load_preset_config("tiny", **overrides)).save_pretrained(folder)
+    set_chat_template(AutoTokenizer.from_pretrained(preset_path("tiny"))).save_pretrained(folder)
+    return str(folder)
+
+
+def test_generation_step_on_a_model_without_mtp(tmp_path):
+    """`--model_config gqa-moe` (no MTP module) must not fail at the very end, after minutes of training."""
+    folder = saved_model_with_chat_template(tmp_path / "model", num_nextn_predict_layers=0)
+    command = [sys.executable, "-c", demo.GENERATE_IN_FRESH_PROCESS, folder, "Make 10 with 2 and 5.", "3"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "answer:" in result.stdout and "no MTP module" in result.stdout
