@@ -16,6 +16,7 @@ Each stage writes its metrics and plots under --output_dir (pretrain/, sft/, grp
 """
 
 import argparse
+import json
 import logging
 import os
 import subprocess
@@ -23,23 +24,24 @@ import sys
 import textwrap
 
 from modeling_moe.trainers import grpo, pretrain, sft
+from modeling_moe.trainers.reasoning_data import make_prompt
 
 logger = logging.getLogger("modeling_moe.demo")
 
 GENERATE_IN_FRESH_PROCESS = textwrap.dedent(
     """
+    import json
     import sys
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder, question, max_new_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    folder, messages, max_new_tokens = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     print(f"loaded {type(model).__module__}.{type(model).__name__} through trust_remote_code")
-    messages = [{"role": "user", "content": question}]
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    print("question:", question)
+    print("question:", messages[-1]["content"])
     print("answer:", repr(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)))
 
     if not model.config.num_nextn_predict_layers:
@@ -104,9 +106,10 @@ def main(argv=None):
     ])
 
     logger.info("4/4 reloading with trust_remote_code in a fresh process and generating")
+    # With the system prompt of the SFT and GRPO examples: the format the model was tuned to answer.
+    messages = json.dumps(make_prompt(args.question))
     subprocess.run(
-        [sys.executable, "-c", GENERATE_IN_FRESH_PROCESS, f"{out}/grpo/merged", args.question,
-         str(args.max_new_tokens)],
+        [sys.executable, "-c", GENERATE_IN_FRESH_PROCESS, f"{out}/grpo/merged", messages, str(args.max_new_tokens)],
         check=True,
     )
 

@@ -7,6 +7,7 @@ import sys
 import torch
 
 from modeling_moe import demo
+from modeling_moe.trainers.reasoning_data import make_prompt
 
 
 def test_demo_end_to_end(tmp_path):
@@ -41,7 +42,19 @@ def saved_model_with_chat_template(folder, **overrides):
 def test_generation_step_on_a_model_without_mtp(tmp_path):
     """`--model_config gqa-moe` (no MTP module) must not fail at the very end, after minutes of training."""
     folder = saved_model_with_chat_template(tmp_path / "model", num_nextn_predict_layers=0)
-    command = [sys.executable, "-c", demo.GENERATE_IN_FRESH_PROCESS, folder, "Make 10 with 2 and 5.", "3"]
+    messages = json.dumps(make_prompt("Make 10 with 2 and 5."))
+    command = [sys.executable, "-c", demo.GENERATE_IN_FRESH_PROCESS, folder, messages, "3"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "answer:" in result.stdout and "no MTP module" in result.stdout
+
+
+def test_the_question_is_asked_in_the_format_the_model_was_tuned_on(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo.pretrain, "main", lambda argv: {"eval_losses": [(0, 11.0)], "final_eval_loss": 10.0})
+    monkeypatch.setattr(demo.sft, "main", lambda argv: None)
+    monkeypatch.setattr(demo.grpo, "main", lambda argv: None)
+    commands = []
+    monkeypatch.setattr(demo.subprocess, "run", lambda command, **kwargs: commands.append(command))
+    demo.main(["--output_dir", str(tmp_path), "--question", "Make 10 with 2 and 5."])
+    (command,) = commands
+    assert json.loads(command[4]) == make_prompt("Make 10 with 2 and 5.")  # with the SFT / GRPO system prompt
