@@ -98,9 +98,10 @@ def test_single_process_writes_metrics_plots_and_model(trained):
             assert (output_dir / name).stat().st_size > 5000, name
 
 
-def test_held_out_loss_and_maxvio_are_those_of_the_whole_set():
+def test_held_out_loss_and_maxvio_are_those_of_the_whole_set(capsys):
     """evaluate(): the token-weighted cross-entropy over every held-out block, and per MoE layer the MaxVio of the
-    loads the experts received (captured at their input) summed over the set, with an uneven last batch."""
+    loads the experts received (captured at their input) summed over the set, with an uneven last batch; a progress
+    bar when asked."""
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
 
@@ -119,7 +120,8 @@ def test_held_out_loss_and_maxvio_are_those_of_the_whole_set():
             layer.mlp.experts.register_forward_pre_hook(lambda module, args, layer=layer: received.setdefault(
                 layer, []).append(torch.bincount(args[1].flatten(), minlength=config.n_routed_experts)))
     accelerator = Accelerator(cpu=True)
-    metrics = evaluate(model, accelerator.prepare(DataLoader(blocks, batch_size=2)), accelerator)
+    metrics = evaluate(model, accelerator.prepare(DataLoader(blocks, batch_size=2)), accelerator, progress=True)
+    assert "evaluating" in capsys.readouterr().err
     loss, maxvio = metrics["eval_loss"], metrics["eval_maxvio"]
 
     assert len(received) == 2 and all(len(counts) == 3 for counts in received.values())

@@ -660,10 +660,13 @@ def predicted_tokens(micro_batches: list[dict], accelerator) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, loader, accelerator) -> dict:
+def evaluate(model, loader, accelerator, progress: bool = False) -> dict:
     """Over the held-out blocks, exact over ranks: `eval_loss`, the token-weighted mean cross-entropy (plain LM loss,
-    no MTP), and `eval_maxvio`, per MoE layer of the decoder, MaxVio_global (Wang et al. 2024): the MaxVio of the expert loads summed over the
-    whole held-out set, the balance that matters for inference, unlike the per-batch MaxVio of training steps."""
+    no MTP), and `eval_maxvio`, per MoE layer of the decoder, MaxVio_global (Wang et al. 2024): the MaxVio of the
+    expert loads summed over the whole held-out set, the balance that matters for inference, unlike the per-batch
+    MaxVio of training steps. `progress`: a progress bar over the batches."""
+    from tqdm.auto import tqdm
+
     from modeling_moe.modeling_moe import max_violation
 
     model.eval()
@@ -671,7 +674,7 @@ def evaluate(model, loader, accelerator) -> dict:
     total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     count = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     load = None
-    for batch in loader:
+    for batch in tqdm(loader, desc="evaluating", unit="batch", leave=False, dynamic_ncols=True, disable=not progress):
         labels = batch.pop("labels")
         outputs = model(**batch, use_cache=False, output_router_logits=bool(routers))
         shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
@@ -813,6 +816,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
                                         use_regional_compilation=True) if args.torch_compile else None,
     )
     main_process = accelerator.is_main_process
+    show_progress = main_process and not args.disable_tqdm
     world = accelerator.num_processes
     ep_size = args.expert_parallel_size
     try:
@@ -981,7 +985,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
     grad_norm = torch.zeros((), device=device)
 
     if args.eval_on_start and eval_loader is not None and state.global_step == 0:
-        record_metrics({"step": 0, **evaluate(model, eval_loader, accelerator)})
+        record_metrics({"step": 0, **evaluate(model, eval_loader, accelerator, show_progress)})
         window["start"] = time.perf_counter()
 
     profiler = None
@@ -994,7 +998,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
     profile = None
 
     progress = None
-    if main_process and not args.disable_tqdm:
+    if show_progress:
         from tqdm.auto import tqdm
 
         progress = tqdm(total=max_steps, initial=state.global_step, desc="pretraining", unit="step", dynamic_ncols=True)
@@ -1103,7 +1107,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
         )
         if evaluate_now:
             record.setdefault("step", step)
-            record.update(evaluate(model, eval_loader, accelerator))
+            record.update(evaluate(model, eval_loader, accelerator, show_progress))
         if record:
             record_metrics(record)
         if profiler is not None:
@@ -1133,7 +1137,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
     if eval_loader is not None and not any(
         r["step"] == state.global_step and r.get("eval_loss") is not None for r in state.log_history
     ):
-        record_metrics({"step": state.global_step, **evaluate(model, eval_loader, accelerator)})
+        record_metrics({"step": state.global_step, **evaluate(model, eval_loader, accelerator, show_progress)})
 
     if args.save_final_model:
         # Final model: every expert gathered back into one ordinary checkpoint.
