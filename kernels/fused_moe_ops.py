@@ -780,9 +780,10 @@ def fused_experts_forward(self, hidden_states, top_k_index, top_k_weights):
 
 
 def is_silu(act_fn) -> bool:
+    """Whether `act_fn` is SiLU, torch's or transformers' (`ACT2FN["silu"]`)."""
     try:
         from transformers.activations import SiLUActivation
-    except ImportError:  # pragma: no cover - older transformers
+    except ImportError:  # these kernels also run without transformers
         SiLUActivation = torch.nn.SiLU
     return isinstance(act_fn, (torch.nn.SiLU, SiLUActivation))
 
