@@ -47,6 +47,9 @@ FAMILIES = {  # kernel: (candidate family, Triton kernel name)
     "dgrad_x": ("dgrad_x", "_grouped_gemm_kernel"),
     "wgrad_gate_up": ("wgrad_gate_up", "_grouped_wgrad_kernel"),
     "wgrad_down": ("wgrad_down", "_grouped_wgrad_kernel"),
+    # adding into an existing .grad (gradient accumulation; the layer benchmark's timing loop)
+    "wgrad_gate_up+": ("wgrad_gate_up", "_grouped_wgrad_kernel"),
+    "wgrad_down+": ("wgrad_down", "_grouped_wgrad_kernel"),
 }
 MLA_SHAPES = {"v2lite": 16, "v3": 128}  # heads
 MLA_CANDIDATES = [(16, 32, 4, 3), (16, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2),
@@ -79,11 +82,13 @@ def compile_fused_kernel(kernel: str, config, hidden: int, inter: int, top_k: in
             dw = torch.empty(-(-inter // config.block_n), rows, dtype=torch.float32)
             fm._launch_dgrad_h(config, routing, grad_out, down, torch.empty_like(gu), gu, h, weights, dw,
                                fm.dgrad_h_variant() == "store_wh")
-        elif kernel == "wgrad_gate_up":
-            fm._launch_wgrad(config, routing, gu, x, torch.empty_like(gate_up), False, True)
-        elif kernel == "wgrad_down":  # the default dgrad_h variant (scale_in_wgrad) scales dY rows by w here
+        elif kernel.startswith("wgrad_gate_up"):
+            fm._launch_wgrad(config, routing, gu, x, torch.empty_like(gate_up), False, True,
+                             accumulate=kernel.endswith("+"))
+        elif kernel.startswith("wgrad_down"):  # the default dgrad_h variant (scale_in_wgrad) scales dY rows by w here
             scale = None if fm.dgrad_h_variant() == "store_wh" else weights
-            fm._launch_wgrad(config, routing, grad_out, h, torch.empty_like(down), True, False, topk_w=scale)
+            fm._launch_wgrad(config, routing, grad_out, h, torch.empty_like(down), True, False, topk_w=scale,
+                             accumulate=kernel.endswith("+"))
         else:
             raise ValueError(f"unknown kernel {kernel!r}; choose from {', '.join(FAMILIES)}")
     name = FAMILIES[kernel][1]
