@@ -17,7 +17,9 @@ Per anchor shape (../shared/anchors/README.md; bf16, routers fp32, weights N(0, 
              (`latency_us`, host overhead included) and replayed from a CUDA graph (`replayed_us`, null where the
              layer cannot be captured).
   profile    the fused layer's forward+backward under torch.profiler (3 iterations, as the layer part times them):
-             wall vs kernel time per iteration, the busiest kernels, and the host syncs of one iteration.
+             wall vs kernel time per iteration, the busiest kernels, and the host syncs of one iteration; and for
+             it and transformers' grouped_mm (`host`): the synchronised iteration's time against the host's launch
+             time and the GPU time alone (is the figure host-bound?).
   model      training step (AdamW) of the anchors' 1.26B model (our MoEForCausalLM, batch 8 x 2048), grouped_mm
              vs fused experts: tokens/s.
 --variants runs the fused layer (check, timings, peak memory), its breakdown (the kernels a variant changes:
@@ -228,6 +230,39 @@ def profile_layer(block, x, iterations=3) -> dict:
     return result
 
 
+def host_and_device_ms(layer, x, iterations=20, queued=10) -> dict:
+    """Is a forward+backward host-bound? Per iteration, medians: `event_ms`, the CUDA-event time of a synchronised
+    iteration (what `timings` reports); `host_ms`, how long the call takes to return (launching everything);
+    `device_ms`, the GPU time alone, from `queued` iterations launched behind a 40 ms sleep kernel, so the GPU never
+    waits for the host. event_ms near host_ms > device_ms: the host sets the figure."""
+    grad = torch.randn_like(x)
+
+    def step():
+        forward(layer, x).backward(grad)
+
+    events, host = [], []
+    for _ in range(iterations):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        sync()
+        began = time.perf_counter()
+        start.record()
+        step()
+        end.record()
+        host.append((time.perf_counter() - began) * 1e3)
+        sync()
+        events.append(start.elapsed_time(end))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    sync()
+    torch.cuda._sleep(int(40e6))
+    start.record()
+    for _ in range(queued):
+        step()
+    end.record()
+    sync()
+    return {"event_ms": round(statistics.median(events), 3), "host_ms": round(statistics.median(host), 3),
+            "device_ms": round(start.elapsed_time(end) / queued, 3)}
+
+
 def rel(a, b, chunk=1 << 26):
     """||a - b|| / ||b||, in chunks (a v3 expert gradient is 22 GB in bf16)."""
     a, b = a.reshape(-1), b.reshape(-1)
@@ -265,6 +300,8 @@ def part_layer(name, args):
                           backward=not small_eager or name == "small")
             emit(part="layer", shape=name, impl=f"hf {impl}", tokens=T, **res,
                  state_mismatch=len(missing.missing_keys) + len(missing.unexpected_keys))
+            if "profile" in args.parts and impl == "grouped_mm" and dev == "cuda":
+                emit(part="host", shape=name, impl=f"hf {impl}", **host_and_device_ms(layer, x))
             del layer, x
         except Exception as error:
             traceback.print_exc()
@@ -305,7 +342,8 @@ def part_layer(name, args):
                          **timings(block, x, fwd_flops))
                 finally:
                     fm.set_grad_accumulation_fusion(True)
-            if "profile" in args.parts and impl == "fused":
+            if "profile" in args.parts and impl == "fused" and dev == "cuda":
+                emit(part="host", shape=name, impl=label, **host_and_device_ms(block, x))
                 emit(part="profile", shape=name, impl=label, **profile_layer(block, x))
         except Exception as error:
             traceback.print_exc()
@@ -507,6 +545,10 @@ def table():
                   f"iteration, {r['categories_ms']}, host syncs {len(r.get('host_syncs', []))}")
             for kernel, ms, calls in r["top_kernels_ms"]:
                 print(f"profile {r['shape']:<8}  {ms:9.3f} ms {calls:4d}x  {kernel}")
+    for r in RECORDS:
+        if r["part"] == "host":
+            print(f"host {r['shape']:<8}{r['impl']:<30} f+b: synchronised {r['event_ms']} ms, host launch "
+                  f"{r['host_ms']} ms, GPU alone {r['device_ms']} ms")
     for r in RECORDS:
         if r["part"] in ("decode", "model"):
             print({k: v for k, v in r.items() if k != "part"} | {"part": r["part"]})
