@@ -533,6 +533,23 @@ def test_existing_checkpoints_need_resume_or_overwrite(tmp_path, data_cache):
         run(tmp_path, data_cache, "--max_steps", "1")
 
 
+def test_resuming_an_older_checkpoint_refuses_to_keep_the_newer_ones(tmp_path, data_cache):
+    """checkpoint-4 belongs to a future this run will not follow: kept, `latest` would pick it after a crash and
+    save_total_limit would delete this run's checkpoints instead of it. An error, or with --overwrite_output_dir,
+    deleted; the run then goes on from checkpoint-2."""
+    flags = ["--save_steps", "2", "--eval_steps", "0", "--save_final_model", "false"]
+    run(tmp_path, data_cache, "--max_steps", "4", *flags)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    older = str(tmp_path / "checkpoint-2")
+    with pytest.raises(ConfigurationError, match="past checkpoint-2 \\(checkpoint-4\\)"):
+        run(tmp_path, data_cache, "--max_steps", "3", *flags, "--resume_from_checkpoint", older)
+    assert (tmp_path / "checkpoint-4").is_dir()
+    resumed = run(tmp_path, data_cache, "--max_steps", "3", *flags, "--resume_from_checkpoint", older,
+                  "--overwrite_output_dir", "--save_steps", "1", "--save_total_limit", "1")
+    assert resumed["global_step"] == 3
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-3"]
+
+
 def test_cli_prints_one_line_errors(tmp_path):
     process = subprocess.run(
         [sys.executable, "-m", "modeling_moe.trainers.pretrain", "--model_config", "nope",

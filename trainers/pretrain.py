@@ -134,7 +134,9 @@ class DataArguments:
 class PretrainArguments:
     output_dir: str = field(default="outputs/pretrain", metadata={"help": "Model, metrics, plots and checkpoints."})
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Start over in an output_dir that already holds checkpoints (deletes them)."}
+        default=False, metadata={"help": "Start over in an output_dir that already holds checkpoints (deletes them); "
+                                         "with --resume_from_checkpoint, delete the checkpoints past the one resumed "
+                                         "from."}
     )
     max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; <= 0: num_train_epochs decides."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs of training blocks if max_steps <= 0."})
@@ -590,6 +592,18 @@ def resolve_checkpoint(value: str | None, output_dir: str) -> Path | None:
     return path
 
 
+def checkpoint_step(checkpoint: Path) -> int:
+    """The optimizer step a checkpoint was saved at (its trainer state's global_step)."""
+    return int(json.loads((checkpoint / TRAINER_STATE_NAME).read_text()).get("global_step", 0))
+
+
+def discard_checkpoints(accelerator, checkpoints: list[tuple[int, Path]]):
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for _, path in checkpoints:
+            shutil.rmtree(path)
+
+
 def save_checkpoint(accelerator, state: TrainerState, output_dir: str, save_total_limit: int | None) -> Path:
     """`accelerator.save_state` into a temporary folder, then one rename: checkpoint-N is complete or absent."""
     final = Path(output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
@@ -837,10 +851,18 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
                 f"{output_dir} already holds checkpoints ({existing[-1][1].name}, ...): pass --resume_from_checkpoint "
                 "latest to continue that run, or --overwrite_output_dir to start over (deletes them)."
             )
-        accelerator.wait_for_everyone()
-        if main_process:
-            for _, path in existing:
-                shutil.rmtree(path)
+        discard_checkpoints(accelerator, existing)
+    # Checkpoints past the one resumed from hold a run this one will not follow: `latest` would pick them after a
+    # crash, and save_total_limit would keep them and delete this run's own.
+    newer = [(step, path) for step, path in existing if checkpoint is not None and step > checkpoint_step(checkpoint)]
+    if newer:
+        if not args.overwrite_output_dir:
+            raise ConfigurationError(
+                f"{output_dir} holds checkpoints past {checkpoint.name} ({', '.join(p.name for _, p in newer)}), "
+                "from a run this one will diverge from: resume from latest, or pass --overwrite_output_dir to delete "
+                "them and go on from the older checkpoint."
+            )
+        discard_checkpoints(accelerator, newer)
     if main_process:
         os.makedirs(output_dir, exist_ok=True)
         clean_stale_staging(output_dir)
