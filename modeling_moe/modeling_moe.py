@@ -920,6 +920,7 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         cache: Cache | None = None,
         skip_logits: bool = False,
+        mtp_items_in_batch: list | torch.Tensor | None = None,
         **kwargs,
     ) -> MoECausalLMOutputWithPast:
         r"""
@@ -927,6 +928,11 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
             Compute the loss from the hidden states a chunk of tokens at a time (`kernels.linear_cross_entropy`)
             and return no logits: the [tokens, vocab] logits are never held whole. Needs `labels`. Pretraining uses
             it; a trainer that reads the logits (TRL's SFT token accuracy, GRPO's log-probabilities) cannot.
+        mtp_items_in_batch (one count per MTP depth, *optional*):
+            `num_items_in_batch` of each MTP depth d (the labels[:, d + 1:] that are not -100, over the whole batch:
+            every micro-batch and rank). With it each depth's loss is its sum over this micro-batch divided by that
+            count, so the micro-batches' MTP terms add up to the whole batch's mean exactly; without it, each
+            micro-batch's mean counts by its share of the main loss's tokens (`num_items_in_batch`).
         """
         if skip_logits and labels is None:
             raise ValueError("skip_logits=True computes the loss instead of the logits: it needs `labels`")
@@ -970,8 +976,9 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
                 ).mean()
                 loss = loss + self.config.seq_aux_loss_coef * share * seq_aux
             if self.training and self.model.mtp_layers and input_ids is not None:
-                loss = loss + self.config.mtp_loss_weight * share * self.mtp_loss(
-                    hidden_states, input_ids, labels, attention_mask, position_ids, skip_logits=skip_logits, **kwargs
+                loss = loss + self.config.mtp_loss_weight * (1.0 if mtp_items_in_batch is not None else share) * (
+                    self.mtp_loss(hidden_states, input_ids, labels, attention_mask, position_ids,
+                                  skip_logits=skip_logits, items_per_depth=mtp_items_in_batch, **kwargs)
                 )
 
         return MoECausalLMOutputWithPast(
@@ -994,16 +1001,19 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         return self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
     def mtp_loss(self, hidden_states, input_ids, labels, attention_mask=None, position_ids=None, skip_logits=False,
-                 **kwargs):
-        """Mean over depths of the cross-entropy of MTP depth d, whose position i predicts labels[i + d + 1] (each
-        depth's mean over its counted tokens, 0 for a depth with none: the forward's loss keywords, such as
-        num_items_in_batch, are the main loss's)."""
+                 items_per_depth=None, **kwargs):
+        """Mean over depths of the cross-entropy of MTP depth d, whose position i predicts labels[i + d + 1]: each
+        depth's sum over its counted tokens divided by `items_per_depth[d - 1]`, or by its own count here (a mean; 0
+        for a depth with none). The forward's loss keywords, such as num_items_in_batch, are the main loss's."""
         losses = []
         for depth, (mtp_hidden, _) in enumerate(
             self.model.multi_token_prediction(hidden_states, input_ids, attention_mask, position_ids), start=1
         ):
             logits = None if skip_logits else self.lm_head(mtp_hidden)
-            counted = (labels[:, depth + 1:] != -100).sum().clamp(min=1)
+            if items_per_depth is not None:
+                counted = items_per_depth[depth - 1]
+            else:
+                counted = (labels[:, depth + 1:] != -100).sum().clamp(min=1)
             losses.append(self.next_token_loss(mtp_hidden, logits, labels[:, depth:], num_items_in_batch=counted))
         return torch.stack(losses).mean()
 

@@ -667,9 +667,11 @@ class Batches:
         return next(self._iterator)
 
 
-def predicted_tokens(micro_batches: list[dict], accelerator) -> torch.Tensor:
-    """The tokens with a label to predict in an optimizer step's micro-batches, summed over the ranks."""
-    count = sum((batch["labels"][:, 1:] != -100).sum() for batch in micro_batches)
+def predicted_tokens(micro_batches: list[dict], accelerator, mtp_depths: int = 0) -> torch.Tensor:
+    """The tokens with a label to predict in an optimizer step's micro-batches, summed over the ranks: [1 +
+    mtp_depths] counts, the next token's (labels[:, 1:]), then each MTP depth d's (labels[:, d + 1:])."""
+    count = torch.stack([sum((batch["labels"][:, shift:] != -100).sum() for batch in micro_batches)
+                         for shift in range(1, mtp_depths + 2)])
     return accelerator.reduce(count, reduction="sum").clamp(min=1)
 
 
@@ -1040,12 +1042,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
         objective = torch.zeros((), device=device)
         lm = torch.zeros((), device=device)
         micro_batches = [batches.next() for _ in range(args.gradient_accumulation_steps)]
-        num_items = predicted_tokens(micro_batches, accelerator)
+        num_items, *mtp_items = predicted_tokens(micro_batches, accelerator, len(unwrapped.model.mtp_layers))
         for batch in micro_batches:
             with accelerator.accumulate(model):
                 # the loss from the hidden states in chunks: the [tokens, vocab] logits are never held whole; each
-                # micro-batch's loss is its share of the mean over the step's tokens on all ranks
-                output = model(**batch, use_cache=False, skip_logits=True, num_items_in_batch=num_items)
+                # micro-batch's loss is its share of the mean over the step's tokens on all ranks (MTP's too)
+                output = model(**batch, use_cache=False, skip_logits=True, num_items_in_batch=num_items,
+                               mtp_items_in_batch=mtp_items or None)
                 # accelerator.backward divides by the accumulation steps and DDP / FSDP average over the ranks:
                 # the shares must add up instead
                 accelerator.backward(output.loss * (args.gradient_accumulation_steps * world))
