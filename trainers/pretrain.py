@@ -856,7 +856,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
         discard_checkpoints(accelerator, existing)
     # Checkpoints past the one resumed from hold a run this one will not follow: `latest` would pick them after a
     # crash, and save_total_limit would keep them and delete this run's own.
-    newer = [(step, path) for step, path in existing if checkpoint is not None and step > checkpoint_step(checkpoint)]
+    resumed_step = checkpoint_step(checkpoint) if checkpoint is not None else None
+    newer = [(step, path) for step, path in existing if resumed_step is not None and step > resumed_step]
     if newer:
         if not args.overwrite_output_dir:
             raise ConfigurationError(
