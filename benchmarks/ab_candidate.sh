@@ -2,7 +2,7 @@
 # A kernel candidate against the tree, in one run on one GPU: the tree as it is (A) and with a patch applied (B),
 # each timed by the same benchmark command, alternating A B A B, so both see the same machine.
 #
-#   bash benchmarks/ab_candidate.sh benchmarks/candidates/dgrad_h-epilogue-bf16-tiles.patch \
+#   bash benchmarks/ab_candidate.sh benchmarks/candidates/NAME.patch \
 #       python benchmarks/bench_moe_layer.py --parts layer,breakdown --no-autotune
 #
 # The patch is applied to this checkout for the B runs and taken out again after each (also when interrupted), so

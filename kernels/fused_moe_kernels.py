@@ -239,40 +239,46 @@ def _dgrad_h_kernel(
                            pid_n * BLOCK_N, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, WEIGHT_TMA, True, DOT_PREC)
     mask = mask_m[:, None] & (offs_n[None, :] < I)
     g_ptrs = gu_ptr + rows[:, None] * stride_gm + offs_n[None, :] * stride_gn
-    gate = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(g_ptrs + I * stride_gn, mask=mask, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(gate)
-    silu = gate * sig
     h_ptrs = h_ptr + rows[:, None] * stride_hm + offs_n[None, :] * stride_hn
-    if STORE_WH:
-        h = (silu * up).to(h_ptr.dtype.element_ty).to(tl.float32)  # the h GEMM2 consumed, up to rounding
-    else:
-        h = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(dw_ptr + pid_n * stride_dw + rows, tl.sum(acc * h, axis=1), mask=mask_m)
+    # The epilogue keeps few fp32 tiles live at once (it spilled at 128x128 with the accumulator, gate, up, h,
+    # sigmoid, silu and dh all live): the loaded tiles stay bf16 until used, and silu' is one tile, not two.
+    gate = tl.load(g_ptrs, mask=mask, other=0.0)
+    up = tl.load(g_ptrs + I * stride_gn, mask=mask, other=0.0)
     w = tl.load(topk_w_ptr + slot, mask=mask_m, other=0.0).to(tl.float32)
-    dh = acc * w[:, None]
-    dgu_ptrs = dgu_ptr + rows[:, None] * stride_dgm + offs_n[None, :] * stride_dgn
-    tl.store(dgu_ptrs, (dh * up * (sig + silu * (1.0 - sig))).to(dgu_ptr.dtype.element_ty), mask=mask)
-    tl.store(dgu_ptrs + I * stride_dgn, (dh * silu).to(dgu_ptr.dtype.element_ty), mask=mask)
     if STORE_WH:
-        tl.store(h_ptrs, (h * w[:, None]).to(h_ptr.dtype.element_ty), mask=mask)
+        sig = tl.sigmoid(gate.to(tl.float32))
+        silu = gate.to(tl.float32) * sig
+        h = (silu * up.to(tl.float32)).to(h_ptr.dtype.element_ty)  # the h GEMM2 consumed, up to rounding
+    else:
+        h = tl.load(h_ptrs, mask=mask, other=0.0)
+    tl.store(dw_ptr + pid_n * stride_dw + rows, tl.sum(acc * h.to(tl.float32), axis=1), mask=mask_m)
+    if STORE_WH:
+        tl.store(h_ptrs, (h.to(tl.float32) * w[:, None]).to(h_ptr.dtype.element_ty), mask=mask)
+    dh = acc * w[:, None]
+    sig = tl.sigmoid(gate.to(tl.float32))
+    silu = gate.to(tl.float32) * sig
+    dgu_ptrs = dgu_ptr + rows[:, None] * stride_dgm + offs_n[None, :] * stride_dgn
+    tl.store(dgu_ptrs + I * stride_dgn, (dh * silu).to(dgu_ptr.dtype.element_ty), mask=mask)
+    dsilu = sig + silu * (1.0 - sig)
+    tl.store(dgu_ptrs, (dh * up.to(tl.float32) * dsilu).to(dgu_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _grouped_wgrad_kernel(
-    a_ptr, b_ptr, c_ptr, perm_ptr, offsets_ptr, topk_w_ptr,
+    a_ptr, b_ptr, c_ptr, c_desc, perm_ptr, offsets_ptr, topk_w_ptr,
     M, N, top_k,
     stride_ar, stride_am, stride_br, stride_bn, stride_ce, stride_cm, stride_cn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_A: tl.constexpr, EVEN_M: tl.constexpr,
-    EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr, ACCUMULATE: tl.constexpr,
+    EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr, ACCUMULATE: tl.constexpr, C_TMA: tl.constexpr,
 ):
     """C[e] = sum over the rows r of expert e of A[r]^T B[r] ([M, N] per expert; the reduction runs over the
     expert's sorted rows, so no tile crosses an expert and experts without tokens get zeros), or C[e] += that sum
     with ACCUMULATE (added in fp32 and rounded once).
 
     GATHER_A / GATHER_B: that operand's row r is the per-token row perm[r] // top_k. SCALE_A: A's row r is scaled by
-    the routing weight of slot perm[r]."""
+    the routing weight of slot perm[r]. C_TMA: C's tile is written (and with ACCUMULATE read) through c_desc, a TMA
+    descriptor over C [E, M, N] with block [1, BLOCK_M, BLOCK_N], which clips at each expert's M and N edges."""
     expert = tl.program_id(1)
     pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     start = tl.load(offsets_ptr + expert)
@@ -310,12 +316,18 @@ def _grouped_wgrad_kernel(
             r_next = r + BLOCK_K
             slot = tl.load(perm_ptr + r_next, mask=r_next < end, other=0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    c_ptrs = (c_ptr + expert.to(tl.int64) * stride_ce + offs_m.to(tl.int64)[:, None] * stride_cm
-              + offs_n[None, :] * stride_cn)
-    if ACCUMULATE:
-        acc += tl.load(c_ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+    if C_TMA:  # one bulk copy a tile, issued asynchronously, instead of per-thread addresses, masks and stores
+        tile = [expert, pid_m * BLOCK_M, pid_n * BLOCK_N]
+        if ACCUMULATE:
+            acc += c_desc.load(tile).reshape(BLOCK_M, BLOCK_N).to(tl.float32)
+        c_desc.store(tile, acc.to(c_ptr.dtype.element_ty).reshape(1, BLOCK_M, BLOCK_N))
+    else:
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        c_ptrs = (c_ptr + expert.to(tl.int64) * stride_ce + offs_m.to(tl.int64)[:, None] * stride_cm
+                  + offs_n[None, :] * stride_cn)
+        if ACCUMULATE:
+            acc += tl.load(c_ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

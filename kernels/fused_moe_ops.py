@@ -107,7 +107,7 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     group_m: int = 8
-    weight_tma: bool = False  # row-tiled GEMMs: expert weights through TMA descriptors (where the weights allow)
+    weight_tma: bool = False  # expert weights (row-tiled GEMMs) or their gradients (wgrad) through TMA descriptors
 
     def launch_kwargs(self) -> dict:
         return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, GROUP_M=self.group_m,
@@ -140,11 +140,14 @@ CANDIDATES = {  # first entry = default (autotune off): the H200 winners of v1/v
     # KiB and 128x256x64 at 4 stages 192 KiB; BLOCK_K 32 keeps 3 programs per SM. The two weight gradients prefer
     # different tiles (H200, session 8): gate_up's B operand is the gathered x, down's A the gathered, scaled dY.
     # 256x128 / 128x256 tiles with BLOCK_K 32 (2 programs per SM) lost at every shape (session 9: 6-60% slower).
+    # With few rows per expert ("small": V3) the gradient's stores weigh most, and writing them through TMA won
+    # (session 14: V3 wgrad_down 8.72 -> 7.93 ms, gate_up 13.23 -> 12.77); at the "big" shapes it was even.
     ("wgrad_gate_up", "big"): [C(128, 128, 32, 4, 4), C(128, 128, 64, 8, 3), C(128, 128, 32, 4, 3),
                                C(128, 256, 64, 8, 4)],
-    ("wgrad_gate_up", "small"): [C(128, 128, 32, 4, 3), C(128, 128, 32, 4, 4), C(128, 128, 64, 8, 3)],
+    ("wgrad_gate_up", "small"): [C(128, 128, 32, 4, 3, weight_tma=True), C(128, 128, 32, 4, 4),
+                                 C(128, 128, 64, 8, 3)],
     ("wgrad_down", "big"): [C(128, 256, 64, 8, 3), C(128, 128, 64, 8, 3), C(128, 256, 64, 8, 4), C(128, 128, 32, 4, 3)],
-    ("wgrad_down", "small"): [C(128, 256, 64, 8, 3), C(128, 128, 32, 4, 3), C(128, 128, 64, 8, 3)],
+    ("wgrad_down", "small"): [C(128, 256, 64, 8, 3, weight_tma=True), C(128, 128, 32, 4, 3), C(128, 128, 64, 8, 3)],
 }
 # "decode": a few rows per expert (generate: 96 slots over 64 experts at batch 16), so the kernels stream the expert
 # weights. 16-row tiles (more programs, deeper K pipelines, no MMA work on empty rows) won every decode-sized case
@@ -155,11 +158,12 @@ for _kind in ("gemm1", "gemm2"):
                                      CANDIDATES[(_kind, "small")][0]]
 for _kind in ("dgrad_h", "dgrad_x", "wgrad_gate_up", "wgrad_down"):
     CANDIDATES[(_kind, "decode")] = CANDIDATES[(_kind, "small")]
-# TMA twins (v4, see benchmarks/KERNEL_NOTES.md): the same tile as the default with the expert weights read through
-# TMA descriptors (or the pointer-load twin of a TMA default), last in each list of the row-tiled GEMMs.
+# TMA twins (v4 and v6, see benchmarks/KERNEL_NOTES.md): the same tile as the default with the expert weights read
+# (row-tiled GEMMs) or their gradients written (wgrad) through TMA descriptors, or the pointer twin of a TMA default;
+# last in each list.
 for (_kind, _bucket_name), _configs in list(CANDIDATES.items()):
     _twin = dataclasses.replace(_configs[0], weight_tma=not _configs[0].weight_tma)
-    if not _kind.startswith("wgrad") and _twin not in _configs:
+    if _twin not in _configs:
         CANDIDATES[(_kind, _bucket_name)] = [*_configs, _twin]
 # fp32 operands take 2x the shared memory per tile (the bf16 tiles above do not fit with fp32)
 FP32_CONFIG = C(64, 64, 32, 4, 3)
@@ -348,21 +352,24 @@ def _row_tiles(config, routing, n):
     return grid, (tile_expert, tile_row, routing.offsets, routing.perm), max_tiles
 
 
-def _weight_desc(config, weights, b_kn: bool):
-    """TMA descriptor of the stacked expert weights [E, rows, cols] for a row-tiled GEMM whose B[e][k, n] is
-    weights[e, k, n] (b_kn) or weights[e, n, k]: block [1, BLOCK_K, BLOCK_N] or [1, BLOCK_N, BLOCK_K]. None (pointer
-    loads) unless the config asks for it and TMA can read the tensor: last dimension contiguous, base and strides
-    16-byte aligned."""
-    if not config.weight_tma:
-        return None
-    size = weights.element_size()
-    if (weights.stride(2) != 1 or weights.data_ptr() % 16
-            or any(stride * size % 16 for stride in weights.stride()[:2])):
+def _tma_desc(tensor, block):
+    """TMA descriptor of a stacked [E, rows, cols] tensor with `block`, or None where TMA cannot address it (last
+    dimension not contiguous, base or strides not 16-byte aligned): then the kernel uses pointer loads / stores."""
+    size = tensor.element_size()
+    if tensor.stride(2) != 1 or tensor.data_ptr() % 16 or any(stride * size % 16 for stride in tensor.stride()[:2]):
         return None
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    block = [1, config.block_k, config.block_n] if b_kn else [1, config.block_n, config.block_k]
-    return TensorDescriptor(weights, list(weights.shape), list(weights.stride()), block)
+    return TensorDescriptor(tensor, list(tensor.shape), list(tensor.stride()), block)
+
+
+def _weight_desc(config, weights, b_kn: bool):
+    """TMA descriptor of the stacked expert weights [E, rows, cols] for a row-tiled GEMM whose B[e][k, n] is
+    weights[e, k, n] (b_kn) or weights[e, n, k]: block [1, BLOCK_K, BLOCK_N] or [1, BLOCK_N, BLOCK_K]; None (pointer
+    loads) unless the config asks for it and TMA can read the tensor."""
+    if not config.weight_tma:
+        return None
+    return _tma_desc(weights, [1, config.block_k, config.block_n] if b_kn else [1, config.block_n, config.block_k])
 
 
 def _launch_gemm1(config, routing, x, gate_up, h, gu):
@@ -415,13 +422,14 @@ def _launch_wgrad(config, routing, a, b, c, gather_a, gather_b, topk_w=None, acc
     C [E, M, N]."""
     num_experts, m, n = c.shape
     grid = (triton_cdiv(m, config.block_m) * triton_cdiv(n, config.block_n), num_experts)
+    desc = _tma_desc(c, [1, config.block_m, config.block_n]) if config.weight_tma else None
     _k()._grouped_wgrad_kernel[grid](
-        a, b, c, routing.perm, routing.offsets, topk_w if topk_w is not None else routing.perm,
+        a, b, c, desc, routing.perm, routing.offsets, topk_w if topk_w is not None else routing.perm,
         m, n, routing.top_k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), c.stride(2),
         GATHER_A=gather_a, GATHER_B=gather_b, SCALE_A=topk_w is not None, EVEN_M=m % config.block_m == 0,
         EVEN_N=n % config.block_n == 0, DOT_PREC=_dot_precision(a.dtype), ACCUMULATE=accumulate,
-        **config.launch_kwargs(),
+        C_TMA=desc is not None, **config.launch_kwargs(),
     )
 
 

@@ -188,20 +188,21 @@ def test_every_output_element_is_written(triton_path, dgrad_h, monkeypatch, name
                                   "block_multiples"])
 def test_weights_read_through_tma_descriptors(triton_path, dgrad_h, monkeypatch, name):
     """The weight_tma candidates: every row-tiled GEMM (gemm1, gemm2, dgrad_h, dgrad_x) reads the expert weights
-    through a TMA descriptor, and output and gradients still match float64, including experts' K and N edges that
-    are not multiples of the blocks (the descriptor reads 0 past them)."""
+    and both wgrads write their gradients through a TMA descriptor, and output and gradients still match float64,
+    including experts' K, M and N edges that are not multiples of the blocks (the descriptor reads 0 past them and
+    clips the stores there)."""
     from modeling_moe.kernels import fused_moe_ops
 
     built = []
-    weight_desc = fused_moe_ops._weight_desc
-    monkeypatch.setattr(fused_moe_ops, "_weight_desc",
-                        lambda *args, **kwargs: built.append(weight_desc(*args, **kwargs)) or built[-1])
+    tma_desc = fused_moe_ops._tma_desc
+    monkeypatch.setattr(fused_moe_ops, "_tma_desc",
+                        lambda *args, **kwargs: built.append(tma_desc(*args, **kwargs)) or built[-1])
     tokens, hidden, inter, experts, top_k, routing = CASES[name]
     case = make_case(tokens, hidden, inter, experts, top_k, routing, seed=len(name), device=triton_path)
     blocks = (16, 16, 16, 1, 1, 4) if triton_path == "cpu" else (64, 64, 32, 4, 2, 8)
     with config_override(KernelConfig(*blocks, weight_tma=True)):
         check_against_reference(case, tolerance=1e-5)
-    assert len(built) == 4 and all(desc is not None for desc in built)
+    assert len(built) == 6 and all(desc is not None for desc in built)
 
 
 @needs_triton
@@ -234,12 +235,13 @@ def hopper_compiler(monkeypatch):
 
 
 @needs_triton
-@pytest.mark.parametrize("kernel", ["gemm1", "gemm2", "dgrad_x", "dgrad_h"])
+@pytest.mark.parametrize("kernel", ["gemm1", "gemm2", "dgrad_x", "dgrad_h", "wgrad_gate_up", "wgrad_down"])
 def test_tma_twins_compile_for_hopper_with_tma_weight_loads(kernel, monkeypatch):
-    """Each row-tiled GEMM's default and its twin (the same tile, weights by TMA or by pointer loads), compiled for an
-    H100 / H200 (sm_90) on the CPU as its launcher builds them: the TMA config's weights arrive by TMA
-    (cp.async.bulk.tensor), the gathered activations by pipelined cp.async, the MMAs are wgmma; the pointer-load config
-    has no TMA. (The interpreter cannot show the descriptors' lowering.)"""
+    """Each fused GEMM's default and its twin (the same tile, with the expert weights, or for wgrad their gradients,
+    by TMA or by pointers), compiled for an H100 / H200 (sm_90) on the CPU as its launcher builds them: the TMA
+    config's weights arrive by TMA (cp.async.bulk.tensor; wgrad's gradient tiles leave by TMA stores), the gathered
+    activations by pipelined cp.async, the MMAs are wgmma; the pointer config has no TMA. (The interpreter cannot
+    show the descriptors' lowering.)"""
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
 
@@ -255,6 +257,8 @@ def test_tma_twins_compile_for_hopper_with_tma_weight_loads(kernel, monkeypatch)
         compiled = resources.compile_fused_kernel(kernel, config, hidden=256, inter=128, top_k=2)
         ptx = compiled.asm["ptx"]
         assert ("cp.async.bulk.tensor" in ptx) == config.weight_tma
+        if kernel.startswith("wgrad"):
+            assert ("cp.async.bulk.tensor.3d.global.shared" in ptx) == config.weight_tma  # a store: shared -> global
         assert "cp.async.cg.shared.global" in ptx and "wgmma" in ptx
         usage = resources.resource_usage(compiled)
         assert 0 < usage.registers <= 255 and usage.shared_bytes > 0
