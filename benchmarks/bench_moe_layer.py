@@ -19,7 +19,7 @@ Per anchor shape (../shared/anchors/README.md; bf16, routers fp32, weights N(0, 
   profile    the fused layer's forward+backward under torch.profiler (3 iterations, as the layer part times them):
              wall vs kernel time per iteration, the busiest kernels, and the host syncs of one iteration; and for
              it and transformers' grouped_mm (`host`): the synchronised iteration's time against the host's launch
-             time and the GPU time alone (is the figure host-bound?).
+             time and the GPU time alone (is the figure host-bound?), with the host's hotspots (cProfile).
   model      training step (AdamW) of the anchors' 1.26B model (our MoEForCausalLM, batch 8 x 2048), grouped_mm
              vs fused experts: tokens/s.
 --variants runs the fused layer (check, timings, peak memory), its breakdown (the kernels a variant changes:
@@ -260,7 +260,27 @@ def host_and_device_ms(layer, x, iterations=20, queued=10) -> dict:
     end.record()
     sync()
     return {"event_ms": round(statistics.median(events), 3), "host_ms": round(statistics.median(host), 3),
-            "device_ms": round(start.elapsed_time(end) / queued, 3)}
+            "device_ms": round(start.elapsed_time(end) / queued, 3), "host_hotspots": host_hotspots(step)}
+
+
+def host_hotspots(step, iterations=10, top=25) -> list:
+    """Where the host's launch time goes: `step` under cProfile (which slows Python ~2x, so shares, not times, are
+    the reading), the functions with the most time of their own, as (function, own ms per iteration, calls per
+    iteration, cumulative ms per iteration)."""
+    import cProfile
+    import pstats
+
+    sync()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(iterations):
+        step()
+    profiler.disable()
+    sync()
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (primitive calls, calls, own s, cumulative s, ...)
+    rows = sorted(stats.items(), key=lambda item: -item[1][2])[:top]
+    return [(f"{Path(file).name}:{line}:{name}", round(own * 1e3 / iterations, 3), calls // iterations,
+             round(cumulative * 1e3 / iterations, 3)) for (file, line, name), (_, calls, own, cumulative, _) in rows]
 
 
 def rel(a, b, chunk=1 << 26):
@@ -549,6 +569,9 @@ def table():
         if r["part"] == "host":
             print(f"host {r['shape']:<8}{r['impl']:<30} f+b: synchronised {r['event_ms']} ms, host launch "
                   f"{r['host_ms']} ms, GPU alone {r['device_ms']} ms")
+            for function, own_ms, calls, cumulative_ms in r.get("host_hotspots", []):
+                print(f"host {r['shape']:<8}  {own_ms:8.3f} ms own {cumulative_ms:8.3f} ms cumulative {calls:4d}x  "
+                      f"{function}")
     for r in RECORDS:
         if r["part"] in ("decode", "model"):
             print({k: v for k, v in r.items() if k != "part"} | {"part": r["part"]})
