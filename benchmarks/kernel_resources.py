@@ -153,10 +153,11 @@ def main():
                     for bucket in (training, "decode") if kernel in ("gemm1", "gemm2") else (training,):
                         for index, config in enumerate(fm.CANDIDATES[(FAMILIES[kernel][0], bucket)]):
                             compiled = compile_fused_kernel(kernel, config, hidden, inter, top_k)
+                            usage = describe(compiled, config.num_warps)  # "tma": as compiled (adding wgrads: always)
                             emit(part="fused", shape=shape, bucket=bucket, kernel=kernel, default=index == 0,
                                  tile=tile_label(config.block_m, config.block_n, config.block_k, config.num_warps,
-                                                 config.num_stages) + (" TMA" if config.weight_tma else ""),
-                                 config=str(config), **describe(compiled, config.num_warps))
+                                                 config.num_stages) + (" TMA" if usage["tma"] else ""),
+                                 config=str(config), **usage)
         if "mla" in parts:
             for shape in (args.shapes.split(",") if args.shapes else MLA_SHAPES):
                 if shape not in MLA_SHAPES:

@@ -323,6 +323,39 @@ def test_every_wgrad_candidate_matches_float64(triton_path, kind, bucket):
         assert relative_error(into.cpu(), expected.cpu() + before.double().cpu()) < tolerance, config
 
 
+@needs_triton
+def test_adding_into_a_gradient_goes_through_tma_where_it_can(triton_path, monkeypatch):
+    """Accumulating wgrad launches read and write C through a TMA descriptor whatever the config (fewer registers on
+    sm_90), fresh writes only with a `weight_tma` config; a C that TMA cannot address (row stride not 16-byte
+    aligned) is added into through pointers. The sums match float64 either way."""
+    from modeling_moe.kernels import fused_moe_ops as fm
+
+    built = []
+    tma_desc = fm._tma_desc
+    monkeypatch.setattr(fm, "_tma_desc", lambda *args, **kwargs: built.append(tma_desc(*args, **kwargs)) or built[-1])
+    x, gate_up, _, index, _ = make_case(20, 40, 24, 5, 2, routing="some_empty", seed=4, device=triton_path)
+    perm, inv, offsets = fm.build_routing(index, 5)
+    routing = fm.Routing(perm, inv, offsets, 2, 40, 24, x.dtype)
+    dgu = torch.randn(perm.numel(), 48, generator=torch.Generator().manual_seed(5)).to(x.device)
+    counts = (offsets[1:] - offsets[:-1]).tolist()
+    rows_x = x.double()[perm.long() // 2]
+    expected = torch.stack([a.T @ b for a, b in zip(dgu.double().split(counts), rows_x.split(counts))]).cpu()
+    config = fm.KernelConfig(16, 16, 16, 1, 1, 4) if triton_path == "cpu" else fm.KernelConfig(64, 64, 32, 4, 2)
+    fresh = torch.empty(5, 48, 40, device=x.device)
+    fm._launch_wgrad(config, routing, dgu, x, fresh, False, True)
+    assert built == [] and relative_error(fresh.cpu(), expected) < 1e-5
+    before = torch.randn(5, 48, 40, generator=torch.Generator().manual_seed(6))
+    into = before.clone().to(x.device)
+    fm._launch_wgrad(config, routing, dgu, x, into, False, True, accumulate=True)
+    assert len(built) == 1 and built[0] is not None
+    assert relative_error(into.cpu(), expected + before.double()) < 1e-5
+    wide = before.new_zeros(5, 48, 41).to(x.device)  # row stride 41 fp32 elements: TMA cannot address it
+    wide[..., :40] = before
+    fm._launch_wgrad(config, routing, dgu, x, wide[..., :40], False, True, accumulate=True)
+    assert len(built) == 2 and built[1] is None
+    assert relative_error(wide[..., :40].cpu(), expected + before.double()) < 1e-5
+
+
 def accumulation_spy(monkeypatch):
     """The `accumulate` flag of every wgrad launch, in order."""
     from modeling_moe.kernels import fused_moe_ops
