@@ -5,9 +5,4 @@
 # few tests take minutes); TEST_WORKERS=0 runs them in this process.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
-workers="${TEST_WORKERS:-2}"
-if [[ "$workers" == 0 ]]; then
-    python -m pytest -q -x "$@"
-else
-    python -m pytest -q -x -n "$workers" --dist worksteal "$@"
-fi
+python -m pytest -q -x -n "${TEST_WORKERS:-2}" --dist worksteal "$@"
