@@ -27,7 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's modeling_moe
-from modeling_moe.kernels import mla_decode  # noqa: E402
+from modeling_moe.kernels import mla_decode, offline_compile  # noqa: E402
 
 # (batch, heads, cache length, kv_lora_rank, rope): the issue's two decode shapes, and the generate regime of the
 # anchors' 1.26B model (16 heads, rank 256) at batch 16 and 64 with a ~512-token cache.
@@ -128,7 +128,7 @@ def bench_shape(name, shape, args, records):
     head_blocks = -(-heads // config["block_h"])
     tile_config = mla_decode.DecodeConfig(block_s=1, **config)
     mla(**config)  # its compiled kernel, recorded
-    resident = mla_decode.programs_per_sm(RECORDER.last, config["num_warps"], latent.device)
+    resident = offline_compile.programs_per_sm(RECORDER.last, config["num_warps"], latent.device)
     base = mla_decode.default_num_splits(batch, head_blocks, cache_len, tile_config, resident, latent.device)
     for splits in sorted({max(1, base // 2), base * 2, base * 4, 1, 16, 32}):
         record("triton splits", lambda s=splits: mla(num_splits=s, **config), num_splits=splits, **config)

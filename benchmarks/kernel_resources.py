@@ -156,7 +156,8 @@ def main():
                             usage = describe(compiled, config.num_warps)  # "tma": as compiled (adding wgrads: always)
                             emit(part="fused", shape=shape, bucket=bucket, kernel=kernel, default=index == 0,
                                  tile=tile_label(config.block_m, config.block_n, config.block_k, config.num_warps,
-                                                 config.num_stages) + (" TMA" if usage["tma"] else ""),
+                                                 config.num_stages) + (" TMA" if usage["tma"] else "")
+                                 + (" persistent" if config.persistent else ""),
                                  config=str(config), **usage)
         if "mla" in parts:
             for shape in (args.shapes.split(",") if args.shapes else MLA_SHAPES):

@@ -266,11 +266,12 @@ def _dgrad_h_kernel(
 @triton.jit
 def _grouped_wgrad_kernel(
     a_ptr, b_ptr, c_ptr, c_desc, perm_ptr, offsets_ptr, topk_w_ptr,
-    M, N, top_k,
+    M, N, top_k, num_experts,
     stride_ar, stride_am, stride_br, stride_bn, stride_ce, stride_cm, stride_cn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_A: tl.constexpr, EVEN_M: tl.constexpr,
     EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr, ACCUMULATE: tl.constexpr, C_TMA: tl.constexpr,
+    PERSISTENT: tl.constexpr,
 ):
     """C[e] = sum over the rows r of expert e of A[r]^T B[r] ([M, N] per expert; the reduction runs over the
     expert's sorted rows, so no tile crosses an expert and experts without tokens get zeros), or C[e] += that sum
@@ -278,9 +279,39 @@ def _grouped_wgrad_kernel(
 
     GATHER_A / GATHER_B: that operand's row r is the per-token row perm[r] // top_k. SCALE_A: A's row r is scaled by
     the routing weight of slot perm[r]. C_TMA: C's tile is written (and with ACCUMULATE read) through c_desc, a TMA
-    descriptor over C [E, M, N] with block [1, BLOCK_M, BLOCK_N], which clips at each expert's M and N edges."""
-    expert = tl.program_id(1)
-    pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    descriptor over C [E, M, N] with block [1, BLOCK_M, BLOCK_N], which clips at each expert's M and N edges.
+    PERSISTENT: a 1-D grid of programs walks the (expert, M tile, N tile) tiles in steps of the grid; otherwise the
+    grid is (M tiles x N tiles, experts), a tile a program."""
+    tiles_mn = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    if PERSISTENT:
+        # With TMA stores, a tile's gradient drains while the program reduces its next tile (sm_90: the store's
+        # wait lands before the next tile's store); a program of one tile holds its SM slot until the store lands.
+        for tile in range(tl.program_id(0), tiles_mn * num_experts, tl.num_programs(0)):
+            _wgrad_tile(
+                tile // tiles_mn, tile % tiles_mn, a_ptr, b_ptr, c_ptr, c_desc, perm_ptr, offsets_ptr, topk_w_ptr,
+                M, N, top_k, stride_ar, stride_am, stride_br, stride_bn, stride_ce, stride_cm, stride_cn,
+                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, GATHER_A, GATHER_B, SCALE_A, EVEN_M, EVEN_N, DOT_PREC,
+                ACCUMULATE, C_TMA,
+            )
+    else:
+        _wgrad_tile(
+            tl.program_id(1), tl.program_id(0), a_ptr, b_ptr, c_ptr, c_desc, perm_ptr, offsets_ptr, topk_w_ptr,
+            M, N, top_k, stride_ar, stride_am, stride_br, stride_bn, stride_ce, stride_cm, stride_cn,
+            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, GATHER_A, GATHER_B, SCALE_A, EVEN_M, EVEN_N, DOT_PREC,
+            ACCUMULATE, C_TMA,
+        )
+
+
+@triton.jit
+def _wgrad_tile(
+    expert, tile_mn, a_ptr, b_ptr, c_ptr, c_desc, perm_ptr, offsets_ptr, topk_w_ptr,
+    M, N, top_k, stride_ar, stride_am, stride_br, stride_bn, stride_ce, stride_cm, stride_cn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_A: tl.constexpr, EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr, ACCUMULATE: tl.constexpr, C_TMA: tl.constexpr,
+):
+    """One [BLOCK_M, BLOCK_N] tile of C[expert] (`_grouped_wgrad_kernel`); tile_mn numbers the expert's tiles."""
+    pid_m, pid_n = _swizzle(tile_mn, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     start = tl.load(offsets_ptr + expert)
     end = tl.load(offsets_ptr + expert + 1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -39,6 +39,7 @@ import torch
 
 from . import dispatch
 from .dispatch import interpreting
+from .offline_compile import programs_per_sm
 
 try:  # Triton is optional: without it everything runs the PyTorch reference
     import triton
@@ -433,22 +434,6 @@ def tile_config(config: DecodeConfig | None):
         yield
     finally:
         _TILE_OVERRIDE = previous
-
-
-def programs_per_sm(compiled, num_warps: int, device: torch.device) -> int:
-    """How many programs of a compiled kernel one SM of `device` holds at once: the fewest its threads, registers and
-    shared memory allow (`offline_compile.ResourceUsage.programs_per_sm`)."""
-    from .offline_compile import ResourceUsage
-
-    compiled.run  # noqa: B018 - loads the binary, which is when Triton learns its register count
-    properties = torch.cuda.get_device_properties(device)
-    usage = ResourceUsage(registers=compiled.n_regs, spill_bytes=0, shared_bytes=compiled.metadata.shared)
-    return max(1, usage.programs_per_sm(
-        num_warps,
-        registers_per_sm=getattr(properties, "regs_per_multiprocessor", 65536),
-        shared_per_sm=getattr(properties, "shared_memory_per_multiprocessor", 228 * 1024),
-        threads_per_sm=getattr(properties, "max_threads_per_multi_processor", 2048),
-    ))
 
 
 def default_num_splits(batch: int, head_blocks: int, kv_len: int, config: DecodeConfig, resident_per_sm: int,

@@ -39,6 +39,22 @@ class ResourceUsage:
                    shared_per_sm // (self.shared_bytes + 1024))
 
 
+def programs_per_sm(compiled, num_warps: int, device: torch.device) -> int:
+    """How many programs of a kernel compiled for `device` one of its SMs holds at once: the fewest its threads,
+    registers and shared memory allow (`ResourceUsage.programs_per_sm`); launchers size one-wave grids with it."""
+    import torch
+
+    compiled.run  # noqa: B018 - loads the binary, which is when Triton learns its register count
+    properties = torch.cuda.get_device_properties(device)
+    usage = ResourceUsage(registers=compiled.n_regs, spill_bytes=0, shared_bytes=compiled.metadata.shared)
+    return max(1, usage.programs_per_sm(
+        num_warps,
+        registers_per_sm=getattr(properties, "regs_per_multiprocessor", 65536),
+        shared_per_sm=getattr(properties, "shared_memory_per_multiprocessor", 228 * 1024),
+        threads_per_sm=getattr(properties, "max_threads_per_multi_processor", 2048),
+    ))
+
+
 class _CompileOnlyDriver:
     """Triton's view of "the current device", without one."""
 

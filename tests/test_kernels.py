@@ -356,6 +356,33 @@ def test_adding_into_a_gradient_goes_through_tma_where_it_can(triton_path, monke
     assert relative_error(wide[..., :40].cpu(), expected + before.double()) < 1e-5
 
 
+@needs_triton
+def test_persistent_wgrad_walks_every_tile(triton_path):
+    """A `persistent` wgrad launches fewer programs than tiles (three in the interpreter, a wave of the SMs on a GPU),
+    each walking the (expert, M tile, N tile) tiles in steps of the grid: with 16x16 tiles every expert has 3 x 3
+    tiles, some experts none of their rows, and the sums still match float64, fresh and added into C."""
+    from modeling_moe.kernels import fused_moe_ops as fm
+
+    x, gate_up, _, index, _ = make_case(30, 40, 24, 5, 2, routing="some_empty", seed=8, device=triton_path)
+    perm, inv, offsets = fm.build_routing(index, 5)
+    routing = fm.Routing(perm, inv, offsets, 2, 40, 24, x.dtype)
+    dgu = torch.randn(perm.numel(), 48, generator=torch.Generator().manual_seed(9)).to(x.device)
+    counts = (offsets[1:] - offsets[:-1]).tolist()
+    assert 0 in counts
+    rows_x = x.double()[perm.long() // 2]
+    expected = torch.stack([a.T @ b for a, b in zip(dgu.double().split(counts), rows_x.split(counts))]).cpu()
+    blocks = (16, 16, 16, 1, 1, 4) if triton_path == "cpu" else (64, 64, 32, 4, 2)
+    for weight_tma in (False, True):
+        config = fm.KernelConfig(*blocks, weight_tma=weight_tma, persistent=True)
+        fresh = torch.full((5, 48, 40), float("nan"), device=x.device)
+        fm._launch_wgrad(config, routing, dgu, x, fresh, False, True)
+        assert relative_error(fresh.cpu(), expected) < 1e-5, config
+        before = torch.randn(5, 48, 40, generator=torch.Generator().manual_seed(10))
+        into = before.clone().to(x.device)
+        fm._launch_wgrad(config, routing, dgu, x, into, False, True, accumulate=True)
+        assert relative_error(into.cpu(), expected + before.double()) < 1e-5, config
+
+
 def accumulation_spy(monkeypatch):
     """The `accumulate` flag of every wgrad launch, in order."""
     from modeling_moe.kernels import fused_moe_ops

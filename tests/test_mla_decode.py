@@ -364,7 +364,8 @@ def test_split_count_fills_whole_waves_of_resident_programs(monkeypatch):
     shared memory, 132 SMs), with the resources Triton reported for two tiles (bench_mla_decode.py)."""
     from types import SimpleNamespace
 
-    from modeling_moe.kernels.mla_decode import DecodeConfig, default_num_splits, programs_per_sm
+    from modeling_moe.kernels.mla_decode import DecodeConfig, default_num_splits
+    from modeling_moe.kernels.offline_compile import programs_per_sm
 
     h200 = SimpleNamespace(max_threads_per_multi_processor=2048, regs_per_multiprocessor=65536,
                            shared_memory_per_multiprocessor=228 * 1024, multi_processor_count=132)
