@@ -278,10 +278,10 @@ def part_train(S, args, dev, dtype):
 
 def profile_step(step, dev) -> dict:
     """One more `step()` under the pretraining trainer's profiler: each category's share of the step's wall time
-    (routed experts, attention, other GEMMs, the rest) and the busiest kernels, printed and returned."""
+    (routed experts, attention, other GEMMs, the rest) and the 40 busiest kernels, printed and returned."""
     from modeling_moe.trainers.profiling import StepProfiler
 
-    profiler = StepProfiler((0, 0), tempfile.mkdtemp(prefix="bench_model-profile-"), 0, dev)
+    profiler = StepProfiler((0, 0), tempfile.mkdtemp(prefix="bench_model-profile-"), 0, dev, top=40)
     profiler.start_if(0)
     step()
     summary = profiler.stop_if(0)

@@ -423,15 +423,32 @@ def _launch_dgrad_h(config, routing, grad_out, down, dgu, gu, h, weights, dw, st
     )
 
 
-_WGRAD_RESIDENT: dict = {}  # launch signature -> programs an SM of the compiled persistent wgrad kernel
+_PERSISTENT_PROGRAMS: dict = {}  # launch signature -> programs of one wave (0: the persistent compile does not fit)
+
+
+def _persistent_programs(kernel, args, flags, dtypes, num_warps, device) -> int:
+    """Programs of one wave of a persistent launch on `device` (SMs x programs an SM holds of the compiled kernel;
+    cached per signature), or 0 where the compile does not fit: an fp32 gradient through TMA gets a staging tile of
+    its own beside the pipeline buffers (128x256: 128 + 128 KiB of shared memory), which a tile a program shares
+    with them."""
+    key = (dtypes, device, tuple(flags.items()))
+    if key not in _PERSISTENT_PROGRAMS:
+        from triton.runtime.errors import OutOfResources
+
+        try:
+            per_sm = programs_per_sm(kernel.warmup(*args, grid=(1,), **flags), num_warps, device)
+        except OutOfResources:
+            per_sm = 0
+        _PERSISTENT_PROGRAMS[key] = per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+    return _PERSISTENT_PROGRAMS[key]
 
 
 def _launch_wgrad(config, routing, a, b, c, gather_a, gather_b, topk_w=None, accumulate=False):
     """C[e] = sum over expert e's rows r of A[r]^T B[r] (C[e] += that sum if `accumulate`); A [rows, M], B [rows, N],
     C [E, M, N]. C's tiles go through TMA with a `weight_tma` config, and always when adding into C: the pointer
     epilogue then holds the loaded tile beside the accumulator (sm_90, wgrad_gate_up 128x128x32: 251 registers, two
-    programs an SM, against 165 and three through TMA). A `persistent` config launches one wave of programs, sized
-    from the compiled kernel's occupancy."""
+    programs an SM, against 165 and three through TMA). A `persistent` config launches one wave of programs where
+    its compile fits (`_persistent_programs`), and a tile a program elsewhere."""
     num_experts, m, n = c.shape
     tiles_mn = triton_cdiv(m, config.block_m) * triton_cdiv(n, config.block_n)
     desc = _tma_desc(c, [1, config.block_m, config.block_n]) if config.weight_tma or accumulate else None
@@ -442,17 +459,14 @@ def _launch_wgrad(config, routing, a, b, c, gather_a, gather_b, topk_w=None, acc
     flags = dict(GATHER_A=gather_a, GATHER_B=gather_b, SCALE_A=topk_w is not None, EVEN_M=m % config.block_m == 0,
                  EVEN_N=n % config.block_n == 0, DOT_PREC=_dot_precision(a.dtype), ACCUMULATE=accumulate,
                  C_TMA=desc is not None, PERSISTENT=config.persistent, **config.launch_kwargs())
-    if not config.persistent:
-        grid = (tiles_mn, num_experts)
-    elif c.is_cuda:
-        key = (a.dtype, b.dtype, c.dtype, c.device, tuple(flags.items()))
-        if key not in _WGRAD_RESIDENT:
-            _WGRAD_RESIDENT[key] = programs_per_sm(kernel.warmup(*args, grid=(1,), **flags), config.num_warps,
-                                                   c.device)
-        sms = torch.cuda.get_device_properties(c.device).multi_processor_count
-        grid = (min(tiles_mn * num_experts, sms * _WGRAD_RESIDENT[key]),)
+    wave = 3  # the interpreter: several tiles a program, as on a GPU
+    if config.persistent and c.is_cuda:
+        wave = _persistent_programs(kernel, args, flags, (a.dtype, b.dtype, c.dtype), config.num_warps, c.device)
+        flags["PERSISTENT"] = wave > 0
+    if flags["PERSISTENT"]:
+        grid = (min(tiles_mn * num_experts, wave),)
     else:
-        grid = (min(tiles_mn * num_experts, 3),)  # the interpreter: several tiles a program, as on a GPU
+        grid = (tiles_mn, num_experts)
     kernel[grid](*args, **flags)
 
 

@@ -383,6 +383,40 @@ def test_persistent_wgrad_walks_every_tile(triton_path):
         assert relative_error(into.cpu(), expected + before.double()) < 1e-5, config
 
 
+@needs_triton
+def test_a_persistent_wgrad_that_does_not_fit_runs_a_tile_a_program(monkeypatch):
+    """The persistent grid is one wave, SMs x programs an SM of the compiled kernel (cached per signature). Where that
+    compile does not fit on the device (fp32 gradients through TMA at 128x256: a staging tile of its own beside the
+    pipeline buffers, 256 KiB of shared memory on an H200's 227), the launch gets 0 and runs a tile a program."""
+    from types import SimpleNamespace
+
+    from triton.runtime.errors import OutOfResources
+
+    from modeling_moe.kernels import fused_moe_ops as fm
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    monkeypatch.setattr(fm, "_PERSISTENT_PROGRAMS", {})
+    compiled = []
+
+    class Kernel:
+        def warmup(self, *args, grid, **flags):
+            compiled.append(flags)
+            return flags["fits"]
+
+    def programs_per_sm(fits, num_warps, device):
+        if not fits:
+            raise OutOfResources(262152, 232448, "shared memory")
+        return 2
+
+    monkeypatch.setattr(fm, "programs_per_sm", programs_per_sm)
+    gpu = torch.device("cuda", 0)
+    dtypes = (torch.bfloat16, torch.bfloat16, torch.float32)
+    assert fm._persistent_programs(Kernel(), (), dict(fits=True), dtypes, 8, gpu) == 264
+    assert fm._persistent_programs(Kernel(), (), dict(fits=False), dtypes, 8, gpu) == 0
+    assert fm._persistent_programs(Kernel(), (), dict(fits=False), dtypes, 8, gpu) == 0
+    assert len(compiled) == 2  # once per signature
+
+
 def accumulation_spy(monkeypatch):
     """The `accumulate` flag of every wgrad launch, in order."""
     from modeling_moe.kernels import fused_moe_ops
@@ -696,6 +730,24 @@ def test_tile_schedule(triton_path):
     assert max_tiles == 3 + 5
     assert tile_expert.tolist() == [0, 1, 2, 3, 3, 5, 5, 5]
     assert tile_row.tolist()[:5] == [0, 3, 5, 6, 10]
+
+
+@needs_triton
+def test_tile_schedule_over_many_programs(triton_path):
+    """A tile list longer than one program's block (several programs, each recomputing the prefix sum), against the
+    list written out in Python: every expert's row tiles in order, then ids past the real count on expert E."""
+    from modeling_moe.kernels.fused_moe_ops import tile_schedule
+
+    experts, block_m = 40, 16
+    counts = torch.randint(0, 70, (experts,), generator=torch.Generator().manual_seed(11))
+    counts[[3, 17]] = 0
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).to(torch.int32)
+    rows = int(offsets[-1])
+    tile_expert, tile_row, max_tiles = tile_schedule(offsets.to(triton_path), block_m, rows, experts)
+    expected = [(e, int(offsets[e]) + i * block_m) for e in range(experts) for i in range(-(-int(counts[e]) // block_m))]
+    assert max_tiles == -(-rows // block_m) + experts and max_tiles > 64
+    assert tile_expert.tolist() == [e for e, _ in expected] + [experts] * (max_tiles - len(expected))
+    assert tile_row.tolist()[:len(expected)] == [r for _, r in expected]
 
 
 @needs_triton

@@ -130,11 +130,13 @@ def _timed_events(profiler, device_type: str) -> list[tuple]:
 
 class StepProfiler:
     """torch.profiler from the start of optimizer step `first` to the end of step `last`: call `start_if(step)`
-    before a step and `stop_if(step)` after it; the latter returns this rank's summary at `last`."""
+    before a step and `stop_if(step)` after it; the latter returns this rank's summary at `last`, with its `top`
+    busiest kernels."""
 
-    def __init__(self, steps: tuple[int, int], folder, rank: int, device: torch.device, trace: bool = False):
+    def __init__(self, steps: tuple[int, int], folder, rank: int, device: torch.device, trace: bool = False,
+                 top: int = TOP_KERNELS):
         self.first, self.last = steps
-        self.folder, self.rank, self.device, self.trace = Path(folder), rank, device, trace
+        self.folder, self.rank, self.device, self.trace, self.top = Path(folder), rank, device, trace, top
         self._profiler, self._start = None, 0.0
 
     def _sync(self):
@@ -162,7 +164,7 @@ class StepProfiler:
         summary = {
             "rank": self.rank, "steps": [self.first, self.last],
             "time_source": "CUDA kernels" if self.device.type == "cuda" else "CPU op self time",
-            **time_by_category(_timed_events(self._profiler, self.device.type), wall),
+            **time_by_category(_timed_events(self._profiler, self.device.type), wall, self.top),
         }
         summary["step_wall_s"] = wall / (self.last - self.first + 1)
         self.folder.mkdir(parents=True, exist_ok=True)
