@@ -95,7 +95,8 @@ def _row_tile_matmul(a_ptr, b_ptr, a_row_offs, offs_n_ld, K, stride_ak, stride_b
 @triton.jit
 def _schedule_kernel(offsets_ptr, tile_expert_ptr, tile_row_ptr, num_experts, max_tiles,
                      BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr):
-    """One program: per-expert tile counts, their prefix sum, and for every tile id its expert and first row.
+    """For each of this program's BLOCK_T tile ids, its expert and first row. Every program computes the per-expert
+    tile counts and their prefix sum (E loads), so the programs need not wait on one another.
 
     Tile ids past the real count get expert = num_experts (the GEMM programs on them return at once)."""
     offs_e = tl.arange(0, BLOCK_E)
@@ -105,17 +106,16 @@ def _schedule_kernel(offsets_ptr, tile_expert_ptr, tile_row_ptr, num_experts, ma
     tiles = (end - start + BLOCK_M - 1) // BLOCK_M
     cum = tl.cumsum(tiles, axis=0)
     first = cum - tiles
-    for t0 in range(0, max_tiles, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        expert = tl.sum((cum[None, :] <= t[:, None]).to(tl.int32), axis=1)
-        expert = tl.minimum(expert, num_experts)
-        onehot = offs_e[None, :] == expert[:, None]
-        first_e = tl.sum(tl.where(onehot, first[None, :], 0), axis=1)
-        start_e = tl.sum(tl.where(onehot, start[None, :], 0), axis=1)
-        row = start_e + (t - first_e) * BLOCK_M
-        mask_t = t < max_tiles
-        tl.store(tile_expert_ptr + t, expert.to(tl.int32), mask=mask_t)
-        tl.store(tile_row_ptr + t, row.to(tl.int32), mask=mask_t)
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    expert = tl.sum((cum[None, :] <= t[:, None]).to(tl.int32), axis=1)
+    expert = tl.minimum(expert, num_experts)
+    onehot = offs_e[None, :] == expert[:, None]
+    first_e = tl.sum(tl.where(onehot, first[None, :], 0), axis=1)
+    start_e = tl.sum(tl.where(onehot, start[None, :], 0), axis=1)
+    row = start_e + (t - first_e) * BLOCK_M
+    mask_t = t < max_tiles
+    tl.store(tile_expert_ptr + t, expert.to(tl.int32), mask=mask_t)
+    tl.store(tile_row_ptr + t, row.to(tl.int32), mask=mask_t)
 
 
 @triton.jit

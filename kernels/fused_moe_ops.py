@@ -307,9 +307,9 @@ def tile_schedule(offsets: torch.Tensor, block_m: int, num_rows: int, num_expert
     tile_expert = torch.empty(max_tiles, dtype=torch.int32, device=offsets.device)
     tile_row = torch.empty(max_tiles, dtype=torch.int32, device=offsets.device)
     block_e = max(16, 1 << (num_experts - 1).bit_length())
-    block_t = max(16, min(256, 32768 // block_e, 1 << (max_tiles - 1).bit_length()))  # no wider than the tile list
-    _k()._schedule_kernel[(1,)](offsets, tile_expert, tile_row, num_experts, max_tiles,
-                                BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_T=block_t)
+    block_t = max(16, min(64, 8192 // block_e, 1 << (max_tiles - 1).bit_length()))  # no wider than the tile list
+    _k()._schedule_kernel[(triton_cdiv(max_tiles, block_t),)](offsets, tile_expert, tile_row, num_experts, max_tiles,
+                                                              BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_T=block_t)
     return tile_expert, tile_row, max_tiles
 
 
