@@ -123,6 +123,15 @@ def default_chunk_tokens(vocab_size: int) -> int:
     return min(8192, max(256, 1 << (tokens.bit_length() - 1)))
 
 
+def add_product_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """acc += a @ b. On CUDA, with bf16 / fp16 operands and an fp32 `acc`, one GEMM adds into `acc` in place and
+    the product is never rounded to the operands' dtype; elsewhere the product is formed first (in the operands'
+    dtype) and added."""
+    if acc.is_cuda and acc.dtype == torch.float32 and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16):
+        return torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
+    return acc.add_(a @ b)
+
+
 class LinearCrossEntropySum(torch.autograd.Function):
     """sum_i cross_entropy(hidden[i] @ weight.T, targets[i]) over the tokens whose target is not `ignore_index`, in
     fp32 (float64 for float64 inputs); gradients computed in the forward, chunk by chunk, and scaled in the backward."""
@@ -144,7 +153,7 @@ class LinearCrossEntropySum(torch.autograd.Function):
             if grad_hidden is not None:
                 grad_hidden[start:start + chunk_tokens] = grad @ weight
             if grad_weight is not None:
-                grad_weight += grad.t() @ chunk
+                add_product_(grad_weight, grad.t(), chunk)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total
