@@ -345,7 +345,11 @@ class Routing:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """fp32 operands multiply as torch's fp32 matmuls do: full precision by default, TF32 tensor cores after
+    `torch.set_float32_matmul_precision("high")` (or "medium"). Other dtypes ignore it."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
 
 
 # ------------------------------------------------------------------------------------------------------- launchers
@@ -788,10 +792,14 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj
     if not use_triton(hidden_states) or gate_up_proj.dtype == torch.float64:  # the kernels accumulate in fp32
         return moe_experts_reference(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights)
     dtype = hidden_states.dtype
-    x = hidden_states.to(gate_up_proj.dtype)
-    down = down_proj.to(gate_up_proj.dtype)
-    save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate_up_proj, down, top_k_weights))
-    gu, h, perm, inv, offsets = torch.ops.modeling_moe.fused_moe_gate_up(x, gate_up_proj, top_k_index, save)
+    compute = gate_up_proj.dtype
+    device_type = hidden_states.device.type
+    if compute == torch.float32 and torch.is_autocast_enabled(device_type):
+        # as autocast runs a matmul: operands in its dtype (fp32 weights cast per call), fp32 accumulation
+        compute = torch.get_autocast_dtype(device_type)
+    x, gate_up, down = (t.to(compute) for t in (hidden_states, gate_up_proj, down_proj))
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate_up, down, top_k_weights))
+    gu, h, perm, inv, offsets = torch.ops.modeling_moe.fused_moe_gate_up(x, gate_up, top_k_index, save)
     out = torch.ops.modeling_moe.fused_moe_down(gu, h, down, top_k_weights, perm, inv, offsets, dgrad_h_variant())
     return out.to(dtype)
 

@@ -628,20 +628,63 @@ def test_two_autograd_nodes_and_their_boundary(triton_path, dgrad_h):
     assert backward.custom_ops() == ["fused_moe_down_backward", "fused_moe_gate_up_backward"]
 
 
+@needs_triton
+def test_autocast_runs_the_kernels_in_its_dtype_over_fp32_weights(triton_path):
+    """Mixed precision (fp32 weights under autocast, as the trainer's --bf16 runs them): the kernels get operands in
+    autocast's dtype, as a matmul under autocast would, not fp32 ones (fp32 tiles, no tensor cores); the output keeps
+    the input's dtype and the fp32 weights get fp32 gradients, within half-precision error of float64. bf16 on a
+    GPU; fp16 in the interpreter, whose numpy has no bf16."""
+    x, gate_up, down, index, weights = make_case(20, 48, 40, 6, 2, seed=7, device=triton_path)
+    leaves = [t.clone().requires_grad_(True) for t in (x, gate_up, down, weights)]
+    low = torch.bfloat16 if triton_path == "cuda" else torch.float16  # the interpreter (numpy) has no bf16
+    with OpRecorder() as ops, torch.autocast(triton_path, dtype=low):
+        out = fused_moe(leaves[0], leaves[1], leaves[2], index, leaves[3])
+    assert [dtypes[:3] for name, dtypes in ops.custom_op_dtypes() if name == "fused_moe_gate_up"] == \
+        [(low, low, index.dtype)]
+    assert out.dtype == torch.float32
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(8)).to(out.device)
+    out.backward(grad)
+    refs = [t.detach().double().cpu().requires_grad_(True) for t in (x, gate_up, down, weights)]
+    reference = moe_experts_reference(refs[0], refs[1], refs[2], index.cpu(), refs[3])
+    reference.backward(grad.double().cpu())
+    assert relative_error(out.detach().cpu(), reference) < 2e-2
+    for leaf, ref in zip(leaves, refs):
+        assert leaf.grad.dtype == torch.float32 and relative_error(leaf.grad.cpu(), ref.grad) < 2e-2
+
+
+def test_fp32_operands_follow_torchs_matmul_precision():
+    """The kernels' fp32 products use TF32 only where torch's fp32 matmuls would (float32_matmul_precision "high"
+    or "medium"); by default ("highest") they are full fp32."""
+    from modeling_moe.kernels.fused_moe_ops import _dot_precision
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert _dot_precision(torch.float32) == "ieee"
+        for setting in ("high", "medium"):
+            torch.set_float32_matmul_precision(setting)
+            assert _dot_precision(torch.float32) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 class OpRecorder(TorchDispatchMode):
-    """The ops dispatched inside the block, in order."""
+    """The ops dispatched inside the block, in order, with their arguments' dtypes."""
 
     def __init__(self):
         super().__init__()
         self.ops = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))  # namespace.name.overload
+        self.ops.append((str(func), tuple(a.dtype if torch.is_tensor(a) else None for a in args)))
         return func(*args, **(kwargs or {}))
 
+    def custom_op_dtypes(self):
+        """This project's ops (the modeling_moe namespace) by name, with their positional arguments' dtypes."""
+        return [(op.split(".")[1], dtypes) for op, dtypes in self.ops if op.startswith("modeling_moe.")]
+
     def custom_ops(self):
-        """This project's ops (the modeling_moe namespace), by name."""
-        return [op.split(".")[1] for op in self.ops if op.startswith("modeling_moe.")]
+        return [name for name, _ in self.custom_op_dtypes()]
 
 
 @needs_triton
