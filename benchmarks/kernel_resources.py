@@ -151,7 +151,9 @@ def main():
                 for kernel in args.kernels.split(","):
                     # the training step's bucket, and for the forward GEMMs also a generate step's ("decode")
                     for bucket in (training, "decode") if kernel in ("gemm1", "gemm2") else (training,):
-                        for index, config in enumerate(fm.CANDIDATES[(FAMILIES[kernel][0], bucket)]):
+                        rows = (rows_per_expert if bucket == training else 1) * 64  # a representative count
+                        configs = fm._candidates(FAMILIES[kernel][0], rows, 64, torch.bfloat16, inter)
+                        for index, config in enumerate(configs):
                             compiled = compile_fused_kernel(kernel, config, hidden, inter, top_k)
                             usage = describe(compiled, config.num_warps)  # "tma": as compiled (adding wgrads: always)
                             emit(part="fused", shape=shape, bucket=bucket, kernel=kernel, default=index == 0,

@@ -652,6 +652,19 @@ def test_autocast_runs_the_kernels_in_its_dtype_over_fp32_weights(triton_path):
         assert leaf.grad.dtype == torch.float32 and relative_error(leaf.grad.cpu(), ref.grad) < 2e-2
 
 
+def test_dgrad_h_default_follows_the_intermediate_size():
+    """dgrad_h's default tile is 128x64 w8 over a narrow intermediate size (I <= 512) and the bucket's 128x128 w8
+    otherwise; the other kernels and the rest of the list do not change."""
+    from modeling_moe.kernels.fused_moe_ops import CANDIDATES, NARROW_DGRAD_H, KernelConfig, _candidates
+
+    rows, experts = 98304, 64  # the 1.26B model's training step: the "big" bucket
+    narrow = _candidates("dgrad_h", rows, experts, torch.bfloat16, inter=512)
+    assert narrow[0] == NARROW_DGRAD_H == KernelConfig(128, 64, 64, 8, 4)
+    assert sorted(map(str, narrow)) == sorted(map(str, CANDIDATES[("dgrad_h", "big")]))
+    assert _candidates("dgrad_h", rows, experts, torch.bfloat16, inter=1408) == CANDIDATES[("dgrad_h", "big")]
+    assert _candidates("dgrad_x", rows, experts, torch.bfloat16, inter=512) == CANDIDATES[("dgrad_x", "big")]
+
+
 def test_fp32_operands_follow_torchs_matmul_precision():
     """The kernels' fp32 products use TF32 only where torch's fp32 matmuls would (float32_matmul_precision "high"
     or "medium"); by default ("highest") they are full fp32."""
