@@ -324,6 +324,21 @@ def test_every_wgrad_candidate_matches_float64(triton_path, kind, bucket):
         assert relative_error(into.cpu(), expected.cpu() + before.double().cpu()) < tolerance, config
 
 
+def gate_up_wgrad_case(tokens, seed, device):
+    """wgrad_gate_up's operands over 5 experts (H 40, I 24, top-2, the first half of the experts routed to): the
+    routing, dL/dgu [rows, 48], x, and the float64 gradient [5, 48, 40] (CPU)."""
+    from modeling_moe.kernels import fused_moe_ops as fm
+
+    x, _, _, index, _ = make_case(tokens, 40, 24, 5, 2, routing="some_empty", seed=seed, device=device)
+    perm, inv, offsets = fm.build_routing(index, 5)
+    routing = fm.Routing(perm, inv, offsets, 2, 40, 24, x.dtype)
+    dgu = torch.randn(perm.numel(), 48, generator=torch.Generator().manual_seed(seed + 1)).to(x.device)
+    counts = (offsets[1:] - offsets[:-1]).tolist()
+    rows_x = x.double()[perm.long() // 2]
+    expected = torch.stack([a.T @ b for a, b in zip(dgu.double().split(counts), rows_x.split(counts))]).cpu()
+    return routing, dgu, x, expected
+
+
 @needs_triton
 def test_adding_into_a_gradient_goes_through_tma_where_it_can(triton_path, monkeypatch):
     """Accumulating wgrad launches read and write C through a TMA descriptor whatever the config (fewer registers on
@@ -334,13 +349,7 @@ def test_adding_into_a_gradient_goes_through_tma_where_it_can(triton_path, monke
     built = []
     tma_desc = fm._tma_desc
     monkeypatch.setattr(fm, "_tma_desc", lambda *args, **kwargs: built.append(tma_desc(*args, **kwargs)) or built[-1])
-    x, gate_up, _, index, _ = make_case(20, 40, 24, 5, 2, routing="some_empty", seed=4, device=triton_path)
-    perm, inv, offsets = fm.build_routing(index, 5)
-    routing = fm.Routing(perm, inv, offsets, 2, 40, 24, x.dtype)
-    dgu = torch.randn(perm.numel(), 48, generator=torch.Generator().manual_seed(5)).to(x.device)
-    counts = (offsets[1:] - offsets[:-1]).tolist()
-    rows_x = x.double()[perm.long() // 2]
-    expected = torch.stack([a.T @ b for a, b in zip(dgu.double().split(counts), rows_x.split(counts))]).cpu()
+    routing, dgu, x, expected = gate_up_wgrad_case(20, seed=4, device=triton_path)
     config = fm.KernelConfig(16, 16, 16, 1, 1, 4) if triton_path == "cpu" else fm.KernelConfig(64, 64, 32, 4, 2)
     fresh = torch.empty(5, 48, 40, device=x.device)
     fm._launch_wgrad(config, routing, dgu, x, fresh, False, True)
@@ -364,14 +373,8 @@ def test_persistent_wgrad_walks_every_tile(triton_path):
     tiles, some experts none of their rows, and the sums still match float64, fresh and added into C."""
     from modeling_moe.kernels import fused_moe_ops as fm
 
-    x, gate_up, _, index, _ = make_case(30, 40, 24, 5, 2, routing="some_empty", seed=8, device=triton_path)
-    perm, inv, offsets = fm.build_routing(index, 5)
-    routing = fm.Routing(perm, inv, offsets, 2, 40, 24, x.dtype)
-    dgu = torch.randn(perm.numel(), 48, generator=torch.Generator().manual_seed(9)).to(x.device)
-    counts = (offsets[1:] - offsets[:-1]).tolist()
-    assert 0 in counts
-    rows_x = x.double()[perm.long() // 2]
-    expected = torch.stack([a.T @ b for a, b in zip(dgu.double().split(counts), rows_x.split(counts))]).cpu()
+    routing, dgu, x, expected = gate_up_wgrad_case(30, seed=8, device=triton_path)
+    assert 0 in (routing.offsets[1:] - routing.offsets[:-1]).tolist()
     blocks = (16, 16, 16, 1, 1, 4) if triton_path == "cpu" else (64, 64, 32, 4, 2)
     for weight_tma in (False, True):
         config = fm.KernelConfig(*blocks, weight_tma=weight_tma, persistent=True)
