@@ -257,7 +257,7 @@ def part_train(S, args, dev, dtype):
         result = dict(step_ms=sig(seconds * 1e3), tokens_per_s=sig(batch * seq / seconds),
                       tflops=sig(flops_per_token * batch * seq / seconds / 1e12), peak_gib=peak_gib(dev))
         if profile:
-            result["profile"] = profile_step(step, dev)
+            result["profile"] = profile_step(step, dev, args.profile_top)
         del model, opt
         free()
         return result
@@ -276,12 +276,12 @@ def part_train(S, args, dev, dtype):
         report("train", f"experts={impl} B{batch}xS{seq}", rows, gflop_per_token=sig(flops_per_token / 1e9))
 
 
-def profile_step(step, dev) -> dict:
+def profile_step(step, dev, top: int = 40) -> dict:
     """One more `step()` under the pretraining trainer's profiler: each category's share of the step's wall time
-    (routed experts, attention, other GEMMs, the rest) and the 40 busiest kernels, printed and returned."""
+    (routed experts, attention, other GEMMs, the rest) and the `top` busiest kernels, printed and returned."""
     from modeling_moe.trainers.profiling import StepProfiler
 
-    profiler = StepProfiler((0, 0), tempfile.mkdtemp(prefix="bench_model-profile-"), 0, dev, top=40)
+    profiler = StepProfiler((0, 0), tempfile.mkdtemp(prefix="bench_model-profile-"), 0, dev, top=top)
     profiler.start_if(0)
     step()
     summary = profiler.stop_if(0)
@@ -591,6 +591,8 @@ def main():
                         help="profile one more training step of our fastest row (what pretraining runs; grouped_mm "
                              "without CUDA): time share per category (routed experts, attention, other GEMMs, the "
                              "rest) and the busiest kernels")
+    parser.add_argument("--profile-top", type=int, default=40, help="how many of the busiest kernels --profile-train "
+                                                                      "lists")
     parser.add_argument("--profile-decode", action="store_true",
                         help="print a torch.profiler table of ten compiled static-cache decode steps of each layer "
                              "(kernels launched eagerly: where the layer's time goes)")

@@ -532,7 +532,8 @@ def launch_command(run: Run, args) -> tuple[list[str], dict]:
     for name, value in NO_MULTICAST.items():
         env.setdefault(name, value)
     if args.small:
-        env["OMP_NUM_THREADS"] = "1"
+        # GPUs hidden: accelerate's barrier would take one per process even with --use_cpu (cuda:1 on a 1-GPU machine)
+        env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
         trainer = ["--use_cpu", *run.trainer_args]
         if run.processes == 1:
             return [args.python, "-m", TRAINER_MODULE, *trainer], env

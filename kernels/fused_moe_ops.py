@@ -838,6 +838,13 @@ def fused_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     if getattr(self, "_is_expert_parallel", False):
         raise NotImplementedError("experts_implementation='fused' does not support expert parallelism yet")
     _check_swiglu_experts(self)
+    if not (hidden_states.is_cuda or interpreting()):
+        # Where the kernels cannot run (CPU tensors without the interpreter, e.g. a model kept on the CPU of a machine
+        # with a GPU, where "fused" is the default): transformers' grouped_mm, the default without a GPU, which
+        # compiles without graph breaks; `fused_moe`'s reference (MOE_FUSED_REFERENCE=1) syncs with the host.
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+        return ALL_EXPERTS_FUNCTIONS["grouped_mm"](self, hidden_states, top_k_index, top_k_weights)
     return fused_moe(hidden_states, self.gate_up_proj, self.down_proj, top_k_index, top_k_weights)
 
 

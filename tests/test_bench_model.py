@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_train_part_with_profile_reports_time_shares(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path)}
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_model.py"), "--small", "--parts", "train",
-                    "--profile-train", "--steps", "1", "--warmup", "1"],
+                    "--profile-train", "--steps", "1", "--warmup", "1", "--device", "cpu"],
                    check=True, env=env, cwd=ROOT, capture_output=True, timeout=600)
     records = [json.loads(line) for line in (tmp_path / "bench_model.jsonl").read_text().splitlines()]
     rows = {r["model"]: r for r in records if r.get("part") == "train"}

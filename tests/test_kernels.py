@@ -903,6 +903,18 @@ def test_fused_refuses_experts_it_does_not_compute(monkeypatch, hidden_act):
         model(input_ids=torch.tensor([[3, 4, 5]]))
 
 
+def test_fused_without_a_triton_device_runs_grouped_mm_and_compiles_whole(monkeypatch):
+    """A model kept on the CPU of a machine with a GPU defaults to "fused": there it runs transformers' grouped_mm
+    (what a machine without a GPU defaults to), which torch.compile traces whole, unlike the host-synced reference."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    eager, fused = model_pair(small_config(num_hidden_layers=2))
+    ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = eager(input_ids=ids).logits
+        compiled = torch.compile(fused, backend="eager", fullgraph=True)(input_ids=ids).logits
+    torch.testing.assert_close(compiled, expected, rtol=1e-5, atol=1e-5)
+
+
 def model_pair(config):
     torch.manual_seed(0)
     eager = MoEForCausalLM(config)

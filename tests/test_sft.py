@@ -130,8 +130,8 @@ def base_weights(model) -> dict[str, torch.Tensor]:
     """The base model's weights of a (PEFT-wrapped) model by their plain names, LoRA weights left out."""
     if isinstance(model, PeftModel):
         model = model.get_base_model()
-    return {name.replace(".base_layer", ""): tensor.detach().clone() for name, tensor in model.state_dict().items()
-            if "lora_" not in name}
+    return {name.replace(".base_layer", ""): tensor.detach().cpu().clone()  # the trainer may move it to a GPU
+            for name, tensor in model.state_dict().items() if "lora_" not in name}
 
 
 def test_lora_sft_trains_keeps_base_merges_and_reloads(tmp_path):

@@ -771,6 +771,18 @@ def main(argv: list[str] | None = None) -> dict:
         _reset_accelerate_state()
 
 
+def _check_gpu_per_process():
+    """Each process of a launch on a machine with GPUs needs a GPU of its own, also with --use_cpu: accelerate's
+    barrier names a device per process (`cuda:<local rank>` wherever CUDA is present), which fails with a bare CUDA
+    error past the last GPU."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if 0 < gpus <= local_rank:
+        raise ConfigurationError(
+            f"This process has local rank {local_rank}, but the machine shows {gpus} GPU(s): launch at most {gpus} "
+            f"process(es) per machine, or hide the GPUs (CUDA_VISIBLE_DEVICES=) to train on the CPU.")
+
+
 def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainArguments) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import (
@@ -811,6 +823,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
 
         load_documents(data_args.dataset)  # FileNotFoundError naming the accepted formats
 
+    _check_gpu_per_process()
     output_dir = args.output_dir
     # A caller that set up torch.distributed itself keeps its process group; otherwise accelerate's is torn down.
     owns_process_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
