@@ -291,8 +291,18 @@ def profile_step(step, dev, top: int = 40) -> dict:
           f"ms, shares {shares}", flush=True)
     for name, ms, calls in top:
         print(f"[profile]   {ms:8.2f} ms {calls:5d}x  {name}", flush=True)
-    return {"wall_ms": sig(summary["wall_s"] * 1e3), "kernel_ms": sig(summary["device_time_s"] * 1e3),
-            "shares": shares, "top_kernels": top}
+    record = {"wall_ms": sig(summary["wall_s"] * 1e3), "kernel_ms": sig(summary["device_time_s"] * 1e3),
+              "shares": shares, "top_kernels": top}
+    if "device" in summary:  # a GPU: how long it sat idle between kernels, and where
+        device = summary["device"]
+        record.update(busy_ms=sig(device["busy_s"] * 1e3), idle_between_kernels_ms=sig(
+            device["idle_between_kernels_s"] * 1e3), longest_gaps=device["longest_gaps"])
+        print(f"[profile] GPU busy {device['busy_s'] * 1e3:.1f} ms, idle between kernels "
+              f"{device['idle_between_kernels_s'] * 1e3:.1f} ms; longest gaps:", flush=True)
+        for gap in device["longest_gaps"]:
+            print(f"[profile]   {gap['gap_us']:8.1f} us  after {gap['after'][:60]}  before {gap['before'][:60]}",
+                  flush=True)
+    return record
 
 
 def fused_available(dev) -> bool:

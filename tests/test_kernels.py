@@ -64,6 +64,9 @@ def triton_path(monkeypatch):
         pytest.skip("triton is not installed")
     monkeypatch.delenv("MOE_FUSED_REFERENCE", raising=False)
     set_autotune(False)
+    # Full fp32 products whatever an earlier test left set (accelerate turns TF32 on when it compiles in fp32).
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
     try:
         if CUDA:
             yield "cuda"
@@ -73,6 +76,7 @@ def triton_path(monkeypatch):
                 yield "cpu"
     finally:
         set_autotune(None)
+        torch.set_float32_matmul_precision(precision)
 
 
 @pytest.fixture(params=DGRAD_H_VARIANTS)

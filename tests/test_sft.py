@@ -123,7 +123,7 @@ def save_toy_model(folder, tokenizer, **overrides):
 def logits_of(model, ids):
     model.eval()
     with torch.no_grad():
-        return model(input_ids=ids).logits.float()
+        return model(input_ids=ids.to(model.device)).logits.float().cpu()  # the trainer may have moved it
 
 
 def base_weights(model) -> dict[str, torch.Tensor]:

@@ -95,6 +95,35 @@ def _context(event) -> str | None:
     return None
 
 
+def _device_events(events) -> list:
+    """The GPU's kernels, memcpys and memsets, without the ranges that `record_function` annotates on the GPU's
+    timeline (`Optimizer.step#AdamW.step` spans the optimizer's kernels: counting it would count them twice)."""
+    from torch.autograd import DeviceType
+
+    return [event for event in events
+            if event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False)]
+
+
+def idle_gaps(intervals: list[tuple[float, float, str]], top: int = 10) -> dict:
+    """How long the device was busy over `intervals` (start_us, end_us, kernel name), counting overlaps once, and its
+    `top` longest idle gaps between kernels, each with the kernels before and after it (what the host was late to
+    launch)."""
+    busy, gaps = 0.0, []
+    end, previous = None, None
+    for start, stop, name in sorted(intervals):
+        if end is None or start >= end:
+            busy += stop - start
+            if end is not None:
+                gaps.append((start - end, previous, name))
+            end, previous = stop, name
+        elif stop > end:
+            busy += stop - end
+            end, previous = stop, name
+    gaps.sort(key=lambda gap: gap[0], reverse=True)
+    return {"busy_s": busy / 1e6, "idle_between_kernels_s": sum(g[0] for g in gaps) / 1e6,
+            "longest_gaps": [{"gap_us": round(g, 1), "after": a[:120], "before": b[:120]} for g, a, b in gaps[:top]]}
+
+
 def _timed_events(profiler, device_type: str) -> list[tuple]:
     """(name, seconds) of every CUDA kernel / memcpy / memset on a GPU, of every CPU op (self time) on the CPU; named
     "op > name" inside an op of a specific category. The GPU's other kernels come summed per name, with their number
@@ -111,11 +140,10 @@ def _timed_events(profiler, device_type: str) -> list[tuple]:
                 timed.append((f"{context} > {event.name}" if context else event.name, micros / 1e6))
         return timed
     unattributed: dict[str, list] = {}  # kernel name -> [microseconds, calls], every kernel
-    for event in events:
-        if event.device_type == DeviceType.CUDA:
-            entry = unattributed.setdefault(event.name, [0.0, 0])
-            entry[0] += event.time_range.elapsed_us()
-            entry[1] += 1
+    for event in _device_events(events):
+        entry = unattributed.setdefault(event.name, [0.0, 0])
+        entry[0] += event.time_range.elapsed_us()
+        entry[1] += 1
     timed = []
     for event in events:  # the kernels an op of a specific category launched
         context = _context(event) if event.device_type == DeviceType.CPU and event.kernels else None
@@ -166,6 +194,9 @@ class StepProfiler:
             "time_source": "CUDA kernels" if self.device.type == "cuda" else "CPU op self time",
             **time_by_category(_timed_events(self._profiler, self.device.type), wall, self.top),
         }
+        if self.device.type == "cuda":
+            summary["device"] = idle_gaps([(e.time_range.start, e.time_range.end, e.name)
+                                           for e in _device_events(self._profiler.events())], self.top)
         summary["step_wall_s"] = wall / (self.last - self.first + 1)
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / f"rank{self.rank}.json").write_text(json.dumps(summary, indent=1))
