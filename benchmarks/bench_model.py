@@ -233,13 +233,15 @@ def part_train(S, args, dev, dtype):
                        + 3 * seq * our_cfg.num_hidden_layers * our_cfg.num_attention_heads
                        * (our_cfg.qk_head_dim + our_cfg.v_head_dim))  # causal attention: half the score matrix
 
-    def run(cfg, impl, update_bias=False, compiled=False, profile=False, skip_logits=False):
+    def run(cfg, impl, update_bias=False, compiled=False, profile=False, skip_logits=False, compile_mode=None):
         model = build(cfg, impl, state, dev, dtype).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True if dev.type == "cuda" else None)
         if compiled:  # what `pretrain --torch_compile` does: accelerate's regional compilation, each decoder layer
             from accelerate.utils import compile_regions
 
-            forward = compile_regions(model)
+            # `pretrain --torch_compile_mode`: "reduce-overhead" replays each layer's forward and backward from CUDA
+            # graphs (inductor's CUDA graph trees)
+            forward = compile_regions(model, mode=compile_mode)
         else:
             forward = model
 
@@ -273,6 +275,10 @@ def part_train(S, args, dev, dtype):
                     run, our_cfg, "fused", True, True)
                 rows["ours (fused experts, compiled layers, chunked loss) + update_expert_bias"] = measure(
                     run, our_cfg, "fused", True, True, profile=args.profile_train, skip_logits=True)
+                for mode in filter(None, args.train_compile_modes.split(",")):
+                    rows[f"ours (fused experts, layers compiled {mode}, chunked loss) + update_expert_bias"] = measure(
+                        run, our_cfg, "fused", True, True, profile=args.profile_train, skip_logits=True,
+                        compile_mode=mode)
         report("train", f"experts={impl} B{batch}xS{seq}", rows, gflop_per_token=sig(flops_per_token / 1e9))
 
 
@@ -300,8 +306,8 @@ def profile_step(step, dev, top: int = 40) -> dict:
         print(f"[profile] GPU busy {device['busy_s'] * 1e3:.1f} ms, idle between kernels "
               f"{device['idle_between_kernels_s'] * 1e3:.1f} ms; longest gaps:", flush=True)
         for gap in device["longest_gaps"]:
-            print(f"[profile]   {gap['gap_us']:8.1f} us  after {gap['after'][:60]}  before {gap['before'][:60]}",
-                  flush=True)
+            print(f"[profile]   {gap['gap_us']:8.1f} us  after {gap['after'][:50]}  before {gap['before'][:50]}  "
+                  f"host in {gap['host_outer']} > {gap['host_inner']}", flush=True)
     return record
 
 
@@ -601,6 +607,9 @@ def main():
                         help="profile one more training step of our fastest row (what pretraining runs; grouped_mm "
                              "without CUDA): time share per category (routed experts, attention, other GEMMs, the "
                              "rest) and the busiest kernels")
+    parser.add_argument("--train-compile-modes", default="",
+                        help="train part: also time the fused, compiled, chunked-loss row with its layers compiled in "
+                             "each of these torch.compile modes, comma-separated (e.g. reduce-overhead: CUDA graphs)")
     parser.add_argument("--profile-top", type=int, default=40, help="how many of the busiest kernels --profile-train "
                                                                       "lists")
     parser.add_argument("--profile-decode", action="store_true",

@@ -104,24 +104,33 @@ def _device_events(events) -> list:
             if event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False)]
 
 
-def idle_gaps(intervals: list[tuple[float, float, str]], top: int = 10) -> dict:
+def idle_gaps(intervals: list[tuple[float, float, str]], top: int = 10,
+              host_ops: list[tuple[float, float, str]] = ()) -> dict:
     """How long the device was busy over `intervals` (start_us, end_us, kernel name), counting overlaps once, and its
-    `top` longest idle gaps between kernels, each with the kernels before and after it (what the host was late to
-    launch)."""
+    `top` longest idle gaps between kernels, each with the kernels before and after it and, from `host_ops` (start_us,
+    end_us, name of the host's ops), the outermost and innermost op the host was in at the gap's middle: what it was
+    busy with while the device waited."""
     busy, gaps = 0.0, []
     end, previous = None, None
     for start, stop, name in sorted(intervals):
         if end is None or start >= end:
             busy += stop - start
             if end is not None:
-                gaps.append((start - end, previous, name))
+                gaps.append((start - end, end, previous, name))
             end, previous = stop, name
         elif stop > end:
             busy += stop - end
             end, previous = stop, name
     gaps.sort(key=lambda gap: gap[0], reverse=True)
-    return {"busy_s": busy / 1e6, "idle_between_kernels_s": sum(g[0] for g in gaps) / 1e6,
-            "longest_gaps": [{"gap_us": round(g, 1), "after": a[:120], "before": b[:120]} for g, a, b in gaps[:top]]}
+    longest = []
+    for length, gap_start, before, after in gaps[:top]:
+        middle = gap_start + length / 2
+        # enclosing ops, outermost first (longest first among those that contain the middle)
+        around = sorted((op for op in host_ops if op[0] <= middle < op[1]), key=lambda op: op[0] - op[1])
+        longest.append({"gap_us": round(length, 1), "after": before[:120], "before": after[:120],
+                        "host_outer": around[0][2][:120] if around else None,
+                        "host_inner": around[-1][2][:120] if around else None})
+    return {"busy_s": busy / 1e6, "idle_between_kernels_s": sum(g[0] for g in gaps) / 1e6, "longest_gaps": longest}
 
 
 def _timed_events(profiler, device_type: str) -> list[tuple]:
@@ -195,8 +204,12 @@ class StepProfiler:
             **time_by_category(_timed_events(self._profiler, self.device.type), wall, self.top),
         }
         if self.device.type == "cuda":
+            from torch.autograd import DeviceType
+
+            events = self._profiler.events()
+            host = [(e.time_range.start, e.time_range.end, e.name) for e in events if e.device_type == DeviceType.CPU]
             summary["device"] = idle_gaps([(e.time_range.start, e.time_range.end, e.name)
-                                           for e in _device_events(self._profiler.events())], self.top)
+                                           for e in _device_events(events)], self.top, host)
         summary["step_wall_s"] = wall / (self.last - self.first + 1)
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / f"rank{self.rank}.json").write_text(json.dumps(summary, indent=1))
