@@ -734,11 +734,14 @@ class MoEModel(MoEPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         if isinstance(cache, MoEStaticCache) and not cache.has_cached_tokens(0):  # a prefill, from position 0
             cache.check_length(inputs_embeds.shape[1], "this forward")
+        # Positions the caller gives may pack several documents into a row, which the mask must see (transformers
+        # reads them on the host); positions made here never do, and are not handed to the mask (no host sync).
+        mask_positions = position_ids
         if position_ids is None:
             past_seen = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past_seen
 
-        causal_mask = self.causal_mask(inputs_embeds, attention_mask, cache, position_ids)
+        causal_mask = self.causal_mask(inputs_embeds, attention_mask, cache, mask_positions)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
 
         hidden_states = inputs_embeds
@@ -781,6 +784,7 @@ class MoEModel(MoEPreTrainedModel):
         Returns one (normed hidden states [batch, seq - d, hidden], router logits) pair per depth.
         """
         seq_len = input_ids.shape[1]
+        given_positions = position_ids is not None  # as in forward: only these go to the mask
         if position_ids is None:
             position_ids = torch.arange(seq_len, device=input_ids.device).unsqueeze(0)
         outputs = []
@@ -789,7 +793,7 @@ class MoEModel(MoEPreTrainedModel):
             embeds = self.embed_tokens(input_ids[:, depth:])
             mask = attention_mask[:, :keep] if attention_mask is not None else None
             positions = position_ids[..., :keep]
-            causal_mask = self.causal_mask(embeds, mask, None, positions)
+            causal_mask = self.causal_mask(embeds, mask, None, positions if given_positions else None)
             hidden_states, router_logits = layer(
                 hidden_states[:, :keep], embeds, self.rotary_emb(embeds, positions), causal_mask, **kwargs
             )

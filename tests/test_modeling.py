@@ -254,6 +254,24 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone(make_confi
         assert row.tolist() == expected.tolist()
 
 
+def test_only_given_positions_are_checked_for_packed_documents(monkeypatch):
+    """transformers reads position_ids on the host to find packed documents (a GPU sync each forward): the model hands
+    it the caller's positions, packed or not, and never the plain ones it makes itself."""
+    import transformers.masking_utils as masking_utils
+
+    checked = []
+    original = masking_utils.find_packed_sequence_indices
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices",
+                        lambda position_ids: checked.append(position_ids.clone()) or original(position_ids))
+    model = seeded_model(small_config(num_hidden_layers=2, num_nextn_predict_layers=1)).train()
+    ids = torch.randint(3, 97, (2, 8), generator=torch.Generator().manual_seed(0))
+    plain = model(input_ids=ids, labels=ids, use_cache=False).loss  # as the pretraining trainer calls it
+    assert checked == []
+    packed = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]] * 2)  # two documents a row: attention stays inside each
+    assert model(input_ids=ids, labels=ids, position_ids=packed, use_cache=False).loss != plain
+    assert len(checked) == 2 and torch.equal(checked[0], packed)  # the decoder's mask, then the MTP layer's
+
+
 def test_yarn_scaling_matches_deepseek_formula():
     rope = {
         "rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "original_max_position_embeddings": 64,
