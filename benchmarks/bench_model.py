@@ -607,9 +607,10 @@ def main():
                         help="profile one more training step of our fastest row (what pretraining runs; grouped_mm "
                              "without CUDA): time share per category (routed experts, attention, other GEMMs, the "
                              "rest) and the busiest kernels")
-    parser.add_argument("--train-compile-modes", default="",
+    parser.add_argument("--train-compile-modes", default="reduce-overhead",
                         help="train part: also time the fused, compiled, chunked-loss row with its layers compiled in "
-                             "each of these torch.compile modes, comma-separated (e.g. reduce-overhead: CUDA graphs)")
+                             "each of these torch.compile modes, comma-separated (reduce-overhead, the default: each "
+                             "layer's forward and backward replayed from CUDA graphs; empty for none)")
     parser.add_argument("--profile-top", type=int, default=40, help="how many of the busiest kernels --profile-train "
                                                                       "lists")
     parser.add_argument("--profile-decode", action="store_true",

@@ -413,12 +413,13 @@ class MoETopkRouter(nn.Module):
         return router_logits, topk_weights, topk_indices
 
     @torch.no_grad()
-    def count_tokens(self, router_logits: torch.Tensor, token_mask: torch.Tensor | None = None):
-        """Add the tokens of one forward to each expert's load, from the router logits it returned (the same selection
-        again; padding, 0 in `token_mask`, does not count). The model calls this after the layer, outside any
-        checkpointed region, so a forward replayed for backward is never counted twice, and the count traces into a
-        compiled graph."""
-        load = self.expert_load(router_logits, token_mask=token_mask)[0]
+    def count_tokens(self, topk_indices: torch.Tensor, token_mask: torch.Tensor | None = None):
+        """Add the tokens of one forward to each expert's load, from the experts it chose ([tokens, k]; padding, 0 in
+        `token_mask`, does not count). The model calls this after the layer, outside any checkpointed region, so a
+        forward replayed for backward is never counted twice, and the count traces into a compiled graph."""
+        weights = token_weights(token_mask, topk_indices, torch.float32)
+        load = torch.zeros(self.num_experts, dtype=torch.float32, device=topk_indices.device)
+        load.scatter_add_(0, topk_indices.reshape(-1), weights.reshape(-1))
         if self.tokens_per_expert is None:
             self.tokens_per_expert = load
         else:
@@ -475,13 +476,14 @@ class MoESparseMoeBlock(nn.Module):
             MoEMLP(config, config.moe_intermediate_size * config.n_shared_experts) if config.n_shared_experts else None
         )
 
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The block's output and its routing: (router logits [tokens, experts], chosen experts [tokens, k])."""
         router_logits, topk_weights, topk_indices = self.gate(hidden_states)
         routed = self.experts(hidden_states.reshape(-1, hidden_states.shape[-1]), topk_indices, topk_weights)
         output = routed.view_as(hidden_states)
         if self.shared_experts is not None:
             output = output + self.shared_experts(hidden_states)
-        return output, router_logits
+        return output, (router_logits, topk_indices)
 
 
 ATTENTION_CLASSES = {"mla": MoEMultiHeadLatentAttention, "gqa": MoEGroupedQueryAttention}
@@ -497,7 +499,8 @@ class MoEDecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = MoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, **kwargs):
-        """Returns the new hidden states and this layer's router logits (None in a dense layer)."""
+        """Returns the new hidden states and this layer's routing, (router logits, chosen experts) (None in a dense
+        layer)."""
         residual = hidden_states
         hidden_states = self.self_attn(
             self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache=cache, **kwargs
@@ -505,12 +508,12 @@ class MoEDecoderLayer(GradientCheckpointingLayer):
         hidden_states = residual + hidden_states
         residual = hidden_states
         hidden_states = self.post_attention_layernorm(hidden_states)
-        router_logits = None
+        routing = None
         if self.is_moe:
-            hidden_states, router_logits = self.mlp(hidden_states)
+            hidden_states, routing = self.mlp(hidden_states)
         else:
             hidden_states = self.mlp(hidden_states)
-        return residual + hidden_states, router_logits
+        return residual + hidden_states, routing
 
 
 class MoEMultiTokenPredictionLayer(MoEDecoderLayer):
@@ -526,8 +529,8 @@ class MoEMultiTokenPredictionLayer(MoEDecoderLayer):
 
     def forward(self, previous_hidden, next_embeds, position_embeddings, attention_mask=None, **kwargs):
         hidden_states = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(previous_hidden)), dim=-1))
-        hidden_states, router_logits = super().forward(hidden_states, position_embeddings, attention_mask, **kwargs)
-        return self.norm(hidden_states), router_logits
+        hidden_states, routing = super().forward(hidden_states, position_embeddings, attention_mask, **kwargs)
+        return self.norm(hidden_states), routing
 
 
 STALE_WEIGHTS = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
@@ -751,13 +754,13 @@ class MoEModel(MoEPreTrainedModel):
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-            hidden_states, layer_router_logits = layer(
+            hidden_states, routing = layer(
                 hidden_states, position_embeddings, attention_mask=causal_mask, cache=cache, **kwargs
             )
-            if layer_router_logits is not None:
-                router_logits += (layer_router_logits,)
+            if routing is not None:
+                router_logits += (routing[0],)
                 if self.training:
-                    layer.mlp.gate.count_tokens(layer_router_logits, token_mask)
+                    layer.mlp.gate.count_tokens(routing[1], token_mask)
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
@@ -794,12 +797,12 @@ class MoEModel(MoEPreTrainedModel):
             mask = attention_mask[:, :keep] if attention_mask is not None else None
             positions = position_ids[..., :keep]
             causal_mask = self.causal_mask(embeds, mask, None, positions if given_positions else None)
-            hidden_states, router_logits = layer(
+            hidden_states, routing = layer(
                 hidden_states[:, :keep], embeds, self.rotary_emb(embeds, positions), causal_mask, **kwargs
             )
-            if router_logits is not None and self.training:
-                layer.mlp.gate.count_tokens(router_logits, padding_mask(mask, *embeds.shape[:2]))
-            outputs.append((hidden_states, router_logits))
+            if routing is not None and self.training:
+                layer.mlp.gate.count_tokens(routing[1], padding_mask(mask, *embeds.shape[:2]))
+            outputs.append((hidden_states, routing[0] if routing is not None else None))
         return outputs
 
 

@@ -81,9 +81,10 @@ def test_moe_block_matches_reference(routing, experts_implementation, dtype, tol
             p.normal_(0, 0.3)
         block.gate.e_score_correction_bias.normal_(0, 0.1)
     x = torch.randn(2, 7, config.hidden_size, dtype=dtype)
-    out, router_logits = block(x)
+    out, (router_logits, chosen) = block(x)
     torch.testing.assert_close(out, reference_moe_block(block, config, x).to(dtype), rtol=tol, atol=tol)
     assert router_logits.shape == (14, config.n_routed_experts) and router_logits.dtype == dtype
+    assert torch.equal(chosen.sort(dim=-1).values, block.gate.select(block.gate.scores(router_logits)).sort(-1).values)
 
 
 def test_router_logits_stay_fp32_in_bf16_model():
