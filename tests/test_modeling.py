@@ -7,7 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from modeling_moe import MoEForCausalLM
-from modeling_moe.modeling_moe import MoESparseMoeBlock, expert_balance_loss, let_keyless_queries_see_themselves
+from modeling_moe.modeling_moe import (
+    CACHE_FIELD,
+    MoESparseMoeBlock,
+    expert_balance_loss,
+    let_keyless_queries_see_themselves,
+)
 
 from .helpers import assert_compiled_training_step_matches, gqa_config, seeded_model, small_config
 
@@ -271,6 +276,18 @@ def test_only_given_positions_are_checked_for_packed_documents(monkeypatch):
     packed = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]] * 2)  # two documents a row: attention stays inside each
     assert model(input_ids=ids, labels=ids, position_ids=packed, use_cache=False).loss != plain
     assert len(checked) == 2 and torch.equal(checked[0], packed)  # the decoder's mask, then the MTP layer's
+
+
+def test_a_training_forward_keeps_packed_documents_apart():
+    """Packed documents (positions restarting at each one, no attention mask) attend only within themselves: in
+    training the model makes no cache unless asked (transformers looks for packed documents only without one)."""
+    model = seeded_model(small_config(num_hidden_layers=2)).train()
+    docs = torch.randint(3, 97, (2, 5), generator=torch.Generator().manual_seed(0))
+    packed = model(input_ids=docs.reshape(1, 10), position_ids=torch.arange(5).repeat(2)[None])
+    assert getattr(packed, CACHE_FIELD) is None
+    for i, doc in enumerate(docs):
+        alone = model(input_ids=doc[None]).logits
+        torch.testing.assert_close(packed.logits[:, 5 * i:5 * i + 5], alone, rtol=1e-5, atol=1e-5)
 
 
 def test_yarn_scaling_matches_deepseek_formula():
