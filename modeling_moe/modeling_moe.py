@@ -724,8 +724,8 @@ class MoEModel(MoEPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         cache = cache if cache is not None else past_key_values
-        if use_cache is None:  # a training forward has no use for a cache (and one hides packed documents' bounds)
-            use_cache = self.config.use_cache and not self.training
+        if use_cache is None:  # a training forward makes none (one hides packed documents' bounds), but uses one given
+            use_cache = self.config.use_cache and (not self.training or cache is not None)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         if self.gradient_checkpointing and self.training:

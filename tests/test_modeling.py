@@ -288,6 +288,11 @@ def test_a_training_forward_keeps_packed_documents_apart():
     for i, doc in enumerate(docs):
         alone = model(input_ids=doc[None]).logits
         torch.testing.assert_close(packed.logits[:, 5 * i:5 * i + 5], alone, rtol=1e-5, atol=1e-5)
+    # A cache the caller hands in (a prefix, as PEFT's prefix tuning does) is still extended and used.
+    prefix = model(input_ids=docs[:1, :3], use_cache=True)
+    continued = model(input_ids=docs[:1, 3:], past_key_values=getattr(prefix, CACHE_FIELD))
+    assert getattr(continued, CACHE_FIELD).get_seq_length() == 5
+    torch.testing.assert_close(continued.logits, model(input_ids=docs[:1]).logits[:, 3:], rtol=1e-5, atol=1e-5)
 
 
 def test_yarn_scaling_matches_deepseek_formula():
