@@ -185,7 +185,9 @@ class PretrainArguments:
     )
     torch_compile_backend: str = field(default="inductor", metadata={"help": "torch.compile backend."})
     torch_compile_mode: str | None = field(
-        default=None, metadata={"help": "torch.compile mode (default, reduce-overhead, max-autotune, ...)."}
+        default=None, metadata={"help": "torch.compile mode (default, reduce-overhead, max-autotune, ...). On a GPU, "
+                                         "reduce-overhead replays each layer's forward and backward from CUDA graphs: "
+                                         "no launch overhead (benchmarks/RESULTS.md)."}
     )
     report_to: list[str] = field(
         default_factory=lambda: ["none"],
