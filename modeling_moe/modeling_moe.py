@@ -843,8 +843,10 @@ def expert_balance_loss(router: MoETopkRouter, router_logits: torch.Tensor, num_
     sequence-wise loss. Tokens where `token_mask` is 0 (padding) take no part: T counts the others.
     """
     scores = router.scores(router_logits)
-    scores = scores / scores.sum(dim=-1, keepdim=True)
+    # f counts the experts the router chose: from the scores plus the bias, before the normalisation (which, for
+    # sigmoid scores, would move a token's scores against the bias and pick other experts).
     selected = router.select(scores.detach())
+    scores = scores / scores.sum(dim=-1, keepdim=True)
     experts, top_k = router.num_experts, router.top_k
     weights = token_weights(token_mask, selected, scores.dtype)
     counts = torch.zeros(num_sequences, experts, device=scores.device, dtype=scores.dtype)

@@ -327,6 +327,22 @@ def test_balance_loss_matches_formula_and_is_one_when_balanced():
     assert expert_balance_loss(router, torch.zeros(8, 8, dtype=torch.float64)).item() == pytest.approx(1.0)
 
 
+def test_balance_loss_counts_the_experts_the_router_chose():
+    """Sigmoid scores with a balancing bias: f counts the routed experts (top-k of scores + bias), which a top-k over
+    the normalised scores + bias would not give: scores (0.9, 0.8, 0.1, 0.1) with bias 0.42 on expert 2."""
+    config = small_config(n_routed_experts=4, num_experts_per_tok=2, scoring_func="sigmoid", topk_method="greedy",
+                          n_group=1, topk_group=1)
+    router = MoESparseMoeBlock(config).gate.double()
+    with torch.no_grad():
+        router.e_score_correction_bias.copy_(torch.tensor([0.0, 0.0, 0.42, 0.0]))
+    scores = torch.tensor([[0.9, 0.8, 0.1, 0.1]], dtype=torch.float64)
+    logits = torch.log(scores / (1 - scores))  # sigmoid(logits) = scores
+    assert router.expert_load(logits).tolist() == [[1.0, 1.0, 0.0, 0.0]]  # routed: experts 0 and 1
+    normalised = scores / scores.sum()
+    expected = (torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64) * 4 / 2 * normalised[0]).sum()
+    torch.testing.assert_close(expert_balance_loss(router, logits), expected)
+
+
 def test_padding_takes_no_part_in_the_balance_loss_nor_the_expert_load():
     """A right-padded batch: the padding's router logits count neither in the balance loss (batch-wise: as the
     real tokens alone; sequence-wise: each sequence over its own tokens) nor in the load update_expert_bias reads."""
