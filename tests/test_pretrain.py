@@ -29,9 +29,9 @@ HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 # On the CPU also where a GPU is present: the losses these tests compare are bitwise only there.
 TINY = [
     "--use_cpu", "--model_config", "tiny", "--seq_len", "32", "--per_device_train_batch_size", "2",
-    "--logging_steps", "1",
-    "--max_eval_samples", "8", "--learning_rate", "3e-3", "--warmup_steps", "2", "--disable_tqdm",
+    "--logging_steps", "1", "--max_eval_samples", "8", "--learning_rate", "3e-3", "--warmup_steps", "2", "--disable_tqdm",
 ]
+ON_GPU = [arg for arg in TINY if arg != "--use_cpu"]  # the gpu tests
 
 
 @pytest.fixture(scope="session")
@@ -542,8 +542,8 @@ def test_a_process_past_the_last_gpu_is_a_clear_error(tmp_path, data_cache, monk
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_training_in_bf16_with_the_fused_experts(tmp_path, data_cache):
-    on_gpu = [arg for arg in TINY if arg != "--use_cpu"]
-    main([*on_gpu, "--data_cache_dir", data_cache, "--output_dir", str(tmp_path), "--max_steps", "8", "--bf16",
+    """The trainer on a GPU: bf16 autocast, compiled layers, the fused experts (the default there)."""
+    main([*ON_GPU, "--data_cache_dir", data_cache, "--output_dir", str(tmp_path), "--max_steps", "8", "--bf16",
           "--torch_compile", "--save_steps", "0"])
     records = [r for r in read_metrics(tmp_path) if "loss" in r]
     assert all(math.isfinite(r["loss"]) and r["mfu"] is not None for r in records)
@@ -556,13 +556,12 @@ def test_gpu_training_in_bf16_with_the_fused_experts(tmp_path, data_cache):
 def test_gpu_layers_replayed_from_cuda_graphs_train_as_compiled_ones(tmp_path, data_cache):
     """--torch_compile_mode reduce-overhead replays each decoder layer's forward and backward (fused experts
     included) from CUDA graphs: the same run as plain compiled layers, without the host's launches."""
-    on_gpu = [arg for arg in TINY if arg != "--use_cpu"]
     # Full fp32 products: with TF32 (accelerate's choice when it compiles in fp32) two runs of plain compiled layers
     # already differ by 4e-4 in step 6's gradient norm; without, all three runs agree within 1e-6 (H200).
     flags = ["--data_cache_dir", data_cache, "--max_steps", "6", "--torch_compile", "--tf32", "false",
              "--save_steps", "0", "--save_final_model", "false"]
-    main([*on_gpu, *flags, "--output_dir", str(tmp_path / "compiled")])
-    main([*on_gpu, *flags, "--output_dir", str(tmp_path / "graphs"), "--torch_compile_mode", "reduce-overhead"])
+    main([*ON_GPU, *flags, "--output_dir", str(tmp_path / "compiled")])
+    main([*ON_GPU, *flags, "--output_dir", str(tmp_path / "graphs"), "--torch_compile_mode", "reduce-overhead"])
     compiled, graphs = read_metrics(tmp_path / "compiled"), read_metrics(tmp_path / "graphs")
     for a, b in zip(compiled, graphs, strict=True):
         for key in ("loss", "eval_loss", "grad_norm"):
