@@ -29,7 +29,8 @@ HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 # On the CPU also where a GPU is present: the losses these tests compare are bitwise only there.
 TINY = [
     "--use_cpu", "--model_config", "tiny", "--seq_len", "32", "--per_device_train_batch_size", "2",
-    "--logging_steps", "1", "--max_eval_samples", "8", "--learning_rate", "3e-3", "--warmup_steps", "2", "--disable_tqdm",
+    "--logging_steps", "1", "--max_eval_samples", "8", "--learning_rate", "3e-3", "--warmup_steps", "2",
+    "--disable_tqdm",
 ]
 ON_GPU = [arg for arg in TINY if arg != "--use_cpu"]  # the gpu tests
 
