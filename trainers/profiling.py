@@ -2,10 +2,10 @@
 
 Each rank writes `output_dir/profile/rank{r}.json`: the profiled steps' wall time, device time by category with each
 category's share of that wall time, and the busiest kernels; on a GPU also how long it was busy and its longest idle
-gaps between kernels, with what the host was doing meanwhile (`idle_gaps`). Device time is CUDA kernel time on a GPU, and CPU op self
-time on the CPU (a gloo collective counts its whole duration on gloo's thread). A kernel or op inside an op of a
-specific category counts in that category, and is listed as "op > kernel" (on the CPU, `aten::_grouped_mm > aten::mm`
-is expert time, not a plain GEMM).
+gaps between kernels, with what the host was doing meanwhile (`idle_gaps`). Device time is CUDA kernel time on a GPU,
+and CPU op self time on the CPU (a gloo collective counts its whole duration on gloo's thread). A kernel or op inside
+an op of a specific category counts in that category, and is listed as "op > kernel" (on the CPU,
+`aten::_grouped_mm > aten::mm` is expert time, not a plain GEMM).
 
 Reading the shares: kernels of different streams overlap (NCCL beside compute), so the shares can sum past 1; and a
 collective's kernel time includes waiting for the slowest rank (for the all-to-all: imbalanced expert loads).
