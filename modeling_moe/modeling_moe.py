@@ -417,9 +417,7 @@ class MoETopkRouter(nn.Module):
         """Add the tokens of one forward to each expert's load, from the experts it chose ([tokens, k]; padding, 0 in
         `token_mask`, does not count). The model calls this after the layer, outside any checkpointed region, so a
         forward replayed for backward is never counted twice, and the count traces into a compiled graph."""
-        weights = token_weights(token_mask, topk_indices, torch.float32)
-        load = torch.zeros(self.num_experts, dtype=torch.float32, device=topk_indices.device)
-        load.scatter_add_(0, topk_indices.reshape(-1), weights.reshape(-1))
+        load = routed_load(topk_indices, self.num_experts, token_mask=token_mask)[0]
         if self.tokens_per_expert is None:
             self.tokens_per_expert = load
         else:
@@ -430,10 +428,7 @@ class MoETopkRouter(nn.Module):
                     token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens each expert receives from these router logits, per sequence: [num_sequences, experts] (the logits'
         rows in sequence order, as the model returns them; rows where `token_mask` is 0 do not count)."""
-        topk_indices = self.select(self.scores(router_logits))
-        weights = token_weights(token_mask, topk_indices, torch.float32)
-        load = torch.zeros(num_sequences, self.num_experts, dtype=torch.float32, device=topk_indices.device)
-        return load.scatter_add_(1, topk_indices.view(num_sequences, -1), weights.reshape(num_sequences, -1))
+        return routed_load(self.select(self.scores(router_logits)), self.num_experts, num_sequences, token_mask)
 
 
 @use_experts_implementation
@@ -834,6 +829,15 @@ def token_weights(token_mask: torch.Tensor | None, topk_indices: torch.Tensor, d
     return token_mask.reshape(-1, 1).to(dtype).expand_as(topk_indices)
 
 
+def routed_load(topk_indices: torch.Tensor, num_experts: int, num_sequences: int = 1,
+                token_mask: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Tokens each expert receives from the chosen experts [tokens, k], per sequence: [num_sequences, experts] (the
+    rows in sequence order; rows where `token_mask` is 0 do not count)."""
+    weights = token_weights(token_mask, topk_indices, dtype)
+    load = torch.zeros(num_sequences, num_experts, dtype=dtype, device=topk_indices.device)
+    return load.scatter_add_(1, topk_indices.reshape(num_sequences, -1), weights.reshape(num_sequences, -1))
+
+
 def expert_balance_loss(router: MoETopkRouter, router_logits: torch.Tensor, num_sequences: int = 1,
                         token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """DeepSeek's expert-level balance loss sum_i f_i * P_i, averaged over `num_sequences` equal slices of the tokens.
@@ -849,8 +853,7 @@ def expert_balance_loss(router: MoETopkRouter, router_logits: torch.Tensor, num_
     scores = scores / scores.sum(dim=-1, keepdim=True)
     experts, top_k = router.num_experts, router.top_k
     weights = token_weights(token_mask, selected, scores.dtype)
-    counts = torch.zeros(num_sequences, experts, device=scores.device, dtype=scores.dtype)
-    counts.scatter_add_(1, selected.view(num_sequences, -1), weights.reshape(num_sequences, -1))
+    counts = routed_load(selected, experts, num_sequences, token_mask, scores.dtype)
     tokens = weights[:, 0].reshape(num_sequences, -1).sum(dim=1, keepdim=True).clamp(min=1)  # per slice
     fraction = counts * experts / (top_k * tokens)
     mean_scores = (scores * weights[:, :1]).reshape(num_sequences, -1, experts).sum(dim=1) / tokens
