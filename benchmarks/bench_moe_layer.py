@@ -431,7 +431,7 @@ def part_breakdown(name, block, x0, variants):
         store_wh = variant == "store_wh"
         c_dh = routing.config(f"dgrad_h/{variant}", "dgrad_h")
         c_wd = routing.config(f"wgrad_down/{variant}", "wgrad_down")
-        dw = torch.empty(fm.triton_cdiv(I, c_dh.block_n), N, dtype=torch.float32, device=dev)
+        dw = torch.empty(fm.dgrad_h_partials(c_dh, I), N, dtype=torch.float32, device=dev)
         h_operand = hw if store_wh else h  # written (w * h) / read (the saved h) by dgrad_h; wgrad_down's B
         own = {
             "dgrad_h": (lambda: fm._launch_dgrad_h(c_dh, routing, dgrad_out, down, dgu, gu, h_operand, w_flat, dw,

@@ -79,7 +79,7 @@ def compile_fused_kernel(kernel: str, config, hidden: int, inter: int, top_k: in
             fm._launch_grouped(config, routing, gu, gate_up, torch.empty(rows, hidden, **bf16), hidden, 2 * inter,
                                fm._gate_up_n(gate_up))
         elif kernel == "dgrad_h":
-            dw = torch.empty(-(-inter // config.block_n), rows, dtype=torch.float32)
+            dw = torch.empty(fm.dgrad_h_partials(config, inter), rows, dtype=torch.float32)
             fm._launch_dgrad_h(config, routing, grad_out, down, torch.empty_like(gu), gu, h, weights, dw,
                                fm.dgrad_h_variant() == "store_wh")
         elif kernel.startswith("wgrad_gate_up"):
@@ -91,7 +91,7 @@ def compile_fused_kernel(kernel: str, config, hidden: int, inter: int, top_k: in
                              accumulate=kernel.endswith("+"))
         else:
             raise ValueError(f"unknown kernel {kernel!r}; choose from {', '.join(FAMILIES)}")
-    name = FAMILIES[kernel][1]
+    name = "_grouped_gemm_kernel" if config.split else FAMILIES[kernel][1]  # a split dgrad_h: its GEMM
     return next(k for k in reversed(compiled) if k.name == name)
 
 
@@ -152,14 +152,14 @@ def main():
                     # the training step's bucket, and for the forward GEMMs also a generate step's ("decode")
                     for bucket in (training, "decode") if kernel in ("gemm1", "gemm2") else (training,):
                         rows = (rows_per_expert if bucket == training else 1) * 64  # a representative count
-                        configs = fm._candidates(FAMILIES[kernel][0], rows, 64, torch.bfloat16, inter)
+                        configs = fm._candidates(FAMILIES[kernel][0], rows, 64, torch.bfloat16)
                         for index, config in enumerate(configs):
                             compiled = compile_fused_kernel(kernel, config, hidden, inter, top_k)
                             usage = describe(compiled, config.num_warps)  # "tma": as compiled (adding wgrads: always)
                             emit(part="fused", shape=shape, bucket=bucket, kernel=kernel, default=index == 0,
                                  tile=tile_label(config.block_m, config.block_n, config.block_k, config.num_warps,
                                                  config.num_stages) + (" TMA" if usage["tma"] else "")
-                                 + (" persistent" if config.persistent else ""),
+                                 + (" persistent" if config.persistent else "") + (" split" if config.split else ""),
                                  config=str(config), **usage)
         if "mla" in parts:
             for shape in (args.shapes.split(",") if args.shapes else MLA_SHAPES):

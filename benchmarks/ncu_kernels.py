@@ -26,8 +26,8 @@ from pathlib import Path
 
 CASES = {  # case: the Triton kernel ncu picks out
     "gemm1_v3": "_gemm1_swiglu_kernel",
-    "dgrad_h_small": "_dgrad_h_kernel",
-    "dgrad_h_v2lite": "_dgrad_h_kernel",
+    "dgrad_h_small": "_grouped_gemm_kernel",  # the default dgrad_h is `split`: its GEMM (then a SwiGLU backward pass)
+    "dgrad_h_v2lite": "_grouped_gemm_kernel",
     "wgrad_gate_up_v3": "_grouped_wgrad_kernel",
     "wgrad_down_v3": "_grouped_wgrad_kernel",
     "mla128": "mla_decode_split_kernel",
@@ -83,7 +83,7 @@ def launch(case: str, repeats: int = 3) -> None:
                              torch.empty_like(gu))
         elif kernel == "dgrad_h":
             config = routing.config(f"dgrad_h/{variant}", "dgrad_h")
-            partial = torch.empty(fm.triton_cdiv(inter, config.block_n), rows, dtype=torch.float32, device=dev)
+            partial = torch.empty(fm.dgrad_h_partials(config, inter), rows, dtype=torch.float32, device=dev)
             fm._launch_dgrad_h(config, routing, grad_out, down, torch.empty_like(gu), gu, h, weights, partial,
                                variant == "store_wh")
         elif kernel == "wgrad_gate_up":

@@ -186,20 +186,25 @@ def _gemm1_swiglu_kernel(
 @triton.jit
 def _grouped_gemm_kernel(
     a_ptr, b_ptr, b_desc, c_ptr, tile_expert_ptr, tile_row_ptr, offsets_ptr, perm_ptr,
-    N, K, num_m_tiles, num_experts,
+    N, K, num_m_tiles, num_experts, top_k,
     stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, WEIGHT_TMA: tl.constexpr, B_KN: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    GATHER_A: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """C[rows, n] = A[rows] @ B[e] over the row tiles of each expert (A and C in sorted row order); B[e][k, n] at
-    b + e*stride_be + k*stride_bk + n*stride_bn, so both a weight and its transpose are read in place."""
+    b + e*stride_be + k*stride_bk + n*stride_bn, so both a weight and its transpose are read in place.
+    GATHER_A: A is per token, and row r reads A[perm[r] // top_k] (the gather fused into the A loads)."""
     pid_m, pid_n = _swizzle(tl.program_id(0), num_m_tiles, tl.cdiv(N, BLOCK_N), GROUP_M)
-    expert, rows, mask_m, _ = _row_tile(pid_m, tile_expert_ptr, tile_row_ptr, offsets_ptr, perm_ptr,
-                                        num_experts, BLOCK_M)
+    expert, rows, mask_m, slot = _row_tile(pid_m, tile_expert_ptr, tile_row_ptr, offsets_ptr, perm_ptr,
+                                           num_experts, BLOCK_M)
     if expert >= num_experts:
         return
-    a_rows = tl.where(mask_m, rows, 0)  # rows past the expert read row 0: in bounds, never stored
+    # rows past the expert read row (or token) 0: in bounds, never stored
+    if GATHER_A:
+        a_rows = (slot // top_k).to(tl.int64)
+    else:
+        a_rows = tl.where(mask_m, rows, 0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = _row_tile_matmul(a_ptr, b_ptr + expert.to(tl.int64) * stride_be, a_rows * stride_am,
                            _wrap(offs_n, N, EVEN_N), K, stride_ak, stride_bk, stride_bn, b_desc, expert,
@@ -261,6 +266,44 @@ def _dgrad_h_kernel(
     tl.store(dgu_ptrs + I * stride_dgn, (dh * silu).to(dgu_ptr.dtype.element_ty), mask=mask)
     dsilu = sig + silu * (1.0 - sig)
     tl.store(dgu_ptrs, (dh * up.to(tl.float32) * dsilu).to(dgu_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_backward_kernel(
+    dgu_ptr, gu_ptr, h_ptr, topk_w_ptr, perm_ptr, dw_ptr, N, I,
+    stride_dgm, stride_dgn, stride_gm, stride_gn, stride_hm, stride_hn,
+    STORE_WH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr,
+):
+    """`_dgrad_h_kernel`'s epilogue as a pass of its own, after a plain GEMM wrote dA = dY[tok] @ Wd[e] into dgu's
+    gate half (each element is read before its own position is overwritten). Per sorted row r, over all I columns:
+    dw[r] = sum_n dA[r, n] h[r, n] (whole rows: one partial), and dgate, dup from dh = w[r] dA; STORE_WH as there."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = offs_r < N
+    rows = offs_r.to(tl.int64)
+    slot = tl.load(perm_ptr + offs_r, mask=mask_r, other=0)
+    w = tl.load(topk_w_ptr + slot, mask=mask_r, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for n0 in range(0, I, BLOCK_I):
+        offs_n = n0 + tl.arange(0, BLOCK_I)
+        mask = mask_r[:, None] & (offs_n[None, :] < I)
+        dgu_ptrs = dgu_ptr + rows[:, None] * stride_dgm + offs_n[None, :] * stride_dgn
+        g_ptrs = gu_ptr + rows[:, None] * stride_gm + offs_n[None, :] * stride_gn
+        h_ptrs = h_ptr + rows[:, None] * stride_hm + offs_n[None, :] * stride_hn
+        da = tl.load(dgu_ptrs, mask=mask, other=0.0).to(tl.float32)
+        gate = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(g_ptrs + I * stride_gn, mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(gate)
+        silu = gate * sig
+        if STORE_WH:
+            h = (silu * up).to(h_ptr.dtype.element_ty)
+            tl.store(h_ptrs, (h.to(tl.float32) * w[:, None]).to(h_ptr.dtype.element_ty), mask=mask)
+        else:
+            h = tl.load(h_ptrs, mask=mask, other=0.0)
+        dw += tl.sum(da * h.to(tl.float32), axis=1)
+        dh = da * w[:, None]
+        tl.store(dgu_ptrs + I * stride_dgn, (dh * silu).to(dgu_ptr.dtype.element_ty), mask=mask)
+        tl.store(dgu_ptrs, (dh * up * (sig + silu * (1.0 - sig))).to(dgu_ptr.dtype.element_ty), mask=mask)
+    tl.store(dw_ptr + offs_r, dw, mask=mask_r)
 
 
 @triton.jit
@@ -363,18 +406,19 @@ def _wgrad_tile(
 
 @triton.jit
 def _combine_kernel(
-    y_ptr, inv_ptr, w_ptr, out_ptr, T, H, top_k,
+    y_ptr, inv_ptr, w_ptr, out_ptr, T, H,
     stride_ym, stride_yh, stride_ot, stride_oh,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, HAS_W: tl.constexpr,
+    TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, HAS_W: tl.constexpr,
 ):
-    """out[t] = sum_j w[t, j] * y[inv[t * k + j]] in fp32, j in order (deterministic; no atomics)."""
+    """out[t] = sum_j w[t, j] * y[inv[t * k + j]] in fp32, j in order (deterministic; no atomics). The k loop is
+    unrolled (TOP_K is a constant), so all k gathered rows are in flight at once."""
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask_t = offs_t < T
     mask = mask_t[:, None] & (offs_h[None, :] < H)
     acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
-    for j in range(0, top_k):
-        slot = offs_t.to(tl.int64) * top_k + j
+    for j in tl.static_range(TOP_K):
+        slot = offs_t.to(tl.int64) * TOP_K + j
         pos = tl.load(inv_ptr + slot, mask=mask_t, other=0).to(tl.int64)
         y = tl.load(y_ptr + pos[:, None] * stride_ym + offs_h[None, :] * stride_yh, mask=mask, other=0.0)
         if HAS_W:

@@ -110,6 +110,7 @@ class KernelConfig:
     group_m: int = 8
     weight_tma: bool = False  # expert weights (row-tiled GEMMs) or their gradients (wgrad) through TMA descriptors
     persistent: bool = False  # wgrad only: one wave of programs, as many as the SMs hold, walks the tiles
+    split: bool = False  # dgrad_h only: a plain GEMM writes dA, and a pass of its own applies the SwiGLU backward
 
     def launch_kwargs(self) -> dict:
         return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, GROUP_M=self.group_m,
@@ -133,8 +134,15 @@ CANDIDATES = {  # first entry = default (autotune off): the H200 winners of v1/v
                        C(128, 128, 64, 8, 4)],
     ("gemm2", "small"): [C(128, 256, 64, 8, 3, weight_tma=True), C(128, 256, 64, 8, 3), C(64, 256, 64, 8, 4),
                          C(128, 128, 64, 8, 4)],
-    ("dgrad_h", "big"): [C(128, 128, 64, 8, 4), C(128, 64, 64, 4, 4), C(128, 128, 64, 8, 3), C(128, 64, 64, 8, 4)],
-    ("dgrad_h", "small"): [C(128, 128, 64, 8, 4), C(64, 128, 64, 4, 4), C(64, 64, 64, 4, 4), C(64, 128, 64, 8, 4)],
+    # dgrad_h: `split` (a plain GEMM with gemm2's tiles, then the SwiGLU backward as a pass of its own) won at every
+    # shape (H200, session 17: 1.82 -> 1.38 ms at V2-Lite, 5.81 -> 4.45 at V3, 0.456 -> 0.346 at the small shape);
+    # the fused epilogue's tiles follow.
+    ("dgrad_h", "big"): [C(128, 256, 64, 8, 4, weight_tma=True, split=True),
+                         C(128, 128, 64, 8, 4, weight_tma=True, split=True), C(128, 128, 64, 8, 4),
+                         C(128, 64, 64, 8, 4)],
+    ("dgrad_h", "small"): [C(128, 256, 64, 8, 3, weight_tma=True, split=True),
+                           C(128, 128, 64, 8, 4, weight_tma=True, split=True), C(128, 128, 64, 8, 4),
+                           C(64, 128, 64, 4, 4)],
     ("dgrad_x", "big"): [C(128, 256, 64, 8, 4), C(128, 256, 64, 8, 3), C(128, 128, 64, 8, 4)],
     ("dgrad_x", "small"): [C(128, 256, 64, 8, 3, weight_tma=True), C(128, 256, 64, 8, 3), C(64, 256, 64, 8, 4),
                            C(128, 128, 64, 8, 4)],
@@ -223,24 +231,15 @@ def _rows_bucket(num_rows: int) -> int:
     return 1 << max(0, (max(num_rows, 1) - 1).bit_length())
 
 
-# dgrad_h over a narrow intermediate size (I <= 512, the 1.26B model's) defaults to 128x64 w8, which fits two programs
-# an SM with the bf16-tile epilogue: autotune timings at the small shape 0.452-0.454 ms against the 128x128 default's
-# 0.505-0.541 (H200, sessions 14 and 15); at I = 1408 it loses (1.92 vs 1.79 ms).
-NARROW_DGRAD_H = C(128, 64, 64, 8, 4)
-
-
-def _candidates(kind: str, num_rows: int, num_experts: int, dtype: torch.dtype = torch.bfloat16,
-                inter: int | None = None) -> list[KernelConfig]:
+def _candidates(kind: str, num_rows: int, num_experts: int, dtype: torch.dtype = torch.bfloat16
+                ) -> list[KernelConfig]:
     if _override is not None:
         return [_override]
     if interpreting() and not torch.cuda.is_available():
         return [INTERPRETER_CONFIG]
     if dtype == torch.float32:
         return [FP32_CONFIG]
-    candidates = CANDIDATES[(kind, _bucket(num_rows, num_experts))]
-    if kind == "dgrad_h" and inter is not None and inter <= 512 and NARROW_DGRAD_H in candidates:
-        candidates = [NARROW_DGRAD_H, *(c for c in candidates if c != NARROW_DGRAD_H)]
-    return candidates
+    return CANDIDATES[(kind, _bucket(num_rows, num_experts))]
 
 
 def chosen_config(kind: str, key: tuple, candidates: list[KernelConfig]) -> KernelConfig:
@@ -350,7 +349,7 @@ class Routing:
         return chosen_config(kind, self.key, self._candidates(family))
 
     def _candidates(self, family):
-        return _candidates(family, self.num_rows, self.num_experts, self.dtype, self.inter)
+        return _candidates(family, self.num_rows, self.num_experts, self.dtype)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -407,23 +406,45 @@ def _launch_gemm1(config, routing, x, gate_up, h, gu):
     )
 
 
-def _launch_grouped(config, routing, a, b, c, n, k, b_strides):
-    """C[rows] = A[rows] @ B[e] (sorted rows), B[e][k, n] read through b_strides = (stride_e, stride_k, stride_n)."""
+def _launch_grouped(config, routing, a, b, c, n, k, b_strides, gather_a=False):
+    """C[rows] = A[rows] @ B[e] (sorted rows), B[e][k, n] read through b_strides = (stride_e, stride_k, stride_n);
+    with `gather_a`, A is per token (row r reads A[perm[r] // top_k])."""
     grid, tiles, max_tiles = _row_tiles(config, routing, n)
     b_kn = b_strides[2] == 1  # b stored [E, K, N]; else [E, N, K], read transposed
     desc = _weight_desc(config, b, b_kn)
     _k()._grouped_gemm_kernel[grid](
-        a, b, desc, c, *tiles, n, k, max_tiles, routing.num_experts,
+        a, b, desc, c, *tiles, n, k, max_tiles, routing.num_experts, routing.top_k,
         a.stride(0), a.stride(1), *b_strides, c.stride(0), c.stride(1),
         EVEN_K=k % config.block_k == 0, EVEN_N=n % config.block_n == 0, WEIGHT_TMA=desc is not None, B_KN=b_kn,
-        DOT_PREC=_dot_precision(a.dtype), **config.launch_kwargs(),
+        GATHER_A=gather_a, DOT_PREC=_dot_precision(a.dtype), **config.launch_kwargs(),
     )
 
 
+def dgrad_h_partials(config, inter: int) -> int:
+    """Rows of the routing-weight gradient's partial sums dgrad_h writes: one per column tile, or one (split)."""
+    return 1 if config.split else triton_cdiv(inter, config.block_n)
+
+
+SWIGLU_BACKWARD_GPU = dict(BLOCK_R=16, BLOCK_I=128, num_warps=4)  # 66 registers (sm_90): ~7 programs an SM
+SWIGLU_BACKWARD_CPU = dict(BLOCK_R=16, BLOCK_I=16, num_warps=1)
+
+
 def _launch_dgrad_h(config, routing, grad_out, down, dgu, gu, h, weights, dw, store_wh):
-    """dgu and the partial routing-weight gradients dw [cdiv(I, BLOCK_N), N]; h receives w*h (store_wh), or is the
-    saved activation, read."""
+    """dgu and the partial routing-weight gradients dw [dgrad_h_partials(config, I), N]; h receives w*h (store_wh),
+    or is the saved activation, read. A `split` config runs a plain GEMM into dgu's gate half, then the SwiGLU
+    backward as its own pass: the GEMM's epilogue is one store, which frees the registers the fused epilogue's tiles
+    hold (one 128x128 program an SM there) at the price of dA's round trip through memory."""
     inter, hidden = routing.inter, routing.hidden
+    if config.split:
+        _launch_grouped(config, routing, grad_out, down, dgu, inter, hidden, _down_n(down), gather_a=True)
+        cfg = SWIGLU_BACKWARD_GPU if dgu.is_cuda else SWIGLU_BACKWARD_CPU
+        rows = routing.num_rows
+        _k()._swiglu_backward_kernel[(triton_cdiv(rows, cfg["BLOCK_R"]),)](
+            dgu, gu, h, weights, routing.perm, dw, rows, inter,
+            dgu.stride(0), dgu.stride(1), gu.stride(0), gu.stride(1), h.stride(0), h.stride(1),
+            STORE_WH=store_wh, **cfg,
+        )
+        return
     grid, tiles, max_tiles = _row_tiles(config, routing, inter)
     desc = _weight_desc(config, down, b_kn=True)  # B[e][k in H, n in I] = down[e, k, n]
     _k()._dgrad_h_kernel[grid](
@@ -488,9 +509,9 @@ def _launch_combine(y, inv, w, out, top_k):
     cfg = COMBINE_GPU if y.is_cuda else COMBINE_CPU
     grid = (triton_cdiv(tokens, cfg["BLOCK_T"]), triton_cdiv(hidden, cfg["BLOCK_H"]))
     _k()._combine_kernel[grid](
-        y, inv, w if w is not None else inv, out, tokens, hidden, top_k,
+        y, inv, w if w is not None else inv, out, tokens, hidden,
         y.stride(0), y.stride(1), out.stride(0), out.stride(1),
-        BLOCK_T=cfg["BLOCK_T"], BLOCK_H=cfg["BLOCK_H"], HAS_W=w is not None, num_warps=cfg["num_warps"],
+        TOP_K=top_k, BLOCK_T=cfg["BLOCK_T"], BLOCK_H=cfg["BLOCK_H"], HAS_W=w is not None, num_warps=cfg["num_warps"],
     )
 
 
@@ -590,14 +611,14 @@ def down_backward_impl(grad_out, gu, h, down, top_k_weights, perm, inv, offsets,
         partial = {}
 
         def dgrad_h(c):
-            if c.block_n not in partial:
-                partial[c.block_n] = torch.empty(triton_cdiv(inter, c.block_n), num_rows, dtype=torch.float32,
-                                                 device=gu.device)
-            _launch_dgrad_h(c, routing, grad_out, down, dgu, gu, wgrad_b, weights, partial[c.block_n], store_wh)
+            rows = dgrad_h_partials(c, inter)
+            if rows not in partial:
+                partial[rows] = torch.empty(rows, num_rows, dtype=torch.float32, device=gu.device)
+            _launch_dgrad_h(c, routing, grad_out, down, dgu, gu, wgrad_b, weights, partial[rows], store_wh)
 
         config = routing.run(f"dgrad_h/{variant}", "dgrad_h", dgrad_h)
         if need_weights:
-            dw_sorted = partial[config.block_n].sum(0)
+            dw_sorted = partial[dgrad_h_partials(config, inter)].sum(0)
             dweights = dw_sorted.index_select(0, inv).view_as(top_k_weights).to(top_k_weights.dtype)
     if need_down:  # dWd[e] [H, I] = sum_r (w_r dY[tok_r])^T h_r
         into = grad_down if grad_down is not None else down.new_empty(down.shape)  # the fake's strides

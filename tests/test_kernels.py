@@ -211,6 +211,31 @@ def test_weights_read_through_tma_descriptors(triton_path, dgrad_h, monkeypatch,
 
 
 @needs_triton
+@pytest.mark.parametrize("weight_tma", [False, True], ids=["pointer", "tma"])
+@pytest.mark.parametrize("name", ["uneven_sizes", "experts_without_tokens", "all_tokens_on_one_expert", "one_token",
+                                  "topk_equals_experts"])
+def test_dgrad_h_split_into_a_gemm_and_a_swiglu_backward_pass(triton_path, dgrad_h, monkeypatch, name, weight_tma):
+    """A `split` dgrad_h config: a plain GEMM with the token gather writes dA into dgu's gate half, then a pass of
+    its own applies the SwiGLU backward and sums the routing-weight gradient over whole rows. Output and every
+    gradient match float64, with every fresh buffer poisoned (no element left unwritten), and the pass ran."""
+    from modeling_moe.kernels import fused_moe_ops
+
+    kernels = fused_moe_ops._k()
+    launched = []
+    swiglu_backward = kernels._swiglu_backward_kernel
+    monkeypatch.setattr(kernels, "_swiglu_backward_kernel", type("Counted", (), {
+        "__getitem__": lambda self, grid: launched.append(grid) or swiglu_backward[grid]})())
+    empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
+    tokens, hidden, inter, experts, top_k, routing = CASES[name]
+    case = make_case(tokens, hidden, inter, experts, top_k, routing, seed=len(name) + 3, device=triton_path)
+    blocks = (16, 16, 16, 1, 1, 4) if triton_path == "cpu" else (64, 64, 32, 4, 2, 8)
+    with config_override(KernelConfig(*blocks, weight_tma=weight_tma, split=True)):
+        check_against_reference(case, tolerance=1e-5)
+    assert len(launched) == 1
+
+
+@needs_triton
 def test_weights_that_tma_cannot_read_fall_back_to_pointer_loads(triton_path):
     """A weight whose row stride is not 16-byte aligned (a view into a wider tensor): pointer loads, same results."""
     from modeling_moe.kernels.fused_moe_ops import _weight_desc
@@ -657,19 +682,6 @@ def test_autocast_runs_the_kernels_in_its_dtype_over_fp32_weights(triton_path):
     assert relative_error(out.detach().cpu(), reference) < 2e-2
     for leaf, ref in zip(leaves, refs):
         assert leaf.grad.dtype == torch.float32 and relative_error(leaf.grad.cpu(), ref.grad) < 2e-2
-
-
-def test_dgrad_h_default_follows_the_intermediate_size():
-    """dgrad_h's default tile is 128x64 w8 over a narrow intermediate size (I <= 512) and the bucket's 128x128 w8
-    otherwise; the other kernels and the rest of the list do not change."""
-    from modeling_moe.kernels.fused_moe_ops import CANDIDATES, NARROW_DGRAD_H, KernelConfig, _candidates
-
-    rows, experts = 98304, 64  # the 1.26B model's training step: the "big" bucket
-    narrow = _candidates("dgrad_h", rows, experts, torch.bfloat16, inter=512)
-    assert narrow[0] == NARROW_DGRAD_H == KernelConfig(128, 64, 64, 8, 4)
-    assert sorted(map(str, narrow)) == sorted(map(str, CANDIDATES[("dgrad_h", "big")]))
-    assert _candidates("dgrad_h", rows, experts, torch.bfloat16, inter=1408) == CANDIDATES[("dgrad_h", "big")]
-    assert _candidates("dgrad_x", rows, experts, torch.bfloat16, inter=512) == CANDIDATES[("dgrad_x", "big")]
 
 
 def test_fp32_operands_follow_torchs_matmul_precision():
