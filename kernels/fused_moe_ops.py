@@ -27,13 +27,14 @@ non-differentiable output that is freed after GEMM2. Linking by h would keep bot
 wgrad_down) and gu (node 1, for dSwiGLU): N*I more saved elements per layer, v1's footprint.
 
 dgrad_h has two variants (`set_dgrad_h_variant`, or MOE_DGRAD_H; the benchmark times both):
-    scale_in_wgrad  (default) node 2 also saves h [N, I] (v1's memory); the epilogue reads it and writes nothing
-                    more, and wgrad_down scales its A operand (dY rows) by w in registers (v1's kernels)
-    store_wh        the epilogue recomputes h from gu and writes w*h [N, I], wgrad_down's B operand; only gu is
+    store_wh        (default) h is recomputed from gu and w*h [N, I] written, wgrad_down's B operand; only gu is
                     saved (N*I fewer saved elements per layer)
-Measured on an H200 (benchmarks/KERNEL_NOTES.md, v3): scale_in_wgrad is 3% (V2-Lite shape) and 11% (small) faster
-forward+backward and 2% slower at the V3 shape, with the same peak memory at all three; the whole 1.26B model
-trains 4% faster with it.
+    scale_in_wgrad  node 2 also saves h [N, I] (v1's memory); dgrad_h reads it and writes nothing more, and
+                    wgrad_down scales its A operand (dY rows) by w in registers
+Measured on an H200 (benchmarks/KERNEL_NOTES.md): with dgrad_h's fused epilogue (v3) scale_in_wgrad was the faster;
+since dgrad_h is a GEMM plus a SwiGLU-backward pass (session 17), writing w*h costs that pass little and wgrad_down
+runs faster unscaled: store_wh trains the 1.26B model 1.1% faster (80.3 vs 81.2 ms a step) with 1 GiB less peak
+memory, and the V3 layer 2% faster.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def use_triton(tensor: torch.Tensor) -> bool:
     return dispatch.use_triton(tensor, HAS_TRITON, "MOE_FUSED_REFERENCE")
 
 
-DGRAD_H_VARIANTS = ("scale_in_wgrad", "store_wh")  # the first is the default
+DGRAD_H_VARIANTS = ("store_wh", "scale_in_wgrad")  # the first is the default
 _dgrad_h_override: str | None = None
 
 

@@ -737,6 +737,8 @@ def test_down_gradient_is_accumulated_before_gate_up_gradient_exists(triton_path
 
 
 def test_dgrad_h_variant_setting(monkeypatch):
+    monkeypatch.delenv("MOE_DGRAD_H", raising=False)
+    assert dgrad_h_variant() == "store_wh"
     monkeypatch.setenv("MOE_DGRAD_H", "scale_in_wgrad")
     assert dgrad_h_variant() == "scale_in_wgrad"
     set_dgrad_h_variant("store_wh")  # the setting wins over the environment
