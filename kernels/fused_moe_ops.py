@@ -128,7 +128,7 @@ CANDIDATES = {  # first entry = default (autotune off): the H200 winners of v1/v
     # (TMA twins first where they won at both shapes of their bucket, session 8; C(64, 128, 64, 8, 4) of gemm1 "big"
     # and C(128, 64, 64, 8, 4) of dgrad_h "big" are the only tiles of their lists that do not spill when compiled for
     # sm_90, `benchmarks/kernel_resources.py`)
-    ("gemm1", "big"): [C(128, 128, 64, 8, 3), C(128, 128, 64, 8, 4), C(128, 64, 64, 4, 4), C(64, 128, 64, 8, 4)],
+    ("gemm1", "big"): [C(128, 128, 64, 8, 4), C(128, 128, 64, 8, 3), C(128, 64, 64, 4, 4), C(64, 128, 64, 8, 4)],
     ("gemm1", "small"): [C(128, 128, 64, 8, 4, weight_tma=True), C(128, 128, 64, 8, 4), C(64, 128, 64, 4, 4),
                          C(64, 128, 64, 8, 4)],
     ("gemm2", "big"): [C(128, 256, 64, 8, 4, weight_tma=True), C(128, 256, 64, 8, 4), C(128, 256, 64, 8, 3),
@@ -153,7 +153,9 @@ CANDIDATES = {  # first entry = default (autotune off): the H200 winners of v1/v
     # 256x128 / 128x256 tiles with BLOCK_K 32 (2 programs per SM) lost at every shape (session 9: 6-60% slower).
     # With few rows per expert ("small": V3) the gradient's stores weigh most, and writing them through TMA won
     # (session 14: V3 wgrad_down 8.72 -> 7.93 ms, gate_up 13.23 -> 12.77); at the "big" shapes it was even.
-    ("wgrad_gate_up", "big"): [C(128, 128, 32, 4, 4), C(128, 128, 64, 8, 3), C(128, 128, 32, 4, 3),
+    # Since session 17 the big bucket's gate_up default is 128x128x64 w8 s3 (small shape 0.540 -> 0.50 ms, V2-Lite
+    # 2.82 -> 2.74: the 8-warp tile overtook BLOCK_K 32 once the row indices were prefetched), gemm1's 4 stages.
+    ("wgrad_gate_up", "big"): [C(128, 128, 64, 8, 3), C(128, 128, 32, 4, 4), C(128, 128, 32, 4, 3),
                                C(128, 256, 64, 8, 4)],
     ("wgrad_gate_up", "small"): [C(128, 128, 32, 4, 3, weight_tma=True), C(128, 128, 32, 4, 4),
                                  C(128, 128, 64, 8, 3)],
