@@ -308,13 +308,13 @@ def _swiglu_backward_kernel(
 
 @triton.jit
 def _grouped_wgrad_kernel(
-    a_ptr, b_ptr, c_ptr, c_desc, perm_ptr, offsets_ptr, topk_w_ptr,
+    a_ptr, b_ptr, c_ptr, c_desc, op_desc, perm_ptr, offsets_ptr, topk_w_ptr,
     M, N, top_k, num_experts,
     stride_ar, stride_am, stride_br, stride_bn, stride_ce, stride_cm, stride_cn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_A: tl.constexpr, EVEN_M: tl.constexpr,
     EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr, ACCUMULATE: tl.constexpr, C_TMA: tl.constexpr,
-    PERSISTENT: tl.constexpr,
+    OPERAND_TMA: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
     """C[e] = sum over the rows r of expert e of A[r]^T B[r] ([M, N] per expert; the reduction runs over the
     expert's sorted rows, so no tile crosses an expert and experts without tokens get zeros), or C[e] += that sum
@@ -323,6 +323,9 @@ def _grouped_wgrad_kernel(
     GATHER_A / GATHER_B: that operand's row r is the per-token row perm[r] // top_k. SCALE_A: A's row r is scaled by
     the routing weight of slot perm[r]. C_TMA: C's tile is written (and with ACCUMULATE read) through c_desc, a TMA
     descriptor over C [E, M, N] with block [1, BLOCK_M, BLOCK_N], which clips at each expert's M and N edges.
+    OPERAND_TMA: the operand that is not gathered (exactly one is) comes through op_desc, a TMA descriptor over it
+    ([rows, M] or [rows, N], block [BLOCK_K, BLOCK_M or BLOCK_N]), for each of the expert's whole K blocks; the last,
+    partial block (rows past the expert belong to the next one) takes masked pointer loads.
     PERSISTENT: a 1-D grid of programs walks the (expert, M tile, N tile) tiles in steps of the grid; otherwise the
     grid is (M tiles x N tiles, experts), a tile a program."""
     tiles_mn = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
@@ -331,27 +334,65 @@ def _grouped_wgrad_kernel(
         # wait lands before the next tile's store); a program of one tile holds its SM slot until the store lands.
         for tile in range(tl.program_id(0), tiles_mn * num_experts, tl.num_programs(0)):
             _wgrad_tile(
-                tile // tiles_mn, tile % tiles_mn, a_ptr, b_ptr, c_ptr, c_desc, perm_ptr, offsets_ptr, topk_w_ptr,
+                tile // tiles_mn, tile % tiles_mn, a_ptr, b_ptr, c_ptr, c_desc, op_desc, perm_ptr, offsets_ptr, topk_w_ptr,
                 M, N, top_k, stride_ar, stride_am, stride_br, stride_bn, stride_ce, stride_cm, stride_cn,
                 BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, GATHER_A, GATHER_B, SCALE_A, EVEN_M, EVEN_N, DOT_PREC,
-                ACCUMULATE, C_TMA,
+                ACCUMULATE, C_TMA, OPERAND_TMA,
             )
     else:
         _wgrad_tile(
-            tl.program_id(1), tl.program_id(0), a_ptr, b_ptr, c_ptr, c_desc, perm_ptr, offsets_ptr, topk_w_ptr,
+            tl.program_id(1), tl.program_id(0), a_ptr, b_ptr, c_ptr, c_desc, op_desc, perm_ptr, offsets_ptr, topk_w_ptr,
             M, N, top_k, stride_ar, stride_am, stride_br, stride_bn, stride_ce, stride_cm, stride_cn,
             BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, GATHER_A, GATHER_B, SCALE_A, EVEN_M, EVEN_N, DOT_PREC,
-            ACCUMULATE, C_TMA,
+            ACCUMULATE, C_TMA, OPERAND_TMA,
         )
 
 
 @triton.jit
+def _wgrad_block(r0, slot, end, offs_k, offs_m_ld, offs_n_ld, m0, n0, a_ptr, b_ptr, op_desc, topk_w_ptr, top_k,
+                 stride_ar, stride_am, stride_br, stride_bn, BLOCK_K: tl.constexpr, GATHER_A: tl.constexpr,
+                 GATHER_B: tl.constexpr, SCALE_A: tl.constexpr, WHOLE: tl.constexpr):
+    """A [BLOCK_M, BLOCK_K] and B [BLOCK_K, BLOCK_N] of the K block at the sorted rows r0 + offs_k (`slot`: their
+    slots). WHOLE: every row is the expert's, and the operand that is not gathered comes through op_desc; otherwise
+    pointer loads, rows from `end` on masked to 0."""
+    r = r0 + offs_k
+    mask_r = r < end
+    if GATHER_A:
+        ra = (slot // top_k).to(tl.int64)
+    else:
+        ra = r.to(tl.int64)
+    if GATHER_B:
+        rb = (slot // top_k).to(tl.int64)
+    else:
+        rb = r.to(tl.int64)
+    a_ptrs = a_ptr + ra[None, :] * stride_ar + offs_m_ld[:, None] * stride_am
+    b_ptrs = b_ptr + rb[:, None] * stride_br + offs_n_ld[None, :] * stride_bn
+    if WHOLE and not GATHER_A:
+        a = tl.trans(op_desc.load([r0, m0]))
+    elif WHOLE:
+        a = tl.load(a_ptrs)
+    else:
+        a = tl.load(a_ptrs, mask=mask_r[None, :], other=0.0)
+    if SCALE_A:
+        w = tl.load(topk_w_ptr + slot, mask=mask_r, other=0.0).to(tl.float32)
+        a = (a.to(tl.float32) * w[None, :]).to(a_ptr.dtype.element_ty)
+    if WHOLE and not GATHER_B:
+        b = op_desc.load([r0, n0])
+    elif WHOLE:
+        b = tl.load(b_ptrs)
+    else:
+        b = tl.load(b_ptrs, mask=mask_r[:, None], other=0.0)
+    return a, b
+
+
+@triton.jit
 def _wgrad_tile(
-    expert, tile_mn, a_ptr, b_ptr, c_ptr, c_desc, perm_ptr, offsets_ptr, topk_w_ptr,
+    expert, tile_mn, a_ptr, b_ptr, c_ptr, c_desc, op_desc, perm_ptr, offsets_ptr, topk_w_ptr,
     M, N, top_k, stride_ar, stride_am, stride_br, stride_bn, stride_ce, stride_cm, stride_cn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_A: tl.constexpr, EVEN_M: tl.constexpr,
     EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr, ACCUMULATE: tl.constexpr, C_TMA: tl.constexpr,
+    OPERAND_TMA: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] tile of C[expert] (`_grouped_wgrad_kernel`); tile_mn numbers the expert's tiles."""
     pid_m, pid_n = _swizzle(tile_mn, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -370,25 +411,22 @@ def _wgrad_tile(
         slot = tl.load(perm_ptr + start + offs_k, mask=start + offs_k < end, other=0)
     else:
         slot = offs_k
-    for r0 in range(start, end, BLOCK_K):
-        r = r0 + offs_k
-        mask_r = r < end
-        if GATHER_A:
-            ra = (slot // top_k).to(tl.int64)
-        else:
-            ra = r.to(tl.int64)
-        if GATHER_B:
-            rb = (slot // top_k).to(tl.int64)
-        else:
-            rb = r.to(tl.int64)
-        a = tl.load(a_ptr + ra[None, :] * stride_ar + offs_m_ld[:, None] * stride_am, mask=mask_r[None, :], other=0.0)
-        if SCALE_A:
-            w = tl.load(topk_w_ptr + slot, mask=mask_r, other=0.0).to(tl.float32)
-            a = (a.to(tl.float32) * w[None, :]).to(a_ptr.dtype.element_ty)
-        b = tl.load(b_ptr + rb[:, None] * stride_br + offs_n_ld[None, :] * stride_bn, mask=mask_r[:, None], other=0.0)
+    whole_end = start
+    if OPERAND_TMA:  # whole K blocks: no masks, the sorted operand through TMA
+        whole_end = start + (end - start) // BLOCK_K * BLOCK_K
+        for r0 in range(start, whole_end, BLOCK_K):
+            a, b = _wgrad_block(r0, slot, end, offs_k, offs_m_ld, offs_n_ld, pid_m * BLOCK_M, pid_n * BLOCK_N,
+                                a_ptr, b_ptr, op_desc, topk_w_ptr, top_k, stride_ar, stride_am, stride_br, stride_bn,
+                                BLOCK_K, GATHER_A, GATHER_B, SCALE_A, True)
+            if GATHER_A or GATHER_B or SCALE_A:
+                slot = tl.load(perm_ptr + r0 + BLOCK_K + offs_k, mask=r0 + BLOCK_K + offs_k < end, other=0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+    for r0 in range(whole_end, end, BLOCK_K):  # the rest (all of it without OPERAND_TMA): masked pointer loads
+        a, b = _wgrad_block(r0, slot, end, offs_k, offs_m_ld, offs_n_ld, pid_m * BLOCK_M, pid_n * BLOCK_N,
+                            a_ptr, b_ptr, op_desc, topk_w_ptr, top_k, stride_ar, stride_am, stride_br, stride_bn,
+                            BLOCK_K, GATHER_A, GATHER_B, SCALE_A, False)
         if GATHER_A or GATHER_B or SCALE_A:
-            r_next = r + BLOCK_K
-            slot = tl.load(perm_ptr + r_next, mask=r_next < end, other=0)
+            slot = tl.load(perm_ptr + r0 + BLOCK_K + offs_k, mask=r0 + BLOCK_K + offs_k < end, other=0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
     if C_TMA:  # one bulk copy a tile, issued asynchronously, instead of per-thread addresses, masks and stores
         tile = [expert, pid_m * BLOCK_M, pid_n * BLOCK_N]

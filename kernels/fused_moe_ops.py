@@ -111,6 +111,7 @@ class KernelConfig:
     group_m: int = 8
     weight_tma: bool = False  # expert weights (row-tiled GEMMs) or their gradients (wgrad) through TMA descriptors
     persistent: bool = False  # wgrad only: one wave of programs, as many as the SMs hold, walks the tiles
+    operand_tma: bool = False  # wgrad only: the operand that is not gathered (dgu, or h) read through TMA
     split: bool = False  # dgrad_h only: a plain GEMM writes dA, and a pass of its own applies the SwiGLU backward
 
     def launch_kwargs(self) -> dict:
@@ -374,10 +375,11 @@ def _row_tiles(config, routing, n):
 
 
 def _tma_desc(tensor, block):
-    """TMA descriptor of a stacked [E, rows, cols] tensor with `block`, or None where TMA cannot address it (last
-    dimension not contiguous, base or strides not 16-byte aligned): then the kernel uses pointer loads / stores."""
+    """TMA descriptor of a tensor (stacked weights [E, rows, cols], or activations [rows, cols]) with `block`, or None
+    where TMA cannot address it (last dimension not contiguous, base or strides not 16-byte aligned): then the kernel
+    uses pointer loads / stores."""
     size = tensor.element_size()
-    if tensor.stride(2) != 1 or tensor.data_ptr() % 16 or any(stride * size % 16 for stride in tensor.stride()[:2]):
+    if tensor.stride(-1) != 1 or tensor.data_ptr() % 16 or any(stride * size % 16 for stride in tensor.stride()[:-1]):
         return None
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -485,17 +487,23 @@ def _launch_wgrad(config, routing, a, b, c, gather_a, gather_b, topk_w=None, acc
     C [E, M, N]. C's tiles go through TMA with a `weight_tma` config, and always when adding into C: the pointer
     epilogue then holds the loaded tile beside the accumulator (sm_90, wgrad_gate_up 128x128x32: 251 registers, two
     programs an SM, against 165 and three through TMA). A `persistent` config launches one wave of programs where
-    its compile fits (`_persistent_programs`), and a tile a program elsewhere."""
+    its compile fits (`_persistent_programs`), and a tile a program elsewhere. An `operand_tma` config reads the
+    operand that is not gathered (exactly one of A and B is) through TMA, where TMA can address it."""
     num_experts, m, n = c.shape
     tiles_mn = triton_cdiv(m, config.block_m) * triton_cdiv(n, config.block_n)
     desc = _tma_desc(c, [1, config.block_m, config.block_n]) if config.weight_tma or accumulate else None
+    op_desc = None
+    if config.operand_tma:
+        op_desc = (_tma_desc(b, [config.block_k, config.block_n]) if gather_a else
+                   _tma_desc(a, [config.block_k, config.block_m]))
     kernel = _k()._grouped_wgrad_kernel
-    args = (a, b, c, desc, routing.perm, routing.offsets, topk_w if topk_w is not None else routing.perm,
+    args = (a, b, c, desc, op_desc, routing.perm, routing.offsets, topk_w if topk_w is not None else routing.perm,
             m, n, routing.top_k, num_experts,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), c.stride(2))
     flags = dict(GATHER_A=gather_a, GATHER_B=gather_b, SCALE_A=topk_w is not None, EVEN_M=m % config.block_m == 0,
                  EVEN_N=n % config.block_n == 0, DOT_PREC=_dot_precision(a.dtype), ACCUMULATE=accumulate,
-                 C_TMA=desc is not None, PERSISTENT=config.persistent, **config.launch_kwargs())
+                 C_TMA=desc is not None, OPERAND_TMA=op_desc is not None, PERSISTENT=config.persistent,
+                 **config.launch_kwargs())
     wave = 3  # the interpreter: several tiles a program, as on a GPU
     if config.persistent and c.is_cuda:
         wave = _persistent_programs(kernel, args, flags, (a.dtype, b.dtype, c.dtype), config.num_warps, c.device)

@@ -353,6 +353,54 @@ def test_every_wgrad_candidate_matches_float64(triton_path, kind, bucket):
         assert relative_error(into.cpu(), expected.cpu() + before.double().cpu()) < tolerance, config
 
 
+@needs_triton
+@pytest.mark.parametrize("kind", ["wgrad_gate_up", "wgrad_down", "wgrad_down_scaled"])
+@pytest.mark.parametrize("tokens", [23, 32, 5], ids=["whole_blocks_and_a_tail", "whole_blocks_only", "a_tail_only"])
+@pytest.mark.parametrize("flags", [{}, {"weight_tma": True}, {"persistent": True}], ids=["plain", "c_tma", "persistent"])
+def test_wgrad_reads_its_sorted_operand_through_tma(triton_path, monkeypatch, kind, tokens, flags):
+    """An `operand_tma` wgrad config: the operand that is not gathered (dgu for gate_up, w*h or h for down, whose
+    gathered dY is then scaled by w) comes through a TMA descriptor for each expert's whole K blocks, and the last,
+    partial block through masked pointer loads (the rows after it are the next expert's). Against float64, into a
+    fresh output and added into one: experts whose rows are whole blocks only, a tail only, both, and experts
+    without rows."""
+    from modeling_moe.kernels import fused_moe_ops as fm
+
+    built = []
+    tma_desc = fm._tma_desc
+    monkeypatch.setattr(fm, "_tma_desc", lambda tensor, block: built.append(tensor.dim()) or tma_desc(tensor, block))
+    dtype = torch.bfloat16 if triton_path == "cuda" else torch.float32
+    tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    x, _, _, index, weights = make_case(tokens, 40, 24, 5, 2, routing="some_empty", seed=tokens, device=triton_path)
+    x, w = x.to(dtype), weights.to(dtype).reshape(-1)
+    perm, inv, offsets = fm.build_routing(index, 5)
+    routing = fm.Routing(perm, inv, offsets, 2, 40, 24, x.dtype)
+    width = 48 if kind == "wgrad_gate_up" else 24
+    num_rows = perm.numel()
+    sorted_rows = torch.randn(num_rows, width, generator=torch.Generator().manual_seed(4)).to(x.device, dtype)
+    token = perm.long() // 2
+    counts = (offsets[1:] - offsets[:-1]).tolist()
+    if kind == "wgrad_gate_up":
+        a, b, gather = sorted_rows, x, dict(gather_a=False, gather_b=True)
+        rows_a, rows_b = sorted_rows.double(), x.double()[token]
+    elif kind == "wgrad_down":
+        a, b, gather = x, sorted_rows, dict(gather_a=True, gather_b=False)
+        rows_a, rows_b = x.double()[token], sorted_rows.double()
+    else:
+        a, b, gather = x, sorted_rows, dict(gather_a=True, gather_b=False, topk_w=w)
+        rows_a, rows_b = x.double()[token] * w.double()[perm.long()][:, None], sorted_rows.double()
+    expected = torch.stack([ca.T @ cb for ca, cb in zip(rows_a.split(counts), rows_b.split(counts))]).cpu()
+    blocks = (16, 16, 16, 1, 1, 4) if triton_path == "cpu" else (64, 64, 32, 4, 2, 8)
+    config = KernelConfig(*blocks, operand_tma=True, **flags)
+    out = torch.full(expected.shape, float("nan"), device=x.device)
+    fm._launch_wgrad(config, routing, a, b, out, **gather)
+    assert relative_error(out.cpu(), expected) < tolerance
+    before = torch.randn(expected.shape, generator=torch.Generator().manual_seed(3)).to(x.device)
+    into = before.clone()
+    fm._launch_wgrad(config, routing, a, b, into, **gather, accumulate=True)
+    assert relative_error(into.cpu(), expected + before.double().cpu()) < tolerance
+    assert built.count(2) == 2  # the operand's descriptor, once a launch
+
+
 def gate_up_wgrad_case(tokens, seed, device):
     """wgrad_gate_up's operands over 5 experts (H 40, I 24, top-2, the first half of the experts routed to): the
     routing, dL/dgu [rows, 48], x, and the float64 gradient [5, 48, 40] (CPU)."""
