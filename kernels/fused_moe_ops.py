@@ -161,11 +161,13 @@ CANDIDATES = {  # first entry = default (autotune off): the H200 winners of v1/v
     ("wgrad_gate_up", "small"): [C(128, 128, 32, 4, 3, weight_tma=True), C(128, 128, 32, 4, 4),
                                  C(128, 128, 64, 8, 3)],
     # wgrad_down's default is persistent (session 15: V3 8.12 -> 7.16 ms, V2-Lite -5%, small -3%); gate_up's is not
-    # (its persistent compile holds 2 programs an SM instead of 3, and lost 9-40%).
-    ("wgrad_down", "big"): [C(128, 256, 64, 8, 3, persistent=True), C(128, 128, 64, 8, 3), C(128, 256, 64, 8, 4),
-                            C(128, 128, 32, 4, 3)],
-    ("wgrad_down", "small"): [C(128, 256, 64, 8, 3, weight_tma=True, persistent=True), C(128, 128, 32, 4, 3),
-                              C(128, 128, 64, 8, 3)],
+    # (its persistent compile holds 2 programs an SM instead of 3, and lost 9-40%). wgrad_down reads h through TMA
+    # (`operand_tma`, session 17: small -16%, V2-Lite -9%, V3 -2.5%); gate_up's dgu through TMA, read transposed, lost
+    # (+2 to +11%).
+    ("wgrad_down", "big"): [C(128, 256, 64, 8, 3, persistent=True, operand_tma=True), C(128, 128, 64, 8, 3),
+                            C(128, 256, 64, 8, 4), C(128, 128, 32, 4, 3)],
+    ("wgrad_down", "small"): [C(128, 256, 64, 8, 3, weight_tma=True, persistent=True, operand_tma=True),
+                              C(128, 128, 32, 4, 3), C(128, 128, 64, 8, 3)],
 }
 # "decode": a few rows per expert (generate: 96 slots over 64 experts at batch 16), so the kernels stream the expert
 # weights. 16-row tiles (more programs, deeper K pipelines, no MMA work on empty rows) won every decode-sized case

@@ -270,8 +270,9 @@ def test_tma_twins_compile_for_hopper_with_tma_weight_loads(kernel, monkeypatch)
     """Each fused GEMM's default and its twin (the same tile, with the expert weights, or for wgrad their gradients,
     by TMA or by pointers), compiled for an H100 / H200 (sm_90) on the CPU as its launcher builds them: the TMA
     config's weights arrive by TMA (cp.async.bulk.tensor; wgrad's gradient tiles leave by TMA stores), the gathered
-    activations by pipelined cp.async, the MMAs are wgmma; the pointer config has no TMA. (The interpreter cannot
-    show the descriptors' lowering.)"""
+    activations by pipelined cp.async, the MMAs are wgmma; the pointer config has no TMA, except an `operand_tma`
+    wgrad's sorted operand, which arrives by TMA in both twins. (The interpreter cannot show the descriptors'
+    lowering.)"""
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
 
@@ -286,9 +287,11 @@ def test_tma_twins_compile_for_hopper_with_tma_weight_loads(kernel, monkeypatch)
     for config in (twin, default):
         compiled = resources.compile_fused_kernel(kernel, config, hidden=256, inter=128, top_k=2)
         ptx = compiled.asm["ptx"]
-        assert ("cp.async.bulk.tensor" in ptx) == config.weight_tma
         if kernel.startswith("wgrad"):
             assert ("cp.async.bulk.tensor.3d.global.shared" in ptx) == config.weight_tma  # a store: shared -> global
+            assert ("cp.async.bulk.tensor.2d.shared" in ptx) == config.operand_tma  # loads of the sorted operand
+        else:
+            assert ("cp.async.bulk.tensor" in ptx) == config.weight_tma
         assert "cp.async.cg.shared.global" in ptx and "wgmma" in ptx
         usage = resources.resource_usage(compiled)
         assert 0 < usage.registers <= 255 and usage.shared_bytes > 0
@@ -296,20 +299,26 @@ def test_tma_twins_compile_for_hopper_with_tma_weight_loads(kernel, monkeypatch)
 
 
 @needs_triton
-@pytest.mark.parametrize("kernel", ["wgrad_gate_up", "wgrad_down"])
+@pytest.mark.parametrize("kernel", ["wgrad_gate_up", "wgrad_down", "wgrad_down_scaled"])
 def test_wgrad_pipelines_a_tile_buffer_per_stage_for_hopper(kernel, monkeypatch):
     """wgrad loads the next K block's row indices one iteration ahead, so Triton's sm_90 pipeliner keeps a buffer per
     stage for the gathered tiles (with the indices loaded in the same iteration it kept 2 at 3-4 stages): 4 stages
-    of a 128x128x32 tile pair (A and B, 8 KiB each in bf16) take 64 KiB; wgrad_down scales A in registers (one
-    buffer fewer for it) and keeps the routing weights' small buffers."""
+    of a 128x128x32 tile pair (A and B, 8 KiB each in bf16) take 64 KiB. Under dgrad_h's scale_in_wgrad variant
+    wgrad_down scales A in registers (one buffer fewer for it) and keeps the routing weights' small buffers."""
     resources = hopper_compiler(monkeypatch)
-    config = KernelConfig(128, 128, 32, 4, 4)
-    usage = resources.resource_usage(resources.compile_fused_kernel(kernel, config, hidden=256, inter=128, top_k=2))
+    set_dgrad_h_variant("scale_in_wgrad" if kernel == "wgrad_down_scaled" else "store_wh")
+    try:
+        config = KernelConfig(128, 128, 32, 4, 4)
+        compiled = resources.compile_fused_kernel(kernel.removesuffix("_scaled"), config, hidden=256, inter=128,
+                                                  top_k=2)
+    finally:
+        set_dgrad_h_variant(None)
+    usage = resources.resource_usage(compiled)
     tile = 128 * 32 * 2
-    if kernel == "wgrad_gate_up":
-        assert usage.shared_bytes == 4 * 2 * tile
-    else:
+    if kernel == "wgrad_down_scaled":
         assert 3 * tile + 4 * tile <= usage.shared_bytes < 3 * tile + 4 * tile + 4096
+    else:
+        assert usage.shared_bytes == 4 * 2 * tile
     assert usage.spill_bytes == 0
 
 
