@@ -349,12 +349,12 @@ def _grouped_wgrad_kernel(
 
 
 @triton.jit
-def _wgrad_block(r0, slot, end, offs_k, offs_m_ld, offs_n_ld, m0, n0, a_ptr, b_ptr, op_desc, topk_w_ptr, top_k,
-                 stride_ar, stride_am, stride_br, stride_bn, BLOCK_K: tl.constexpr, GATHER_A: tl.constexpr,
-                 GATHER_B: tl.constexpr, SCALE_A: tl.constexpr, WHOLE: tl.constexpr):
-    """A [BLOCK_M, BLOCK_K] and B [BLOCK_K, BLOCK_N] of the K block at the sorted rows r0 + offs_k (`slot`: their
-    slots). WHOLE: every row is the expert's, and the operand that is not gathered comes through op_desc; otherwise
-    pointer loads, rows from `end` on masked to 0."""
+def _wgrad_step(acc, r0, slot, end, offs_k, offs_m_ld, offs_n_ld, m0, n0, a_ptr, b_ptr, op_desc, perm_ptr, topk_w_ptr,
+                top_k, stride_ar, stride_am, stride_br, stride_bn, BLOCK_K: tl.constexpr, GATHER_A: tl.constexpr,
+                GATHER_B: tl.constexpr, SCALE_A: tl.constexpr, DOT_PREC: tl.constexpr, WHOLE: tl.constexpr):
+    """acc += A^T B over the K block at the sorted rows r0 + offs_k (`slot`: their slots); returns acc and the next
+    block's slots. WHOLE: every row is the expert's, and the operand that is not gathered comes through op_desc;
+    otherwise pointer loads, rows from `end` on masked to 0."""
     r = r0 + offs_k
     mask_r = r < end
     if GATHER_A:
@@ -382,7 +382,9 @@ def _wgrad_block(r0, slot, end, offs_k, offs_m_ld, offs_n_ld, m0, n0, a_ptr, b_p
         b = tl.load(b_ptrs)
     else:
         b = tl.load(b_ptrs, mask=mask_r[:, None], other=0.0)
-    return a, b
+    if GATHER_A or GATHER_B or SCALE_A:
+        slot = tl.load(perm_ptr + r0 + BLOCK_K + offs_k, mask=r0 + BLOCK_K + offs_k < end, other=0)
+    return tl.dot(a, b, acc, input_precision=DOT_PREC), slot
 
 
 @triton.jit
@@ -415,19 +417,14 @@ def _wgrad_tile(
     if OPERAND_TMA:  # whole K blocks: no masks, the sorted operand through TMA
         whole_end = start + (end - start) // BLOCK_K * BLOCK_K
         for r0 in range(start, whole_end, BLOCK_K):
-            a, b = _wgrad_block(r0, slot, end, offs_k, offs_m_ld, offs_n_ld, pid_m * BLOCK_M, pid_n * BLOCK_N,
-                                a_ptr, b_ptr, op_desc, topk_w_ptr, top_k, stride_ar, stride_am, stride_br, stride_bn,
-                                BLOCK_K, GATHER_A, GATHER_B, SCALE_A, True)
-            if GATHER_A or GATHER_B or SCALE_A:
-                slot = tl.load(perm_ptr + r0 + BLOCK_K + offs_k, mask=r0 + BLOCK_K + offs_k < end, other=0)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+            acc, slot = _wgrad_step(acc, r0, slot, end, offs_k, offs_m_ld, offs_n_ld, pid_m * BLOCK_M,
+                                    pid_n * BLOCK_N, a_ptr, b_ptr, op_desc, perm_ptr, topk_w_ptr, top_k, stride_ar,
+                                    stride_am, stride_br, stride_bn, BLOCK_K, GATHER_A, GATHER_B, SCALE_A, DOT_PREC,
+                                    True)
     for r0 in range(whole_end, end, BLOCK_K):  # the rest (all of it without OPERAND_TMA): masked pointer loads
-        a, b = _wgrad_block(r0, slot, end, offs_k, offs_m_ld, offs_n_ld, pid_m * BLOCK_M, pid_n * BLOCK_N,
-                            a_ptr, b_ptr, op_desc, topk_w_ptr, top_k, stride_ar, stride_am, stride_br, stride_bn,
-                            BLOCK_K, GATHER_A, GATHER_B, SCALE_A, False)
-        if GATHER_A or GATHER_B or SCALE_A:
-            slot = tl.load(perm_ptr + r0 + BLOCK_K + offs_k, mask=r0 + BLOCK_K + offs_k < end, other=0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+        acc, slot = _wgrad_step(acc, r0, slot, end, offs_k, offs_m_ld, offs_n_ld, pid_m * BLOCK_M, pid_n * BLOCK_N,
+                                a_ptr, b_ptr, op_desc, perm_ptr, topk_w_ptr, top_k, stride_ar, stride_am, stride_br,
+                                stride_bn, BLOCK_K, GATHER_A, GATHER_B, SCALE_A, DOT_PREC, False)
     if C_TMA:  # one bulk copy a tile, issued asynchronously, instead of per-thread addresses, masks and stores
         tile = [expert, pid_m * BLOCK_M, pid_n * BLOCK_N]
         if ACCUMULATE:
