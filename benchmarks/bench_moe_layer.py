@@ -580,10 +580,12 @@ def table():
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--parts", default="layer,breakdown,decode,model")
-    parser.add_argument("--shapes", default="v2lite,v3,small")
-    parser.add_argument("--no-autotune", action="store_true")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default="layer,breakdown,decode,model",
+                        help="comma-separated parts to run (see above)")
+    parser.add_argument("--shapes", default="v2lite,v3,small", help="comma-separated shapes of the layer parts")
+    parser.add_argument("--no-autotune", action="store_true",
+                        help="time the kernels' default configs (what a user gets without MOE_FUSED_AUTOTUNE=1)")
     parser.add_argument("--tune-decode", action="store_true",
                         help="decode part: time every tile candidate of the decode bucket (logged under 'tuning') and "
                              "use the winner, instead of the bucket's default")
