@@ -9,12 +9,13 @@ Forward:
     GEMM2        y = h @ Wd[e].T                                                                    [N, H]
     combine      out[t] = sum_j w[t, j] y[slot(t, j)] in fp32, in j order (no atomics), cast to x's dtype
 Backward:
-    dgrad_h      dA = dY[tok] @ Wd[e]; epilogue: dw = <dA, h> per column tile, dh = w dA, dSwiGLU -> dgu [N, 2I]
+    dgrad_h      dA = dY[tok] @ Wd[e], then dw = <dA, h> per row, dh = w dA, dSwiGLU -> dgu [N, 2I]: by default
+                 (`split`) a gathered GEMM into dgu and a pass of its own; or all in the GEMM's epilogue
     wgrad_down   dWd[e] = sum_rows (w dY[tok])^T h          (reduction over the expert's rows; gather fused)
     wgrad_gu     dWgu[e] = sum_rows dgu^T x[tok]
     dgrad_x      dXs = dgu @ Wgu[e], then dx[t] = sum_j dXs[slot(t, j)] (the combine kernel, fp32, no atomics)
 The [N, H] expert outputs are never stored: the routing-weight gradient <dY_t, y_s> equals <dY_t @ Wd[e], h_s>,
-which the dgrad_h epilogue has at hand.
+which dgrad_h has at hand.
 
 Two autograd nodes, as with grouped_mm, so that the backward frees memory in the same order:
     node 1  fused_moe_gate_up   routing + GEMM1 + SwiGLU -> gu, h (+ perm, inv, offsets)   saves x, Wgu, routing
@@ -22,7 +23,7 @@ Two autograd nodes, as with grouped_mm, so that the backward frees memory in the
 Node 2's backward returns dW_down, which autograd accumulates into .grad (AccumulateGrad runs before any other
 ready node) and frees before node 1's backward allocates dW_gate_up: the transient weight-gradient memory is the
 larger of the two, not their sum (7 GiB less at the v3 shape, where dW_gate_up is 14 GiB and dW_down 7 GiB).
-The link between the nodes is gu, not h: node 2 returns dL/dgu (dSwiGLU is fused into dgrad_h) and h travels as a
+The link between the nodes is gu, not h: node 2 returns dL/dgu (dgrad_h computes dSwiGLU) and h travels as a
 non-differentiable output that is freed after GEMM2. Linking by h would keep both h (node 2, for dgrad_h and
 wgrad_down) and gu (node 1, for dSwiGLU): N*I more saved elements per layer, v1's footprint.
 
