@@ -333,25 +333,9 @@ def test_every_wgrad_candidate_matches_float64(triton_path, kind, bucket):
 
     dtype = torch.bfloat16 if triton_path == "cuda" else torch.float32
     tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
-    x, gate_up, down, index, weights = make_case(23, 40, 24, 5, 2, routing="some_empty", seed=21, device=triton_path)
-    x, weights = x.to(dtype), weights.to(dtype)
-    num_rows, experts = index.numel(), gate_up.shape[0]
-    perm, inv, offsets = fm.build_routing(index, experts)
-    routing = fm.Routing(perm, inv, offsets, 2, 40, 24, x.dtype)
-    width = 48 if kind == "wgrad_gate_up" else 24  # dgu [N, 2I] or h [N, I]
-    sorted_rows = torch.randn(num_rows, width, generator=torch.Generator().manual_seed(2)).to(x.device, dtype)
-    token = perm.long() // 2
-    w = weights.reshape(-1)
-    counts = (offsets[1:] - offsets[:-1]).tolist()
-    if kind == "wgrad_gate_up":  # dW[e] = sum_r dgu_r^T x[tok_r]
-        a, b, gather = sorted_rows, x, dict(gather_a=False, gather_b=True)
-        rows_a, rows_b = sorted_rows.double(), x.double()[token]
-    else:  # dW[e] = sum_r (w_r dY[tok_r])^T h_r
-        a, b, gather = x, sorted_rows, dict(gather_a=True, gather_b=False, topk_w=w)
-        rows_a, rows_b = (x.double()[token] * w.double()[perm.long()][:, None]), sorted_rows.double()
-    expected = torch.stack([chunk_a.T @ chunk_b for chunk_a, chunk_b in
-                            zip(rows_a.split(counts), rows_b.split(counts))])
-    before = torch.randn(expected.shape, generator=torch.Generator().manual_seed(3)).to(x.device)
+    routing, a, b, gather, expected = wgrad_case("wgrad_down_scaled" if kind == "wgrad_down" else kind, 23, seed=21,
+                                                 device=triton_path, dtype=dtype)
+    before = torch.randn(expected.shape, generator=torch.Generator().manual_seed(3)).to(a.device)
     for config in fm.CANDIDATES[(kind, bucket)]:
         def launch(out, accumulate=False):
             if kind == "wgrad_gate_up":  # as the backward launches it (a `transpose` config swaps the operands)
@@ -359,12 +343,12 @@ def test_every_wgrad_candidate_matches_float64(triton_path, kind, bucket):
             else:
                 fm._launch_wgrad(config, routing, a, b, out, **gather, accumulate=accumulate)
 
-        out = torch.full(expected.shape, float("nan"), device=x.device)
+        out = torch.full(expected.shape, float("nan"), device=a.device)
         launch(out)
-        assert relative_error(out.cpu(), expected.cpu()) < tolerance, config
+        assert relative_error(out.cpu(), expected) < tolerance, config
         into = before.clone()
         launch(into, accumulate=True)
-        assert relative_error(into.cpu(), expected.cpu() + before.double().cpu()) < tolerance, config
+        assert relative_error(into.cpu(), expected + before.double().cpu()) < tolerance, config
 
 
 @needs_triton
@@ -384,50 +368,46 @@ def test_wgrad_reads_its_sorted_operand_through_tma(triton_path, monkeypatch, ki
     monkeypatch.setattr(fm, "_tma_desc", lambda tensor, block: built.append(tensor.dim()) or tma_desc(tensor, block))
     dtype = torch.bfloat16 if triton_path == "cuda" else torch.float32
     tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
-    x, _, _, index, weights = make_case(tokens, 40, 24, 5, 2, routing="some_empty", seed=tokens, device=triton_path)
-    x, w = x.to(dtype), weights.to(dtype).reshape(-1)
-    perm, inv, offsets = fm.build_routing(index, 5)
-    routing = fm.Routing(perm, inv, offsets, 2, 40, 24, x.dtype)
-    width = 48 if kind == "wgrad_gate_up" else 24
-    num_rows = perm.numel()
-    sorted_rows = torch.randn(num_rows, width, generator=torch.Generator().manual_seed(4)).to(x.device, dtype)
-    token = perm.long() // 2
-    counts = (offsets[1:] - offsets[:-1]).tolist()
-    if kind == "wgrad_gate_up":
-        a, b, gather = sorted_rows, x, dict(gather_a=False, gather_b=True)
-        rows_a, rows_b = sorted_rows.double(), x.double()[token]
-    elif kind == "wgrad_down":
-        a, b, gather = x, sorted_rows, dict(gather_a=True, gather_b=False)
-        rows_a, rows_b = x.double()[token], sorted_rows.double()
-    else:
-        a, b, gather = x, sorted_rows, dict(gather_a=True, gather_b=False, topk_w=w)
-        rows_a, rows_b = x.double()[token] * w.double()[perm.long()][:, None], sorted_rows.double()
-    expected = torch.stack([ca.T @ cb for ca, cb in zip(rows_a.split(counts), rows_b.split(counts))]).cpu()
+    routing, a, b, gather, expected = wgrad_case(kind, tokens, seed=tokens, device=triton_path, dtype=dtype)
     blocks = (16, 16, 16, 1, 1, 4) if triton_path == "cpu" else (64, 64, 32, 4, 2, 8)
     config = KernelConfig(*blocks, operand_tma=True, **flags)
-    out = torch.full(expected.shape, float("nan"), device=x.device)
+    out = torch.full(expected.shape, float("nan"), device=a.device)
     fm._launch_wgrad(config, routing, a, b, out, **gather)
     assert relative_error(out.cpu(), expected) < tolerance
-    before = torch.randn(expected.shape, generator=torch.Generator().manual_seed(3)).to(x.device)
+    before = torch.randn(expected.shape, generator=torch.Generator().manual_seed(3)).to(a.device)
     into = before.clone()
     fm._launch_wgrad(config, routing, a, b, into, **gather, accumulate=True)
     assert relative_error(into.cpu(), expected + before.double().cpu()) < tolerance
     assert built.count(2) == 2  # the operand's descriptor, once a launch
 
 
-def gate_up_wgrad_case(tokens, seed, device):
-    """wgrad_gate_up's operands over 5 experts (H 40, I 24, top-2, the first half of the experts routed to): the
-    routing, dL/dgu [rows, 48], x, and the float64 gradient [5, 48, 40] (CPU)."""
+def wgrad_case(kind, tokens, seed, device, dtype=torch.float32):
+    """A weight gradient's operands as `_launch_wgrad` takes them, over 5 experts (H 40, I 24, top-2, the first half of
+    the experts routed to): (routing, A, B, the gather / scale arguments, the float64 gradient on the CPU). kind:
+    "wgrad_gate_up" (dgu [rows, 48] sorted, x gathered: [5, 48, 40]), "wgrad_down" (dY gathered, h [rows, 24]
+    sorted: [5, 40, 24]) or "wgrad_down_scaled" (the same with dY scaled by the routing weights)."""
     from modeling_moe.kernels import fused_moe_ops as fm
 
-    x, _, _, index, _ = make_case(tokens, 40, 24, 5, 2, routing="some_empty", seed=seed, device=device)
+    x, _, _, index, weights = make_case(tokens, 40, 24, 5, 2, routing="some_empty", seed=seed, device=device)
+    x, w = x.to(dtype), weights.to(dtype).reshape(-1)
     perm, inv, offsets = fm.build_routing(index, 5)
     routing = fm.Routing(perm, inv, offsets, 2, 40, 24, x.dtype)
-    dgu = torch.randn(perm.numel(), 48, generator=torch.Generator().manual_seed(seed + 1)).to(x.device)
+    width = 48 if kind == "wgrad_gate_up" else 24
+    sorted_rows = torch.randn(perm.numel(), width, generator=torch.Generator().manual_seed(seed + 1))
+    sorted_rows = sorted_rows.to(x.device, dtype)
+    token = perm.long() // 2
+    if kind == "wgrad_gate_up":  # dW[e] = sum_r dgu_r^T x[tok_r]
+        a, b, gather = sorted_rows, x, dict(gather_a=False, gather_b=True)
+        rows_a, rows_b = sorted_rows.double(), x.double()[token]
+    elif kind == "wgrad_down":  # dW[e] = sum_r dY[tok_r]^T (w h)_r
+        a, b, gather = x, sorted_rows, dict(gather_a=True, gather_b=False)
+        rows_a, rows_b = x.double()[token], sorted_rows.double()
+    else:  # dW[e] = sum_r (w_r dY[tok_r])^T h_r
+        a, b, gather = x, sorted_rows, dict(gather_a=True, gather_b=False, topk_w=w)
+        rows_a, rows_b = x.double()[token] * w.double()[perm.long()][:, None], sorted_rows.double()
     counts = (offsets[1:] - offsets[:-1]).tolist()
-    rows_x = x.double()[perm.long() // 2]
-    expected = torch.stack([a.T @ b for a, b in zip(dgu.double().split(counts), rows_x.split(counts))]).cpu()
-    return routing, dgu, x, expected
+    expected = torch.stack([ca.T @ cb for ca, cb in zip(rows_a.split(counts), rows_b.split(counts))]).cpu()
+    return routing, a, b, gather, expected
 
 
 @needs_triton
@@ -440,7 +420,7 @@ def test_adding_into_a_gradient_goes_through_tma_where_it_can(triton_path, monke
     built = []
     tma_desc = fm._tma_desc
     monkeypatch.setattr(fm, "_tma_desc", lambda *args, **kwargs: built.append(tma_desc(*args, **kwargs)) or built[-1])
-    routing, dgu, x, expected = gate_up_wgrad_case(20, seed=4, device=triton_path)
+    routing, dgu, x, _, expected = wgrad_case("wgrad_gate_up", 20, seed=4, device=triton_path)
     config = fm.KernelConfig(16, 16, 16, 1, 1, 4) if triton_path == "cpu" else fm.KernelConfig(64, 64, 32, 4, 2)
     fresh = torch.empty(5, 48, 40, device=x.device)
     fm._launch_wgrad(config, routing, dgu, x, fresh, False, True)
@@ -468,7 +448,7 @@ def test_wgrad_gate_up_transposed_matches_float64(triton_path, flags):
     experts without rows; a C whose rows TMA cannot address is added into through pointers."""
     from modeling_moe.kernels import fused_moe_ops as fm
 
-    routing, dgu, x, expected = gate_up_wgrad_case(23, seed=12, device=triton_path)
+    routing, dgu, x, _, expected = wgrad_case("wgrad_gate_up", 23, seed=12, device=triton_path)
     blocks = (16, 16, 16, 1, 1, 4) if triton_path == "cpu" else (64, 64, 32, 4, 2)
     config = fm.KernelConfig(*blocks, transpose=True, **flags)
     fresh = torch.full((5, 48, 40), float("nan"), device=x.device)
@@ -491,7 +471,7 @@ def test_persistent_wgrad_walks_every_tile(triton_path):
     tiles, some experts none of their rows, and the sums still match float64, fresh and added into C."""
     from modeling_moe.kernels import fused_moe_ops as fm
 
-    routing, dgu, x, expected = gate_up_wgrad_case(30, seed=8, device=triton_path)
+    routing, dgu, x, _, expected = wgrad_case("wgrad_gate_up", 30, seed=8, device=triton_path)
     assert 0 in (routing.offsets[1:] - routing.offsets[:-1]).tolist()
     blocks = (16, 16, 16, 1, 1, 4) if triton_path == "cpu" else (64, 64, 32, 4, 2)
     for weight_tma in (False, True):
