@@ -421,7 +421,7 @@ def part_breakdown(name, block, x0, variants):
         "gemm1_swiglu": (lambda: fm._launch_gemm1(c1, routing, x, gate_up, h, gu), 2 * gemm, c1),
         "gemm2": (lambda: fm._launch_grouped(c2, routing, h, down, y, H, I, fm._down_t(down)), gemm, c2),
         "combine": (lambda: fm._launch_combine(y, inv, w_flat, out, k), 0, None),
-        "wgrad_gate_up": (lambda: fm._launch_wgrad_gate_up(cwg, routing, dgu, x, dgate_up), 2 * gemm, cwg),
+        "wgrad_gate_up": (lambda: fm._launch_wgrad(cwg, routing, dgu, x, dgate_up, False, True), 2 * gemm, cwg),
         "dgrad_x": (lambda: fm._launch_grouped(cx, routing, dgu, gate_up, dxs, H, 2 * I, fm._gate_up_n(gate_up)),
                     2 * gemm, cx),
         "combine_dx": (lambda: fm._launch_combine(dxs, inv, None, out, k), 0, None),

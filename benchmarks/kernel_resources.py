@@ -83,7 +83,8 @@ def compile_fused_kernel(kernel: str, config, hidden: int, inter: int, top_k: in
             fm._launch_dgrad_h(config, routing, grad_out, down, torch.empty_like(gu), gu, h, weights, dw,
                                fm.dgrad_h_variant() == "store_wh")
         elif kernel.startswith("wgrad_gate_up"):
-            fm._launch_wgrad_gate_up(config, routing, gu, x, torch.empty_like(gate_up), accumulate=kernel.endswith("+"))
+            fm._launch_wgrad(config, routing, gu, x, torch.empty_like(gate_up), False, True,
+                             accumulate=kernel.endswith("+"))
         elif kernel.startswith("wgrad_down"):  # dgrad_h's scale_in_wgrad variant scales dY rows by w here
             scale = None if fm.dgrad_h_variant() == "store_wh" else weights
             fm._launch_wgrad(config, routing, grad_out, h, torch.empty_like(down), True, False, topk_w=scale,

@@ -87,8 +87,8 @@ def launch(case: str, repeats: int = 3) -> None:
             fm._launch_dgrad_h(config, routing, grad_out, down, torch.empty_like(gu), gu, h, weights, partial,
                                variant == "store_wh")
         elif kernel == "wgrad_gate_up":
-            fm._launch_wgrad_gate_up(routing.config("wgrad_gate_up", "wgrad_gate_up"), routing, gu, x,
-                                     torch.empty_like(gate_up))
+            fm._launch_wgrad(routing.config("wgrad_gate_up", "wgrad_gate_up"), routing, gu, x,
+                             torch.empty_like(gate_up), False, True)
         elif kernel == "wgrad_down":
             fm._launch_wgrad(routing.config(f"wgrad_down/{variant}", "wgrad_down"), routing, grad_out, h,
                              torch.empty_like(down), True, False, topk_w=None if variant == "store_wh" else weights)

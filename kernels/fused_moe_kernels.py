@@ -314,7 +314,7 @@ def _grouped_wgrad_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_A: tl.constexpr, EVEN_M: tl.constexpr,
     EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr, ACCUMULATE: tl.constexpr, C_TMA: tl.constexpr,
-    OPERAND_TMA: tl.constexpr, TRANS_C: tl.constexpr, PERSISTENT: tl.constexpr,
+    OPERAND_TMA: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
     """C[e] = sum over the rows r of expert e of A[r]^T B[r] ([M, N] per expert; the reduction runs over the
     expert's sorted rows, so no tile crosses an expert and experts without tokens get zeros), or C[e] += that sum
@@ -326,8 +326,6 @@ def _grouped_wgrad_kernel(
     OPERAND_TMA: the operand that is not gathered (exactly one is) comes through op_desc, a TMA descriptor over it
     ([rows, M] or [rows, N], block [BLOCK_K, BLOCK_M or BLOCK_N]), for each of the expert's whole K blocks; the last,
     partial block (rows past the expert belong to the next one) takes masked pointer loads.
-    TRANS_C: C is stored transposed ([E, N, M]; the pointer path gets its strides swapped, the TMA path a descriptor
-    with block [1, BLOCK_N, BLOCK_M], each tile transposed in registers).
     PERSISTENT: a 1-D grid of programs walks the (expert, M tile, N tile) tiles in steps of the grid; otherwise the
     grid is (M tiles x N tiles, experts), a tile a program."""
     tiles_mn = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
@@ -336,17 +334,17 @@ def _grouped_wgrad_kernel(
         # wait lands before the next tile's store); a program of one tile holds its SM slot until the store lands.
         for tile in range(tl.program_id(0), tiles_mn * num_experts, tl.num_programs(0)):
             _wgrad_tile(
-                tile // tiles_mn, tile % tiles_mn, a_ptr, b_ptr, c_ptr, c_desc, op_desc, perm_ptr, offsets_ptr,
-                topk_w_ptr, M, N, top_k, stride_ar, stride_am, stride_br, stride_bn, stride_ce, stride_cm, stride_cn,
+                tile // tiles_mn, tile % tiles_mn, a_ptr, b_ptr, c_ptr, c_desc, op_desc, perm_ptr, offsets_ptr, topk_w_ptr,
+                M, N, top_k, stride_ar, stride_am, stride_br, stride_bn, stride_ce, stride_cm, stride_cn,
                 BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, GATHER_A, GATHER_B, SCALE_A, EVEN_M, EVEN_N, DOT_PREC,
-                ACCUMULATE, C_TMA, OPERAND_TMA, TRANS_C,
+                ACCUMULATE, C_TMA, OPERAND_TMA,
             )
     else:
         _wgrad_tile(
             tl.program_id(1), tl.program_id(0), a_ptr, b_ptr, c_ptr, c_desc, op_desc, perm_ptr, offsets_ptr, topk_w_ptr,
             M, N, top_k, stride_ar, stride_am, stride_br, stride_bn, stride_ce, stride_cm, stride_cn,
             BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, GATHER_A, GATHER_B, SCALE_A, EVEN_M, EVEN_N, DOT_PREC,
-            ACCUMULATE, C_TMA, OPERAND_TMA, TRANS_C,
+            ACCUMULATE, C_TMA, OPERAND_TMA,
         )
 
 
@@ -396,7 +394,7 @@ def _wgrad_tile(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_A: tl.constexpr, EVEN_M: tl.constexpr,
     EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr, ACCUMULATE: tl.constexpr, C_TMA: tl.constexpr,
-    OPERAND_TMA: tl.constexpr, TRANS_C: tl.constexpr,
+    OPERAND_TMA: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] tile of C[expert] (`_grouped_wgrad_kernel`); tile_mn numbers the expert's tiles."""
     pid_m, pid_n = _swizzle(tile_mn, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -427,12 +425,7 @@ def _wgrad_tile(
         acc, slot = _wgrad_step(acc, r0, slot, end, offs_k, offs_m_ld, offs_n_ld, pid_m * BLOCK_M, pid_n * BLOCK_N,
                                 a_ptr, b_ptr, op_desc, perm_ptr, topk_w_ptr, top_k, stride_ar, stride_am, stride_br,
                                 stride_bn, BLOCK_K, GATHER_A, GATHER_B, SCALE_A, DOT_PREC, False)
-    if C_TMA and TRANS_C:
-        tile = [expert, pid_n * BLOCK_N, pid_m * BLOCK_M]
-        if ACCUMULATE:
-            acc += tl.trans(c_desc.load(tile).reshape(BLOCK_N, BLOCK_M)).to(tl.float32)
-        c_desc.store(tile, tl.trans(acc.to(c_ptr.dtype.element_ty)).reshape(1, BLOCK_N, BLOCK_M))
-    elif C_TMA:  # one bulk copy a tile, issued asynchronously, instead of per-thread addresses, masks and stores
+    if C_TMA:  # one bulk copy a tile, issued asynchronously, instead of per-thread addresses, masks and stores
         tile = [expert, pid_m * BLOCK_M, pid_n * BLOCK_N]
         if ACCUMULATE:
             acc += c_desc.load(tile).reshape(BLOCK_M, BLOCK_N).to(tl.float32)

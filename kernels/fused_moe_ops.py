@@ -113,7 +113,6 @@ class KernelConfig:
     weight_tma: bool = False  # expert weights (row-tiled GEMMs) or their gradients (wgrad) through TMA descriptors
     persistent: bool = False  # wgrad only: one wave of programs, as many as the SMs hold, walks the tiles
     operand_tma: bool = False  # wgrad only: the operand that is not gathered (dgu, or h) read through TMA
-    transpose: bool = False  # wgrad_gate_up only: dW^T = x^T dgu (operands as wgrad_down's), stored transposed
     split: bool = False  # dgrad_h only: a plain GEMM writes dA, and a pass of its own applies the SwiGLU backward
 
     def launch_kwargs(self) -> dict:
@@ -122,7 +121,7 @@ class KernelConfig:
 
 
 C = KernelConfig
-# A handful of candidates per kernel (at most 6 with the TMA twin below: one compile and ~0.2 s of timing each,
+# A handful of candidates per kernel (at most 5 with the TMA twin below: one compile and ~0.2 s of timing each,
 # 1-8 s per kernel and shape), the first of each list being the default (no tuning). "big" when an expert holds
 # >= 512 rows on average, "small" otherwise: there the last row tile of an expert is a large share of its tiles
 # (half empty on average), so every row-tiled kernel has 64-row candidates (one warpgroup per 64 rows with 4 warps,
@@ -158,14 +157,10 @@ CANDIDATES = {  # first entry = default (autotune off): the H200 winners of v1/v
     # (session 14: V3 wgrad_down 8.72 -> 7.93 ms, gate_up 13.23 -> 12.77); at the "big" shapes it was even.
     # Since session 17 the big bucket's gate_up default is 128x128x64 w8 s3 (small shape 0.540 -> 0.50 ms, V2-Lite
     # 2.82 -> 2.74: the 8-warp tile overtook BLOCK_K 32 once the row indices were prefetched), gemm1's 4 stages.
-    # `transpose` (dW^T = x^T dgu with wgrad_down's tile, dgu through TMA; session 17, not yet timed) last.
     ("wgrad_gate_up", "big"): [C(128, 128, 64, 8, 3), C(128, 128, 32, 4, 4), C(128, 128, 32, 4, 3),
-                               C(128, 256, 64, 8, 4),
-                               C(128, 256, 64, 8, 3, persistent=True, operand_tma=True, transpose=True)],
+                               C(128, 256, 64, 8, 4)],
     ("wgrad_gate_up", "small"): [C(128, 128, 32, 4, 3, weight_tma=True), C(128, 128, 32, 4, 4),
-                                 C(128, 128, 64, 8, 3),
-                                 C(128, 256, 64, 8, 3, weight_tma=True, persistent=True, operand_tma=True,
-                                   transpose=True)],
+                                 C(128, 128, 64, 8, 3)],
     # wgrad_down's default is persistent (session 15: V3 8.12 -> 7.16 ms, V2-Lite -5%, small -3%); gate_up's is not
     # (its persistent compile holds 2 programs an SM instead of 3, and lost 9-40%). wgrad_down reads h through TMA
     # (`operand_tma`, session 17: small -16%, V2-Lite -9%, V3 -2.5%); gate_up's dgu through TMA, read transposed, lost
@@ -490,22 +485,16 @@ def _persistent_programs(kernel, args, flags, dtypes, num_warps, device) -> int:
     return _PERSISTENT_PROGRAMS[key]
 
 
-def _launch_wgrad(config, routing, a, b, c, gather_a, gather_b, topk_w=None, accumulate=False, transpose_c=False):
+def _launch_wgrad(config, routing, a, b, c, gather_a, gather_b, topk_w=None, accumulate=False):
     """C[e] = sum over expert e's rows r of A[r]^T B[r] (C[e] += that sum if `accumulate`); A [rows, M], B [rows, N],
     C [E, M, N]. C's tiles go through TMA with a `weight_tma` config, and always when adding into C: the pointer
     epilogue then holds the loaded tile beside the accumulator (sm_90, wgrad_gate_up 128x128x32: 251 registers, two
     programs an SM, against 165 and three through TMA). A `persistent` config launches one wave of programs where
     its compile fits (`_persistent_programs`), and a tile a program elsewhere. An `operand_tma` config reads the
-    operand that is not gathered (exactly one of A and B is) through TMA, where TMA can address it. With
-    `transpose_c`, C is [E, N, M] and receives the sum transposed."""
-    if transpose_c:
-        num_experts, n, m = c.shape
-        c_strides, c_block = (c.stride(0), c.stride(2), c.stride(1)), [1, config.block_n, config.block_m]
-    else:
-        num_experts, m, n = c.shape
-        c_strides, c_block = c.stride(), [1, config.block_m, config.block_n]
+    operand that is not gathered (exactly one of A and B is) through TMA, where TMA can address it."""
+    num_experts, m, n = c.shape
     tiles_mn = triton_cdiv(m, config.block_m) * triton_cdiv(n, config.block_n)
-    desc = _tma_desc(c, c_block) if config.weight_tma or accumulate else None
+    desc = _tma_desc(c, [1, config.block_m, config.block_n]) if config.weight_tma or accumulate else None
     op_desc = None
     if config.operand_tma:
         op_desc = (_tma_desc(b, [config.block_k, config.block_n]) if gather_a else
@@ -513,11 +502,11 @@ def _launch_wgrad(config, routing, a, b, c, gather_a, gather_b, topk_w=None, acc
     kernel = _k()._grouped_wgrad_kernel
     args = (a, b, c, desc, op_desc, routing.perm, routing.offsets, topk_w if topk_w is not None else routing.perm,
             m, n, routing.top_k, num_experts,
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1), *c_strides)
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), c.stride(2))
     flags = dict(GATHER_A=gather_a, GATHER_B=gather_b, SCALE_A=topk_w is not None, EVEN_M=m % config.block_m == 0,
                  EVEN_N=n % config.block_n == 0, DOT_PREC=_dot_precision(a.dtype), ACCUMULATE=accumulate,
-                 C_TMA=desc is not None, OPERAND_TMA=op_desc is not None, TRANS_C=transpose_c,
-                 PERSISTENT=config.persistent, **config.launch_kwargs())
+                 C_TMA=desc is not None, OPERAND_TMA=op_desc is not None, PERSISTENT=config.persistent,
+                 **config.launch_kwargs())
     wave = 3  # the interpreter: several tiles a program, as on a GPU
     if config.persistent and c.is_cuda:
         wave = _persistent_programs(kernel, args, flags, (a.dtype, b.dtype, c.dtype), config.num_warps, c.device)
@@ -527,16 +516,6 @@ def _launch_wgrad(config, routing, a, b, c, gather_a, gather_b, topk_w=None, acc
     else:
         grid = (tiles_mn, num_experts)
     kernel[grid](*args, **flags)
-
-
-def _launch_wgrad_gate_up(config, routing, dgu, x, c, accumulate=False):
-    """dWgu[e] = sum over expert e's rows r of dgu_r^T x[tok_r] into c [E, 2I, H] (added with `accumulate`); a
-    `transpose` config computes dWgu^T = x^T dgu instead (x the gathered A, dgu the B operand, as in wgrad_down) and
-    stores each tile transposed."""
-    if config.transpose:
-        _launch_wgrad(config, routing, x, dgu, c, True, False, accumulate=accumulate, transpose_c=True)
-    else:
-        _launch_wgrad(config, routing, dgu, x, c, False, True, accumulate=accumulate)
 
 
 def _launch_combine(y, inv, w, out, top_k):
@@ -603,7 +582,7 @@ def gate_up_backward_impl(dgu, x, gate_up, perm, inv, offsets, top_k, need_x, ne
     if need_gate_up:
         into = grad_gate_up if grad_gate_up is not None else gate_up.new_empty(gate_up.shape)  # the fake's strides
         routing.run("wgrad_gate_up", "wgrad_gate_up",
-                    lambda c: _launch_wgrad_gate_up(c, routing, dgu, x, into, accumulate=grad_gate_up is not None),
+                    lambda c: _launch_wgrad(c, routing, dgu, x, into, False, True, accumulate=grad_gate_up is not None),
                     tune=grad_gate_up is None)
         dgate_up = into if grad_gate_up is None else None
     return dx, dgate_up
