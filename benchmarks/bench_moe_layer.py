@@ -12,7 +12,8 @@ Per anchor shape (../shared/anchors/README.md; bf16, routers fp32, weights N(0, 
              the same weights in all of them; our fused output and gradients checked against our grouped_mm; the
              dense-GEMM ceiling (one GEMM chain with the routed FLOPs, as the anchors).
   breakdown  each fused kernel alone (routing, GEMM1+SwiGLU, GEMM2, combine, dgrad_h, wgrad down / gate_up,
-             dgrad_x) with the configs in use.
+             dgrad_x) with the configs in use; and the same six GEMMs as torch._grouped_mm (CUTLASS) computes them
+             from operands gathered beforehand (`torch._grouped_mm <step>` rows; our kernels fuse what it cannot).
   decode     forward latency at 16, 64 and 256 tokens (no grad), grouped_mm vs fused (ours) and transformers: eager
              (`latency_us`, host overhead included) and replayed from a CUDA graph (`replayed_us`, null where the
              layer cannot be captured).
@@ -427,6 +428,9 @@ def part_breakdown(name, block, x0, variants):
         "combine_dx": (lambda: fm._launch_combine(dxs, inv, None, out, k), 0, None),
     }
     common_ms = sum(time_step(name, step, *spec) for step, spec in common.items())
+    if hasattr(torch, "_grouped_mm"):  # before dgrad_h below overwrites dgu
+        grouped_mm_steps(name, routing, x, dgrad_out, gate_up, down, h, dgu, hw, outputs={
+            "wgrad_gate_up": dgate_up, "dgrad_x": dxs})
     for variant in variants:
         store_wh = variant == "store_wh"
         c_dh = routing.config(f"dgrad_h/{variant}", "dgrad_h")
@@ -442,6 +446,35 @@ def part_breakdown(name, block, x0, variants):
         own_ms = sum(time_step(name, step, *spec, variant=variant) for step, spec in own.items())
         emit(part="breakdown", shape=name, step="sum", dgrad_h=variant, ms=round(common_ms + own_ms, 3),
              rows_per_expert_min_max=[int(counts.min()), int(counts.max())])
+
+
+def grouped_mm_steps(name, routing, x, dgrad_out, gate_up, down, h, dgu, hw, outputs):
+    """The breakdown's six GEMMs as torch._grouped_mm (CUTLASS) runs them, on operands gathered beforehand (the
+    gathers timed as their own steps): which of our kernels a library grouped GEMM would beat. `outputs` holds what
+    our kernels wrote for some of them (same operands), compared to check that the same product is timed."""
+    H, I, N = routing.hidden, routing.inter, routing.num_rows
+    offs = routing.offsets[1:].to(torch.int32)
+    token = routing.perm.long() // routing.top_k
+    xs, dys = x[token], dgrad_out[token]
+    gemm = 2 * N * H * I
+    steps = {
+        "gather_x": (lambda: x[token], 0),
+        "gemm1": (lambda: torch._grouped_mm(xs, gate_up.transpose(1, 2), offs=offs), 2 * gemm),
+        "gemm2": (lambda: torch._grouped_mm(h, down.transpose(1, 2), offs=offs), gemm),
+        "wgrad_gate_up": (lambda: torch._grouped_mm(dgu.t(), xs, offs=offs), 2 * gemm),
+        "dgrad_x": (lambda: torch._grouped_mm(dgu, gate_up, offs=offs), 2 * gemm),
+        "dgrad_h": (lambda: torch._grouped_mm(dys, down, offs=offs), gemm),
+        "wgrad_down": (lambda: torch._grouped_mm(dys.t(), hw, offs=offs), gemm),
+    }
+    for step, (fn, flops) in steps.items():
+        try:
+            ms = do_bench(fn, warmup=10, rep=50, return_mode="median")
+            check = {"relerr_vs_ours": round(rel(fn(), outputs[step]), 5)} if step in outputs else {}
+            emit(part="breakdown", shape=name, step=f"torch._grouped_mm {step}", ms=round(ms, 4),
+                 tflops=round(flops / ms / 1e9, 1) if flops else None, **check)
+        except Exception as error:  # an older torch without this layout
+            emit(part="breakdown", shape=name, step=f"torch._grouped_mm {step}",
+                 error=f"{type(error).__name__}: {str(error)[:200]}")
 
 
 def time_step(shape, step, fn, flops, config, variant=None):
@@ -557,8 +590,8 @@ def table():
     for r in RECORDS:
         if r["part"] == "breakdown" and "step" in r:
             step = r["step"] + (f" [{r['dgrad_h']}]" if r.get("dgrad_h") else "")
-            print(f"breakdown {r['shape']:<8}{step:<32}{r['ms']:>9} ms {r.get('tflops') or '':>8} "
-                  f"{r.get('config') or r.get('rows_per_expert_min_max') or ''}")
+            print(f"breakdown {r['shape']:<8}{step:<32}{r.get('ms', '-'):>9} ms {r.get('tflops') or '':>8} "
+                  f"{r.get('config') or r.get('rows_per_expert_min_max') or r.get('error') or ''}")
     for r in RECORDS:
         if r["part"] == "profile" and "wall_ms" in r:
             print(f"profile {r['shape']:<8}{r['impl']}: wall {r['wall_ms']} ms, kernels {r['kernel_ms']} ms per "
