@@ -9,6 +9,8 @@ Per anchor shape (../shared/anchors/README.md; bf16, routers fp32, weights N(0, 
              forward+backward ms, TFLOP/s (forward = 2 T (k + shared) 3 H I, forward+backward = 3x), peak memory;
              gradients accumulate over the timed iterations as in the anchors' script (no zero_grad), so the fused
              experts add their weight gradients into .grad in place; the "grad += dW" row times them without that;
+             "fresh .grad" rows clear the gradients before each backward, as a step of one micro-batch does (our
+             fused experts then compute the weight gradients with torch._grouped_mm on an H100/H200);
              the same weights in all of them; our fused output and gradients checked against our grouped_mm; the
              dense-GEMM ceiling (one GEMM chain with the routed FLOPs, as the anchors).
   breakdown  each fused kernel alone (routing, GEMM1+SwiGLU, GEMM2, combine, dgrad_h, wgrad down / gate_up,
@@ -174,8 +176,12 @@ def forward(layer, x):
     return out[0] if isinstance(out, tuple) else out
 
 
-def forward_backward(layer, x):
-    """One forward+backward; parameter gradients accumulate (no zero_grad), as in the anchors' script."""
+def forward_backward(layer, x, fresh=False):
+    """One forward+backward; parameter gradients accumulate (no zero_grad), as in the anchors' script, unless `fresh`
+    (each backward into cleared gradients, as a training step with one micro-batch)."""
+    if fresh:
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
     forward(layer, x).float().pow(2).mean().backward()
 
 
@@ -185,17 +191,22 @@ def drop_grads(block, x):
     free()
 
 
-def timings(layer, x, flops, warm_f=3, it_f=10, warm_b=2, it_b=6, backward=True):
+def suffixed(label, note):
+    """'ours fused [store_wh]' + note -> 'ours fused [store_wh, note]'; 'ours grouped_mm' -> '... [note]'."""
+    return f"{label[:-1]}, {note}]" if label.endswith("]") else f"{label} [{note}]"
+
+
+def timings(layer, x, flops, warm_f=3, it_f=10, warm_b=2, it_b=6, backward=True, fresh=False):
     result = {}
     with torch.no_grad():
         t = bench(lambda: forward(layer, x), warm_f, it_f)
     result.update(fwd_ms=round(t, 3), fwd_tflops=round(flops / t / 1e9, 1))
     if backward:
-        t = bench(lambda: forward_backward(layer, x), warm_b, it_b)
+        t = bench(lambda: forward_backward(layer, x, fresh), warm_b, it_b)
         sync()
         if dev == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        forward_backward(layer, x)
+        forward_backward(layer, x, fresh)
         sync()
         result.update(fwdbwd_ms=round(t, 3), fwdbwd_tflops=round(3 * flops / t / 1e9, 1), peak_gib=peak_gib())
     return result
@@ -321,6 +332,10 @@ def part_layer(name, args):
                           backward=not small_eager or name == "small")
             emit(part="layer", shape=name, impl=f"hf {impl}", tokens=T, **res,
                  state_mismatch=len(missing.missing_keys) + len(missing.unexpected_keys))
+            if impl == "grouped_mm":
+                layer.zero_grad(set_to_none=True)
+                emit(part="layer", shape=name, impl=f"hf {impl} [fresh .grad]", tokens=T,
+                     **timings(layer, x, fwd_flops, fresh=True))
             if "profile" in args.parts and impl == "grouped_mm" and dev == "cuda":
                 emit(part="host", shape=name, impl=f"hf {impl}", **host_and_device_ms(layer, x))
             del layer, x
@@ -354,12 +369,15 @@ def part_layer(name, args):
             drop_grads(block, x)
             res = timings(block, x, fwd_flops)
             emit(part="layer", shape=name, impl=label, dgrad_h=variant, tokens=T, **res, **check)
+            drop_grads(block, x)  # each backward into cleared gradients (fused: the library's weight gradients)
+            emit(part="layer", shape=name, impl=suffixed(label, "fresh .grad"), dgrad_h=variant, tokens=T,
+                 **timings(block, x, fwd_flops, fresh=True))
             if impl == "fused":
                 # the same without the gradient-accumulation fusion: how much of the figure above it is
                 drop_grads(block, x)
                 fm.set_grad_accumulation_fusion(False)
                 try:
-                    emit(part="layer", shape=name, impl=f"{label[:-1]}, grad += dW]", dgrad_h=variant, tokens=T,
+                    emit(part="layer", shape=name, impl=suffixed(label, "grad += dW"), dgrad_h=variant, tokens=T,
                          **timings(block, x, fwd_flops))
                 finally:
                     fm.set_grad_accumulation_fusion(True)

@@ -13,6 +13,8 @@ Backward:
                  (`split`) a gathered GEMM into dgu and a pass of its own; or all in the GEMM's epilogue
     wgrad_down   dWd[e] = sum_rows (w dY[tok])^T h          (reduction over the expert's rows; gather fused)
     wgrad_gu     dWgu[e] = sum_rows dgu^T x[tok]
+                 (both: into a fresh gradient on an H100/H200 in bf16, torch._grouped_mm over rows gathered first,
+                 the faster there; added into an existing .grad, our kernels: see WGRAD_BACKENDS)
     dgrad_x      dXs = dgu @ Wgu[e], then dx[t] = sum_j dXs[slot(t, j)] (the combine kernel, fp32, no atomics)
 The [N, H] expert outputs are never stored: the routing-weight gradient <dY_t, y_s> equals <dY_t @ Wd[e], h_s>,
 which dgrad_h has at hand.
@@ -97,6 +99,48 @@ def dgrad_h_variant() -> str:
     if name not in DGRAD_H_VARIANTS:
         raise ValueError(f"MOE_DGRAD_H={name!r} is not one of {DGRAD_H_VARIANTS}")
     return name
+
+
+# The two weight gradients, when they are not added into an existing .grad, are plain grouped GEMMs over the sorted
+# rows (dW[e] = A_e^T B_e); torch._grouped_mm's CUTLASS kernel (warp-specialized, persistent) runs them 25-50% faster
+# on an H200 than our Triton wgrad, gathers included (benchmarks/RESULTS.md, session 18: V2-Lite wgrad_gate_up 2.76
+# -> 1.80 + 0.20 ms). Our kernels keep the accumulating case (they add into .grad in place, which the library cannot),
+# fp32 operands, other GPUs and shapes the library's 16-byte alignment rules out.
+WGRAD_BACKENDS = ("auto", "triton", "grouped_mm")  # auto: grouped_mm where measured (sm_90, bf16), else triton
+_wgrad_override: str | None = None
+
+
+def set_wgrad_backend(name: str | None):
+    """Compute fresh weight gradients with `name` (see WGRAD_BACKENDS) from the next backward on, or follow MOE_WGRAD
+    (None; default "auto"). "grouped_mm" forces torch._grouped_mm wherever torch has it (the CPU tests use it)."""
+    global _wgrad_override
+    if name is not None and name not in WGRAD_BACKENDS:
+        raise ValueError(f"wgrad backend {name!r} is not one of {WGRAD_BACKENDS}")
+    _wgrad_override = name
+
+
+def wgrad_backend() -> str:
+    name = _wgrad_override or os.environ.get("MOE_WGRAD", WGRAD_BACKENDS[0])
+    if name not in WGRAD_BACKENDS:
+        raise ValueError(f"MOE_WGRAD={name!r} is not one of {WGRAD_BACKENDS}")
+    return name
+
+
+def _library_wgrad(*operands: torch.Tensor) -> bool:
+    """Whether a fresh weight gradient of these operands (the sorted rows' [N, M] and [N, N'] matrices and the weight)
+    goes through torch._grouped_mm."""
+    backend, weight = wgrad_backend(), operands[-1]
+    if backend == "triton" or not hasattr(torch, "_grouped_mm") or any(t.dtype != weight.dtype for t in operands):
+        return False  # the library writes the operands' dtype; an fp32 weight's bf16 operands need ours
+    if backend == "grouped_mm":
+        return True
+    return (weight.is_cuda and torch.cuda.get_device_capability(weight.device) == (9, 0)
+            and weight.dtype == torch.bfloat16 and all(t.shape[-1] % 8 == 0 for t in operands))
+
+
+def _grouped_wgrad(a_sorted: torch.Tensor, b_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """dW [E, M, N'] with dW[e] = sum over expert e's rows r of a_r^T b_r (zeros for an expert without rows)."""
+    return torch._grouped_mm(a_sorted.t(), b_sorted, offs=offsets[1:])
 
 
 # ----------------------------------------------------------------------------------------------------------- configs
@@ -579,7 +623,9 @@ def gate_up_backward_impl(dgu, x, gate_up, perm, inv, offsets, top_k, need_x, ne
                     lambda c: _launch_grouped(c, routing, dgu, gate_up, dxs, hidden, two_i, _gate_up_n(gate_up)))
         _launch_combine(dxs, inv, None, dx, top_k)
         del dxs
-    if need_gate_up:
+    if need_gate_up and grad_gate_up is None and _library_wgrad(dgu, x, gate_up):
+        dgate_up = _grouped_wgrad(dgu, x.index_select(0, _sorted_tokens(perm, top_k)), offsets)
+    elif need_gate_up:
         into = grad_gate_up if grad_gate_up is not None else gate_up.new_empty(gate_up.shape)  # the fake's strides
         routing.run("wgrad_gate_up", "wgrad_gate_up",
                     lambda c: _launch_wgrad(c, routing, dgu, x, into, False, True, accumulate=grad_gate_up is not None),
@@ -634,7 +680,12 @@ def down_backward_impl(grad_out, gu, h, down, top_k_weights, perm, inv, offsets,
         if need_weights:
             dw_sorted = partial[dgrad_h_partials(config, inter)].sum(0)
             dweights = dw_sorted.index_select(0, inv).view_as(top_k_weights).to(top_k_weights.dtype)
-    if need_down:  # dWd[e] [H, I] = sum_r (w_r dY[tok_r])^T h_r
+    if need_down and grad_down is None and _library_wgrad(grad_out, wgrad_b, down):
+        dy_sorted = grad_out.index_select(0, _sorted_tokens(perm, top_k))
+        if not store_wh:
+            dy_sorted.mul_(weights.index_select(0, perm).unsqueeze(1).to(dy_sorted.dtype))
+        ddown = _grouped_wgrad(dy_sorted, wgrad_b, offsets)
+    elif need_down:  # dWd[e] [H, I] = sum_r (w_r dY[tok_r])^T h_r
         into = grad_down if grad_down is not None else down.new_empty(down.shape)  # the fake's strides
         scale = None if store_wh else weights
         routing.run(f"wgrad_down/{variant}", "wgrad_down",
@@ -642,6 +693,11 @@ def down_backward_impl(grad_out, gu, h, down, top_k_weights, perm, inv, offsets,
                                             accumulate=grad_down is not None), tune=grad_down is None)
         ddown = into if grad_down is None else None
     return dgu if need_gu else None, ddown, dweights
+
+
+def _sorted_tokens(perm: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The token of each sorted row (perm holds slots, token * top_k + j)."""
+    return torch.div(perm, top_k, rounding_mode="floor")
 
 
 def _zero_grad(weight, needed, accumulate_into):
@@ -922,4 +978,5 @@ def register(name: str = "fused") -> bool:
 
 __all__ = ["fused_moe", "fused_experts_forward", "register", "preferred_by_default", "KernelConfig", "config_override",
            "set_autotune", "autotune_enabled", "clear_config_cache", "use_triton", "build_routing", "tile_schedule",
-           "TUNING_LOG", "DGRAD_H_VARIANTS", "set_dgrad_h_variant", "dgrad_h_variant", "set_grad_accumulation_fusion"]
+           "TUNING_LOG", "DGRAD_H_VARIANTS", "set_dgrad_h_variant", "dgrad_h_variant", "set_grad_accumulation_fusion",
+           "WGRAD_BACKENDS", "set_wgrad_backend", "wgrad_backend"]
