@@ -270,12 +270,13 @@ def _dgrad_h_kernel(
 
 @triton.jit
 def _swiglu_backward_kernel(
-    dgu_ptr, gu_ptr, h_ptr, topk_w_ptr, perm_ptr, dw_ptr, N, I,
-    stride_dgm, stride_dgn, stride_gm, stride_gn, stride_hm, stride_hn,
+    da_ptr, dgu_ptr, gu_ptr, h_ptr, topk_w_ptr, perm_ptr, dw_ptr, N, I,
+    stride_dam, stride_dan, stride_dgm, stride_dgn, stride_gm, stride_gn, stride_hm, stride_hn,
     STORE_WH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
-    """`_dgrad_h_kernel`'s epilogue as a pass of its own, after a plain GEMM wrote dA = dY[tok] @ Wd[e] into dgu's
-    gate half (each element is read before its own position is overwritten). Per sorted row r, over all I columns:
+    """`_dgrad_h_kernel`'s epilogue as a pass of its own, after a plain GEMM wrote dA = dY[tok] @ Wd[e] into da: dgu's
+    gate half (each element is read before its own position is overwritten) or a tensor of its own. Per sorted row r,
+    over all I columns:
     dw[r] = sum_n dA[r, n] h[r, n] (whole rows: one partial), and dgate, dup from dh = w[r] dA; STORE_WH as there."""
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < N
@@ -287,9 +288,10 @@ def _swiglu_backward_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_I)
         mask = mask_r[:, None] & (offs_n[None, :] < I)
         dgu_ptrs = dgu_ptr + rows[:, None] * stride_dgm + offs_n[None, :] * stride_dgn
+        da_ptrs = da_ptr + rows[:, None] * stride_dam + offs_n[None, :] * stride_dan
         g_ptrs = gu_ptr + rows[:, None] * stride_gm + offs_n[None, :] * stride_gn
         h_ptrs = h_ptr + rows[:, None] * stride_hm + offs_n[None, :] * stride_hn
-        da = tl.load(dgu_ptrs, mask=mask, other=0.0).to(tl.float32)
+        da = tl.load(da_ptrs, mask=mask, other=0.0).to(tl.float32)
         gate = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(g_ptrs + I * stride_gn, mask=mask, other=0.0).to(tl.float32)
         sig = tl.sigmoid(gate)

@@ -14,7 +14,8 @@ Backward:
     wgrad_down   dWd[e] = sum_rows (w dY[tok])^T h          (reduction over the expert's rows; gather fused)
     wgrad_gu     dWgu[e] = sum_rows dgu^T x[tok]
                  (both: into a fresh gradient on an H100/H200 in bf16, torch._grouped_mm over rows gathered first,
-                 the faster there; added into an existing .grad, our kernels: see WGRAD_BACKENDS)
+                 the faster there, as dgrad_x and dgrad_h's GEMM; added into an existing .grad, our kernels: see
+                 BACKWARD_GEMM_BACKENDS)
     dgrad_x      dXs = dgu @ Wgu[e], then dx[t] = sum_j dXs[slot(t, j)] (the combine kernel, fp32, no atomics)
 The [N, H] expert outputs are never stored: the routing-weight gradient <dY_t, y_s> equals <dY_t @ Wd[e], h_s>,
 which dgrad_h has at hand.
@@ -101,35 +102,38 @@ def dgrad_h_variant() -> str:
     return name
 
 
-# The two weight gradients, when they are not added into an existing .grad, are plain grouped GEMMs over the sorted
-# rows (dW[e] = A_e^T B_e); torch._grouped_mm's CUTLASS kernel (warp-specialized, persistent) runs them 25-50% faster
-# on an H200 than our Triton wgrad, gathers included (benchmarks/RESULTS.md, session 18: V2-Lite wgrad_gate_up 2.76
-# -> 1.80 + 0.20 ms). Our kernels keep the accumulating case (they add into .grad in place, which the library cannot),
-# fp32 operands, other GPUs and shapes the library's 16-byte alignment rules out.
-WGRAD_BACKENDS = ("auto", "triton", "grouped_mm")  # auto: grouped_mm where measured (sm_90, bf16), else triton
-_wgrad_override: str | None = None
+# The backward's plain grouped GEMMs: dgrad_x (dXs = dgu @ Wgu[e]), dgrad_h's dA = dY[tok] @ Wd[e] (the SwiGLU
+# backward then a pass of its own) and the two weight gradients when they are not added into an existing .grad
+# (dW[e] = A_e^T B_e over the expert's sorted rows). On an H200 torch._grouped_mm's CUTLASS kernels (warp-specialized,
+# persistent) run the weight gradients 25-50% faster than our Triton wgrad, gathers included, and dgrad_x, dA a few
+# percent faster (benchmarks/RESULTS.md, session 18: V2-Lite wgrad_gate_up 2.76 -> 1.80 + 0.20 ms). Our kernels keep
+# what the library cannot do: adding into .grad in place, the forward's fused gather and SwiGLU; and fp32 operands,
+# other GPUs, shapes its 16-byte alignment rules out.
+BACKWARD_GEMM_BACKENDS = ("auto", "triton", "grouped_mm")  # auto: grouped_mm where measured (sm_90, bf16), else triton
+_backward_gemm_override: str | None = None
 
 
-def set_wgrad_backend(name: str | None):
-    """Compute fresh weight gradients with `name` (see WGRAD_BACKENDS) from the next backward on, or follow MOE_WGRAD
-    (None; default "auto"). "grouped_mm" forces torch._grouped_mm wherever torch has it (the CPU tests use it)."""
-    global _wgrad_override
-    if name is not None and name not in WGRAD_BACKENDS:
-        raise ValueError(f"wgrad backend {name!r} is not one of {WGRAD_BACKENDS}")
-    _wgrad_override = name
+def set_backward_gemm_backend(name: str | None):
+    """Run the backward's plain grouped GEMMs with `name` (see BACKWARD_GEMM_BACKENDS) from the next backward on, or
+    follow MOE_BACKWARD_GEMM (None; default "auto"). "grouped_mm" forces torch._grouped_mm wherever torch has it
+    (the CPU tests use it)."""
+    global _backward_gemm_override
+    if name is not None and name not in BACKWARD_GEMM_BACKENDS:
+        raise ValueError(f"backward GEMM backend {name!r} is not one of {BACKWARD_GEMM_BACKENDS}")
+    _backward_gemm_override = name
 
 
-def wgrad_backend() -> str:
-    name = _wgrad_override or os.environ.get("MOE_WGRAD", WGRAD_BACKENDS[0])
-    if name not in WGRAD_BACKENDS:
-        raise ValueError(f"MOE_WGRAD={name!r} is not one of {WGRAD_BACKENDS}")
+def backward_gemm_backend() -> str:
+    name = _backward_gemm_override or os.environ.get("MOE_BACKWARD_GEMM", BACKWARD_GEMM_BACKENDS[0])
+    if name not in BACKWARD_GEMM_BACKENDS:
+        raise ValueError(f"MOE_BACKWARD_GEMM={name!r} is not one of {BACKWARD_GEMM_BACKENDS}")
     return name
 
 
-def _library_wgrad(*operands: torch.Tensor) -> bool:
-    """Whether a fresh weight gradient of these operands (the sorted rows' [N, M] and [N, N'] matrices and the weight)
-    goes through torch._grouped_mm."""
-    backend, weight = wgrad_backend(), operands[-1]
+def _library_gemm(*operands: torch.Tensor) -> bool:
+    """Whether a backward GEMM over these operands (activation rows and the expert weight, last) goes through
+    torch._grouped_mm."""
+    backend, weight = backward_gemm_backend(), operands[-1]
     if backend == "triton" or not hasattr(torch, "_grouped_mm") or any(t.dtype != weight.dtype for t in operands):
         return False  # the library writes the operands' dtype; an fp32 weight's bf16 operands need ours
     if backend == "grouped_mm":
@@ -489,13 +493,7 @@ def _launch_dgrad_h(config, routing, grad_out, down, dgu, gu, h, weights, dw, st
     inter, hidden = routing.inter, routing.hidden
     if config.split:
         _launch_grouped(config, routing, grad_out, down, dgu, inter, hidden, _down_n(down), gather_a=True)
-        cfg = SWIGLU_BACKWARD_GPU if dgu.is_cuda else SWIGLU_BACKWARD_CPU
-        rows = routing.num_rows
-        _k()._swiglu_backward_kernel[(triton_cdiv(rows, cfg["BLOCK_R"]),)](
-            dgu, gu, h, weights, routing.perm, dw, rows, inter,
-            dgu.stride(0), dgu.stride(1), gu.stride(0), gu.stride(1), h.stride(0), h.stride(1),
-            STORE_WH=store_wh, **cfg,
-        )
+        _launch_swiglu_backward(dgu[:, :inter], dgu, gu, h, weights, routing.perm, dw, store_wh)
         return
     grid, tiles, max_tiles = _row_tiles(config, routing, inter)
     desc = _weight_desc(config, down, b_kn=True)  # B[e][k in H, n in I] = down[e, k, n]
@@ -506,6 +504,18 @@ def _launch_dgrad_h(config, routing, grad_out, down, dgu, gu, h, weights, dw, st
         dgu.stride(0), dgu.stride(1), gu.stride(0), gu.stride(1), h.stride(0), h.stride(1), dw.stride(0),
         EVEN_K=hidden % config.block_k == 0, EVEN_N=inter % config.block_n == 0, STORE_WH=store_wh,
         WEIGHT_TMA=desc is not None, DOT_PREC=_dot_precision(grad_out.dtype), **config.launch_kwargs(),
+    )
+
+
+def _launch_swiglu_backward(da, dgu, gu, h, weights, perm, dw, store_wh):
+    """dgu from dA (= dY[tok] @ Wd[e], sorted rows; may be dgu's own gate half) and gu; dw [1, N] each row's whole
+    routing-weight gradient; h receives w*h (store_wh) or is the saved activation, read."""
+    cfg = SWIGLU_BACKWARD_GPU if dgu.is_cuda else SWIGLU_BACKWARD_CPU
+    rows, inter = da.shape
+    _k()._swiglu_backward_kernel[(triton_cdiv(rows, cfg["BLOCK_R"]),)](
+        da, dgu, gu, h, weights, perm, dw, rows, inter, da.stride(0), da.stride(1),
+        dgu.stride(0), dgu.stride(1), gu.stride(0), gu.stride(1), h.stride(0), h.stride(1),
+        STORE_WH=store_wh, **cfg,
     )
 
 
@@ -618,12 +628,15 @@ def gate_up_backward_impl(dgu, x, gate_up, perm, inv, offsets, top_k, need_x, ne
     dx = dgate_up = None
     if need_x:  # first, so that the [N, H] dXs is freed before dW_gate_up exists
         dx = torch.empty_like(x)
-        dxs = x.new_empty(perm.numel(), hidden)
-        routing.run("dgrad_x", "dgrad_x",
-                    lambda c: _launch_grouped(c, routing, dgu, gate_up, dxs, hidden, two_i, _gate_up_n(gate_up)))
+        if _library_gemm(dgu, x, gate_up):
+            dxs = torch._grouped_mm(dgu, gate_up, offs=offsets[1:])
+        else:
+            dxs = x.new_empty(perm.numel(), hidden)
+            routing.run("dgrad_x", "dgrad_x",
+                        lambda c: _launch_grouped(c, routing, dgu, gate_up, dxs, hidden, two_i, _gate_up_n(gate_up)))
         _launch_combine(dxs, inv, None, dx, top_k)
         del dxs
-    if need_gate_up and grad_gate_up is None and _library_wgrad(dgu, x, gate_up):
+    if need_gate_up and grad_gate_up is None and _library_gemm(dgu, x, gate_up):
         dgate_up = _grouped_wgrad(dgu, x.index_select(0, _sorted_tokens(perm, top_k)), offsets)
     elif need_gate_up:
         into = grad_gate_up if grad_gate_up is not None else gate_up.new_empty(gate_up.shape)  # the fake's strides
@@ -666,22 +679,19 @@ def down_backward_impl(grad_out, gu, h, down, top_k_weights, perm, inv, offsets,
     routing = Routing(perm, inv, offsets, top_k, hidden, inter, gu.dtype)
     wgrad_b = gu.new_empty(num_rows, inter) if store_wh else h  # w * h (written by dgrad_h) or the saved h
     dgu = dweights = ddown = None
+    library = _library_gemm(grad_out, wgrad_b, down)
+    dy_sorted = grad_out.index_select(0, _sorted_tokens(perm, top_k)) if library else None
     if need_gu or need_weights or (need_down and store_wh):
         dgu = torch.empty_like(gu)
-        partial = {}
-
-        def dgrad_h(c):
-            rows = dgrad_h_partials(c, inter)
-            if rows not in partial:
-                partial[rows] = torch.empty(rows, num_rows, dtype=torch.float32, device=gu.device)
-            _launch_dgrad_h(c, routing, grad_out, down, dgu, gu, wgrad_b, weights, partial[rows], store_wh)
-
-        config = routing.run(f"dgrad_h/{variant}", "dgrad_h", dgrad_h)
+        if library:
+            dw = torch.empty(1, num_rows, dtype=torch.float32, device=gu.device)
+            _launch_swiglu_backward(torch._grouped_mm(dy_sorted, down, offs=offsets[1:]), dgu, gu, wgrad_b, weights,
+                                    perm, dw, store_wh)
+        else:
+            dw = _run_dgrad_h(routing, variant, grad_out, down, dgu, gu, wgrad_b, weights, store_wh)
         if need_weights:
-            dw_sorted = partial[dgrad_h_partials(config, inter)].sum(0)
-            dweights = dw_sorted.index_select(0, inv).view_as(top_k_weights).to(top_k_weights.dtype)
-    if need_down and grad_down is None and _library_wgrad(grad_out, wgrad_b, down):
-        dy_sorted = grad_out.index_select(0, _sorted_tokens(perm, top_k))
+            dweights = dw.sum(0).index_select(0, inv).view_as(top_k_weights).to(top_k_weights.dtype)
+    if need_down and grad_down is None and library:
         if not store_wh:
             dy_sorted.mul_(weights.index_select(0, perm).unsqueeze(1).to(dy_sorted.dtype))
         ddown = _grouped_wgrad(dy_sorted, wgrad_b, offsets)
@@ -693,6 +703,21 @@ def down_backward_impl(grad_out, gu, h, down, top_k_weights, perm, inv, offsets,
                                             accumulate=grad_down is not None), tune=grad_down is None)
         ddown = into if grad_down is None else None
     return dgu if need_gu else None, ddown, dweights
+
+
+def _run_dgrad_h(routing, variant, grad_out, down, dgu, gu, h, weights, store_wh) -> torch.Tensor:
+    """Our dgrad_h with the config chosen for `variant`: dgu, and the partial routing-weight gradients [P, N] of the
+    sorted rows (summed over P, each row's)."""
+    partial = {}
+
+    def launch(config):
+        rows = dgrad_h_partials(config, routing.inter)
+        if rows not in partial:
+            partial[rows] = torch.empty(rows, routing.num_rows, dtype=torch.float32, device=gu.device)
+        _launch_dgrad_h(config, routing, grad_out, down, dgu, gu, h, weights, partial[rows], store_wh)
+
+    config = routing.run(f"dgrad_h/{variant}", "dgrad_h", launch)
+    return partial[dgrad_h_partials(config, routing.inter)]
 
 
 def _sorted_tokens(perm: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -979,4 +1004,4 @@ def register(name: str = "fused") -> bool:
 __all__ = ["fused_moe", "fused_experts_forward", "register", "preferred_by_default", "KernelConfig", "config_override",
            "set_autotune", "autotune_enabled", "clear_config_cache", "use_triton", "build_routing", "tile_schedule",
            "TUNING_LOG", "DGRAD_H_VARIANTS", "set_dgrad_h_variant", "dgrad_h_variant", "set_grad_accumulation_fusion",
-           "WGRAD_BACKENDS", "set_wgrad_backend", "wgrad_backend"]
+           "BACKWARD_GEMM_BACKENDS", "set_backward_gemm_backend", "backward_gemm_backend"]

@@ -162,71 +162,73 @@ def test_fused_matches_float64_reference(triton_path, dgrad_h, name):
 @pytest.fixture
 def library_wgrad():
     """Fresh weight gradients through torch._grouped_mm (forced: on the CPU too, in any dtype it takes)."""
-    from modeling_moe.kernels.fused_moe_ops import set_wgrad_backend
+    from modeling_moe.kernels.fused_moe_ops import set_backward_gemm_backend
 
     if not hasattr(torch, "_grouped_mm"):
         pytest.skip("this torch has no _grouped_mm")
-    set_wgrad_backend("grouped_mm")
+    set_backward_gemm_backend("grouped_mm")
     yield
-    set_wgrad_backend(None)
+    set_backward_gemm_backend(None)
 
 
 @needs_triton
 @pytest.mark.parametrize("name", ["experts_without_tokens", "all_tokens_on_one_expert", "uneven_sizes", "one_token"])
 def test_weight_gradients_through_torch_grouped_mm(triton_path, dgrad_h, library_wgrad, monkeypatch, name):
-    """The library path of both weight gradients (rows gathered, then torch._grouped_mm over the sorted rows; under
-    scale_in_wgrad the dY rows scaled by the routing weights first) against float64; it runs once per weight."""
+    """The library path of the backward (rows gathered, then torch._grouped_mm over the sorted rows: dgrad_x, dgrad_h's
+    dA before the SwiGLU-backward pass, both weight gradients, under scale_in_wgrad the dY rows scaled by the routing
+    weights first) against float64; four library GEMMs."""
     calls = []
     grouped_mm = torch._grouped_mm
     monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or grouped_mm(*a, **k))
     tokens, hidden, inter, experts, top_k, routing = CASES[name]
     case = make_case(tokens, hidden, inter, experts, top_k, routing, seed=len(name) + 7, device=triton_path)
     check_against_reference(case, tolerance=1e-5)
-    assert len(calls) == 2
+    assert len(calls) == 4
 
 
 @needs_triton
 def test_library_weight_gradients_only_where_they_are_fresh(triton_path, library_wgrad, monkeypatch):
-    """Adding into an existing .grad stays with our kernels (they add in place); the first backward goes through the
-    library, the second adds into what it wrote; and "auto" keeps fp32 and CPU tensors on our kernels."""
+    """Adding into an existing .grad stays with our kernels (they add in place): the first backward's weight
+    gradients go through the library, the second's add into what it wrote (its dgrad_x and dA GEMMs still through the
+    library); and "auto" keeps fp32 and CPU tensors on our kernels."""
     from modeling_moe.kernels import fused_moe_ops as fm
 
     calls = []
     grouped_mm = torch._grouped_mm
     monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or grouped_mm(*a, **k))
     x, gate_up, down, index, weights = make_case(20, 48, 40, 6, 2, seed=5, device=triton_path)
-    gate_up.requires_grad_(True)
-    down.requires_grad_(True)
+    for tensor in (x, gate_up, down):
+        tensor.requires_grad_(True)
     grads = []
     for _ in range(2):
         fused_moe(x, gate_up, down, index, weights).square().sum().backward()
         grads.append((gate_up.grad.clone(), down.grad.clone()))
-    assert len(calls) == 2  # both in the first backward, none in the second
+    assert len(calls) == 4 + 2  # dgrad_x, dA and both weight gradients, then dgrad_x and dA
     torch.testing.assert_close(grads[1][0], 2 * grads[0][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads[1][1], 2 * grads[0][1], rtol=1e-5, atol=1e-6)
-    fm.set_wgrad_backend("auto")
+    fm.set_backward_gemm_backend("auto")
     fp32 = torch.zeros(2, 8, device=triton_path)
-    assert not fm._library_wgrad(fp32, fp32, fp32.new_zeros(1, 8, 8))
-    assert not fm._library_wgrad(fp32.bfloat16(), fp32, fp32.new_zeros(1, 8, 8))
+    assert not fm._library_gemm(fp32, fp32, fp32.new_zeros(1, 8, 8))
+    assert not fm._library_gemm(fp32.bfloat16(), fp32, fp32.new_zeros(1, 8, 8))
 
 
-def test_wgrad_backend_setting(monkeypatch):
-    from modeling_moe.kernels.fused_moe_ops import set_wgrad_backend, wgrad_backend
+def test_backward_gemm_backend_setting(monkeypatch):
+    from modeling_moe.kernels.fused_moe_ops import set_backward_gemm_backend, backward_gemm_backend
 
-    monkeypatch.delenv("MOE_WGRAD", raising=False)
-    assert wgrad_backend() == "auto"
-    monkeypatch.setenv("MOE_WGRAD", "triton")
-    assert wgrad_backend() == "triton"
-    set_wgrad_backend("grouped_mm")  # the setting wins over the environment
+    monkeypatch.delenv("MOE_BACKWARD_GEMM", raising=False)
+    assert backward_gemm_backend() == "auto"
+    monkeypatch.setenv("MOE_BACKWARD_GEMM", "triton")
+    assert backward_gemm_backend() == "triton"
+    set_backward_gemm_backend("grouped_mm")  # the setting wins over the environment
     try:
-        assert wgrad_backend() == "grouped_mm"
+        assert backward_gemm_backend() == "grouped_mm"
         with pytest.raises(ValueError, match="cutlass"):
-            set_wgrad_backend("cutlass")
+            set_backward_gemm_backend("cutlass")
     finally:
-        set_wgrad_backend(None)
-    monkeypatch.setenv("MOE_WGRAD", "cutlass")
-    with pytest.raises(ValueError, match="MOE_WGRAD"):
-        wgrad_backend()
+        set_backward_gemm_backend(None)
+    monkeypatch.setenv("MOE_BACKWARD_GEMM", "cutlass")
+    with pytest.raises(ValueError, match="MOE_BACKWARD_GEMM"):
+        backward_gemm_backend()
 
 
 def poison(tensor: torch.Tensor) -> torch.Tensor:
@@ -1111,7 +1113,7 @@ GPU_CASES = {
 def test_gpu_bf16_matches_float64_reference(triton_path, dgrad_h, monkeypatch, name, wgrad):
     """bf16 on the GPU, the fresh weight gradients through torch._grouped_mm on an H100/H200 ("auto") and through our
     kernels; the library must give experts without rows zero gradients."""
-    monkeypatch.setenv("MOE_WGRAD", wgrad)
+    monkeypatch.setenv("MOE_BACKWARD_GEMM", wgrad)
     tokens, hidden, inter, experts, top_k, routing = GPU_CASES[name]
     case = make_case(tokens, hidden, inter, experts, top_k, routing, seed=len(name), device="cuda",
                      dtype=torch.bfloat16)
