@@ -83,23 +83,36 @@ def use_triton(tensor: torch.Tensor) -> bool:
     return dispatch.use_triton(tensor, HAS_TRITON, "MOE_FUSED_REFERENCE")
 
 
-DGRAD_H_VARIANTS = ("store_wh", "scale_in_wgrad")  # the first is the default
-_dgrad_h_override: str | None = None
+class _Choice:
+    """A setting among fixed names: the first is the default, an environment variable overrides it, and a value set
+    in code overrides both (None: follow the environment again). Read when a kernel runs."""
+
+    def __init__(self, env_var: str, names: tuple, what: str):
+        self.env_var, self.names, self.what, self.override = env_var, names, what, None
+
+    def set(self, name: str | None):
+        if name is not None and name not in self.names:
+            raise ValueError(f"{self.what} {name!r} is not one of {self.names}")
+        self.override = name
+
+    def get(self) -> str:
+        name = self.override or os.environ.get(self.env_var, self.names[0])
+        if name not in self.names:
+            raise ValueError(f"{self.env_var}={name!r} is not one of {self.names}")
+        return name
+
+
+DGRAD_H_VARIANTS = ("store_wh", "scale_in_wgrad")
+_dgrad_h = _Choice("MOE_DGRAD_H", DGRAD_H_VARIANTS, "dgrad_h variant")
 
 
 def set_dgrad_h_variant(name: str | None):
     """Use one dgrad_h variant (see the module docstring) from the next forward on, or follow MOE_DGRAD_H (None)."""
-    global _dgrad_h_override
-    if name is not None and name not in DGRAD_H_VARIANTS:
-        raise ValueError(f"dgrad_h variant {name!r} is not one of {DGRAD_H_VARIANTS}")
-    _dgrad_h_override = name
+    _dgrad_h.set(name)
 
 
 def dgrad_h_variant() -> str:
-    name = _dgrad_h_override or os.environ.get("MOE_DGRAD_H", DGRAD_H_VARIANTS[0])
-    if name not in DGRAD_H_VARIANTS:
-        raise ValueError(f"MOE_DGRAD_H={name!r} is not one of {DGRAD_H_VARIANTS}")
-    return name
+    return _dgrad_h.get()
 
 
 # The backward's plain grouped GEMMs: dgrad_x (dXs = dgu @ Wgu[e]), dgrad_h's dA = dY[tok] @ Wd[e] (the SwiGLU
@@ -110,24 +123,18 @@ def dgrad_h_variant() -> str:
 # what the library cannot do: adding into .grad in place, the forward's fused gather and SwiGLU; and fp32 operands,
 # other GPUs, shapes its 16-byte alignment rules out.
 BACKWARD_GEMM_BACKENDS = ("auto", "triton", "grouped_mm")  # auto: grouped_mm where measured (sm_90, bf16), else triton
-_backward_gemm_override: str | None = None
+_backward_gemm = _Choice("MOE_BACKWARD_GEMM", BACKWARD_GEMM_BACKENDS, "backward GEMM backend")
 
 
 def set_backward_gemm_backend(name: str | None):
     """Run the backward's plain grouped GEMMs with `name` (see BACKWARD_GEMM_BACKENDS) from the next backward on, or
     follow MOE_BACKWARD_GEMM (None; default "auto"). "grouped_mm" forces torch._grouped_mm wherever torch has it
     (the CPU tests use it)."""
-    global _backward_gemm_override
-    if name is not None and name not in BACKWARD_GEMM_BACKENDS:
-        raise ValueError(f"backward GEMM backend {name!r} is not one of {BACKWARD_GEMM_BACKENDS}")
-    _backward_gemm_override = name
+    _backward_gemm.set(name)
 
 
 def backward_gemm_backend() -> str:
-    name = _backward_gemm_override or os.environ.get("MOE_BACKWARD_GEMM", BACKWARD_GEMM_BACKENDS[0])
-    if name not in BACKWARD_GEMM_BACKENDS:
-        raise ValueError(f"MOE_BACKWARD_GEMM={name!r} is not one of {BACKWARD_GEMM_BACKENDS}")
-    return name
+    return _backward_gemm.get()
 
 
 def _library_gemm(*operands: torch.Tensor) -> bool:

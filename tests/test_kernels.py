@@ -31,7 +31,13 @@ except ImportError:  # a checkout that is not pip-installed: kernels/ sits at th
     _spec.loader.exec_module(modeling_moe.kernels)
 
 from modeling_moe.kernels import KernelConfig, config_override, fused_moe, moe_experts_reference, set_autotune
-from modeling_moe.kernels.fused_moe_ops import DGRAD_H_VARIANTS, dgrad_h_variant, set_dgrad_h_variant
+from modeling_moe.kernels.fused_moe_ops import (
+    DGRAD_H_VARIANTS,
+    backward_gemm_backend,
+    dgrad_h_variant,
+    set_backward_gemm_backend,
+    set_dgrad_h_variant,
+)
 from modeling_moe.kernels.reference import down_and_combine, sorted_pre_activations
 
 from .conftest import route_jit_calls_to_interpreter
@@ -162,8 +168,6 @@ def test_fused_matches_float64_reference(triton_path, dgrad_h, name):
 @pytest.fixture
 def library_wgrad():
     """Fresh weight gradients through torch._grouped_mm (forced: on the CPU too, in any dtype it takes)."""
-    from modeling_moe.kernels.fused_moe_ops import set_backward_gemm_backend
-
     if not hasattr(torch, "_grouped_mm"):
         pytest.skip("this torch has no _grouped_mm")
     set_backward_gemm_backend("grouped_mm")
@@ -206,29 +210,10 @@ def test_library_weight_gradients_only_where_they_are_fresh(triton_path, library
     assert len(calls) == 4 + 2  # dgrad_x, dA and both weight gradients, then dgrad_x and dA
     torch.testing.assert_close(grads[1][0], 2 * grads[0][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads[1][1], 2 * grads[0][1], rtol=1e-5, atol=1e-6)
-    fm.set_backward_gemm_backend("auto")
+    set_backward_gemm_backend("auto")
     fp32 = torch.zeros(2, 8, device=triton_path)
     assert not fm._library_gemm(fp32, fp32, fp32.new_zeros(1, 8, 8))
     assert not fm._library_gemm(fp32.bfloat16(), fp32, fp32.new_zeros(1, 8, 8))
-
-
-def test_backward_gemm_backend_setting(monkeypatch):
-    from modeling_moe.kernels.fused_moe_ops import set_backward_gemm_backend, backward_gemm_backend
-
-    monkeypatch.delenv("MOE_BACKWARD_GEMM", raising=False)
-    assert backward_gemm_backend() == "auto"
-    monkeypatch.setenv("MOE_BACKWARD_GEMM", "triton")
-    assert backward_gemm_backend() == "triton"
-    set_backward_gemm_backend("grouped_mm")  # the setting wins over the environment
-    try:
-        assert backward_gemm_backend() == "grouped_mm"
-        with pytest.raises(ValueError, match="cutlass"):
-            set_backward_gemm_backend("cutlass")
-    finally:
-        set_backward_gemm_backend(None)
-    monkeypatch.setenv("MOE_BACKWARD_GEMM", "cutlass")
-    with pytest.raises(ValueError, match="MOE_BACKWARD_GEMM"):
-        backward_gemm_backend()
 
 
 def poison(tensor: torch.Tensor) -> torch.Tensor:
@@ -844,21 +829,26 @@ def test_down_gradient_is_accumulated_before_gate_up_gradient_exists(triton_path
     assert events == ["down", "gate_up backward", "gate_up"]
 
 
-def test_dgrad_h_variant_setting(monkeypatch):
-    monkeypatch.delenv("MOE_DGRAD_H", raising=False)
-    assert dgrad_h_variant() == "store_wh"
-    monkeypatch.setenv("MOE_DGRAD_H", "scale_in_wgrad")
-    assert dgrad_h_variant() == "scale_in_wgrad"
-    set_dgrad_h_variant("store_wh")  # the setting wins over the environment
+@pytest.mark.parametrize("env_var, default, other, setter, getter", [
+    ("MOE_DGRAD_H", "store_wh", "scale_in_wgrad", set_dgrad_h_variant, dgrad_h_variant),
+    ("MOE_BACKWARD_GEMM", "auto", "triton", set_backward_gemm_backend, backward_gemm_backend),
+], ids=["dgrad_h_variant", "backward_gemm_backend"])
+def test_kernel_settings(monkeypatch, env_var, default, other, setter, getter):
+    """The default, the environment variable over it, a value set in code over both; unknown names refused."""
+    monkeypatch.delenv(env_var, raising=False)
+    assert getter() == default
+    monkeypatch.setenv(env_var, other)
+    assert getter() == other
+    setter(default)
     try:
-        assert dgrad_h_variant() == "store_wh"
-        with pytest.raises(ValueError):
-            set_dgrad_h_variant("store_h")
+        assert getter() == default
+        with pytest.raises(ValueError, match="'bogus' is not one of"):
+            setter("bogus")
     finally:
-        set_dgrad_h_variant(None)
-    monkeypatch.setenv("MOE_DGRAD_H", "store_h")
-    with pytest.raises(ValueError):
-        dgrad_h_variant()
+        setter(None)
+    monkeypatch.setenv(env_var, "bogus")
+    with pytest.raises(ValueError, match=env_var):
+        getter()
 
 
 @needs_triton
