@@ -1060,11 +1060,21 @@ def test_model_loss_and_gradients_fused_equal_eager(triton_path):
         torch.testing.assert_close(param.grad, grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_fused_training_step_compiles_as_one_graph(triton_path):
-    """torch.compile(fullgraph=True) of a training step on the fused path (custom ops with fake implementations)."""
+@pytest.mark.parametrize("backward_gemm", ["auto", "grouped_mm"])
+def test_fused_training_step_compiles_as_one_graph(triton_path, monkeypatch, backward_gemm):
+    """torch.compile(fullgraph=True) of a training step on the fused path (custom ops with fake implementations),
+    the backward's GEMMs through our kernels where "auto" keeps them, and through torch._grouped_mm."""
+    if backward_gemm == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no _grouped_mm")
+    monkeypatch.setenv("MOE_BACKWARD_GEMM", backward_gemm)
+    calls = []
+    if backward_gemm == "grouped_mm":
+        grouped_mm = torch._grouped_mm
+        monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or grouped_mm(*a, **k))
     eager, fused = model_pair(small_config(num_hidden_layers=2, num_nextn_predict_layers=1))
     ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(0)).to(triton_path)
     assert_compiled_training_step_matches(eager.to(triton_path).train(), fused.to(triton_path).train(), ids)
+    assert bool(calls) == (backward_gemm == "grouped_mm")
 
 
 @needs_triton
