@@ -245,27 +245,31 @@ def _dgrad_h_kernel(
     mask = mask_m[:, None] & (offs_n[None, :] < I)
     g_ptrs = gu_ptr + rows[:, None] * stride_gm + offs_n[None, :] * stride_gn
     h_ptrs = h_ptr + rows[:, None] * stride_hm + offs_n[None, :] * stride_hn
-    # The epilogue keeps few fp32 tiles live at once (it spilled at 128x128 with the accumulator, gate, up, h,
-    # sigmoid, silu and dh all live): the loaded tiles stay bf16 until used, and silu' is one tile, not two.
-    gate = tl.load(g_ptrs, mask=mask, other=0.0)
-    up = tl.load(g_ptrs + I * stride_gn, mask=mask, other=0.0)
+    dgu_ptrs = dgu_ptr + rows[:, None] * stride_dgm + offs_n[None, :] * stride_dgn
+    gate = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(g_ptrs + I * stride_gn, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(topk_w_ptr + slot, mask=mask_m, other=0.0).to(tl.float32)
+    dw = _swiglu_backward_tile(acc, gate, up, w, h_ptrs, dgu_ptrs, dgu_ptrs + I * stride_dgn, mask, STORE_WH)
+    tl.store(dw_ptr + pid_n * stride_dw + rows, dw, mask=mask_m)
+
+
+@triton.jit
+def _swiglu_backward_tile(da, gate, up, w, h_ptrs, dgate_ptrs, dup_ptrs, mask, STORE_WH: tl.constexpr):
+    """The SwiGLU backward of one tile (da = dL/dh unscaled, gate, up in fp32; w the rows' routing weights): dh = w da,
+    dgate = dh up silu'(gate) and dup = dh silu(gate) stored; STORE_WH: h = silu(gate) up recomputed and w h stored
+    at h_ptrs, else h loaded from there. Returns the rows' sums of da h (their routing-weight gradients)."""
+    sig = tl.sigmoid(gate)
+    silu = gate * sig
     if STORE_WH:
-        sig = tl.sigmoid(gate.to(tl.float32))
-        silu = gate.to(tl.float32) * sig
-        h = (silu * up.to(tl.float32)).to(h_ptr.dtype.element_ty)  # the h GEMM2 consumed, up to rounding
+        h = (silu * up).to(h_ptrs.dtype.element_ty)  # the h GEMM2 consumed, up to rounding
+        tl.store(h_ptrs, (h.to(tl.float32) * w[:, None]).to(h_ptrs.dtype.element_ty), mask=mask)
     else:
         h = tl.load(h_ptrs, mask=mask, other=0.0)
-    tl.store(dw_ptr + pid_n * stride_dw + rows, tl.sum(acc * h.to(tl.float32), axis=1), mask=mask_m)
-    if STORE_WH:
-        tl.store(h_ptrs, (h.to(tl.float32) * w[:, None]).to(h_ptr.dtype.element_ty), mask=mask)
-    dh = acc * w[:, None]
-    sig = tl.sigmoid(gate.to(tl.float32))
-    silu = gate.to(tl.float32) * sig
-    dgu_ptrs = dgu_ptr + rows[:, None] * stride_dgm + offs_n[None, :] * stride_dgn
-    tl.store(dgu_ptrs + I * stride_dgn, (dh * silu).to(dgu_ptr.dtype.element_ty), mask=mask)
-    dsilu = sig + silu * (1.0 - sig)
-    tl.store(dgu_ptrs, (dh * up.to(tl.float32) * dsilu).to(dgu_ptr.dtype.element_ty), mask=mask)
+    dw = tl.sum(da * h.to(tl.float32), axis=1)
+    dh = da * w[:, None]
+    tl.store(dup_ptrs, (dh * silu).to(dup_ptrs.dtype.element_ty), mask=mask)
+    tl.store(dgate_ptrs, (dh * up * (sig + silu * (1.0 - sig))).to(dgate_ptrs.dtype.element_ty), mask=mask)
+    return dw
 
 
 @triton.jit
@@ -294,17 +298,7 @@ def _swiglu_backward_kernel(
         da = tl.load(da_ptrs, mask=mask, other=0.0).to(tl.float32)
         gate = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(g_ptrs + I * stride_gn, mask=mask, other=0.0).to(tl.float32)
-        sig = tl.sigmoid(gate)
-        silu = gate * sig
-        if STORE_WH:
-            h = (silu * up).to(h_ptr.dtype.element_ty)
-            tl.store(h_ptrs, (h.to(tl.float32) * w[:, None]).to(h_ptr.dtype.element_ty), mask=mask)
-        else:
-            h = tl.load(h_ptrs, mask=mask, other=0.0)
-        dw += tl.sum(da * h.to(tl.float32), axis=1)
-        dh = da * w[:, None]
-        tl.store(dgu_ptrs + I * stride_dgn, (dh * silu).to(dgu_ptr.dtype.element_ty), mask=mask)
-        tl.store(dgu_ptrs, (dh * up * (sig + silu * (1.0 - sig))).to(dgu_ptr.dtype.element_ty), mask=mask)
+        dw += _swiglu_backward_tile(da, gate, up, w, h_ptrs, dgu_ptrs, dgu_ptrs + I * stride_dgn, mask, STORE_WH)
     tl.store(dw_ptr + offs_r, dw, mask=mask_r)
 
 
