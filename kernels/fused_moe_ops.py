@@ -633,9 +633,10 @@ def gate_up_backward_impl(dgu, x, gate_up, perm, inv, offsets, top_k, need_x, ne
     routing = Routing(perm, inv, offsets, top_k, hidden, two_i // 2, x.dtype)
     # every element of dx and dW_gate_up is written by a kernel (experts without rows get zeros from wgrad)
     dx = dgate_up = None
+    library = _library_gemm(dgu, x, gate_up)
     if need_x:  # first, so that the [N, H] dXs is freed before dW_gate_up exists
         dx = torch.empty_like(x)
-        if _library_gemm(dgu, x, gate_up):
+        if library:
             dxs = torch._grouped_mm(dgu, gate_up, offs=offsets[1:])
         else:
             dxs = x.new_empty(perm.numel(), hidden)
@@ -643,7 +644,7 @@ def gate_up_backward_impl(dgu, x, gate_up, perm, inv, offsets, top_k, need_x, ne
                         lambda c: _launch_grouped(c, routing, dgu, gate_up, dxs, hidden, two_i, _gate_up_n(gate_up)))
         _launch_combine(dxs, inv, None, dx, top_k)
         del dxs
-    if need_gate_up and grad_gate_up is None and _library_gemm(dgu, x, gate_up):
+    if need_gate_up and grad_gate_up is None and library:
         dgate_up = _grouped_wgrad(dgu, x.index_select(0, _sorted_tokens(perm, top_k)), offsets)
     elif need_gate_up:
         into = grad_gate_up if grad_gate_up is not None else gate_up.new_empty(gate_up.shape)  # the fake's strides
