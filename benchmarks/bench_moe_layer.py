@@ -471,18 +471,18 @@ def grouped_mm_steps(name, routing, x, dgrad_out, gate_up, down, h, dgu, hw, out
     gathers timed as their own steps): which of our kernels a library grouped GEMM would beat. `outputs` holds what
     our kernels wrote for some of them (same operands), compared to check that the same product is timed."""
     H, I, N = routing.hidden, routing.inter, routing.num_rows
-    offs = routing.offsets[1:].to(torch.int32)
-    token = routing.perm.long() // routing.top_k
-    xs, dys = x[token], dgrad_out[token]
+    offs = routing.offsets[1:]
+    token = fm._sorted_tokens(routing.perm, routing.top_k)
+    xs, dys = x.index_select(0, token), dgrad_out.index_select(0, token)
     gemm = 2 * N * H * I
-    steps = {
-        "gather_x": (lambda: x[token], 0),
+    steps = {  # as the fused backward calls them where it uses the library (dgrad_x, dA, the weight gradients)
+        "gather_x": (lambda: x.index_select(0, token), 0),
         "gemm1": (lambda: torch._grouped_mm(xs, gate_up.transpose(1, 2), offs=offs), 2 * gemm),
         "gemm2": (lambda: torch._grouped_mm(h, down.transpose(1, 2), offs=offs), gemm),
-        "wgrad_gate_up": (lambda: torch._grouped_mm(dgu.t(), xs, offs=offs), 2 * gemm),
+        "wgrad_gate_up": (lambda: fm._grouped_wgrad(dgu, xs, routing.offsets), 2 * gemm),
         "dgrad_x": (lambda: torch._grouped_mm(dgu, gate_up, offs=offs), 2 * gemm),
         "dgrad_h": (lambda: torch._grouped_mm(dys, down, offs=offs), gemm),
-        "wgrad_down": (lambda: torch._grouped_mm(dys.t(), hw, offs=offs), gemm),
+        "wgrad_down": (lambda: fm._grouped_wgrad(dys, hw, routing.offsets), gemm),
     }
     for step, (fn, flops) in steps.items():
         try:
