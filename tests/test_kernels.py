@@ -166,8 +166,8 @@ def test_fused_matches_float64_reference(triton_path, dgrad_h, name):
 
 
 @pytest.fixture
-def library_wgrad():
-    """Fresh weight gradients through torch._grouped_mm (forced: on the CPU too, in any dtype it takes)."""
+def library_gemms():
+    """The backward's plain GEMMs through torch._grouped_mm (forced: on the CPU too, in any dtype it takes)."""
     if not hasattr(torch, "_grouped_mm"):
         pytest.skip("this torch has no _grouped_mm")
     set_backward_gemm_backend("grouped_mm")
@@ -175,15 +175,22 @@ def library_wgrad():
     set_backward_gemm_backend(None)
 
 
+@pytest.fixture
+def grouped_mm_calls(monkeypatch):
+    """The list that torch._grouped_mm appends to on each call (it still computes)."""
+    calls = []
+    grouped_mm = getattr(torch, "_grouped_mm", None)
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or grouped_mm(*a, **k), raising=False)
+    return calls
+
+
 @needs_triton
 @pytest.mark.parametrize("name", ["experts_without_tokens", "all_tokens_on_one_expert", "uneven_sizes", "one_token"])
-def test_weight_gradients_through_torch_grouped_mm(triton_path, dgrad_h, library_wgrad, monkeypatch, name):
+def test_weight_gradients_through_torch_grouped_mm(triton_path, dgrad_h, library_gemms, grouped_mm_calls, name):
     """The library path of the backward (rows gathered, then torch._grouped_mm over the sorted rows: dgrad_x, dgrad_h's
     dA before the SwiGLU-backward pass, both weight gradients, under scale_in_wgrad the dY rows scaled by the routing
     weights first) against float64; four library GEMMs."""
-    calls = []
-    grouped_mm = torch._grouped_mm
-    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or grouped_mm(*a, **k))
+    calls = grouped_mm_calls
     tokens, hidden, inter, experts, top_k, routing = CASES[name]
     case = make_case(tokens, hidden, inter, experts, top_k, routing, seed=len(name) + 7, device=triton_path)
     check_against_reference(case, tolerance=1e-5)
@@ -191,15 +198,13 @@ def test_weight_gradients_through_torch_grouped_mm(triton_path, dgrad_h, library
 
 
 @needs_triton
-def test_library_weight_gradients_only_where_they_are_fresh(triton_path, library_wgrad, monkeypatch):
+def test_library_weight_gradients_only_where_they_are_fresh(triton_path, library_gemms, grouped_mm_calls):
     """Adding into an existing .grad stays with our kernels (they add in place): the first backward's weight
     gradients go through the library, the second's add into what it wrote (its dgrad_x and dA GEMMs still through the
     library); and "auto" keeps fp32 and CPU tensors on our kernels."""
     from modeling_moe.kernels import fused_moe_ops as fm
 
-    calls = []
-    grouped_mm = torch._grouped_mm
-    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or grouped_mm(*a, **k))
+    calls = grouped_mm_calls
     x, gate_up, down, index, weights = make_case(20, 48, 40, 6, 2, seed=5, device=triton_path)
     for tensor in (x, gate_up, down):
         tensor.requires_grad_(True)
@@ -1061,16 +1066,13 @@ def test_model_loss_and_gradients_fused_equal_eager(triton_path):
 
 
 @pytest.mark.parametrize("backward_gemm", ["auto", "grouped_mm"])
-def test_fused_training_step_compiles_as_one_graph(triton_path, monkeypatch, backward_gemm):
+def test_fused_training_step_compiles_as_one_graph(triton_path, monkeypatch, request, backward_gemm):
     """torch.compile(fullgraph=True) of a training step on the fused path (custom ops with fake implementations),
     the backward's GEMMs through our kernels where "auto" keeps them, and through torch._grouped_mm."""
     if backward_gemm == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
         pytest.skip("this torch has no _grouped_mm")
     monkeypatch.setenv("MOE_BACKWARD_GEMM", backward_gemm)
-    calls = []
-    if backward_gemm == "grouped_mm":
-        grouped_mm = torch._grouped_mm
-        monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or grouped_mm(*a, **k))
+    calls = request.getfixturevalue("grouped_mm_calls") if backward_gemm == "grouped_mm" else []
     eager, fused = model_pair(small_config(num_hidden_layers=2, num_nextn_predict_layers=1))
     ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(0)).to(triton_path)
     assert_compiled_training_step_matches(eager.to(triton_path).train(), fused.to(triton_path).train(), ids)
@@ -1108,12 +1110,12 @@ GPU_CASES = {
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("wgrad", ["auto", "triton"])
+@pytest.mark.parametrize("backward_gemm", ["auto", "triton"])
 @pytest.mark.parametrize("name", list(GPU_CASES))
-def test_gpu_bf16_matches_float64_reference(triton_path, dgrad_h, monkeypatch, name, wgrad):
-    """bf16 on the GPU, the fresh weight gradients through torch._grouped_mm on an H100/H200 ("auto") and through our
+def test_gpu_bf16_matches_float64_reference(triton_path, dgrad_h, monkeypatch, name, backward_gemm):
+    """bf16 on the GPU, the backward's plain GEMMs through torch._grouped_mm on an H100/H200 ("auto") and through our
     kernels; the library must give experts without rows zero gradients."""
-    monkeypatch.setenv("MOE_BACKWARD_GEMM", wgrad)
+    monkeypatch.setenv("MOE_BACKWARD_GEMM", backward_gemm)
     tokens, hidden, inter, experts, top_k, routing = GPU_CASES[name]
     case = make_case(tokens, hidden, inter, experts, top_k, routing, seed=len(name), device="cuda",
                      dtype=torch.bfloat16)
