@@ -4,10 +4,11 @@
 
 For each shape (bf16 latent cache, one new token per sequence, every sequence filled to the cache length, with the
 [B, 1, T] key mask the model's attention passes, unless --no-mask):
-  * the PyTorch absorbed path (`mla_decode_reference`, what runs without Triton) and the kernel with the launcher's
-    default config, then a sweep of (block_h, block_n, num_warps, num_stages, value_blocks: the output columns
-    shared among programs, tried at >= 64 heads) at the default split count, then of the split count for the best
-    tile config;
+  * the PyTorch absorbed path (`mla_decode_reference`, what runs without Triton), the Triton kernel with the
+    launcher's default config, the launcher's default (on an H100 / H200 at >= 64 heads: the Gluon split kernel of
+    kernels/mla_decode_hopper.py), then a sweep of the Triton kernel's (block_h, block_n, num_warps, num_stages,
+    value_blocks: the output columns shared among programs, tried at >= 64 heads) at the default split count, then
+    of the split count for the best tile config;
   * time: triton.testing.do_bench (CUDA events, L2 flushed between calls), median ms;
   * figure: effective latent-cache bandwidth = (kv_lora_rank + rope) x 2 B x batch x cache length / time; the H200's
     HBM moves ~4.3 TB/s, so the issue's target (0.15 ms at v2lite) is ~2 TB/s;
@@ -107,7 +108,7 @@ def bench_shape(name, shape, args, records):
     def record(variant, fn, **info):
         try:
             out = fn()
-            resources = RECORDER.resources() if variant != "pytorch" else {}
+            resources = RECORDER.resources() if variant.startswith("triton") else {}  # the Triton kernel's
             ms = do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms)
             rec = dict(shape=name, variant=variant, **info, **resources, ms=round(ms, 4),
                        cache_GB_per_s=round(cache_bytes / ms / 1e6, 1), rel_err=float(f"{relative_error(out, reference):.2g}"))
@@ -118,7 +119,12 @@ def bench_shape(name, shape, args, records):
         return rec
 
     record("pytorch", lambda: mla_decode.mla_decode_reference(q_latent, q_rope, latent, k_rope, scale))
-    default = record("triton default", mla)
+    mla_decode.set_split_backend("triton")
+    try:
+        default = record("triton default", mla)
+    finally:
+        mla_decode.set_split_backend(None)
+    record("default (auto)", mla)  # sm_90 at >= 64 heads: the Gluon split kernel (kernels/mla_decode_hopper.py)
     tiles = [record("triton", lambda c=c: mla(**c), **c) for c in sweep_space(heads, args.quick)]
     timed = [r for r in tiles if "ms" in r]
     if not timed:

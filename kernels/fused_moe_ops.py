@@ -83,27 +83,8 @@ def use_triton(tensor: torch.Tensor) -> bool:
     return dispatch.use_triton(tensor, HAS_TRITON, "MOE_FUSED_REFERENCE")
 
 
-class _Choice:
-    """A setting among fixed names: the first is the default, an environment variable overrides it, and a value set
-    in code overrides both (None: follow the environment again). Read when a kernel runs."""
-
-    def __init__(self, env_var: str, names: tuple, what: str):
-        self.env_var, self.names, self.what, self.override = env_var, names, what, None
-
-    def set(self, name: str | None):
-        if name is not None and name not in self.names:
-            raise ValueError(f"{self.what} {name!r} is not one of {self.names}")
-        self.override = name
-
-    def get(self) -> str:
-        name = self.override or os.environ.get(self.env_var, self.names[0])
-        if name not in self.names:
-            raise ValueError(f"{self.env_var}={name!r} is not one of {self.names}")
-        return name
-
-
 DGRAD_H_VARIANTS = ("store_wh", "scale_in_wgrad")
-_dgrad_h = _Choice("MOE_DGRAD_H", DGRAD_H_VARIANTS, "dgrad_h variant")
+_dgrad_h = dispatch.Choice("MOE_DGRAD_H", DGRAD_H_VARIANTS, "dgrad_h variant")
 
 
 def set_dgrad_h_variant(name: str | None):
@@ -123,7 +104,7 @@ def dgrad_h_variant() -> str:
 # what the library cannot do: adding into .grad in place, the forward's fused gather and SwiGLU; and fp32 operands,
 # other GPUs, shapes its 16-byte alignment rules out.
 BACKWARD_GEMM_BACKENDS = ("auto", "triton", "grouped_mm")  # auto: grouped_mm where measured (sm_90, bf16), else triton
-_backward_gemm = _Choice("MOE_BACKWARD_GEMM", BACKWARD_GEMM_BACKENDS, "backward GEMM backend")
+_backward_gemm = dispatch.Choice("MOE_BACKWARD_GEMM", BACKWARD_GEMM_BACKENDS, "backward GEMM backend")
 
 
 def set_backward_gemm_backend(name: str | None):

@@ -39,6 +39,7 @@ import torch
 
 from . import dispatch
 from .dispatch import interpreting
+from .mla_decode_hopper import hopper_kernel_applies, mla_decode_hopper_split
 from .offline_compile import programs_per_sm
 
 try:  # Triton is optional: without it everything runs the PyTorch reference
@@ -59,9 +60,25 @@ __all__ = [
     "mla_decode_attention",
     "mla_decode_reference",
     "mla_decode_triton",
+    "set_split_backend",
+    "split_backend",
     "tile_config",
     "use_triton",
 ]
+
+SPLIT_BACKENDS = ("auto", "triton")
+_split_backend = dispatch.Choice("MLA_DECODE_KERNEL", SPLIT_BACKENDS, "MLA decode split kernel")
+
+
+def set_split_backend(name: str | None):
+    """Which kernel runs the split (first) stage: "auto" takes the Gluon kernel for Hopper
+    (`mla_decode_hopper.py`) where it applies (sm_90, bf16 / fp16, one query token, heads a multiple of 64, rank 512
+    + rope 64) and the Triton kernel elsewhere; "triton" always the Triton kernel. None: follow MLA_DECODE_KERNEL."""
+    _split_backend.set(name)
+
+
+def split_backend() -> str:
+    return _split_backend.get()
 
 
 def use_triton(tensor: torch.Tensor) -> bool:
@@ -527,16 +544,25 @@ def mla_decode_triton(
     # loads are predicated off (H200, in the layer: 16 heads 0.147 -> 0.138 ms, 128 heads 0.466 -> 0.425 ms), and
     # those with holes in a second launch that reads it; each program of either returns at once on the others.
     launches = [("all", False)] if key_mask is None else [("window", False), ("holes", True)]
+    # The launch without the mask path goes to the Gluon kernel for Hopper where it applies: one 64-head program
+    # per SM, as the Triton tile at many heads.
+    # A tile given explicitly (here or through `tile_config`) is a request for the Triton kernel.
+    tiles_given = _TILE_OVERRIDE is not None or any(value is not None for value in overrides.values())
+    hopper = not tiles_given and split_backend() == "auto" and hopper_kernel_applies(q_latent, q_rope, latent, k_rope)
+    qk_scale = softmax_scale * 1.4426950408889634  # log2(e): the kernels use exp2
 
     def launch(splits: int, partial: torch.Tensor, lse: torch.Tensor, sequences: str, has_mask: bool,
                warmup: bool = False):
+        if hopper and not has_mask and not warmup:
+            return mla_decode_hopper_split(q_latent, q_rope, latent, k_rope, partial, lse, cache_seqlens, key_starts,
+                                           mask_needed, qk_scale, splits, skip_holes=sequences == "window")
         grid = (batch * head_blocks * config.value_blocks, splits)
         run = functools.partial(split_kernel.warmup, grid=grid) if warmup else split_kernel[grid]
         return run(
             q_latent, q_rope, latent, k_rope, mask, cache_seqlens, key_starts, mask_needed, partial, lse,
             *q_latent.stride(), *q_rope.stride(), *latent.stride(), *k_rope.stride(), *mask_strides,
             *partial.stride(), *lse.stride(),
-            heads, q_len, rank, rope, kv_len, softmax_scale * 1.4426950408889634,  # log2(e): the kernel uses exp2
+            heads, q_len, rank, rope, kv_len, qk_scale,
             HAS_MASK=has_mask, SEQUENCES=sequences, CAUSAL=key_mask is None or key_mask.dim() == 2,
             NUM_SPLITS=splits, DIRECT=splits == 1,
             BLOCK_H=config.block_h, BLOCK_S=config.block_s, BLOCK_M=config.block_h * config.block_s,
@@ -551,7 +577,7 @@ def mla_decode_triton(
 
     if num_splits is None:
         resident = 1
-        if on_gpu:  # compile (not run) the split variant once per signature to learn how many programs an SM holds
+        if on_gpu and not hopper:  # compile (not run) the split variant once per signature to learn how many programs an SM holds
             signature = (device.index, config, rank, rope, latent.dtype, key_mask is None, mask_strides[1] == 0)
             if signature not in _RESIDENT:
                 compiled = launch(2, *partials(2), *launches[0], warmup=True)

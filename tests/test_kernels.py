@@ -38,6 +38,7 @@ from modeling_moe.kernels.fused_moe_ops import (
     set_backward_gemm_backend,
     set_dgrad_h_variant,
 )
+from modeling_moe.kernels.mla_decode import set_split_backend, split_backend
 from modeling_moe.kernels.reference import down_and_combine, sorted_pre_activations
 
 from .conftest import route_jit_calls_to_interpreter
@@ -837,7 +838,8 @@ def test_down_gradient_is_accumulated_before_gate_up_gradient_exists(triton_path
 @pytest.mark.parametrize("env_var, default, other, setter, getter", [
     ("MOE_DGRAD_H", "store_wh", "scale_in_wgrad", set_dgrad_h_variant, dgrad_h_variant),
     ("MOE_BACKWARD_GEMM", "auto", "triton", set_backward_gemm_backend, backward_gemm_backend),
-], ids=["dgrad_h_variant", "backward_gemm_backend"])
+    ("MLA_DECODE_KERNEL", "auto", "triton", set_split_backend, split_backend),
+], ids=["dgrad_h_variant", "backward_gemm_backend", "mla_decode_split_backend"])
 def test_kernel_settings(monkeypatch, env_var, default, other, setter, getter):
     """The default, the environment variable over it, a value set in code over both; unknown names refused."""
     monkeypatch.delenv(env_var, raising=False)

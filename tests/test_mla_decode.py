@@ -425,3 +425,91 @@ def test_tile_config_overrides_the_default_tile(triton_device, monkeypatch):
     assert launched == [(16, 16)] and mla_decode._TILE_OVERRIDE is None
     expected = math_reference(q_latent, q_rope, latent, k_rope, 0.25)
     torch.testing.assert_close(got.double().cpu(), expected, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- Gluon split kernel for Hopper
+
+
+def hopper_launch_args(batch=32, heads=128, kv_len=8192, splits=2, device="cpu"):
+    """The Gluon split kernel's arguments as `mla_decode_triton` passes them (one query token, rank 512 + rope 64)."""
+    q_latent, q_rope, latent, k_rope = random_inputs(batch, heads, 1, 512, 64, kv_len, torch.bfloat16, device)
+    partial = torch.empty(batch, heads, 1, splits, 512, device=device)
+    lse = torch.empty(batch, heads, 1, splits, device=device)
+    ints = dict(dtype=torch.int32, device=device)
+    lengths, starts, holes = torch.full((batch,), kv_len, **ints), torch.zeros(batch, **ints), torch.zeros(batch, **ints)
+    return q_latent, q_rope, latent, k_rope, partial, lse, lengths, starts, holes
+
+
+@pytest.mark.parametrize("splits, skip_holes", [(2, True), (1, False)], ids=["split-window", "direct-all"])
+def test_hopper_kernel_compiles_for_sm90_without_a_gpu(monkeypatch, splits, skip_holes):
+    """The Gluon kernel has no interpreter: on the CPU it is compiled for sm_90 (Triton's bundled ptxas) as
+    `mla_decode_triton` launches it, and must fit one program per SM: Q, two stages of keys and P in the 227 KiB an
+    sm_90 block may use, and its three partitions' register budgets in the register file."""
+    from modeling_moe.kernels import mla_decode_hopper
+    from modeling_moe.kernels.offline_compile import compile_only, resource_usage
+
+    if not mla_decode_hopper.HAS_GLUON:
+        pytest.skip("this triton has no Gluon")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with compile_only() as compiled:
+        mla_decode_hopper.mla_decode_hopper_split(*hopper_launch_args(splits=splits), 0.1, splits, skip_holes)
+    usage = resource_usage(compiled[0])
+    assert 224 * 1024 <= usage.shared_bytes <= 227 * 1024  # 72 KiB of Q, 4 x 36 KiB of keys, 2 x 4 KiB of P, stats
+    assert usage.spill_bytes == 0
+    assert usage.registers == mla_decode_hopper.MAX_REGISTERS
+    assert usage.programs_per_sm(4 + 4 + 4) == 1  # the loader warp's group counts whole
+
+
+def test_hopper_kernel_only_where_it_applies():
+    """CPU tensors, fp32, several query tokens or a rank other than 512 never reach the Gluon kernel."""
+    from modeling_moe.kernels.mla_decode_hopper import hopper_kernel_applies
+
+    q_latent, q_rope, latent, k_rope = random_inputs(2, 64, 1, 512, 64, 128, torch.bfloat16)
+    assert not hopper_kernel_applies(q_latent, q_rope, latent, k_rope)  # not on a GPU
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0):
+        cuda = [t.cuda() for t in (q_latent, q_rope, latent, k_rope)]
+        assert hopper_kernel_applies(*cuda)
+        assert not hopper_kernel_applies(*(t.float() for t in cuda))
+        assert not hopper_kernel_applies(cuda[0][:, :48], cuda[1][:, :48], *cuda[2:])  # heads not a multiple of 64
+        two_tokens = [t.expand(-1, -1, 2, -1) for t in cuda[:2]]
+        assert not hopper_kernel_applies(*two_tokens, *cuda[2:])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads, splits, masking", [
+    (128, None, "left-padding"), (128, 1, "left-padding"), (64, 3, "holes"), (256, None, "none"),
+])
+def test_gpu_hopper_kernel_matches_float64(monkeypatch, heads, splits, masking):
+    """The Gluon split kernel (sm_90) against the float64 math and the Triton kernel: filled lengths
+    that are not multiples of the key block (a full cache, one key, none; odd and even block counts), left padding, one sequence with holes in
+    its window (its own Triton launch beside the Gluon one), one to three splits and the default split count."""
+    from modeling_moe.kernels import mla_decode
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon kernel is for sm_90")
+    launches = []
+    hopper_split = mla_decode.mla_decode_hopper_split
+    monkeypatch.setattr(mla_decode, "mla_decode_hopper_split", lambda *a, **k: launches.append(k) or hopper_split(*a, **k))
+    batch, kv_len = 5, 1000
+    q_latent, q_rope, latent, k_rope = random_inputs(batch, heads, 1, 512, 64, kv_len, torch.bfloat16, "cuda", seed=3)
+    q_latent, q_rope = q_latent / 8, q_rope / 8  # scores of a realistic spread
+    seqlens = torch.tensor([1000, 999, 130, 1, 0], dtype=torch.int32, device="cuda")
+    key_mask = None
+    if masking != "none":
+        key_mask = left_padding_mask(batch, kv_len, [0, 200, 64, 0, 0]).cuda()
+    if masking == "holes":
+        key_mask[1, 500:520] = False
+    scale = 1 / math.sqrt(192)
+    got = mla_decode_triton(q_latent, q_rope, latent, k_rope, scale, cache_seqlens=seqlens, key_mask=key_mask,
+                            num_splits=splits)
+    assert len(launches) == 1 and launches[0]["skip_holes"] == (key_mask is not None)
+    expected = math_reference(q_latent, q_rope, latent, k_rope, scale, seqlens, key_mask)
+    torch.testing.assert_close(got.double().cpu(), expected, rtol=2e-2, atol=2e-2)
+    mla_decode.set_split_backend("triton")
+    try:
+        triton_only = mla_decode_triton(q_latent, q_rope, latent, k_rope, scale, cache_seqlens=seqlens,
+                                        key_mask=key_mask, num_splits=splits)
+    finally:
+        mla_decode.set_split_backend(None)
+    assert len(launches) == 1
+    torch.testing.assert_close(got, triton_only, rtol=1e-2, atol=1e-2)
