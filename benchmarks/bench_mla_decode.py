@@ -12,7 +12,8 @@ For each shape (bf16 latent cache, one new token per sequence, every sequence fi
   * time: triton.testing.do_bench (CUDA events, L2 flushed between calls), median ms;
   * figure: effective latent-cache bandwidth = (kv_lora_rank + rope) x 2 B x batch x cache length / time; the H200's
     HBM moves ~4.3 TB/s, so the issue's target (0.15 ms at v2lite) is ~2 TB/s;
-  * accuracy: max relative error of the default and the best config against a float64 reference.
+  * accuracy: max relative error of the default and the best config against a float64 reference;
+  * last, the host's time for one call with next to no GPU work, per split backend (`host_microseconds`).
 A failed config (e.g. shared memory) is recorded, not fatal. JSON lines to $OUT/bench_mla_decode.jsonl (or
 benchmarks/out/), a table last. The anchor for the whole decode step (transformers' DeepseekV3 attention layer,
 same run) is `bench_model.py --parts decode`; this script is for tuning the kernel's defaults.
@@ -143,6 +144,27 @@ def bench_shape(name, shape, args, records):
           f"({overall['cache_GB_per_s']} GB/s) with {overall}", flush=True)
 
 
+def host_microseconds(backend: str, calls: int = 200) -> float:
+    """The host's time for one `mla_decode_triton` call (launcher and launches), what a decode step pays outside a
+    CUDA graph: a call with next to no GPU work (one sequence of 64 keys, 64 heads, the model's key mask), timed over
+    back-to-back calls with one synchronization at the end."""
+    randn = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+    inputs = (randn(1, 64, 1, 512), randn(1, 64, 1, 64), randn(1, 64, 512), randn(1, 64, 64))
+    key_mask = torch.ones(1, 1, 64, dtype=torch.bool, device="cuda")
+    mla_decode.set_split_backend(backend)
+    try:
+        for _ in range(10):
+            mla_decode.mla_decode_triton(*inputs, 0.1, key_mask=key_mask)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            mla_decode.mla_decode_triton(*inputs, 0.1, key_mask=key_mask)
+        torch.cuda.synchronize()
+    finally:
+        mla_decode.set_split_backend(None)
+    return round((time.perf_counter() - start) / calls * 1e6, 1)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {list(SHAPES)}")
@@ -165,6 +187,10 @@ def main():
     records = []
     for name in args.shapes.split(","):
         bench_shape(name, SHAPES[name], args, records)
+    for backend in mla_decode.SPLIT_BACKENDS:
+        record = dict(shape="host", variant=f"split backend {backend}", host_us=host_microseconds(backend))
+        print(json.dumps(record), flush=True)
+        records.append(record)
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "bench_mla_decode.jsonl"), "w") as f:
@@ -173,7 +199,8 @@ def main():
     print("\nshape    variant          config                                                   ms      GB/s   rel err")
     for r in records:
         config = " ".join(f"{k}={r[k]}" for k in (*CONFIG_KEYS, "num_splits", "regs", "spills") if k in r)
-        figures = f"{r['ms']:>8} {r['cache_GB_per_s']:>8} {r['rel_err']:>8}" if "ms" in r else r["error"][:60]
+        figures = (f"{r['ms']:>8} {r['cache_GB_per_s']:>8} {r['rel_err']:>8}" if "ms" in r
+                   else f"host {r['host_us']} us a call" if "host_us" in r else r["error"][:60])
         print(f"{r['shape']:<9}{r['variant']:<17}{config:<57}{figures}")
 
 

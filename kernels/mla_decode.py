@@ -577,7 +577,9 @@ def mla_decode_triton(
 
     if num_splits is None:
         resident = 1
-        if on_gpu and not hopper:  # compile (not run) the split variant once per signature to learn how many programs an SM holds
+        # the Gluon kernel: one program per SM; the Triton one: compile (not run) the split variant once per signature
+        # to learn how many programs an SM holds
+        if on_gpu and not hopper:
             signature = (device.index, config, rank, rope, latent.dtype, key_mask is None, mask_strides[1] == 0)
             if signature not in _RESIDENT:
                 compiled = launch(2, *partials(2), *launches[0], warmup=True)

@@ -1,17 +1,20 @@
 """The MLA decode split kernel for Hopper (sm_90) in Gluon, Triton's lower-level dialect: FlashMLA's division of a
-64-head block's work between two warpgroups, which Triton's own compiler does not produce (KERNEL_NOTES.md, "MLA
-decode": with 8 warps it splits every score tile and the softmax statistics between the warpgroups, through shared
-memory and CTA barriers at every key block).
+64-head block's work between two warpgroups with their own roles (warp specialization).
 
 One program: one sequence, 64 heads, one split of its keys, one query token, kv_lora_rank 512 + rope 64 (every
 DeepSeek-V2/V3 shape). Three partitions:
-  * a loader warp streams each 64-key block of the latent and rotary keys, as nine 64x64 tiles, into a two-stage
+  * a loader warp streams each 32-key block of the latent and rotary keys, as nine 32x64 tiles, into a four-stage
     ring through TMA;
   * two consumer warpgroups take the key blocks in turns. The owner of block i computes its scores over all 576
-    columns (Q @ K^T), updates the online softmax, and publishes P (bf16), the rescale factor and the running max
-    and sum in shared memory for the other;
+    columns (Q @ K^T), updates the online softmax, and publishes P, the rescale factor and the running max and sum
+    in its own shared-memory buffers for the other;
   * each consumer accumulates its half of the 512 output (value) columns over every block: the owner with P in
-    registers, the other with P from shared memory. One warpgroup's softmax runs while the other's MMAs do.
+    registers, the other with P from shared memory.
+The softmax of block i needs block i - 1's running max, so the softmaxes form a chain through both warpgroups; the
+MMAs are kept off it. A consumer issues its block i's scores before it waits for block i - 1, and block i - 1's
+value MMAs run during block i's softmax. (Triton 3.6's own compiler, with 8 warps on a 64-head tile, splits every
+score tile and the softmax statistics between the warpgroups instead: shared memory and CTA barriers at every key
+block, no overlap; KERNEL_NOTES.md, "MLA decode".)
 
 It writes what the Triton split kernel writes (normalized partial outputs and base-2 log-sum-exps per split), so
 `mla_decode.py`'s merge follows unchanged; `mla_decode_triton` picks it (`hopper_kernel_applies`) for the launch of
@@ -121,16 +124,16 @@ if HAS_GLUON:
         return s
 
     @gluon.jit
-    def _softmax(s, i, start, end, qk_scale, m_i, l_i, rows: gl.constexpr):
-        """The online-softmax update of block i's scores: P (bf16), the factor that rescales what came before, and
-        the new running max and sum."""
+    def _softmax(s, i, start, end, qk_scale, m_i, l_i, rows: gl.constexpr, dtype: gl.constexpr):
+        """The online-softmax update of block i's scores: P (in the cache's dtype), the factor that rescales what came
+        before, and the new running max and sum."""
         s_layout: gl.constexpr = s.type.layout
         keys = start + i * _KEYS + gl.arange(0, _KEYS, layout=gl.SliceLayout(0, s_layout))
         s = gl.where((keys < end)[None, :], s * qk_scale, float("-inf"))
         m_new = gl.maximum(m_i, gl.convert_layout(gl.max(s, axis=1), rows))
         m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)  # no (-inf) - (-inf) while a row saw nothing
         alpha = gl.exp2(m_i - m_safe)
-        p = gl.exp2(s - gl.convert_layout(m_safe, gl.SliceLayout(1, s_layout))[:, None]).to(gl.bfloat16)
+        p = gl.exp2(s - gl.convert_layout(m_safe, gl.SliceLayout(1, s_layout))[:, None]).to(dtype)
         l_new = l_i * alpha + gl.convert_layout(gl.sum(p.to(gl.float32), axis=1), rows)
         return p, alpha, m_new, l_new
 
@@ -178,7 +181,7 @@ if HAS_GLUON:
         if W == 0:  # block 0 has no predecessor
             if n_blocks > 0:
                 s = warpgroup_mma_wait(num_outstanding=0, deps=(_issue_scores(q_smem, k_smem, k_ready, 0, s_layout), ))
-                p, alpha, m_i, l_i = _softmax(s, 0, start, end, qk_scale, m_i, l_i, rows)
+                p, alpha, m_i, l_i = _softmax(s, 0, start, end, qk_scale, m_i, l_i, rows, k_smem.dtype)
                 _publish(my_p, stats, W, p, alpha, m_i, l_i, published)
                 o0, o1, o2, o3 = _issue_values(gl.convert_layout(p, p_layout), k_smem, 0, V0, o0, o1, o2, o3, alpha)
                 o0, o1, o2, o3 = warpgroup_mma_wait(num_outstanding=0, deps=(o0, o1, o2, o3))
@@ -192,7 +195,7 @@ if HAS_GLUON:
             l_i = stats.index(3 * (1 - W) + 2).load(rows)
             o0, o1, o2, o3 = _issue_values(their_p, k_smem, i - 1, V0, o0, o1, o2, o3, alpha)
             s = warpgroup_mma_wait(num_outstanding=4, deps=(s, ))  # the scores; the value MMAs run on
-            p, alpha, m_i, l_i = _softmax(s, i, start, end, qk_scale, m_i, l_i, rows)
+            p, alpha, m_i, l_i = _softmax(s, i, start, end, qk_scale, m_i, l_i, rows, k_smem.dtype)
             o0, o1, o2, o3 = warpgroup_mma_wait(num_outstanding=0, deps=(o0, o1, o2, o3))
             mbarrier.arrive(k_empty.index((i - 1) % _STAGES), count=1)
             _publish(my_p, stats, W, p, alpha, m_i, l_i, published)  # also: done with their P
@@ -306,7 +309,8 @@ def mla_decode_hopper_split(q_latent, q_rope, latent, k_rope, partial, lse, cach
         raise ValueError("the partial outputs must be contiguous in their last dimension")
     _mla_decode_hopper_kernel[(batch * (heads // HEADS), num_splits)](
         latent_desc, rope_desc, q_latent, q_rope, cache_seqlens, key_starts, mask_needed, partial, lse,
-        q_latent.stride(0), q_latent.stride(1), q_latent.stride(3), q_rope.stride(0), q_rope.stride(1), q_rope.stride(3),
+        q_latent.stride(0), q_latent.stride(1), q_latent.stride(3),
+        q_rope.stride(0), q_rope.stride(1), q_rope.stride(3),
         partial.stride(0), partial.stride(1), partial.stride(3), lse.stride(0), lse.stride(1), lse.stride(3),
         heads, kv_len, qk_scale,
         SKIP_HOLES=skip_holes, NUM_SPLITS=num_splits, DIRECT=num_splits == 1,

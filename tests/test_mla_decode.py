@@ -476,22 +476,25 @@ def test_hopper_kernel_only_where_it_applies():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("heads, splits, masking", [
-    (128, None, "left-padding"), (128, 1, "left-padding"), (64, 3, "holes"), (256, None, "none"),
+@pytest.mark.parametrize("heads, splits, masking, dtype", [
+    (128, None, "left-padding", torch.bfloat16), (128, 1, "left-padding", torch.bfloat16),
+    (64, 3, "holes", torch.bfloat16), (256, None, "none", torch.bfloat16), (128, 2, "left-padding", torch.float16),
 ])
-def test_gpu_hopper_kernel_matches_float64(monkeypatch, heads, splits, masking):
-    """The Gluon split kernel (sm_90) against the float64 math and the Triton kernel: filled lengths
-    that are not multiples of the key block (a full cache, one key, none; odd and even block counts), left padding, one sequence with holes in
-    its window (its own Triton launch beside the Gluon one), one to three splits and the default split count."""
+def test_gpu_hopper_kernel_matches_float64(monkeypatch, heads, splits, masking, dtype):
+    """The Gluon split kernel (sm_90) against the float64 math and the Triton kernel: filled lengths that are not
+    multiples of the key block (a full cache, one key, none; odd and even block counts), left padding, one sequence
+    with holes in its window (its own Triton launch beside the Gluon one), one to three splits and the default split
+    count, bf16 and fp16."""
     from modeling_moe.kernels import mla_decode
 
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon kernel is for sm_90")
     launches = []
     hopper_split = mla_decode.mla_decode_hopper_split
-    monkeypatch.setattr(mla_decode, "mla_decode_hopper_split", lambda *a, **k: launches.append(k) or hopper_split(*a, **k))
+    monkeypatch.setattr(mla_decode, "mla_decode_hopper_split",
+                        lambda *args, **kwargs: launches.append(kwargs) or hopper_split(*args, **kwargs))
     batch, kv_len = 5, 1000
-    q_latent, q_rope, latent, k_rope = random_inputs(batch, heads, 1, 512, 64, kv_len, torch.bfloat16, "cuda", seed=3)
+    q_latent, q_rope, latent, k_rope = random_inputs(batch, heads, 1, 512, 64, kv_len, dtype, "cuda", seed=3)
     q_latent, q_rope = q_latent / 8, q_rope / 8  # scores of a realistic spread
     seqlens = torch.tensor([1000, 999, 130, 1, 0], dtype=torch.int32, device="cuda")
     key_mask = None
