@@ -625,8 +625,9 @@ def gate_up_backward_impl(dgu, x, gate_up, perm, inv, offsets, top_k, need_x, ne
                         lambda c: _launch_grouped(c, routing, dgu, gate_up, dxs, hidden, two_i, _gate_up_n(gate_up)))
         _launch_combine(dxs, inv, None, dx, top_k)
         del dxs
-    if need_gate_up and grad_gate_up is None and library:
-        dgate_up = _grouped_wgrad(dgu, x.index_select(0, _sorted_tokens(perm, top_k)), offsets)
+    if need_gate_up and library and (grad_gate_up is None or _library_then_add(routing)):
+        dgate_up = _into_or_new(grad_gate_up, _grouped_wgrad(dgu, x.index_select(0, _sorted_tokens(perm, top_k)),
+                                                             offsets))
     elif need_gate_up:
         into = grad_gate_up if grad_gate_up is not None else gate_up.new_empty(gate_up.shape)  # the fake's strides
         routing.run("wgrad_gate_up", "wgrad_gate_up",
@@ -680,10 +681,10 @@ def down_backward_impl(grad_out, gu, h, down, top_k_weights, perm, inv, offsets,
             dw = _run_dgrad_h(routing, variant, grad_out, down, dgu, gu, wgrad_b, weights, store_wh)
         if need_weights:
             dweights = dw.sum(0).index_select(0, inv).view_as(top_k_weights).to(top_k_weights.dtype)
-    if need_down and grad_down is None and library:
+    if need_down and library and (grad_down is None or _library_then_add(routing)):
         if not store_wh:
             dy_sorted.mul_(weights.index_select(0, perm).unsqueeze(1).to(dy_sorted.dtype))
-        ddown = _grouped_wgrad(dy_sorted, wgrad_b, offsets)
+        ddown = _into_or_new(grad_down, _grouped_wgrad(dy_sorted, wgrad_b, offsets))
     elif need_down:  # dWd[e] [H, I] = sum_r (w_r dY[tok_r])^T h_r
         into = grad_down if grad_down is not None else down.new_empty(down.shape)  # the fake's strides
         scale = None if store_wh else weights
@@ -707,6 +708,23 @@ def _run_dgrad_h(routing, variant, grad_out, down, dgu, gu, h, weights, store_wh
 
     config = routing.run(f"dgrad_h/{variant}", "dgrad_h", launch)
     return partial[dgrad_h_partials(config, routing.inter)]
+
+
+# Adding into an existing .grad: the library's product plus a separate add (3 bytes moved per gradient byte) beats our
+# in-place wgrad where each expert holds many rows (the product's time grows with them, the add's does not).
+LIBRARY_THEN_ADD_ROWS_PER_EXPERT = 1024
+
+
+def _library_then_add(routing) -> bool:
+    return routing.num_rows >= LIBRARY_THEN_ADD_ROWS_PER_EXPERT * routing.num_experts
+
+
+def _into_or_new(into: torch.Tensor | None, computed: torch.Tensor) -> torch.Tensor | None:
+    """`computed` as the new gradient, or added into `into` (then None: nothing to return)."""
+    if into is None:
+        return computed
+    into.add_(computed)
+    return None
 
 
 def _sorted_tokens(perm: torch.Tensor, top_k: int) -> torch.Tensor:

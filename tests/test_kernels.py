@@ -199,10 +199,12 @@ def test_weight_gradients_through_torch_grouped_mm(triton_path, dgrad_h, library
 
 
 @needs_triton
-def test_library_weight_gradients_only_where_they_are_fresh(triton_path, library_gemms, grouped_mm_calls):
-    """Adding into an existing .grad stays with our kernels (they add in place): the first backward's weight
-    gradients go through the library, the second's add into what it wrote (its dgrad_x and dA GEMMs still through the
-    library); and "auto" keeps fp32 and CPU tensors on our kernels."""
+def test_library_weight_gradients_only_where_they_are_fresh(triton_path, library_gemms, grouped_mm_calls,
+                                                            monkeypatch):
+    """Adding into an existing .grad stays with our kernels (they add in place) unless each expert holds
+    LIBRARY_THEN_ADD_ROWS_PER_EXPERT rows: the first backward's weight gradients go through the library, the second's
+    add into what it wrote (its dgrad_x and dA GEMMs still through the library), a third with the threshold at 0 adds
+    the library's product; and "auto" keeps fp32 and CPU tensors on our kernels."""
     from modeling_moe.kernels import fused_moe_ops as fm
 
     calls = grouped_mm_calls
@@ -216,6 +218,12 @@ def test_library_weight_gradients_only_where_they_are_fresh(triton_path, library
     assert len(calls) == 4 + 2  # dgrad_x, dA and both weight gradients, then dgrad_x and dA
     torch.testing.assert_close(grads[1][0], 2 * grads[0][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads[1][1], 2 * grads[0][1], rtol=1e-5, atol=1e-6)
+    # with many rows an expert the library's product is added into .grad instead (here: any number of rows)
+    monkeypatch.setattr(fm, "LIBRARY_THEN_ADD_ROWS_PER_EXPERT", 0)
+    fused_moe(x, gate_up, down, index, weights).square().sum().backward()
+    assert len(calls) == 6 + 4
+    torch.testing.assert_close(gate_up.grad, 3 * grads[0][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(down.grad, 3 * grads[0][1], rtol=1e-5, atol=1e-6)
     set_backward_gemm_backend("auto")
     fp32 = torch.zeros(2, 8, device=triton_path)
     assert not fm._library_gemm(fp32, fp32, fp32.new_zeros(1, 8, 8))
