@@ -98,7 +98,7 @@ if HAS_GLUON:
         """The loader warp: each key block's nine tiles into the ring, once both consumers have freed the slot."""
         (latent_desc, rope_desc, q_smem, k_smem, p_smem, stats, k_ready, k_empty, published,
          SEQLENS, STARTS, MASK_NEEDED, O, LSE, H, T, qk_scale,
-         stride_ob, stride_oh, stride_osplit, stride_lb, stride_lh, stride_lsplit) = args
+         stride_ob, stride_oh, stride_osplit, stride_or, stride_lb, stride_lh, stride_lsplit) = args
         b = gl.program_id(0) // (H // _HEADS)
         start, end, n_blocks, mine = _key_range(SEQLENS, STARTS, MASK_NEEDED, T, b, gl.program_id(1), SKIP_HOLES,
                                                 NUM_SPLITS)
@@ -155,7 +155,7 @@ if HAS_GLUON:
         waits for block i - 1's P (and its value MMAs run under block i's softmax)."""
         (latent_desc, rope_desc, q_smem, k_smem, p_smem, stats, k_ready, k_empty, published,
          SEQLENS, STARTS, MASK_NEEDED, O, LSE, H, T, qk_scale,
-         stride_ob, stride_oh, stride_osplit, stride_lb, stride_lh, stride_lsplit) = args
+         stride_ob, stride_oh, stride_osplit, stride_or, stride_lb, stride_lh, stride_lsplit) = args
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                             instr_shape=[16, _KEYS, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -218,12 +218,12 @@ if HAS_GLUON:
         heads = head_block * _HEADS + gl.arange(0, _HEADS, layout=rows)
         columns = gl.arange(0, _COLUMNS, layout=gl.SliceLayout(0, o_layout))
         write = (heads < H)[:, None] & mine
-        out = O + b * stride_ob + heads[:, None] * stride_oh + split * stride_osplit + columns[None, :]
+        out = O + b * stride_ob + heads[:, None] * stride_oh + split * stride_osplit + columns[None, :] * stride_or
         out_dtype: gl.constexpr = O.dtype.element_ty
-        gl.store(out + (V0 + 0) * _COLUMNS, (o0 * inv[:, None]).to(out_dtype), mask=write)
-        gl.store(out + (V0 + 1) * _COLUMNS, (o1 * inv[:, None]).to(out_dtype), mask=write)
-        gl.store(out + (V0 + 2) * _COLUMNS, (o2 * inv[:, None]).to(out_dtype), mask=write)
-        gl.store(out + (V0 + 3) * _COLUMNS, (o3 * inv[:, None]).to(out_dtype), mask=write)
+        gl.store(out + (V0 + 0) * _COLUMNS * stride_or, (o0 * inv[:, None]).to(out_dtype), mask=write)
+        gl.store(out + (V0 + 1) * _COLUMNS * stride_or, (o1 * inv[:, None]).to(out_dtype), mask=write)
+        gl.store(out + (V0 + 2) * _COLUMNS * stride_or, (o2 * inv[:, None]).to(out_dtype), mask=write)
+        gl.store(out + (V0 + 3) * _COLUMNS * stride_or, (o3 * inv[:, None]).to(out_dtype), mask=write)
         if W == 0 and not DIRECT:
             lse = gl.where(seen, m_i + gl.log2(gl.where(seen, l_i, 1.0)), float("-inf"))  # log2 units
             gl.store(LSE + b * stride_lb + heads * stride_lh + split * stride_lsplit, lse, mask=(heads < H) & mine)
@@ -250,7 +250,7 @@ if HAS_GLUON:
     def _mla_decode_hopper_kernel(
         latent_desc, rope_desc, QL, QR, SEQLENS, STARTS, MASK_NEEDED, O, LSE,
         stride_qlb, stride_qlh, stride_qlr, stride_qrb, stride_qrh, stride_qrd,
-        stride_ob, stride_oh, stride_osplit, stride_lb, stride_lh, stride_lsplit,
+        stride_ob, stride_oh, stride_osplit, stride_or, stride_lb, stride_lh, stride_lsplit,
         H, T, qk_scale,
         SKIP_HOLES: gl.constexpr, NUM_SPLITS: gl.constexpr, DIRECT: gl.constexpr,
     ):
@@ -287,7 +287,7 @@ if HAS_GLUON:
 
         args = (latent_desc, rope_desc, q_smem, k_smem, p_smem, stats, k_ready, k_empty, published,
                 SEQLENS, STARTS, MASK_NEEDED, O, LSE, H, T, qk_scale,
-                stride_ob, stride_oh, stride_osplit, stride_lb, stride_lh, stride_lsplit)
+                stride_ob, stride_oh, stride_osplit, stride_or, stride_lb, stride_lh, stride_lsplit)
         gl.warp_specialize([
             (_consume_first, (args, SKIP_HOLES, NUM_SPLITS, DIRECT)),
             (_consume_second, (args, SKIP_HOLES, NUM_SPLITS, DIRECT)),
@@ -305,13 +305,12 @@ def mla_decode_hopper_split(q_latent, q_rope, latent, k_rope, partial, lse, cach
     layout = gl.NVMMASharedLayout.get_default_for([KEYS, COLUMNS], _GL_DTYPES[latent.dtype])
     latent_desc = TensorDescriptor.from_tensor(latent.view(batch * kv_len, rank), [KEYS, COLUMNS], layout)
     rope_desc = TensorDescriptor.from_tensor(k_rope.view(batch * kv_len, ROPE), [KEYS, COLUMNS], layout)
-    if partial.stride(-1) != 1:
-        raise ValueError("the partial outputs must be contiguous in their last dimension")
     _mla_decode_hopper_kernel[(batch * (heads // HEADS), num_splits)](
         latent_desc, rope_desc, q_latent, q_rope, cache_seqlens, key_starts, mask_needed, partial, lse,
         q_latent.stride(0), q_latent.stride(1), q_latent.stride(3),
         q_rope.stride(0), q_rope.stride(1), q_rope.stride(3),
-        partial.stride(0), partial.stride(1), partial.stride(3), lse.stride(0), lse.stride(1), lse.stride(3),
+        partial.stride(0), partial.stride(1), partial.stride(3), partial.stride(4),
+        lse.stride(0), lse.stride(1), lse.stride(3),
         heads, kv_len, qk_scale,
         SKIP_HOLES=skip_holes, NUM_SPLITS=num_splits, DIRECT=num_splits == 1,
         num_warps=4, maxnreg=MAX_REGISTERS,

@@ -476,15 +476,16 @@ def test_hopper_kernel_only_where_it_applies():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("heads, splits, masking, dtype", [
-    (128, None, "left-padding", torch.bfloat16), (128, 1, "left-padding", torch.bfloat16),
-    (64, 3, "holes", torch.bfloat16), (256, None, "none", torch.bfloat16), (128, 2, "left-padding", torch.float16),
+@pytest.mark.parametrize("heads, splits, masking, dtype, strided_query", [
+    (128, None, "left-padding", torch.bfloat16, False), (128, 1, "left-padding", torch.bfloat16, True),
+    (64, 3, "holes", torch.bfloat16, False), (256, None, "none", torch.bfloat16, False),
+    (128, 2, "left-padding", torch.float16, True),
 ])
-def test_gpu_hopper_kernel_matches_float64(monkeypatch, heads, splits, masking, dtype):
+def test_gpu_hopper_kernel_matches_float64(monkeypatch, heads, splits, masking, dtype, strided_query):
     """The Gluon split kernel (sm_90) against the float64 math and the Triton kernel: filled lengths that are not
     multiples of the key block (a full cache, one key, none; odd and even block counts), left padding, one sequence
     with holes in its window (its own Triton launch beside the Gluon one), one to three splits and the default split
-    count, bf16 and fp16."""
+    count, bf16 and fp16, a query whose latent columns are not contiguous (nor then the output's)."""
     from modeling_moe.kernels import mla_decode
 
     if torch.cuda.get_device_capability() != (9, 0):
@@ -496,6 +497,9 @@ def test_gpu_hopper_kernel_matches_float64(monkeypatch, heads, splits, masking, 
     batch, kv_len = 5, 1000
     q_latent, q_rope, latent, k_rope = random_inputs(batch, heads, 1, 512, 64, kv_len, dtype, "cuda", seed=3)
     q_latent, q_rope = q_latent / 8, q_rope / 8  # scores of a realistic spread
+    if strided_query:  # [B, H, 1, r] over [B, r, H] memory: mla_decode_triton's output (empty_like) strided alike
+        q_latent = q_latent.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+        assert q_latent.stride(-1) == heads
     seqlens = torch.tensor([1000, 999, 130, 1, 0], dtype=torch.int32, device="cuda")
     key_mask = None
     if masking != "none":
