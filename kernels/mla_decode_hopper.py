@@ -73,8 +73,8 @@ def hopper_kernel_applies(q_latent: torch.Tensor, q_rope: torch.Tensor, latent: 
 
 if HAS_GLUON:
     # the module's numbers as the kernels' compile-time constants
-    _RANK, _ROPE, _HEADS, _COLUMNS, _CHUNKS, _KEYS, _STAGES, _CONSUMER_REGISTERS = (
-        gl.constexpr(v) for v in (RANK, ROPE, HEADS, COLUMNS, CHUNKS, KEYS, STAGES, CONSUMER_REGISTERS))
+    _RANK, _HEADS, _COLUMNS, _CHUNKS, _KEYS, _STAGES, _CONSUMER_REGISTERS = (
+        gl.constexpr(v) for v in (RANK, HEADS, COLUMNS, CHUNKS, KEYS, STAGES, CONSUMER_REGISTERS))
 
     @gluon.jit
     def _key_range(SEQLENS, STARTS, MASK_NEEDED, T, b, split, SKIP_HOLES: gl.constexpr, NUM_SPLITS: gl.constexpr):
@@ -148,6 +148,31 @@ if HAS_GLUON:
         return o0, o1, o2, o3
 
     @gluon.jit
+    def _publish(my_p, stats, W: gl.constexpr, p, alpha, m_i, l_i, published):
+        """P and the statistics of this warpgroup's block into its buffers, then the other warpgroup told."""
+        my_p.store(p)
+        stats.index(3 * W).store(alpha)
+        stats.index(3 * W + 1).store(m_i)
+        stats.index(3 * W + 2).store(l_i)
+        fence_async_shared()  # P is read by the other's MMAs (the async proxy)
+        mbarrier.arrive(published.index(1 - W), count=1)
+
+    @gluon.jit
+    def _read_published(stats, published, W: gl.constexpr, i, rows: gl.constexpr):
+        """The other warpgroup's block i, once it is published: its rescale factor, running max and sum."""
+        mbarrier.wait(published.index(W), (i // 2) & 1)
+        theirs: gl.constexpr = 3 * (1 - W)
+        return stats.index(theirs).load(rows), stats.index(theirs + 1).load(rows), stats.index(theirs + 2).load(rows)
+
+    @gluon.jit
+    def _accumulate_values(p, k_smem, k_empty, i, V0: gl.constexpr, o0, o1, o2, o3, alpha):
+        """`_issue_values`, waited for; then this warpgroup is done with key block i."""
+        o0, o1, o2, o3 = _issue_values(p, k_smem, i, V0, o0, o1, o2, o3, alpha)
+        o0, o1, o2, o3 = warpgroup_mma_wait(num_outstanding=0, deps=(o0, o1, o2, o3))
+        mbarrier.arrive(k_empty.index(i % _STAGES), count=1)
+        return o0, o1, o2, o3
+
+    @gluon.jit
     def _consume(args, W: gl.constexpr, SKIP_HOLES: gl.constexpr, NUM_SPLITS: gl.constexpr, DIRECT: gl.constexpr):
         """Consumer warpgroup W (0 or 1): the scores and softmax of the key blocks i with i % 2 == W, published for
         the other, and output columns [256 W, 256 W + 256) over every block. Each step takes the other's block
@@ -183,35 +208,24 @@ if HAS_GLUON:
                 s = warpgroup_mma_wait(num_outstanding=0, deps=(_issue_scores(q_smem, k_smem, k_ready, 0, s_layout), ))
                 p, alpha, m_i, l_i = _softmax(s, 0, start, end, qk_scale, m_i, l_i, rows, k_smem.dtype)
                 _publish(my_p, stats, W, p, alpha, m_i, l_i, published)
-                o0, o1, o2, o3 = _issue_values(gl.convert_layout(p, p_layout), k_smem, 0, V0, o0, o1, o2, o3, alpha)
-                o0, o1, o2, o3 = warpgroup_mma_wait(num_outstanding=0, deps=(o0, o1, o2, o3))
-                mbarrier.arrive(k_empty.index(0), count=1)
+                o0, o1, o2, o3 = _accumulate_values(gl.convert_layout(p, p_layout), k_smem, k_empty, 0, V0,
+                                                    o0, o1, o2, o3, alpha)
         for i in range(2 - W, n_blocks, 2):  # this warpgroup's blocks after its first step
             s = _issue_scores(q_smem, k_smem, k_ready, i, s_layout)
-            # the other's block i - 1: its P and statistics, and this warpgroup's value columns of it
-            mbarrier.wait(published.index(W), ((i - 1) // 2) & 1)
-            alpha = stats.index(3 * (1 - W)).load(rows)
-            m_i = stats.index(3 * (1 - W) + 1).load(rows)
-            l_i = stats.index(3 * (1 - W) + 2).load(rows)
+            # the other's block i - 1: its statistics, and this warpgroup's value columns of it
+            alpha, m_i, l_i = _read_published(stats, published, W, i - 1, rows)
             o0, o1, o2, o3 = _issue_values(their_p, k_smem, i - 1, V0, o0, o1, o2, o3, alpha)
             s = warpgroup_mma_wait(num_outstanding=4, deps=(s, ))  # the scores; the value MMAs run on
             p, alpha, m_i, l_i = _softmax(s, i, start, end, qk_scale, m_i, l_i, rows, k_smem.dtype)
             o0, o1, o2, o3 = warpgroup_mma_wait(num_outstanding=0, deps=(o0, o1, o2, o3))
             mbarrier.arrive(k_empty.index((i - 1) % _STAGES), count=1)
             _publish(my_p, stats, W, p, alpha, m_i, l_i, published)  # also: done with their P
-            o0, o1, o2, o3 = _issue_values(gl.convert_layout(p, p_layout), k_smem, i, V0, o0, o1, o2, o3, alpha)
-            o0, o1, o2, o3 = warpgroup_mma_wait(num_outstanding=0, deps=(o0, o1, o2, o3))
-            mbarrier.arrive(k_empty.index(i % _STAGES), count=1)
+            o0, o1, o2, o3 = _accumulate_values(gl.convert_layout(p, p_layout), k_smem, k_empty, i, V0,
+                                                o0, o1, o2, o3, alpha)
         if n_blocks > 0:
             if (n_blocks - 1) % 2 != W:  # the last block is the other's
-                last = n_blocks - 1
-                mbarrier.wait(published.index(W), (last // 2) & 1)
-                alpha = stats.index(3 * (1 - W)).load(rows)
-                m_i = stats.index(3 * (1 - W) + 1).load(rows)
-                l_i = stats.index(3 * (1 - W) + 2).load(rows)
-                o0, o1, o2, o3 = _issue_values(their_p, k_smem, last, V0, o0, o1, o2, o3, alpha)
-                o0, o1, o2, o3 = warpgroup_mma_wait(num_outstanding=0, deps=(o0, o1, o2, o3))
-                mbarrier.arrive(k_empty.index(last % _STAGES), count=1)
+                alpha, m_i, l_i = _read_published(stats, published, W, n_blocks - 1, rows)
+                o0, o1, o2, o3 = _accumulate_values(their_p, k_smem, k_empty, n_blocks - 1, V0, o0, o1, o2, o3, alpha)
 
         seen = l_i > 0
         inv = 1.0 / gl.where(seen, l_i, 1.0)
@@ -227,16 +241,6 @@ if HAS_GLUON:
         if W == 0 and not DIRECT:
             lse = gl.where(seen, m_i + gl.log2(gl.where(seen, l_i, 1.0)), float("-inf"))  # log2 units
             gl.store(LSE + b * stride_lb + heads * stride_lh + split * stride_lsplit, lse, mask=(heads < H) & mine)
-
-    @gluon.jit
-    def _publish(my_p, stats, W: gl.constexpr, p, alpha, m_i, l_i, published):
-        """P and the statistics of this warpgroup's block into its buffers, then the other warpgroup told."""
-        my_p.store(p)
-        stats.index(3 * W).store(alpha)
-        stats.index(3 * W + 1).store(m_i)
-        stats.index(3 * W + 2).store(l_i)
-        fence_async_shared()  # P is read by the other's MMAs (the async proxy)
-        mbarrier.arrive(published.index(1 - W), count=1)
 
     @gluon.jit
     def _consume_first(args, SKIP_HOLES: gl.constexpr, NUM_SPLITS: gl.constexpr, DIRECT: gl.constexpr):
