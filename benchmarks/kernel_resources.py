@@ -11,7 +11,8 @@ Parts:
          launchers call them (the real dtypes, strides and sizes; a few tokens and experts stand in for the many,
          which changes no specialisation)
   mla    the MLA decode split kernel at 16 heads (V2-Lite) and 128 heads (V3), r 512 + rope 64, with the key mask the
-         model passes, for the default tile and the candidates of bench_mla_decode.py's sweep
+         model passes, for the default tile and the candidates of bench_mla_decode.py's sweep; at 128 heads also the
+         Gluon kernel an H100 / H200 runs there (kernels/mla_decode_hopper.py)
 
 Per config: registers per thread, spill stack bytes per thread (0 = no spills), shared memory per program, the
 programs an SM holds (H100 / H200 limits), whether the weights come by TMA. Prints a table and writes it to
@@ -32,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout first
 import modeling_moe  # noqa: E402, F401  (registers the package; kernels/ is modeling_moe.kernels)
 from modeling_moe.kernels import fused_moe_ops as fm  # noqa: E402
-from modeling_moe.kernels import mla_decode  # noqa: E402
+from modeling_moe.kernels import mla_decode, mla_decode_hopper  # noqa: E402
 from modeling_moe.kernels.offline_compile import compile_only, resource_usage  # noqa: E402
 
 FUSED_SHAPES = {  # name: hidden, moe_intermediate, top_k, rows per expert in a training step (bench_moe_layer.py)
@@ -110,6 +111,28 @@ def compile_mla_split_kernel(heads: int, block_h: int, block_n: int, num_warps: 
     return next(k for k in compiled if k.name == "mla_decode_split_kernel")
 
 
+def compile_mla_hopper_kernel(heads: int, splits: int = 2, skip_holes: bool = True, batch: int = 2, keys: int = 256):
+    """The compiled Gluon split kernel (kernels/mla_decode_hopper.py; compile only), launched as mla_decode_triton
+    launches it on an H100 / H200: one query token, rank 512 + rope 64, `splits` splits (1: the output written
+    directly), `skip_holes`: the launch that leaves sequences with holes in their key window to the Triton kernel."""
+    q_latent = torch.empty(batch, heads, 1, 512, dtype=torch.bfloat16)
+    q_rope = torch.empty(batch, heads, 1, 64, dtype=torch.bfloat16)
+    latent = torch.empty(batch, keys, 512, dtype=torch.bfloat16)
+    k_rope = torch.empty(batch, keys, 64, dtype=torch.bfloat16)
+    partial, lse = torch.empty(batch, heads, 1, splits, 512), torch.empty(batch, heads, 1, splits)
+    lengths = torch.full((batch,), keys, dtype=torch.int32)
+    starts, holes = torch.zeros(batch, dtype=torch.int32), torch.zeros(batch, dtype=torch.int32)
+    with compile_only() as compiled:
+        mla_decode_hopper.mla_decode_hopper_split(q_latent, q_rope, latent, k_rope, partial, lse, lengths, starts,
+                                                  holes, 512 ** -0.5, splits, skip_holes)
+    return compiled[0]
+
+
+# warps of the Gluon kernel as registers are allocated: its default partition, the second consumer warpgroup, and
+# the loader warp's group
+HOPPER_WARPS = 12
+
+
 def describe(compiled, num_warps: int) -> dict:
     usage = resource_usage(compiled)
     return dict(registers=usage.registers, spill_bytes=usage.spill_bytes,
@@ -166,13 +189,18 @@ def main():
                 if shape not in MLA_SHAPES:
                     continue
                 heads = MLA_SHAPES[shape]
+                gluon = mla_decode_hopper.HAS_GLUON and heads % mla_decode_hopper.HEADS == 0  # what sm_90 runs
+                if gluon:
+                    emit(part="mla", shape=shape, heads=heads, default=True, kernel="mla_decode_hopper (Gluon)",
+                         tile=f"{mla_decode_hopper.HEADS}x{mla_decode_hopper.KEYS} w4+4+1 s{mla_decode_hopper.STAGES}",
+                         **describe(compile_mla_hopper_kernel(heads), HOPPER_WARPS))
                 default = mla_decode.default_config(heads, 1, torch.bfloat16, True)
                 tiles = [(default.block_h, default.block_n, default.num_warps, default.num_stages)]
                 tiles += [t for t in MLA_CANDIDATES if t not in tiles and t[0] <= heads]
                 for index, (block_h, block_n, num_warps, num_stages) in enumerate(tiles):
                     compiled = compile_mla_split_kernel(heads, block_h, block_n, num_warps, num_stages)
-                    emit(part="mla", shape=shape, heads=heads, default=index == 0, block_h=block_h, block_n=block_n,
-                         num_warps=num_warps, num_stages=num_stages,
+                    emit(part="mla", shape=shape, heads=heads, default=index == 0 and not gluon, block_h=block_h,
+                         block_n=block_n, num_warps=num_warps, num_stages=num_stages,
                          tile=tile_label(block_h, block_n, None, num_warps, num_stages),
                          **describe(compiled, num_warps))
     table = markdown_table(records)

@@ -430,34 +430,23 @@ def test_tile_config_overrides_the_default_tile(triton_device, monkeypatch):
 # ------------------------------------------------------------------------------- Gluon split kernel for Hopper
 
 
-def hopper_launch_args(batch=32, heads=128, kv_len=8192, splits=2, device="cpu"):
-    """The Gluon split kernel's arguments as `mla_decode_triton` passes them (one query token, rank 512 + rope 64)."""
-    q_latent, q_rope, latent, k_rope = random_inputs(batch, heads, 1, 512, 64, kv_len, torch.bfloat16, device)
-    partial = torch.empty(batch, heads, 1, splits, 512, device=device)
-    lse = torch.empty(batch, heads, 1, splits, device=device)
-    ints = dict(dtype=torch.int32, device=device)
-    lengths, starts, holes = torch.full((batch,), kv_len, **ints), torch.zeros(batch, **ints), torch.zeros(batch, **ints)
-    return q_latent, q_rope, latent, k_rope, partial, lse, lengths, starts, holes
-
-
 @pytest.mark.parametrize("splits, skip_holes", [(2, True), (1, False)], ids=["split-window", "direct-all"])
 def test_hopper_kernel_compiles_for_sm90_without_a_gpu(monkeypatch, splits, skip_holes):
     """The Gluon kernel has no interpreter: on the CPU it is compiled for sm_90 (Triton's bundled ptxas) as
-    `mla_decode_triton` launches it, and must fit one program per SM: Q, two stages of keys and P in the 227 KiB an
-    sm_90 block may use, and its three partitions' register budgets in the register file."""
+    `mla_decode_triton` launches it (benchmarks/kernel_resources.py's MLA part), and must fit one program per SM: Q,
+    four stages of keys and P in the 227 KiB an sm_90 block may use, and its three partitions' register budgets in
+    the register file, without spills."""
     from modeling_moe.kernels import mla_decode_hopper
-    from modeling_moe.kernels.offline_compile import compile_only, resource_usage
 
     if not mla_decode_hopper.HAS_GLUON:
         pytest.skip("this triton has no Gluon")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with compile_only() as compiled:
-        mla_decode_hopper.mla_decode_hopper_split(*hopper_launch_args(splits=splits), 0.1, splits, skip_holes)
-    usage = resource_usage(compiled[0])
+    resources = load_benchmark_script("kernel_resources")
+    usage = resources.resource_usage(resources.compile_mla_hopper_kernel(128, splits, skip_holes))
     assert 224 * 1024 <= usage.shared_bytes <= 227 * 1024  # 72 KiB of Q, 4 x 36 KiB of keys, 2 x 4 KiB of P, stats
     assert usage.spill_bytes == 0
     assert usage.registers == mla_decode_hopper.MAX_REGISTERS
-    assert usage.programs_per_sm(4 + 4 + 4) == 1  # the loader warp's group counts whole
+    assert usage.programs_per_sm(resources.HOPPER_WARPS) == 1
 
 
 def test_hopper_kernel_only_where_it_applies():
