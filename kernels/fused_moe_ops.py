@@ -14,8 +14,9 @@ Backward:
     wgrad_down   dWd[e] = sum_rows (w dY[tok])^T h          (reduction over the expert's rows; gather fused)
     wgrad_gu     dWgu[e] = sum_rows dgu^T x[tok]
                  (both: into a fresh gradient on an H100/H200 in bf16, torch._grouped_mm over rows gathered first,
-                 the faster there, as dgrad_x and dgrad_h's GEMM; added into an existing .grad, our kernels: see
-                 BACKWARD_GEMM_BACKENDS)
+                 the faster there, as dgrad_x and dgrad_h's GEMM; added into an existing .grad, our kernels in
+                 place, or the library's product and an add where experts hold many rows: see
+                 BACKWARD_GEMM_BACKENDS and LIBRARY_THEN_ADD_ROWS_PER_EXPERT)
     dgrad_x      dXs = dgu @ Wgu[e], then dx[t] = sum_j dXs[slot(t, j)] (the combine kernel, fp32, no atomics)
 The [N, H] expert outputs are never stored: the routing-weight gradient <dY_t, y_s> equals <dY_t @ Wd[e], h_s>,
 which dgrad_h has at hand.
@@ -97,12 +98,13 @@ def dgrad_h_variant() -> str:
 
 
 # The backward's plain grouped GEMMs: dgrad_x (dXs = dgu @ Wgu[e]), dgrad_h's dA = dY[tok] @ Wd[e] (the SwiGLU
-# backward then a pass of its own) and the two weight gradients when they are not added into an existing .grad
-# (dW[e] = A_e^T B_e over the expert's sorted rows). On an H200 torch._grouped_mm's CUTLASS kernels (warp-specialized,
-# persistent) run the weight gradients 25-50% faster than our Triton wgrad, gathers included, and dgrad_x, dA a few
-# percent faster (benchmarks/RESULTS.md, session 18: V2-Lite wgrad_gate_up 2.76 -> 1.80 + 0.20 ms). Our kernels keep
-# what the library cannot do: adding into .grad in place, the forward's fused gather and SwiGLU; and fp32 operands,
-# other GPUs, shapes its 16-byte alignment rules out.
+# backward then a pass of its own) and the two weight gradients (dW[e] = A_e^T B_e over the expert's sorted rows)
+# when they are not added into an existing .grad, or are where experts hold many rows (`_library_then_add`). On an
+# H200 torch._grouped_mm's CUTLASS kernels (warp-specialized, persistent) run the weight gradients 25-50% faster
+# than our Triton wgrad, gathers included, and dgrad_x, dA a few percent faster (benchmarks/RESULTS.md, session 18:
+# V2-Lite wgrad_gate_up 2.76 -> 1.80 + 0.20 ms). Our kernels keep what the library cannot do: adding into .grad in
+# place (where experts hold few rows, a separate add costs more than the library saves), the forward's fused gather
+# and SwiGLU; and fp32 operands, other GPUs, shapes its 16-byte alignment rules out.
 BACKWARD_GEMM_BACKENDS = ("auto", "triton", "grouped_mm")  # auto: grouped_mm where measured (sm_90, bf16), else triton
 _backward_gemm = dispatch.Choice("MOE_BACKWARD_GEMM", BACKWARD_GEMM_BACKENDS, "backward GEMM backend")
 
