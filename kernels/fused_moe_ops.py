@@ -56,6 +56,7 @@ from . import dispatch
 from .dispatch import interpreting
 from .offline_compile import programs_per_sm
 from .reference import moe_experts_reference
+from .wgrad_hopper import accumulate_wgrad_hopper, hopper_wgrad_applies
 
 # Triton is optional (without it "fused" runs the PyTorch reference); the kernels module is imported when a kernel
 # first runs.
@@ -627,9 +628,8 @@ def gate_up_backward_impl(dgu, x, gate_up, perm, inv, offsets, top_k, need_x, ne
                         lambda c: _launch_grouped(c, routing, dgu, gate_up, dxs, hidden, two_i, _gate_up_n(gate_up)))
         _launch_combine(dxs, inv, None, dx, top_k)
         del dxs
-    if need_gate_up and library and (grad_gate_up is None or _library_then_add(routing)):
-        dgate_up = _into_or_new(grad_gate_up, _grouped_wgrad(dgu, x.index_select(0, _sorted_tokens(perm, top_k)),
-                                                             offsets))
+    if need_gate_up and library and _wgrad_in_library(routing, grad_gate_up, dgu, x):
+        dgate_up = _library_wgrad(grad_gate_up, dgu, x.index_select(0, _sorted_tokens(perm, top_k)), offsets)
     elif need_gate_up:
         into = grad_gate_up if grad_gate_up is not None else gate_up.new_empty(gate_up.shape)  # the fake's strides
         routing.run("wgrad_gate_up", "wgrad_gate_up",
@@ -683,10 +683,10 @@ def down_backward_impl(grad_out, gu, h, down, top_k_weights, perm, inv, offsets,
             dw = _run_dgrad_h(routing, variant, grad_out, down, dgu, gu, wgrad_b, weights, store_wh)
         if need_weights:
             dweights = dw.sum(0).index_select(0, inv).view_as(top_k_weights).to(top_k_weights.dtype)
-    if need_down and library and (grad_down is None or _library_then_add(routing)):
+    if need_down and library and _wgrad_in_library(routing, grad_down, grad_out, wgrad_b):
         if not store_wh:
             dy_sorted.mul_(weights.index_select(0, perm).unsqueeze(1).to(dy_sorted.dtype))
-        ddown = _into_or_new(grad_down, _grouped_wgrad(dy_sorted, wgrad_b, offsets))
+        ddown = _library_wgrad(grad_down, dy_sorted, wgrad_b, offsets)
     elif need_down:  # dWd[e] [H, I] = sum_r (w_r dY[tok_r])^T h_r
         into = grad_down if grad_down is not None else down.new_empty(down.shape)  # the fake's strides
         scale = None if store_wh else weights
@@ -712,20 +712,30 @@ def _run_dgrad_h(routing, variant, grad_out, down, dgu, gu, h, weights, store_wh
     return partial[dgrad_h_partials(config, routing.inter)]
 
 
-# Adding into an existing .grad: the library's product plus a separate add (3 bytes moved per gradient byte) beats our
-# in-place wgrad where each expert holds many rows (the product's time grows with them, the add's does not).
+# Adding into an existing .grad: on an H100 / H200 in bf16, the Gluon kernel adds in place with the old gradient's
+# traffic under its MMAs (wgrad_hopper.py); elsewhere the library's product plus a separate add (3 bytes moved per
+# gradient byte) beats our in-place Triton wgrad where each expert holds many rows (the product's time grows with
+# them, the add's does not).
 LIBRARY_THEN_ADD_ROWS_PER_EXPERT = 1024
 
 
-def _library_then_add(routing) -> bool:
-    return routing.num_rows >= LIBRARY_THEN_ADD_ROWS_PER_EXPERT * routing.num_experts
+def _wgrad_in_library(routing, into: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a weight gradient over operands like `a`, `b` (whose rows get sorted) goes the library's way (a
+    fresh product, or added into `into`) rather than through our Triton wgrad."""
+    return (into is None or hopper_wgrad_applies(a, b, into)
+            or routing.num_rows >= LIBRARY_THEN_ADD_ROWS_PER_EXPERT * routing.num_experts)
 
 
-def _into_or_new(into: torch.Tensor | None, computed: torch.Tensor) -> torch.Tensor | None:
-    """`computed` as the new gradient, or added into `into` (then None: nothing to return)."""
+def _library_wgrad(into: torch.Tensor | None, a_sorted: torch.Tensor, b_sorted: torch.Tensor,
+                   offsets: torch.Tensor) -> torch.Tensor | None:
+    """dW[e] = sum over expert e's rows of a^T b as a new gradient; or added into `into` (then None: nothing to
+    return), in place by the Gluon kernel where it applies, else as the library's product and an add."""
     if into is None:
-        return computed
-    into.add_(computed)
+        return _grouped_wgrad(a_sorted, b_sorted, offsets)
+    if hopper_wgrad_applies(a_sorted, b_sorted, into):
+        accumulate_wgrad_hopper(a_sorted, b_sorted, offsets, into)
+    else:
+        into.add_(_grouped_wgrad(a_sorted, b_sorted, offsets))
     return None
 
 

@@ -10,6 +10,7 @@ import contextlib
 import copy
 import dataclasses
 import importlib.util
+import itertools
 import sys
 from pathlib import Path
 
@@ -1166,3 +1167,80 @@ def test_gpu_model_bf16_fused_close_to_eager(triton_path):
         losses.append(model(input_ids=ids, labels=ids).loss.float())
         losses[-1].backward()
     torch.testing.assert_close(losses[1], losses[0], rtol=2e-2, atol=2e-2)
+
+
+# ------------------------------------------------------------------- weight gradients added in place, Hopper (Gluon)
+
+
+def test_hopper_wgrad_compiles_for_sm90_without_a_gpu(monkeypatch):
+    """The Gluon kernel that adds weight gradients into .grad (kernels/wgrad_hopper.py) has no interpreter: on the
+    CPU it is compiled for sm_90 (Triton's bundled ptxas) and must hold one program an SM without spills: four
+    stages of A and B tiles and two gradient tiles in the 227 KiB an sm_90 block may use."""
+    from modeling_moe.kernels import wgrad_hopper
+    from modeling_moe.kernels.offline_compile import compile_only, resource_usage
+
+    if not wgrad_hopper.HAS_GLUON:
+        pytest.skip("this triton has no Gluon")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    rows, experts, m, n = 1000, 8, 256, 512
+    with compile_only() as compiled:
+        wgrad_hopper.accumulate_wgrad_hopper(torch.empty(rows, m, dtype=torch.bfloat16),
+                                             torch.empty(rows, n, dtype=torch.bfloat16),
+                                             torch.zeros(experts + 1, dtype=torch.int32),
+                                             torch.empty(experts, m, n, dtype=torch.bfloat16), programs=132)
+    usage = resource_usage(compiled[0])
+    assert 192 * 1024 <= usage.shared_bytes <= 227 * 1024
+    assert usage.spill_bytes == 0 and usage.registers == wgrad_hopper.MAX_REGISTERS
+    assert usage.programs_per_sm(12) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("programs", [None, 3])
+def test_gpu_hopper_wgrad_adds_in_place(programs):
+    """grad[e] += A_e^T B_e against float64: an expert without rows (its gradient untouched), one row, a partial
+    64-row step, a whole one, several, N not a multiple of the 128-wide tile; one program an SM, and 3 programs (each
+    consumer warpgroup takes many tiles)."""
+    from modeling_moe.kernels.wgrad_hopper import accumulate_wgrad_hopper, hopper_wgrad_applies
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon kernel is for sm_90")
+    counts = [0, 1, 63, 64, 200, 129]
+    offsets = torch.tensor([0] + list(itertools.accumulate(counts)), dtype=torch.int32, device="cuda")
+    g = torch.Generator().manual_seed(1)
+    m, n, rows = 256, 200, sum(counts)
+    a, b = (torch.randn(rows, k, generator=g).to("cuda", torch.bfloat16) for k in (m, n))
+    grad = torch.randn(len(counts), m, n, generator=g).to("cuda", torch.bfloat16)
+    expected = grad.double().clone()
+    for e, (start, end) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+        expected[e] += a[start:end].double().T @ b[start:end].double()
+    assert hopper_wgrad_applies(a, b, grad)
+    before = grad.clone()
+    accumulate_wgrad_hopper(a, b, offsets, grad, programs)
+    assert torch.equal(grad[0], before[0])
+    assert relative_error(grad, expected) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(GPU_CASES))
+def test_gpu_bf16_second_backward_adds_into_grad(triton_path, monkeypatch, name):
+    """A second backward adds its expert weight gradients into .grad: twice the first's; on an H100/H200 through the
+    in-place Gluon kernel for each weight whose shapes it takes (for neither in "uneven")."""
+    from modeling_moe.kernels import fused_moe_ops as fm
+
+    calls = []
+    accumulate = fm.accumulate_wgrad_hopper
+    monkeypatch.setattr(fm, "accumulate_wgrad_hopper", lambda *args: calls.append(1) or accumulate(*args))
+    tokens, hidden, inter, experts, top_k, routing = GPU_CASES[name]
+    x, gate_up, down, index, weights = make_case(tokens, hidden, inter, experts, top_k, routing, seed=len(name),
+                                                 device="cuda", dtype=torch.bfloat16)
+    for tensor in (gate_up, down):
+        tensor.requires_grad_(True)
+    grads = []
+    for _ in range(2):
+        fused_moe(x, gate_up, down, index, weights).float().square().sum().backward()
+        grads.append((gate_up.grad.clone(), down.grad.clone()))
+    for first, second in zip(*grads):
+        assert relative_error(second, 2 * first.double()) < 1e-2
+    if torch.cuda.get_device_capability() == (9, 0):  # where the gradient's rows tile by 128 and TMA's strides fit
+        applies = (2 * inter % 128 == 0 and hidden % 8 == 0) + (hidden % 128 == 0 and inter % 8 == 0)
+        assert len(calls) == applies
