@@ -15,7 +15,8 @@ Per anchor shape (../shared/anchors/README.md; bf16, routers fp32, weights N(0, 
              dense-GEMM ceiling (one GEMM chain with the routed FLOPs, as the anchors).
   breakdown  each fused kernel alone (routing, GEMM1+SwiGLU, GEMM2, combine, dgrad_h, wgrad down / gate_up,
              dgrad_x) with the configs in use; and the same six GEMMs as torch._grouped_mm (CUTLASS) computes them
-             from operands gathered beforehand (`torch._grouped_mm <step>` rows; our kernels fuse what it cannot).
+             from operands gathered beforehand (`torch._grouped_mm <step>` rows; our kernels fuse what it cannot);
+             on an H100/H200 the weight gradients by our Gluon kernel too (`gluon <step>`, fresh and `+= grad`).
   decode     forward latency at 16, 64 and 256 tokens (no grad), grouped_mm vs fused (ours) and transformers: eager
              (`latency_us`, host overhead included) and replayed from a CUDA graph (`replayed_us`, null where the
              layer cannot be captured).
@@ -71,6 +72,7 @@ def load_kernels():
 
 kernels = load_kernels()
 from modeling_moe.kernels import fused_moe_ops as fm  # noqa: E402
+from modeling_moe.kernels.wgrad_hopper import hopper_wgrad_applies, wgrad_hopper  # noqa: E402
 from modeling_moe.modeling_moe import MoEForCausalLM, MoESparseMoeBlock  # noqa: E402
 
 SHAPES = {  # name: H, I, E, k, shared, n_group, topk_group, tokens
@@ -468,8 +470,9 @@ def part_breakdown(name, block, x0, variants):
 
 def grouped_mm_steps(name, routing, x, dgrad_out, gate_up, down, h, dgu, hw, outputs):
     """The breakdown's six GEMMs as torch._grouped_mm (CUTLASS) runs them, on operands gathered beforehand (the
-    gathers timed as their own steps): which of our kernels a library grouped GEMM would beat. `outputs` holds what
-    our kernels wrote for some of them (same operands), compared to check that the same product is timed."""
+    gathers timed as their own steps): which of our kernels a library grouped GEMM would beat; and on an H100/H200
+    the weight gradients by our Gluon kernel (wgrad_hopper.py), fresh and added into a gradient. `outputs` holds
+    what our kernels wrote for some of them (same operands), compared to check that the same product is timed."""
     H, I, N = routing.hidden, routing.inter, routing.num_rows
     offs = routing.offsets[1:]
     token = fm._sorted_tokens(routing.perm, routing.top_k)
@@ -484,15 +487,22 @@ def grouped_mm_steps(name, routing, x, dgrad_out, gate_up, down, h, dgu, hw, out
         "dgrad_h": (lambda: torch._grouped_mm(dys, down, offs=offs), gemm),
         "wgrad_down": (lambda: fm._grouped_wgrad(dys, hw, routing.offsets), gemm),
     }
+    steps = {f"torch._grouped_mm {step}": spec for step, spec in steps.items()}
+    for step, a, b, grad, flops in (("wgrad_gate_up", dgu, xs, gate_up, 2 * gemm), ("wgrad_down", dys, hw, down, gemm)):
+        if hopper_wgrad_applies(a, b):
+            into = torch.zeros_like(grad)
+            steps[f"gluon {step}"] = (lambda a=a, b=b: wgrad_hopper(a, b, routing.offsets), flops)
+            steps[f"gluon {step} += grad"] = (lambda a=a, b=b, into=into: wgrad_hopper(a, b, routing.offsets, into),
+                                              flops)
     for step, (fn, flops) in steps.items():
         try:
             ms = do_bench(fn, warmup=10, rep=50, return_mode="median")
-            check = {"relerr_vs_ours": round(rel(fn(), outputs[step]), 5)} if step in outputs else {}
-            emit(part="breakdown", shape=name, step=f"torch._grouped_mm {step}", ms=round(ms, 4),
+            ours = outputs.get(step.split(" ")[-1])
+            check = {"relerr_vs_ours": round(rel(fn(), ours), 5)} if ours is not None else {}
+            emit(part="breakdown", shape=name, step=step, ms=round(ms, 4),
                  tflops=round(flops / ms / 1e9, 1) if flops else None, **check)
         except Exception as error:  # an older torch without this layout
-            emit(part="breakdown", shape=name, step=f"torch._grouped_mm {step}",
-                 error=f"{type(error).__name__}: {str(error)[:200]}")
+            emit(part="breakdown", shape=name, step=step, error=f"{type(error).__name__}: {str(error)[:200]}")
 
 
 def time_step(shape, step, fn, flops, config, variant=None):

@@ -13,9 +13,10 @@ Backward:
                  (`split`) a gathered GEMM into dgu and a pass of its own; or all in the GEMM's epilogue
     wgrad_down   dWd[e] = sum_rows (w dY[tok])^T h          (reduction over the expert's rows; gather fused)
     wgrad_gu     dWgu[e] = sum_rows dgu^T x[tok]
-                 (both: into a fresh gradient on an H100/H200 in bf16, torch._grouped_mm over rows gathered first,
-                 the faster there, as dgrad_x and dgrad_h's GEMM; added into an existing .grad, our kernels in
-                 place, or the library's product and an add where experts hold many rows: see
+                 (both: on an H100/H200 in bf16 by our Gluon kernel (wgrad_hopper.py) over rows gathered in
+                 expert order first, fresh or added into .grad in place, where its shapes fit; otherwise a fresh
+                 gradient by torch._grouped_mm there, and one added into .grad by our Triton kernels in place, or
+                 the library's product and an add where experts hold many rows; elsewhere our Triton kernels. See
                  BACKWARD_GEMM_BACKENDS and LIBRARY_THEN_ADD_ROWS_PER_EXPERT)
     dgrad_x      dXs = dgu @ Wgu[e], then dx[t] = sum_j dXs[slot(t, j)] (the combine kernel, fp32, no atomics)
 The [N, H] expert outputs are never stored: the routing-weight gradient <dY_t, y_s> equals <dY_t @ Wd[e], h_s>,
@@ -56,7 +57,7 @@ from . import dispatch
 from .dispatch import interpreting
 from .offline_compile import programs_per_sm
 from .reference import moe_experts_reference
-from .wgrad_hopper import accumulate_wgrad_hopper, hopper_wgrad_applies
+from .wgrad_hopper import hopper_wgrad_applies, wgrad_hopper
 
 # Triton is optional (without it "fused" runs the PyTorch reference); the kernels module is imported when a kernel
 # first runs.
@@ -628,8 +629,8 @@ def gate_up_backward_impl(dgu, x, gate_up, perm, inv, offsets, top_k, need_x, ne
                         lambda c: _launch_grouped(c, routing, dgu, gate_up, dxs, hidden, two_i, _gate_up_n(gate_up)))
         _launch_combine(dxs, inv, None, dx, top_k)
         del dxs
-    if need_gate_up and library and _wgrad_in_library(routing, grad_gate_up, dgu, x):
-        dgate_up = _library_wgrad(grad_gate_up, dgu, x.index_select(0, _sorted_tokens(perm, top_k)), offsets)
+    if need_gate_up and library and _wgrad_on_sorted_rows(routing, grad_gate_up, dgu, x):
+        dgate_up = _sorted_rows_wgrad(grad_gate_up, dgu, x.index_select(0, _sorted_tokens(perm, top_k)), offsets)
     elif need_gate_up:
         into = grad_gate_up if grad_gate_up is not None else gate_up.new_empty(gate_up.shape)  # the fake's strides
         routing.run("wgrad_gate_up", "wgrad_gate_up",
@@ -683,10 +684,10 @@ def down_backward_impl(grad_out, gu, h, down, top_k_weights, perm, inv, offsets,
             dw = _run_dgrad_h(routing, variant, grad_out, down, dgu, gu, wgrad_b, weights, store_wh)
         if need_weights:
             dweights = dw.sum(0).index_select(0, inv).view_as(top_k_weights).to(top_k_weights.dtype)
-    if need_down and library and _wgrad_in_library(routing, grad_down, grad_out, wgrad_b):
+    if need_down and library and _wgrad_on_sorted_rows(routing, grad_down, grad_out, wgrad_b):
         if not store_wh:
             dy_sorted.mul_(weights.index_select(0, perm).unsqueeze(1).to(dy_sorted.dtype))
-        ddown = _library_wgrad(grad_down, dy_sorted, wgrad_b, offsets)
+        ddown = _sorted_rows_wgrad(grad_down, dy_sorted, wgrad_b, offsets)
     elif need_down:  # dWd[e] [H, I] = sum_r (w_r dY[tok_r])^T h_r
         into = grad_down if grad_down is not None else down.new_empty(down.shape)  # the fake's strides
         scale = None if store_wh else weights
@@ -712,30 +713,35 @@ def _run_dgrad_h(routing, variant, grad_out, down, dgu, gu, h, weights, store_wh
     return partial[dgrad_h_partials(config, routing.inter)]
 
 
-# Adding into an existing .grad: on an H100 / H200 in bf16, the Gluon kernel adds in place with the old gradient's
-# traffic under its MMAs (wgrad_hopper.py); elsewhere the library's product plus a separate add (3 bytes moved per
-# gradient byte) beats our in-place Triton wgrad where each expert holds many rows (the product's time grows with
-# them, the add's does not).
+# Weight gradients over rows gathered in expert order beforehand: on an H100 / H200 in bf16 the Gluon kernel
+# (wgrad_hopper.py), fresh or added into .grad in place with the old gradient's traffic under its MMAs; elsewhere the
+# library's product, and where it is added into .grad a separate add (3 bytes moved per gradient byte), which beats
+# our in-place Triton wgrad only where each expert holds many rows (the product's time grows with them, the add's not).
 LIBRARY_THEN_ADD_ROWS_PER_EXPERT = 1024
 
 
-def _wgrad_in_library(routing, into: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether a weight gradient over operands like `a`, `b` (whose rows get sorted) goes the library's way (a
-    fresh product, or added into `into`) rather than through our Triton wgrad."""
-    return (into is None or hopper_wgrad_applies(a, b, into)
+def _wgrad_on_sorted_rows(routing, into: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a weight gradient over operands like `a`, `b` goes through `_sorted_rows_wgrad` (their rows gathered
+    in expert order first) rather than through our Triton wgrad."""
+    return (into is None or _gluon_wgrad(a, b, into)
             or routing.num_rows >= LIBRARY_THEN_ADD_ROWS_PER_EXPERT * routing.num_experts)
 
 
-def _library_wgrad(into: torch.Tensor | None, a_sorted: torch.Tensor, b_sorted: torch.Tensor,
-                   offsets: torch.Tensor) -> torch.Tensor | None:
+def _gluon_wgrad(a: torch.Tensor, b: torch.Tensor, into: torch.Tensor | None) -> bool:
+    return backward_gemm_backend() == "auto" and hopper_wgrad_applies(a, b, into)
+
+
+def _sorted_rows_wgrad(into: torch.Tensor | None, a_sorted: torch.Tensor, b_sorted: torch.Tensor,
+                       offsets: torch.Tensor) -> torch.Tensor | None:
     """dW[e] = sum over expert e's rows of a^T b as a new gradient; or added into `into` (then None: nothing to
-    return), in place by the Gluon kernel where it applies, else as the library's product and an add."""
+    return)."""
+    if _gluon_wgrad(a_sorted, b_sorted, into):
+        dw = wgrad_hopper(a_sorted, b_sorted, offsets, into)
+        return dw if into is None else None
+    dw = _grouped_wgrad(a_sorted, b_sorted, offsets)
     if into is None:
-        return _grouped_wgrad(a_sorted, b_sorted, offsets)
-    if hopper_wgrad_applies(a_sorted, b_sorted, into):
-        accumulate_wgrad_hopper(a_sorted, b_sorted, offsets, into)
-    else:
-        into.add_(_grouped_wgrad(a_sorted, b_sorted, offsets))
+        return dw
+    into.add_(dw)
     return None
 
 

@@ -1169,12 +1169,12 @@ def test_gpu_model_bf16_fused_close_to_eager(triton_path):
     torch.testing.assert_close(losses[1], losses[0], rtol=2e-2, atol=2e-2)
 
 
-# ------------------------------------------------------------------- weight gradients added in place, Hopper (Gluon)
+# ------------------------------------------------------------------------ weight gradients on Hopper (Gluon)
 
 
 def test_hopper_wgrad_compiles_for_sm90_without_a_gpu(monkeypatch):
-    """The Gluon kernel that adds weight gradients into .grad (kernels/wgrad_hopper.py) has no interpreter: on the
-    CPU it is compiled for sm_90 (Triton's bundled ptxas) and must hold one program an SM without spills: four
+    """The Gluon weight-gradient kernel (kernels/wgrad_hopper.py) has no interpreter: on the CPU it is compiled for
+    sm_90 (Triton's bundled ptxas), fresh and adding into .grad, and must hold one program an SM without spills: four
     stages of A and B tiles and two gradient tiles in the 227 KiB an sm_90 block may use."""
     from modeling_moe.kernels import wgrad_hopper
     from modeling_moe.kernels.offline_compile import compile_only, resource_usage
@@ -1183,24 +1183,27 @@ def test_hopper_wgrad_compiles_for_sm90_without_a_gpu(monkeypatch):
         pytest.skip("this triton has no Gluon")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     rows, experts, m, n = 1000, 8, 256, 512
+    a, b = torch.empty(rows, m, dtype=torch.bfloat16), torch.empty(rows, n, dtype=torch.bfloat16)
+    offsets = torch.zeros(experts + 1, dtype=torch.int32)
     with compile_only() as compiled:
-        wgrad_hopper.accumulate_wgrad_hopper(torch.empty(rows, m, dtype=torch.bfloat16),
-                                             torch.empty(rows, n, dtype=torch.bfloat16),
-                                             torch.zeros(experts + 1, dtype=torch.int32),
-                                             torch.empty(experts, m, n, dtype=torch.bfloat16), programs=132)
-    usage = resource_usage(compiled[0])
-    assert 192 * 1024 <= usage.shared_bytes <= 227 * 1024
-    assert usage.spill_bytes == 0 and usage.registers == wgrad_hopper.MAX_REGISTERS
-    assert usage.programs_per_sm(12) == 1
+        wgrad_hopper.wgrad_hopper(a, b, offsets, torch.empty(experts, m, n, dtype=torch.bfloat16), programs=132)
+        wgrad_hopper.wgrad_hopper(a, b, offsets, programs=132)
+    assert len(compiled) == 2
+    for kernel in compiled:
+        usage = resource_usage(kernel)
+        assert 192 * 1024 <= usage.shared_bytes <= 227 * 1024
+        assert usage.spill_bytes == 0 and usage.registers == wgrad_hopper.MAX_REGISTERS
+        assert usage.programs_per_sm(12) == 1
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("programs", [None, 3])
-def test_gpu_hopper_wgrad_adds_in_place(programs):
-    """grad[e] += A_e^T B_e against float64: an expert without rows (its gradient untouched), one row, a partial
-    64-row step, a whole one, several, N not a multiple of the 128-wide tile; one program an SM, and 3 programs (each
-    consumer warpgroup takes many tiles)."""
-    from modeling_moe.kernels.wgrad_hopper import accumulate_wgrad_hopper, hopper_wgrad_applies
+@pytest.mark.parametrize("accumulate", [True, False])
+def test_gpu_hopper_wgrad(accumulate, programs):
+    """dW[e] = A_e^T B_e, fresh or added into grad, against float64: an expert without rows (zeros; untouched when
+    adding), one row, a partial 64-row step, a whole one, several, N not a multiple of the 128-wide tile; one program
+    an SM, and 3 programs (each consumer warpgroup takes many tiles)."""
+    from modeling_moe.kernels.wgrad_hopper import hopper_wgrad_applies, wgrad_hopper
 
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon kernel is for sm_90")
@@ -1209,27 +1212,27 @@ def test_gpu_hopper_wgrad_adds_in_place(programs):
     g = torch.Generator().manual_seed(1)
     m, n, rows = 256, 200, sum(counts)
     a, b = (torch.randn(rows, k, generator=g).to("cuda", torch.bfloat16) for k in (m, n))
-    grad = torch.randn(len(counts), m, n, generator=g).to("cuda", torch.bfloat16)
-    expected = grad.double().clone()
+    grad = torch.randn(len(counts), m, n, generator=g).to("cuda", torch.bfloat16) if accumulate else None
+    expected = grad.double() if accumulate else torch.zeros(len(counts), m, n, dtype=torch.float64, device="cuda")
     for e, (start, end) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
         expected[e] += a[start:end].double().T @ b[start:end].double()
     assert hopper_wgrad_applies(a, b, grad)
-    before = grad.clone()
-    accumulate_wgrad_hopper(a, b, offsets, grad, programs)
-    assert torch.equal(grad[0], before[0])
-    assert relative_error(grad, expected) < 1e-2
+    written = wgrad_hopper(a, b, offsets, grad, programs)
+    assert written is grad if accumulate else written.shape == expected.shape
+    assert torch.equal(written[0].double(), expected[0])  # no rows: untouched, or zeros
+    assert relative_error(written, expected) < 1e-2
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(GPU_CASES))
 def test_gpu_bf16_second_backward_adds_into_grad(triton_path, monkeypatch, name):
-    """A second backward adds its expert weight gradients into .grad: twice the first's; on an H100/H200 through the
-    in-place Gluon kernel for each weight whose shapes it takes (for neither in "uneven")."""
+    """A second backward adds its expert weight gradients into .grad: twice the first's; on an H100/H200 both
+    through the Gluon kernel (fresh, then in place) for each weight whose shapes it takes (for neither in "uneven")."""
     from modeling_moe.kernels import fused_moe_ops as fm
 
     calls = []
-    accumulate = fm.accumulate_wgrad_hopper
-    monkeypatch.setattr(fm, "accumulate_wgrad_hopper", lambda *args: calls.append(1) or accumulate(*args))
+    wgrad = fm.wgrad_hopper
+    monkeypatch.setattr(fm, "wgrad_hopper", lambda *args: calls.append(args[3] is not None) or wgrad(*args))
     tokens, hidden, inter, experts, top_k, routing = GPU_CASES[name]
     x, gate_up, down, index, weights = make_case(tokens, hidden, inter, experts, top_k, routing, seed=len(name),
                                                  device="cuda", dtype=torch.bfloat16)
@@ -1243,4 +1246,4 @@ def test_gpu_bf16_second_backward_adds_into_grad(triton_path, monkeypatch, name)
         assert relative_error(second, 2 * first.double()) < 1e-2
     if torch.cuda.get_device_capability() == (9, 0):  # where the gradient's rows tile by 128 and TMA's strides fit
         applies = (2 * inter % 128 == 0 and hidden % 8 == 0) + (hidden % 128 == 0 and inter % 8 == 0)
-        assert len(calls) == applies
+        assert calls == [False] * applies + [True] * applies
