@@ -9,7 +9,8 @@ Parts:
          bench_moe_layer.py (v2lite, v3, small), every candidate of the tuning bucket a training step of that shape
          falls in (first = the default), and for gemm1 / gemm2 also the generate step's "decode" bucket, as the
          launchers call them (the real dtypes, strides and sizes; a few tokens and experts stand in for the many,
-         which changes no specialisation)
+         which changes no specialisation); for the weight gradients also the Gluon kernel an H100 / H200 runs in
+         bf16 (kernels/wgrad_hopper.py), fresh and adding into a gradient
   mla    the MLA decode split kernel at 16 heads (V2-Lite) and 128 heads (V3), r 512 + rope 64, with the key mask the
          model passes, for the default tile and the candidates of bench_mla_decode.py's sweep; at 128 heads also the
          Gluon kernel an H100 / H200 runs there (kernels/mla_decode_hopper.py)
@@ -33,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout first
 import modeling_moe  # noqa: E402, F401  (registers the package; kernels/ is modeling_moe.kernels)
 from modeling_moe.kernels import fused_moe_ops as fm  # noqa: E402
-from modeling_moe.kernels import mla_decode, mla_decode_hopper  # noqa: E402
+from modeling_moe.kernels import mla_decode, mla_decode_hopper, wgrad_hopper  # noqa: E402
 from modeling_moe.kernels.offline_compile import compile_only, resource_usage  # noqa: E402
 
 FUSED_SHAPES = {  # name: hidden, moe_intermediate, top_k, rows per expert in a training step (bench_moe_layer.py)
@@ -128,7 +129,17 @@ def compile_mla_hopper_kernel(heads: int, splits: int = 2, skip_holes: bool = Tr
     return compiled[0]
 
 
-# warps of the Gluon kernel as registers are allocated: its default partition, the second consumer warpgroup, and
+def compile_wgrad_hopper_kernel(m: int, n: int, accumulate: bool, experts: int = 4, rows: int = 1000):
+    """The compiled Gluon weight-gradient kernel (kernels/wgrad_hopper.py; compile only): dW [E, m, n] from sorted
+    operands [rows, m] and [rows, n], fresh or added into a gradient, as the fused backward launches it."""
+    a, b = torch.empty(rows, m, dtype=torch.bfloat16), torch.empty(rows, n, dtype=torch.bfloat16)
+    into = torch.empty(experts, m, n, dtype=torch.bfloat16) if accumulate else None
+    with compile_only() as compiled:
+        wgrad_hopper.wgrad_hopper(a, b, torch.zeros(experts + 1, dtype=torch.int32), into, programs=132)
+    return compiled[0]
+
+
+# warps of the Gluon kernels as registers are allocated: its default partition, the second consumer warpgroup, and
 # the loader warp's group
 HOPPER_WARPS = 12
 
@@ -172,6 +183,14 @@ def main():
                 hidden, inter, top_k, rows_per_expert = FUSED_SHAPES[shape]
                 training = fm._bucket(rows_per_expert * 64, 64)
                 for kernel in args.kernels.split(","):
+                    # the weight gradients an H100 / H200 computes in bf16 with the Gluon kernel, fresh and adding
+                    gluon = {"wgrad_gate_up": (2 * inter, hidden), "wgrad_down": (hidden, inter)}.get(kernel)
+                    gluon = gluon if wgrad_hopper.HAS_GLUON and gluon and gluon[0] % wgrad_hopper.BLOCK_M == 0 else None
+                    for accumulate in (False, True) if gluon else ():
+                        emit(part="fused", shape=shape, bucket=training, kernel=kernel, default=True,
+                             tile=f"Gluon {wgrad_hopper.BLOCK_M}x{wgrad_hopper.BLOCK_N}x{wgrad_hopper.BLOCK_K} "
+                                  f"w4+4+1 s{wgrad_hopper.STAGES}" + (" +=" if accumulate else ""),
+                             **describe(compile_wgrad_hopper_kernel(*gluon, accumulate), HOPPER_WARPS))
                     # the training step's bucket, and for the forward GEMMs also a generate step's ("decode")
                     for bucket in (training, "decode") if kernel in ("gemm1", "gemm2") else (training,):
                         rows = (rows_per_expert if bucket == training else 1) * 64  # a representative count
@@ -179,7 +198,8 @@ def main():
                         for index, config in enumerate(configs):
                             compiled = compile_fused_kernel(kernel, config, hidden, inter, top_k)
                             usage = describe(compiled, config.num_warps)  # "tma": as compiled (adding wgrads: always)
-                            emit(part="fused", shape=shape, bucket=bucket, kernel=kernel, default=index == 0,
+                            emit(part="fused", shape=shape, bucket=bucket, kernel=kernel,
+                                 default=index == 0 and not gluon,
                                  tile=tile_label(config.block_m, config.block_n, config.block_k, config.num_warps,
                                                  config.num_stages) + (" TMA" if usage["tma"] else "")
                                  + (" persistent" if config.persistent else "") + (" split" if config.split else ""),

@@ -100,21 +100,20 @@ def dgrad_h_variant() -> str:
 
 
 # The backward's plain grouped GEMMs: dgrad_x (dXs = dgu @ Wgu[e]), dgrad_h's dA = dY[tok] @ Wd[e] (the SwiGLU
-# backward then a pass of its own) and the two weight gradients (dW[e] = A_e^T B_e over the expert's sorted rows)
-# when they are not added into an existing .grad, or are where experts hold many rows (`_library_then_add`). On an
-# H200 torch._grouped_mm's CUTLASS kernels (warp-specialized, persistent) run the weight gradients 25-50% faster
-# than our Triton wgrad, gathers included, and dgrad_x, dA a few percent faster (benchmarks/RESULTS.md, session 18:
-# V2-Lite wgrad_gate_up 2.76 -> 1.80 + 0.20 ms). Our kernels keep what the library cannot do: adding into .grad in
-# place (where experts hold few rows, a separate add costs more than the library saves), the forward's fused gather
-# and SwiGLU; and fp32 operands, other GPUs, shapes its 16-byte alignment rules out.
-BACKWARD_GEMM_BACKENDS = ("auto", "triton", "grouped_mm")  # auto: grouped_mm where measured (sm_90, bf16), else triton
+# backward then a pass of its own) and the two weight gradients (dW[e] = A_e^T B_e over the expert's sorted rows).
+# On an H200 in bf16 ("auto"): the weight gradients by our Gluon kernel (wgrad_hopper.py), fresh or added into .grad
+# in place, where its shapes fit (session 20: V3's 12.1 + 6.2 ms of Triton wgrad, 9.3 + 5.0 of torch._grouped_mm ->
+# 9.0 + 4.5 fresh); dgrad_x and dA by torch._grouped_mm's CUTLASS kernels, a few percent faster than ours (session
+# 18). Our Triton kernels keep the forward's fused gather and SwiGLU, fp32 operands, other GPUs, and the shapes the
+# library's 16-byte alignment rules out.
+BACKWARD_GEMM_BACKENDS = ("auto", "triton", "grouped_mm")  # auto: as above on sm_90 in bf16, else triton
 _backward_gemm = dispatch.Choice("MOE_BACKWARD_GEMM", BACKWARD_GEMM_BACKENDS, "backward GEMM backend")
 
 
 def set_backward_gemm_backend(name: str | None):
     """Run the backward's plain grouped GEMMs with `name` (see BACKWARD_GEMM_BACKENDS) from the next backward on, or
-    follow MOE_BACKWARD_GEMM (None; default "auto"). "grouped_mm" forces torch._grouped_mm wherever torch has it
-    (the CPU tests use it)."""
+    follow MOE_BACKWARD_GEMM (None; default "auto"). "grouped_mm" forces torch._grouped_mm wherever torch has it,
+    the weight gradients included (the CPU tests use it)."""
     _backward_gemm.set(name)
 
 

@@ -1174,26 +1174,20 @@ def test_gpu_model_bf16_fused_close_to_eager(triton_path):
 
 def test_hopper_wgrad_compiles_for_sm90_without_a_gpu(monkeypatch):
     """The Gluon weight-gradient kernel (kernels/wgrad_hopper.py) has no interpreter: on the CPU it is compiled for
-    sm_90 (Triton's bundled ptxas), fresh and adding into .grad, and must hold one program an SM without spills: four
-    stages of A and B tiles and two gradient tiles in the 227 KiB an sm_90 block may use."""
+    sm_90 (Triton's bundled ptxas; benchmarks/kernel_resources.py), fresh and adding into .grad, and must hold one
+    program an SM without spills: four stages of A and B tiles and two gradient tiles in the 227 KiB an sm_90 block
+    may use."""
     from modeling_moe.kernels import wgrad_hopper
-    from modeling_moe.kernels.offline_compile import compile_only, resource_usage
 
     if not wgrad_hopper.HAS_GLUON:
         pytest.skip("this triton has no Gluon")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    rows, experts, m, n = 1000, 8, 256, 512
-    a, b = torch.empty(rows, m, dtype=torch.bfloat16), torch.empty(rows, n, dtype=torch.bfloat16)
-    offsets = torch.zeros(experts + 1, dtype=torch.int32)
-    with compile_only() as compiled:
-        wgrad_hopper.wgrad_hopper(a, b, offsets, torch.empty(experts, m, n, dtype=torch.bfloat16), programs=132)
-        wgrad_hopper.wgrad_hopper(a, b, offsets, programs=132)
-    assert len(compiled) == 2
-    for kernel in compiled:
-        usage = resource_usage(kernel)
+    resources = load_benchmark_script("kernel_resources")
+    for accumulate in (False, True):
+        usage = resources.resource_usage(resources.compile_wgrad_hopper_kernel(256, 512, accumulate))
         assert 192 * 1024 <= usage.shared_bytes <= 227 * 1024
         assert usage.spill_bytes == 0 and usage.registers == wgrad_hopper.MAX_REGISTERS
-        assert usage.programs_per_sm(12) == 1
+        assert usage.programs_per_sm(resources.HOPPER_WARPS) == 1
 
 
 @pytest.mark.gpu
