@@ -6,7 +6,8 @@ config the library picks by default.
     python benchmarks/ncu_kernels.py --launch wgrad_gate_up_v3   # what ncu runs: three launches of one case
 
 Cases: `<kernel>_<shape>` for the fused experts (gemm1, dgrad_h, wgrad_gate_up, wgrad_down at the shapes of
-bench_moe_layer.py: v2lite, v3, small; random top-k routing), and `mla128` / `mla16`, the MLA decode split kernel at
+bench_moe_layer.py: v2lite, v3, small; random top-k routing; `gluon_wgrad_*`: the weight gradients of an H100 / H200,
+`_add` into a gradient), and `mla128` / `mla16`, the MLA decode split kernel at
 batch 32 x 8192 cached keys with 128 / 16 heads. ncu profiles the third launch of the case's kernel (the first ones
 compile and warm up), clocks left as they are (`--clock-control none`). Per case the full report goes to
 `$OUT/ncu-<case>.txt` (benchmarks/out/ when OUT is unset) and the headline figures to the console and
@@ -30,6 +31,12 @@ CASES = {  # case: the Triton kernel ncu picks out
     "dgrad_h_v2lite": "_grouped_gemm_kernel",
     "wgrad_gate_up_v3": "_grouped_wgrad_kernel",
     "wgrad_down_v3": "_grouped_wgrad_kernel",
+    # the weight gradients an H100 / H200 computes (kernels/wgrad_hopper.py, Gluon): fresh, and adding into a gradient
+    "gluon_wgrad_gate_up_v3": "^_wgrad_kernel",
+    "gluon_wgrad_gate_up_add_v3": "^_wgrad_kernel",
+    "gluon_wgrad_down_v3": "^_wgrad_kernel",
+    "gluon_wgrad_down_add_v3": "^_wgrad_kernel",
+    "gluon_wgrad_gate_up_v2lite": "^_wgrad_kernel",
     "mla128": "mla_decode_split_kernel",
     "mla16": "mla_decode_split_kernel",
 }
@@ -50,6 +57,7 @@ def launch(case: str, repeats: int = 3) -> None:
 
     from modeling_moe.kernels import fused_moe_ops as fm
     from modeling_moe.kernels import mla_decode
+    from modeling_moe.kernels.wgrad_hopper import wgrad_hopper
 
     dev, dtype = "cuda", torch.bfloat16
     torch.manual_seed(0)
@@ -92,6 +100,12 @@ def launch(case: str, repeats: int = 3) -> None:
         elif kernel == "wgrad_down":
             fm._launch_wgrad(routing.config(f"wgrad_down/{variant}", "wgrad_down"), routing, grad_out, h,
                              torch.empty_like(down), True, False, topk_w=None if variant == "store_wh" else weights)
+        elif kernel.startswith("gluon_wgrad"):  # over rows gathered in expert order, as the fused backward runs it
+            token = fm._sorted_tokens(routing.perm, top_k)
+            gate_up_grad = kernel.startswith("gluon_wgrad_gate_up")
+            a, b = (gu, x.index_select(0, token)) if gate_up_grad else (grad_out.index_select(0, token), h)
+            into = torch.zeros_like(gate_up if gate_up_grad else down) if kernel.endswith("_add") else None
+            wgrad_hopper(a, b, routing.offsets, into)
         else:
             raise ValueError(f"unknown case {case!r}; choose from {', '.join(CASES)}")
     torch.cuda.synchronize()

@@ -48,6 +48,6 @@ def test_unknown_case_is_refused_before_anything_runs():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("case", ["dgrad_h_small", "wgrad_down_v3", "gemm1_v3", "mla16"])
+@pytest.mark.parametrize("case", ["dgrad_h_small", "wgrad_down_v3", "gemm1_v3", "mla16", "gluon_wgrad_down_add_v3"])
 def test_each_case_launches(case):
     load_benchmark_script("ncu_kernels").launch(case, repeats=1)
