@@ -191,6 +191,8 @@ def wgrad_hopper(a_sorted: torch.Tensor, b_sorted: torch.Tensor, offsets: torch.
     tensor, or added into `into` in place; returns the gradient written (see the module docstring;
     `hopper_wgrad_applies` says where). `programs`: the persistent grid (default: one an SM)."""
     experts, m, n = offsets.numel() - 1, a_sorted.shape[1], b_sorted.shape[1]
+    if a_sorted.shape[0] == 0:  # no rows: nothing to add, or zeros (TMA takes no empty tensor)
+        return into if into is not None else a_sorted.new_zeros(experts, m, n)
     grad = into if into is not None else a_sorted.new_empty(experts, m, n)
     dtype = gl.bfloat16
 

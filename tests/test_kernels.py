@@ -1190,6 +1190,21 @@ def test_hopper_wgrad_compiles_for_sm90_without_a_gpu(monkeypatch):
         assert usage.programs_per_sm(resources.HOPPER_WARPS) == 1
 
 
+def test_hopper_wgrad_without_rows():
+    """No rows at all: a fresh gradient of zeros, an existing one untouched, and no launch (TMA takes no empty
+    tensor), so this holds on any device."""
+    from modeling_moe.kernels import wgrad_hopper
+
+    if not wgrad_hopper.HAS_GLUON:
+        pytest.skip("this triton has no Gluon")
+    a, b = torch.empty(0, 256, dtype=torch.bfloat16), torch.empty(0, 8, dtype=torch.bfloat16)
+    offsets = torch.zeros(3, dtype=torch.int32)
+    assert torch.equal(wgrad_hopper.wgrad_hopper(a, b, offsets), torch.zeros(2, 256, 8, dtype=torch.bfloat16))
+    grad = torch.randn(2, 256, 8).to(torch.bfloat16)
+    before = grad.clone()
+    assert wgrad_hopper.wgrad_hopper(a, b, offsets, grad) is grad and torch.equal(grad, before)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("programs", [None, 3])
 @pytest.mark.parametrize("accumulate", [True, False])
