@@ -101,11 +101,11 @@ def dgrad_h_variant() -> str:
 
 # The backward's plain grouped GEMMs: dgrad_x (dXs = dgu @ Wgu[e]), dgrad_h's dA = dY[tok] @ Wd[e] (the SwiGLU
 # backward then a pass of its own) and the two weight gradients (dW[e] = A_e^T B_e over the expert's sorted rows).
-# On an H200 in bf16 ("auto"): the weight gradients by our Gluon kernel (wgrad_hopper.py), fresh or added into .grad
-# in place, where its shapes fit (session 20: V3's 12.1 + 6.2 ms of Triton wgrad, 9.3 + 5.0 of torch._grouped_mm ->
-# 9.0 + 4.5 fresh); dgrad_x and dA by torch._grouped_mm's CUTLASS kernels, a few percent faster than ours (session
-# 18). Our Triton kernels keep the forward's fused gather and SwiGLU, fp32 operands, other GPUs, and the shapes the
-# library's 16-byte alignment rules out.
+# On an H100/H200 in bf16 ("auto"): the weight gradients by our Gluon kernel (wgrad_hopper.py), fresh or added into
+# .grad in place, where its shapes fit (session 20: V3's 12.1 + 6.2 ms of Triton wgrad, 9.3 + 5.0 of
+# torch._grouped_mm -> 9.0 + 4.5 fresh); dgrad_x and dA by torch._grouped_mm's CUTLASS kernels, a few percent faster
+# than ours (session 18). Our Triton kernels keep the forward's fused gather and SwiGLU, fp32 operands, other GPUs,
+# and the shapes the library's 16-byte alignment rules out.
 BACKWARD_GEMM_BACKENDS = ("auto", "triton", "grouped_mm")  # auto: as above on sm_90 in bf16, else triton
 _backward_gemm = dispatch.Choice("MOE_BACKWARD_GEMM", BACKWARD_GEMM_BACKENDS, "backward GEMM backend")
 
