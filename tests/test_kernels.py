@@ -1238,6 +1238,7 @@ def test_gpu_bf16_second_backward_adds_into_grad(triton_path, monkeypatch, name)
     """A second backward adds its expert weight gradients into .grad: twice the first's; on an H100/H200 both
     through the Gluon kernel (fresh, then in place) for each weight whose shapes it takes (for neither in "uneven")."""
     from modeling_moe.kernels import fused_moe_ops as fm
+    from modeling_moe.kernels.wgrad_hopper import BLOCK_M
 
     calls = []
     wgrad = fm.wgrad_hopper
@@ -1253,6 +1254,6 @@ def test_gpu_bf16_second_backward_adds_into_grad(triton_path, monkeypatch, name)
         grads.append((gate_up.grad.clone(), down.grad.clone()))
     for first, second in zip(*grads):
         assert relative_error(second, 2 * first.double()) < 1e-2
-    if torch.cuda.get_device_capability() == (9, 0):  # where the gradient's rows tile by 128 and TMA's strides fit
-        applies = (2 * inter % 128 == 0 and hidden % 8 == 0) + (hidden % 128 == 0 and inter % 8 == 0)
+    if torch.cuda.get_device_capability() == (9, 0):  # where the gradient's rows tile by BLOCK_M, TMA's strides fit
+        applies = (2 * inter % BLOCK_M == 0 and hidden % 8 == 0) + (hidden % BLOCK_M == 0 and inter % 8 == 0)
         assert calls == [False] * applies + [True] * applies
