@@ -61,8 +61,7 @@ def hopper_wgrad_applies(a_sorted: torch.Tensor, b_sorted: torch.Tensor, into: t
 
 
 if HAS_GLUON:
-    _BM, _BN, _BK, _STAGES, _CONSUMER_REGISTERS = (
-        gl.constexpr(v) for v in (BLOCK_M, BLOCK_N, BLOCK_K, STAGES, CONSUMER_REGISTERS))
+    _BM, _BN, _CONSUMER_REGISTERS = (gl.constexpr(v) for v in (BLOCK_M, BLOCK_N, CONSUMER_REGISTERS))
 
     @gluon.jit
     def _tile(OFFSETS, t, tiles_n, tiles_mn):
@@ -77,12 +76,14 @@ if HAS_GLUON:
         """The loader warp: each output tile's row steps of A and B into the ring, in tile order."""
         (a_desc, b_desc, c_desc, a_smem, b_smem, c_smem, ready, empty, c_ready, turn, OFFSETS, M, num_tiles, tiles_n,
          tiles_mn, _) = args
+        STAGES: gl.constexpr = a_smem.shape[0]
+        BK: gl.constexpr = a_smem.shape[1]
         step = 0
         for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
             e, m_tile, n_tile, r0, r1 = _tile(OFFSETS, t, tiles_n, tiles_mn)
-            for row in range(r0, r1, _BK):
-                slot = step % _STAGES
-                mbarrier.wait(empty.index(slot), ((step // _STAGES) & 1) ^ 1)  # a fresh barrier passes phase 1
+            for row in range(r0, r1, BK):
+                slot = step % STAGES
+                mbarrier.wait(empty.index(slot), ((step // STAGES) & 1) ^ 1)  # a fresh barrier passes phase 1
                 bar = ready.index(slot)
                 mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes)
                 _tma_load(a_desc, [row, m_tile * _BM], bar, a_smem.index(slot))
@@ -91,9 +92,9 @@ if HAS_GLUON:
 
     @gluon.jit
     def _zero_rows_from(tile, valid):
-        """Rows >= `valid` of a [64, 128] operand tile in shared memory set to zero (the next expert's rows)."""
+        """Rows >= `valid` of a [BLOCK_K, 128] operand tile in shared memory set to zero (the next expert's rows)."""
         layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-        rows = gl.arange(0, _BK, layout=gl.SliceLayout(1, layout))
+        rows = gl.arange(0, tile.shape[0], layout=gl.SliceLayout(1, layout))
         values = tile.load(layout)
         tile.store(gl.where((rows < valid)[:, None], values, gl.zeros_like(values)))
         fence_async_shared()  # read next by the MMA (the async proxy)
@@ -109,6 +110,8 @@ if HAS_GLUON:
         length or more ahead would wait on a stage's barrier one phase early, whose parity reads as completed."""
         (a_desc, b_desc, c_desc, a_smem, b_smem, c_smem, ready, empty, c_ready, turn, OFFSETS, M, num_tiles, tiles_n,
          tiles_mn, ACCUMULATE) = args
+        STAGES: gl.constexpr = a_smem.shape[0]
+        BK: gl.constexpr = a_smem.shape[1]
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                               instr_shape=[16, _BN, 16])
         my_c, my_c_ready = c_smem.index(W), c_ready.index(W)
@@ -117,7 +120,7 @@ if HAS_GLUON:
         c_phase = 0
         for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
             e, m_tile, n_tile, r0, r1 = _tile(OFFSETS, t, tiles_n, tiles_mn)
-            steps = gl.cdiv(r1 - r0, _BK)
+            steps = gl.cdiv(r1 - r0, BK)
             written = (steps > 0) | (not ACCUMULATE)
             if (j % 2 == W) & written:
                 c_row = e * M + m_tile * _BM
@@ -128,18 +131,18 @@ if HAS_GLUON:
                 mbarrier.wait(turn.index(W), ((j // 2) & 1) ^ (1 - W))  # consumer 0's first turn: a fresh barrier
                 acc = gl.zeros([_BM, _BN], gl.float32, layout=acc_layout)
                 for k in range(steps):
-                    slot = (step + k) % _STAGES
-                    mbarrier.wait(ready.index(slot), ((step + k) // _STAGES) & 1)
-                    valid = r1 - r0 - k * _BK
-                    if valid < _BK:
+                    slot = (step + k) % STAGES
+                    mbarrier.wait(ready.index(slot), ((step + k) // STAGES) & 1)
+                    valid = r1 - r0 - k * BK
+                    if valid < BK:
                         _zero_rows_from(b_smem.index(slot), valid)
                     acc = warpgroup_mma(a_smem.index(slot).permute((1, 0)), b_smem.index(slot), acc, is_async=True)
                     acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))  # the previous step's MMA is done
                     if k > 0:
-                        mbarrier.arrive(empty.index((step + k - 1) % _STAGES), count=1)
+                        mbarrier.arrive(empty.index((step + k - 1) % STAGES), count=1)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                 if steps > 0:
-                    mbarrier.arrive(empty.index((step + steps - 1) % _STAGES), count=1)
+                    mbarrier.arrive(empty.index((step + steps - 1) % STAGES), count=1)
                 mbarrier.arrive(turn.index(1 - W), count=1)
                 if ACCUMULATE:
                     mbarrier.wait(my_c_ready, c_phase)
@@ -161,16 +164,17 @@ if HAS_GLUON:
         _reduce_tiles(args, 1)
 
     @gluon.jit
-    def _wgrad_kernel(a_desc, b_desc, c_desc, OFFSETS, M, num_tiles, tiles_n, tiles_mn, ACCUMULATE: gl.constexpr):
+    def _wgrad_kernel(a_desc, b_desc, c_desc, OFFSETS, M, num_tiles, tiles_n, tiles_mn, ACCUMULATE: gl.constexpr,
+                      BK: gl.constexpr, STAGES: gl.constexpr):
         dtype: gl.constexpr = a_desc.dtype
-        a_smem = gl.allocate_shared_memory(dtype, [_STAGES, _BK, _BM], a_desc.layout)
-        b_smem = gl.allocate_shared_memory(dtype, [_STAGES, _BK, _BN], b_desc.layout)
+        a_smem = gl.allocate_shared_memory(dtype, [STAGES, BK, _BM], a_desc.layout)
+        b_smem = gl.allocate_shared_memory(dtype, [STAGES, BK, _BN], b_desc.layout)
         c_smem = gl.allocate_shared_memory(dtype, [2, _BM, _BN], c_desc.layout)  # one per consumer
-        ready = gl.allocate_shared_memory(gl.int64, [_STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [_STAGES, 1], mbarrier.MBarrierLayout())
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         c_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # whose MMA loop is next
-        for s in gl.static_range(_STAGES):
+        for s in gl.static_range(STAGES):
             mbarrier.init(ready.index(s), count=1)
             mbarrier.init(empty.index(s), count=1)  # one consumer reads each step
         for w in gl.static_range(2):
@@ -208,6 +212,6 @@ def wgrad_hopper(a_sorted: torch.Tensor, b_sorted: torch.Tensor, offsets: torch.
         _wgrad_kernel[(min(num_tiles, programs),)](
             descriptor(a_sorted, [BLOCK_K, BLOCK_M]), descriptor(b_sorted, [BLOCK_K, BLOCK_N]),
             descriptor(grad.view(experts * m, n), [BLOCK_M, BLOCK_N]), offsets, m, num_tiles, tiles_n, tiles_mn,
-            ACCUMULATE=into is not None, num_warps=4, maxnreg=MAX_REGISTERS,
+            ACCUMULATE=into is not None, BK=BLOCK_K, STAGES=STAGES, num_warps=4, maxnreg=MAX_REGISTERS,
         )
     return grad
