@@ -362,6 +362,77 @@ def max_violation(load: torch.Tensor) -> torch.Tensor:
     return (load.amax(dim=-1) - mean) / mean.clamp(min=1e-9)
 
 
+def split_bf16(t: torch.Tensor, parts: int = 3) -> torch.Tensor:
+    """An fp32 tensor as `parts` bf16 tensors that sum to it, stacked: each the top 8 significand bits of what the ones
+    before left, so three carry all 24 of fp32's exactly. Truncated, not rounded: each piece is exact in bf16, so a
+    compiler that keeps a cast's value in fp32 (as inductor does) cannot change them."""
+    pieces = []
+    for _ in range(parts - 1):
+        top = (t.view(torch.int32) & -65536).view(torch.float32)  # the sign, exponent and 7 significand bits
+        pieces.append(top)
+        t = t - top  # exact
+    return torch.stack([*pieces, t]).to(torch.bfloat16)
+
+
+def matmul_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b of bf16 matrices, accumulated and returned in fp32 (on tensor cores where the GPU has them)."""
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
+class RouterLogits(torch.autograd.Function):
+    """fp32 router logits x @ W^T of bf16 hidden states x and an fp32 (or bf16) weight W, on bf16 tensor cores.
+
+    x is exact in bf16 and an fp32 W = W_1 + W_2 + W_3 exactly in three bf16 pieces (a bf16 W is its own one), so each
+    product x W_i is exact in fp32 and x @ [W_1; W_2; W_3]^T, summed over its thirds, is the fp32 product up to the
+    accumulation's rounding, as cuBLAS's fp32 GEMM computes it (what `F.linear` on fp32 copies runs, as transformers'
+    DeepseekV3 router does), but on tensor cores instead of CUDA cores; Hopper's tensor cores accumulate with 3-4x
+    that GEMM's error (~1e-5 of the largest logit, where TF32 would give ~5e-4). The backward splits the fp32 logit gradient
+    G the same way: dW from one GEMM of [G_1; G_2; G_3]^T @ x; dx, rounded to bf16 anyway, from G_1 W_1 + G_2 W_1 +
+    G_1 W_2 as one GEMM (the terms left out are 2^-16 of it). No fp32 copy of x is made or saved.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden_states: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        pieces = split_bf16(weight.float(), parts=1 if weight.dtype == torch.bfloat16 else 3)
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(hidden_states, pieces[:2])
+        logits = matmul_fp32_out(hidden_states, pieces.flatten(0, 1).t())
+        return logits.unflatten(-1, (len(pieces), -1)).sum(dim=-2)
+
+    @staticmethod
+    def backward(ctx, grad_logits: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        hidden_states, weight_pieces = ctx.saved_tensors
+        pieces = split_bf16(grad_logits.float())
+        grad_hidden = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            terms = [(i, j) for i, j in [(0, 0), (1, 0), (0, 1)] if j < len(weight_pieces)]
+            grad_hidden = (torch.cat([pieces[i] for i, _ in terms], dim=-1)
+                           @ torch.cat([weight_pieces[j] for _, j in terms]))
+        if ctx.needs_input_grad[1]:
+            per_piece = matmul_fp32_out(pieces.permute(1, 0, 2).flatten(1).t(), hidden_states)  # [G_1; G_2; G_3]^T x
+            grad_weight = per_piece.unflatten(0, (len(pieces), -1)).sum(dim=0).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight
+
+
+# Below this many multiply-adds (tokens x hidden x experts) an eager `RouterLogits` costs more in launches (splitting
+# the weight, summing the pieces) than the fp32 GEMM it replaces: decode steps keep the fp32 GEMM.
+ROUTER_TENSOR_CORE_MIN_MACS = 2**30
+
+
+def router_logits_fp32(hidden_states: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The router's logits [tokens, experts] in at least fp32: bf16 hidden states on a GPU through `RouterLogits`
+    where it pays (compiled, or a batch of ROUTER_TENSOR_CORE_MIN_MACS or more), anything else as `F.linear` of fp32
+    (or wider) copies."""
+    pays = torch.compiler.is_compiling() or hidden_states.numel() * weight.shape[0] >= ROUTER_TENSOR_CORE_MIN_MACS
+    if (hidden_states.is_cuda and hidden_states.dtype == torch.bfloat16
+            and weight.dtype in (torch.float32, torch.bfloat16) and pays):
+        return RouterLogits.apply(hidden_states, weight)
+    dtype = torch.promote_types(hidden_states.dtype, torch.float32)
+    return F.linear(hidden_states.to(dtype), weight.to(dtype))
+
+
 class MoETopkRouter(nn.Module):
     """Scores every expert in fp32 and picks the top-k per token.
 
@@ -402,8 +473,7 @@ class MoETopkRouter(nn.Module):
         return biased.topk(self.top_k, dim=-1, sorted=False).indices
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        dtype = torch.promote_types(hidden_states.dtype, torch.float32)  # routing decisions in at least fp32
-        router_logits = F.linear(hidden_states.reshape(-1, hidden_states.shape[-1]).to(dtype), self.weight.to(dtype))
+        router_logits = router_logits_fp32(hidden_states.reshape(-1, hidden_states.shape[-1]), self.weight)
         scores = self.scores(router_logits)
         topk_indices = self.select(scores)
         topk_weights = scores.gather(1, topk_indices)

@@ -6,12 +6,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import modeling_moe.modeling_moe
 from modeling_moe import MoEForCausalLM
 from modeling_moe.modeling_moe import (
     CACHE_FIELD,
     MoESparseMoeBlock,
+    MoETopkRouter,
+    RouterLogits,
     expert_balance_loss,
     let_keyless_queries_see_themselves,
+    router_logits_fp32,
+    split_bf16,
 )
 
 from .helpers import assert_compiled_training_step_matches, gqa_config, seeded_model, small_config
@@ -545,6 +550,89 @@ def _grouped_mm_backward_traces() -> bool:
     import transformers.integrations.moe  # noqa: F401  (registers the ops)
 
     return hasattr(torch.ops.transformers, "grouped_mm_fallback_backward")
+
+
+def test_split_bf16_pieces_sum_exactly_to_the_fp32_tensor():
+    t = torch.randn(1000) * torch.logspace(-30, 30, 1000)
+    pieces = split_bf16(t)
+    assert pieces.shape == (3, 1000) and pieces.dtype == torch.bfloat16
+    assert torch.equal(pieces.double().sum(0), t.double())
+    assert (pieces[1].double().abs() <= 2 ** -7 * t.double().abs()).all()  # each piece below the one before
+
+
+def test_split_bf16_stays_exact_compiled():
+    t = torch.randn(4096)
+    assert torch.equal(torch.compile(split_bf16)(t).double().sum(0), t.double())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_router_logits_on_bf16_tensor_cores_are_as_exact_as_an_fp32_gemm(device, weight_dtype):
+    """Logits and both gradients against float64, within a small multiple of the error of `F.linear` on fp32 copies
+    (what runs on a CPU, and transformers' router everywhere) on the same inputs (Hopper's tensor cores accumulate
+    fp32 with 3-4x cuBLAS's fp32 GEMM's error at the bench shapes); the input gradient within bf16 rounding. Odd
+    sizes, both weight dtypes the router's weight takes (fp32 as the model keeps it, bf16 after `.to(bf16)`)."""
+    gen = torch.Generator().manual_seed(0)
+    tokens, hidden, experts = 301, 257, 72
+    x = torch.randn(tokens, hidden, generator=gen).to(device, torch.bfloat16).requires_grad_()
+    weight = (0.02 * torch.randn(experts, hidden, generator=gen)).to(device, weight_dtype).requires_grad_()
+    grad = torch.randn(tokens, experts, generator=gen).to(device)
+    logits = RouterLogits.apply(x, weight)
+    logits.backward(grad)
+    x64, w64, g64 = x.detach().double(), weight.detach().double(), grad.double()
+    fp32_logits = F.linear(x.detach().float(), weight.detach().float())
+    fp32_grad_weight = grad.t() @ x.detach().float()
+    ref_logits, ref_grad_x, ref_grad_w = x64 @ w64.t(), g64 @ w64, g64.t() @ x64
+    assert logits.dtype == torch.float32 and weight.grad.dtype == weight_dtype and x.grad.dtype == torch.bfloat16
+    scale = ref_logits.abs().max()
+    fp32_logits_error = (fp32_logits.double() - ref_logits).abs().max()
+    assert (logits.double() - ref_logits).abs().max() <= 4 * fp32_logits_error + 1e-7 * scale
+    fp32_error = (fp32_grad_weight.double() - ref_grad_w).abs().max() + 1e-7 * ref_grad_w.abs().max()
+    rounding = 2 ** -8 * ref_grad_w.abs() if weight_dtype == torch.bfloat16 else 0  # a bf16 weight's gradient is bf16
+    assert ((weight.grad.double() - ref_grad_w).abs() <= 4 * fp32_error + rounding).all()
+    torch.testing.assert_close(x.grad.double(), ref_grad_x, rtol=2 ** -8, atol=2 ** -8 * ref_grad_x.abs().max().item())
+
+
+def test_router_logits_on_a_cpu_are_fp32_linear(monkeypatch):
+    monkeypatch.setattr(RouterLogits, "apply", None)  # never called here
+    x, weight = torch.randn(3, 16, generator=torch.Generator().manual_seed(0)).bfloat16(), torch.randn(8, 16)
+    assert torch.equal(router_logits_fp32(x, weight), F.linear(x.float(), weight))
+    assert router_logits_fp32(x.double(), weight).dtype == torch.float64
+
+
+@pytest.mark.gpu
+def test_gpu_router_runs_on_tensor_cores_also_compiled(monkeypatch):
+    """A bf16 model's router on a GPU takes `RouterLogits` from ROUTER_TENSOR_CORE_MIN_MACS on, a decode-sized batch
+    the fp32 GEMM; under torch.compile (as the pretraining trainer's regional compilation runs it) its forward and
+    backward give eager's logits, routing and gradients."""
+    config = small_config(n_routed_experts=16, num_experts_per_tok=4, hidden_size=256)
+    router = MoETopkRouter(config).cuda()
+    torch.nn.init.normal_(router.weight, std=0.02)
+    x = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    calls = []
+    apply = RouterLogits.apply
+    monkeypatch.setattr(RouterLogits, "apply", lambda *args: calls.append(1) or apply(*args))
+    router(x[:16])
+    assert not calls
+    monkeypatch.setattr(modeling_moe.modeling_moe, "ROUTER_TENSOR_CORE_MIN_MACS", 512 * 256 * 16)
+    router(x[:16])
+    assert not calls
+    results = []
+    for fn in (router, torch.compile(router, fullgraph=True)):
+        x.grad = router.weight.grad = None
+        logits, weights, indices = fn(x)
+        (logits.square().mean() + weights.sum()).backward()
+        results.append((logits, weights, indices.sort(-1).values, x.grad, router.weight.grad))
+    assert len(calls) >= 2 and router.weight.dtype == torch.float32  # eager, and compiled (counted as traced)
+    exact = x.detach().double() @ router.weight.detach().double().t()
+    for logits, *_ in results:
+        assert (logits.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
+    (logits, weights, indices, grad_x, grad_w), compiled = results
+    torch.testing.assert_close(compiled[0], logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled[1], weights, rtol=1e-5, atol=1e-5)
+    assert torch.equal(compiled[2], indices)
+    torch.testing.assert_close(compiled[3], grad_x)
+    torch.testing.assert_close(compiled[4], grad_w, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.skipif(not _grouped_mm_backward_traces(), reason="this transformers' grouped_mm CPU fallback backward "
