@@ -5,7 +5,9 @@ slot at sorted position i (slot = t * k + j, so its token is perm[i] // k), `inv
 `offsets[e]:offsets[e + 1]` the sorted rows of expert e. The row-tiled ("M-grouped") GEMMs walk a tile list built on
 the GPU (`tile_expert[i]`, `tile_row[i]`): each tile holds at most BLOCK_M rows of a single expert, so tiles never
 cross an expert boundary and no activation is padded or copied; the grid is a fixed upper bound on the number of
-tiles (cdiv(N, BLOCK_M) + E), the programs past the real tile count exit at once. No host sync anywhere.
+tiles (cdiv(N, BLOCK_M) + E), the programs past the real tile count exit at once. An expert's last tile, at most half
+full, runs as a tile of BLOCK_M // 2 rows (HALF_TILES: both tile heights are compiled into one kernel, a branch per
+program). No host sync anywhere.
 
 Index arithmetic that can pass 2^31 (expert * stride, row * stride) is done in int64.
 
@@ -31,17 +33,33 @@ def _swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _row_tile(pid_m, tile_expert_ptr, tile_row_ptr, offsets_ptr, perm_ptr, num_experts, BLOCK_M: tl.constexpr):
-    """Row tile pid_m of the tile list: its expert (num_experts for a tile past the last one: the caller returns),
-    its sorted rows (int64), their mask, and their slots (0 where masked)."""
+def _tile_bounds(pid_m, tile_expert_ptr, tile_row_ptr, offsets_ptr, num_experts):
+    """Row tile pid_m of the tile list: its expert (num_experts for a tile past the last one: the caller returns) and
+    its sorted rows [row_start, row_end) (at most BLOCK_M of them: the caller takes the first BLOCK_M)."""
     expert = tl.load(tile_expert_ptr + pid_m)
     row_start = tl.load(tile_row_ptr + pid_m)
     # a tile past the last one reads offsets[E] = N (offsets has E + 1 entries), so its loads stay in bounds
     row_end = tl.load(offsets_ptr + tl.minimum(expert, num_experts - 1) + 1)
+    return expert, row_start, row_end
+
+
+@triton.jit
+def _half_tile(row_start, row_end, BLOCK_M: tl.constexpr, HALF_TILES: tl.constexpr):
+    """Whether this row tile runs as BLOCK_M // 2 rows: an expert's last tile, half empty or more (HALF_TILES). With
+    ~256 rows an expert (V3), tiles of 128 rows compute ~25% more rows than exist; half tiles halve that."""
+    if HALF_TILES:
+        return row_end - row_start <= BLOCK_M // 2
+    else:
+        return False
+
+
+@triton.jit
+def _tile_rows(row_start, row_end, perm_ptr, BLOCK_M: tl.constexpr):
+    """The tile's first BLOCK_M sorted rows (int64), their mask, and their slots (0 where masked)."""
     offs_m = row_start + tl.arange(0, BLOCK_M)
     mask_m = offs_m < row_end
     slot = tl.load(perm_ptr + offs_m, mask=mask_m, other=0)
-    return expert, offs_m.to(tl.int64), mask_m, slot
+    return offs_m.to(tl.int64), mask_m, slot
 
 
 @triton.jit
@@ -135,16 +153,32 @@ def _gemm1_swiglu_kernel(
     stride_hm, stride_hn, stride_gm, stride_gn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, STORE_GU: tl.constexpr, WEIGHT_TMA: tl.constexpr, DOT_PREC: tl.constexpr,
+    HALF_TILES: tl.constexpr,
 ):
     """h[rows, n] = silu(x[tok] @ Wg[e].T) * (x[tok] @ Wu[e].T), the token gather fused into the A loads.
 
     Two accumulators (gate and up columns n of the same tile), SwiGLU in the epilogue; optionally stores the
     pre-activations (gate | up) for the backward."""
     pid_m, pid_n = _swizzle(tl.program_id(0), num_m_tiles, tl.cdiv(I, BLOCK_N), GROUP_M)
-    expert, rows, mask_m, slot = _row_tile(pid_m, tile_expert_ptr, tile_row_ptr, offsets_ptr, perm_ptr,
-                                           num_experts, BLOCK_M)
+    expert, row_start, row_end = _tile_bounds(pid_m, tile_expert_ptr, tile_row_ptr, offsets_ptr, num_experts)
     if expert >= num_experts:
         return
+    args = (x_ptr, w_ptr, w_desc, h_ptr, gu_ptr, perm_ptr, expert, row_start, row_end, pid_n, H, I, top_k,
+            stride_xt, stride_xh, stride_we, stride_wn, stride_wk, stride_hm, stride_hn, stride_gm, stride_gn)
+    if _half_tile(row_start, row_end, BLOCK_M, HALF_TILES):
+        _gemm1_swiglu_tile(*args, BLOCK_M // 2, BLOCK_N, BLOCK_K, EVEN_K, STORE_GU, WEIGHT_TMA, DOT_PREC)
+    else:
+        _gemm1_swiglu_tile(*args, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, STORE_GU, WEIGHT_TMA, DOT_PREC)
+
+
+@triton.jit
+def _gemm1_swiglu_tile(
+    x_ptr, w_ptr, w_desc, h_ptr, gu_ptr, perm_ptr, expert, row_start, row_end, pid_n, H, I, top_k,
+    stride_xt, stride_xh, stride_we, stride_wn, stride_wk, stride_hm, stride_hn, stride_gm, stride_gn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    STORE_GU: tl.constexpr, WEIGHT_TMA: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    rows, mask_m, slot = _tile_rows(row_start, row_end, perm_ptr, BLOCK_M)
     tok = (slot // top_k).to(tl.int64)  # rows past the expert read token 0: finite, never stored
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_n_ld = offs_n % I  # columns past I wrap: in bounds, never stored
@@ -190,16 +224,32 @@ def _grouped_gemm_kernel(
     stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, WEIGHT_TMA: tl.constexpr, B_KN: tl.constexpr,
-    GATHER_A: tl.constexpr, DOT_PREC: tl.constexpr,
+    GATHER_A: tl.constexpr, DOT_PREC: tl.constexpr, HALF_TILES: tl.constexpr,
 ):
     """C[rows, n] = A[rows] @ B[e] over the row tiles of each expert (A and C in sorted row order); B[e][k, n] at
     b + e*stride_be + k*stride_bk + n*stride_bn, so both a weight and its transpose are read in place.
     GATHER_A: A is per token, and row r reads A[perm[r] // top_k] (the gather fused into the A loads)."""
     pid_m, pid_n = _swizzle(tl.program_id(0), num_m_tiles, tl.cdiv(N, BLOCK_N), GROUP_M)
-    expert, rows, mask_m, slot = _row_tile(pid_m, tile_expert_ptr, tile_row_ptr, offsets_ptr, perm_ptr,
-                                           num_experts, BLOCK_M)
+    expert, row_start, row_end = _tile_bounds(pid_m, tile_expert_ptr, tile_row_ptr, offsets_ptr, num_experts)
     if expert >= num_experts:
         return
+    args = (a_ptr, b_ptr, b_desc, c_ptr, perm_ptr, expert, row_start, row_end, pid_n, N, K, top_k,
+            stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn)
+    if _half_tile(row_start, row_end, BLOCK_M, HALF_TILES):
+        _grouped_gemm_tile(*args, BLOCK_M // 2, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, WEIGHT_TMA, B_KN, GATHER_A,
+                           DOT_PREC)
+    else:
+        _grouped_gemm_tile(*args, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, WEIGHT_TMA, B_KN, GATHER_A, DOT_PREC)
+
+
+@triton.jit
+def _grouped_gemm_tile(
+    a_ptr, b_ptr, b_desc, c_ptr, perm_ptr, expert, row_start, row_end, pid_n, N, K, top_k,
+    stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+    WEIGHT_TMA: tl.constexpr, B_KN: tl.constexpr, GATHER_A: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    rows, mask_m, slot = _tile_rows(row_start, row_end, perm_ptr, BLOCK_M)
     # rows past the expert read row (or token) 0: in bounds, never stored
     if GATHER_A:
         a_rows = (slot // top_k).to(tl.int64)
@@ -223,7 +273,7 @@ def _dgrad_h_kernel(
     stride_gm, stride_gn, stride_hm, stride_hn, stride_dw,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, STORE_WH: tl.constexpr, WEIGHT_TMA: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, HALF_TILES: tl.constexpr,
 ):
     """Backward of GEMM2 + SwiGLU + combine weights: dA = dY[tok] @ Wd[e] ([rows, I], the gather fused into the A
     loads), and in the epilogue, per row r of the tile and its columns n:
@@ -233,10 +283,27 @@ def _dgrad_h_kernel(
     operand, so that GEMM needs no scaling). Else h is read from h_ptr (saved by the forward) and nothing else is
     written (wgrad_down scales its A operand by w instead)."""
     pid_m, pid_n = _swizzle(tl.program_id(0), num_m_tiles, tl.cdiv(I, BLOCK_N), GROUP_M)
-    expert, rows, mask_m, slot = _row_tile(pid_m, tile_expert_ptr, tile_row_ptr, offsets_ptr, perm_ptr,
-                                           num_experts, BLOCK_M)
+    expert, row_start, row_end = _tile_bounds(pid_m, tile_expert_ptr, tile_row_ptr, offsets_ptr, num_experts)
     if expert >= num_experts:
         return
+    args = (dy_ptr, down_ptr, down_desc, dgu_ptr, gu_ptr, h_ptr, topk_w_ptr, dw_ptr, perm_ptr, expert, row_start,
+            row_end, pid_n, I, H, top_k, stride_dyt, stride_dyh, stride_de, stride_dh, stride_di, stride_dgm,
+            stride_dgn, stride_gm, stride_gn, stride_hm, stride_hn, stride_dw)
+    if _half_tile(row_start, row_end, BLOCK_M, HALF_TILES):
+        _dgrad_h_tile(*args, BLOCK_M // 2, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, STORE_WH, WEIGHT_TMA, DOT_PREC)
+    else:
+        _dgrad_h_tile(*args, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, STORE_WH, WEIGHT_TMA, DOT_PREC)
+
+
+@triton.jit
+def _dgrad_h_tile(
+    dy_ptr, down_ptr, down_desc, dgu_ptr, gu_ptr, h_ptr, topk_w_ptr, dw_ptr, perm_ptr, expert, row_start, row_end,
+    pid_n, I, H, top_k, stride_dyt, stride_dyh, stride_de, stride_dh, stride_di, stride_dgm, stride_dgn,
+    stride_gm, stride_gn, stride_hm, stride_hn, stride_dw,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+    STORE_WH: tl.constexpr, WEIGHT_TMA: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    rows, mask_m, slot = _tile_rows(row_start, row_end, perm_ptr, BLOCK_M)
     tok = (slot // top_k).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = _row_tile_matmul(dy_ptr, down_ptr + expert.to(tl.int64) * stride_de, tok * stride_dyt,

@@ -156,6 +156,8 @@ CASES = {
     "top1": (18, 24, 40, 5, 1, "random"),
     "topk_equals_experts": (11, 32, 24, 4, 4, "random"),
     "block_multiples": (16, 32, 32, 4, 2, "random"),
+    # ~18 rows an expert: a full row tile, then a last one at most half full, which runs as a half tile
+    "half_last_tiles": (37, 40, 24, 4, 2, "random"),
 }
 
 
