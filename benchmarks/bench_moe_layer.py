@@ -16,7 +16,9 @@ Per anchor shape (../shared/anchors/README.md; bf16, routers fp32, weights N(0, 
   breakdown  each fused kernel alone (routing, GEMM1+SwiGLU, GEMM2, combine, dgrad_h, wgrad down / gate_up,
              dgrad_x) with the configs in use; and the same six GEMMs as torch._grouped_mm (CUTLASS) computes them
              from operands gathered beforehand (`torch._grouped_mm <step>` rows; our kernels fuse what it cannot);
-             on an H100/H200 the weight gradients by our Gluon kernel too (`gluon <step>`, fresh and `+= grad`).
+             on an H100/H200 the weight gradients by our Gluon kernel too (`gluon <step>`, fresh and `+= grad`);
+             GEMM1 and GEMM2 with the same rows dealt evenly over the experts (`[even rows]`: what partly filled
+             row tiles cost).
   decode     forward latency at 16, 64 and 256 tokens (no grad), grouped_mm vs fused (ours) and transformers: eager
              (`latency_us`, host overhead included) and replayed from a CUDA graph (`replayed_us`, null where the
              layer cannot be captured).
@@ -448,6 +450,7 @@ def part_breakdown(name, block, x0, variants):
         "combine_dx": (lambda: fm._launch_combine(dxs, inv, None, out, k), 0, None),
     }
     common_ms = sum(time_step(name, step, *spec) for step, spec in common.items())
+    even_rows_steps(name, x, gate_up, down, h, gu, y, c1, c2, gemm)
     if hasattr(torch, "_grouped_mm"):  # before dgrad_h below overwrites dgu
         grouped_mm_steps(name, routing, x, dgrad_out, gate_up, down, h, dgu, hw, outputs={
             "wgrad_gate_up": dgate_up, "dgrad_x": dxs})
@@ -466,6 +469,20 @@ def part_breakdown(name, block, x0, variants):
         own_ms = sum(time_step(name, step, *spec, variant=variant) for step, spec in own.items())
         emit(part="breakdown", shape=name, step="sum", dgrad_h=variant, ms=round(common_ms + own_ms, 3),
              rows_per_expert_min_max=[int(counts.min()), int(counts.max())])
+
+
+def even_rows_steps(name, x, gate_up, down, h, gu, y, c1, c2, gemm):
+    """GEMM1 and GEMM2 again with the same number of rows dealt evenly over the experts (token t to experts t k ...
+    t k + k - 1, mod E), with the same configs: where experts hold few rows (V3: 198-312 of ~256), the random
+    routing's partly filled last row tiles cost what this saves (not timed in the sum)."""
+    H, I, E, k, *_ = SHAPES[name]
+    tokens = torch.arange(x.shape[0], device=dev)
+    index = (tokens[:, None] * k + torch.arange(k, device=dev)) % E
+    perm, inv, offsets = fm.build_routing(index, E)
+    even = fm.Routing(perm, inv, offsets, k, H, I, x.dtype)
+    time_step(name, "gemm1_swiglu [even rows]", lambda: fm._launch_gemm1(c1, even, x, gate_up, h, gu), 2 * gemm, c1)
+    time_step(name, "gemm2 [even rows]", lambda: fm._launch_grouped(c2, even, h, down, y, H, I, fm._down_t(down)),
+              gemm, c2)
 
 
 def grouped_mm_steps(name, routing, x, dgrad_out, gate_up, down, h, dgu, hw, outputs):
