@@ -388,9 +388,9 @@ class RouterLogits(torch.autograd.Function):
     product x W_i is exact in fp32 and x @ [W_1; W_2; W_3]^T, summed over its thirds, is the fp32 product up to the
     accumulation's rounding, as cuBLAS's fp32 GEMM computes it (what `F.linear` on fp32 copies runs, as transformers'
     DeepseekV3 router does), but on tensor cores instead of CUDA cores; Hopper's tensor cores accumulate with 3-4x
-    that GEMM's error (~1e-5 of the largest logit, where TF32 would give ~5e-4). The backward splits the fp32 logit gradient
-    G the same way: dW from one GEMM of [G_1; G_2; G_3]^T @ x; dx, rounded to bf16 anyway, from G_1 W_1 + G_2 W_1 +
-    G_1 W_2 as one GEMM (the terms left out are 2^-16 of it). No fp32 copy of x is made or saved.
+    that GEMM's error (~1e-5 of the largest logit, where TF32 would give ~5e-4). The backward splits the fp32 logit
+    gradient G the same way: dW from one GEMM of [G_1; G_2; G_3]^T @ x; dx, rounded to bf16 anyway, from G_1 W_1 +
+    G_2 W_1 + G_1 W_2 as one GEMM (the terms left out are 2^-16 of it). No fp32 copy of x is made or saved.
     """
 
     @staticmethod
@@ -417,9 +417,9 @@ class RouterLogits(torch.autograd.Function):
 
 
 # Below this many multiply-adds (tokens x hidden x experts) an eager `RouterLogits` may cost more in the host's ~15
-# launches (splitting the weight and the gradient, summing the pieces) than the GPU time it saves over the fp32 GEMM
-# (~0.2 ms a forward+backward at 2^30, H200): decode steps, and the 1.26B model's 16k-token layers when not compiled,
-# keep the fp32 GEMM. Compiled, the split fuses and is always taken.
+# launches (splitting the weight and the gradient, summing the pieces) than the GPU time it saves (the fp32 GEMM's
+# forward+backward takes ~0.4 ms at 2^30 on an H200): decode steps, and the 1.26B model's 16k-token layers when not
+# compiled, keep the fp32 GEMM. Compiled, the split fuses and is always taken.
 ROUTER_TENSOR_CORE_MIN_MACS = 2**31
 
 
