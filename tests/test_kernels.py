@@ -263,6 +263,18 @@ def test_every_output_element_is_written(triton_path, dgrad_h, monkeypatch, name
 
 
 @needs_triton
+@pytest.mark.parametrize("case", [(300, 48, 40, 2, 1, "random"), (300, 48, 40, 4, 1, "one_expert")],
+                         ids=["two_experts_of_about_150_rows", "one_expert_of_300_rows"])
+def test_256_row_tiles_and_their_half_tiles(triton_path, dgrad_h, case):
+    """256-row tiles (V3's candidate for GEMM2, dgrad_x and dgrad_h: one weight tile read for an expert's ~256
+    rows): tiles of more than 128 rows run 256 high, the rest (an expert's tail) as 128-row half tiles; output and
+    every gradient match float64."""
+    blocks = (256, 16, 16, 1, 1, 4) if triton_path == "cpu" else (256, 128, 64, 8, 3, 8)
+    with config_override(KernelConfig(*blocks, weight_tma=True)):
+        check_against_reference(make_case(*case, seed=3, device=triton_path), tolerance=1e-5)
+
+
+@needs_triton
 @pytest.mark.parametrize("name", ["uneven_sizes", "experts_without_tokens", "all_tokens_on_one_expert",
                                   "block_multiples"])
 def test_weights_read_through_tma_descriptors(triton_path, dgrad_h, monkeypatch, name):
