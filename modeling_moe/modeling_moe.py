@@ -545,11 +545,14 @@ class MoESparseMoeBlock(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """The block's output and its routing: (router logits [tokens, experts], chosen experts [tokens, k])."""
+        # The shared experts first: their GEMMs keep the GPU busy while the host runs the router and the routing, a
+        # chain of small kernels that would otherwise leave it idle (eager V2-Lite-sized layer: ~1.4 ms an iteration)
+        shared = self.shared_experts(hidden_states) if self.shared_experts is not None else None
         router_logits, topk_weights, topk_indices = self.gate(hidden_states)
         routed = self.experts(hidden_states.reshape(-1, hidden_states.shape[-1]), topk_indices, topk_weights)
         output = routed.view_as(hidden_states)
-        if self.shared_experts is not None:
-            output = output + self.shared_experts(hidden_states)
+        if shared is not None:
+            output = output + shared
         return output, (router_logits, topk_indices)
 
 

@@ -97,6 +97,26 @@ def test_moe_block_matches_reference(routing, experts_implementation, dtype, tol
     assert torch.equal(chosen.sort(dim=-1).values, block.gate.select(block.gate.scores(router_logits)).sort(-1).values)
 
 
+def test_shared_experts_run_before_the_router():
+    """The block launches the shared experts' GEMMs before the router and the routing (they keep the GPU busy while
+    the host works through the routing's small kernels), and a block without shared experts still runs."""
+    torch.manual_seed(0)
+    block = MoESparseMoeBlock(small_config())
+    called = []
+    for name in ("shared_experts", "gate", "experts"):
+        getattr(block, name).register_forward_pre_hook(lambda module, args, name=name: called.append(name))
+    block(torch.randn(1, 5, block.gate.config.hidden_size))
+    assert called == ["shared_experts", "gate", "experts"]
+    unshared = MoESparseMoeBlock(small_config(n_shared_experts=0))
+    with torch.no_grad():
+        for p in unshared.parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(1, 5, unshared.gate.config.hidden_size)
+    out, (logits, chosen) = unshared(x)
+    routed = unshared.experts(x.view(5, -1), chosen, unshared.gate(x)[1])
+    torch.testing.assert_close(out.view(5, -1), routed)
+
+
 def test_router_logits_stay_fp32_in_bf16_model():
     model = MoEForCausalLM(small_config()).to(torch.bfloat16)
     assert all(r.weight.dtype == torch.bfloat16 for r in model.routers())  # .to() casts; the forward upcasts
