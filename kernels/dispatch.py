@@ -1,6 +1,7 @@
 """Where a kernel runs: Triton on CUDA tensors, or on CPU tensors through the interpreter (TRITON_INTERPRET=1, the
 tests' path); the PyTorch reference everywhere else."""
 
+import functools
 import os
 
 import torch
@@ -15,6 +16,18 @@ def use_triton(tensor: torch.Tensor, triton_available: bool, reference_env_var: 
     if not triton_available or os.environ.get(reference_env_var, "0") == "1":
         return False
     return tensor.is_cuda or (interpreting() and tensor.device.type == "cpu")
+
+
+@functools.cache
+def cuda_properties(device: torch.device):
+    """torch.cuda.get_device_properties(device), looked up once: the launchers ask on every call."""
+    return torch.cuda.get_device_properties(device)
+
+
+def is_sm90(device: torch.device) -> bool:
+    """Whether `device` is a Hopper GPU (H100 / H200), where the Gluon kernels run."""
+    properties = cuda_properties(device)
+    return (properties.major, properties.minor) == (9, 0)
 
 
 class Choice:

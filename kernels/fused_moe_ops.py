@@ -129,7 +129,7 @@ def _library_gemm(*operands: torch.Tensor) -> bool:
         return False  # the library writes the operands' dtype; an fp32 weight's bf16 operands need ours
     if backend == "grouped_mm":
         return True
-    return (weight.is_cuda and torch.cuda.get_device_capability(weight.device) == (9, 0)
+    return (weight.is_cuda and dispatch.is_sm90(weight.device)
             and weight.dtype == torch.bfloat16 and all(t.shape[-1] % 8 == 0 for t in operands))
 
 
@@ -327,27 +327,30 @@ def _choose(kind: str, key: tuple, candidates: list[KernelConfig], launch, tune:
 
 # ----------------------------------------------------------------------------------------------------------- routing
 
-_aranges: dict = {}
-
-
-def _arange(n: int, device) -> torch.Tensor:
-    key = (n, str(device))
-    if key not in _aranges:
-        _aranges[key] = torch.arange(n, device=device, dtype=torch.int32)
-    return _aranges[key]
+ROUTING_GPU = dict(BLOCK_N=1024, CHUNK_B=16, num_warps=8)
+ROUTING_CPU = dict(BLOCK_N=16, CHUNK_B=2, num_warps=1)  # several blocks and chunks at the tests' sizes
 
 
 def build_routing(top_k_index: torch.Tensor, num_experts: int):
-    """perm [N] (sorted position -> slot), inv [N] (slot -> sorted position), offsets [E + 1]; all int32, no sync."""
-    flat = top_k_index.reshape(-1).to(torch.int32)
-    sorted_experts, perm = torch.sort(flat, stable=True)
-    perm = perm.to(torch.int32)
-    offsets = torch.searchsorted(sorted_experts, _arange(num_experts + 1, flat.device), out_int32=True)
+    """perm [N] (sorted position -> slot), inv [N] (slot -> sorted position), offsets [E + 1]; all int32, no sync.
+    A stable sort of the slots by expert (ties in slot order), in three launches (fused_moe_kernels.py)."""
+    flat = top_k_index.reshape(-1)
+    n = flat.numel()
+    cfg = ROUTING_GPU if flat.is_cuda else ROUTING_CPU
+    block_n, block_e = cfg["BLOCK_N"], 1 << max(0, num_experts - 1).bit_length()
+    blocks = max(1, triton_cdiv(n, block_n))
+    perm = torch.empty(n, dtype=torch.int32, device=flat.device)
     inv = torch.empty_like(perm)
-    n = perm.numel()
+    offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=flat.device)
+    counts, base = torch.empty(2, blocks, block_e, dtype=torch.int32, device=flat.device)
+    kernels = _k()
+    kernels._route_count_kernel[(blocks,)](flat, counts, n, num_experts, BLOCK_N=block_n, BLOCK_E=block_e,
+                                           num_warps=cfg["num_warps"])
+    kernels._route_scan_kernel[(1,)](counts, base, offsets, blocks, num_experts, BLOCK_E=block_e,
+                                     CHUNK_B=cfg["CHUNK_B"], num_warps=cfg["num_warps"])
     if n:
-        block = 1024
-        _k()._inverse_kernel[(triton_cdiv(n, block),)](perm, inv, n, BLOCK=block)
+        kernels._route_place_kernel[(blocks,)](flat, base, perm, inv, n, num_experts, BLOCK_N=block_n,
+                                               BLOCK_E=block_e, num_warps=cfg["num_warps"])
     return perm, inv, offsets
 
 

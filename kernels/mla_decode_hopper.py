@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import torch
 
+from .dispatch import is_sm90
+
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -64,7 +66,7 @@ def hopper_kernel_applies(q_latent: torch.Tensor, q_rope: torch.Tensor, latent: 
     if not HAS_GLUON or not q_latent.is_cuda:
         return False
     batch, heads, q_len, rank = q_latent.shape
-    return (torch.cuda.get_device_capability(q_latent.device) == (9, 0)
+    return (is_sm90(q_latent.device)
             and latent.dtype in (torch.bfloat16, torch.float16) and q_latent.dtype == q_rope.dtype == latent.dtype
             and k_rope.dtype == latent.dtype and q_len == 1 and heads % HEADS == 0
             and rank == RANK and k_rope.shape[-1] == ROPE

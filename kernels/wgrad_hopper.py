@@ -16,8 +16,11 @@ tests compare it with a float64 reference.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from .dispatch import cuda_properties, is_sm90
 from .mla_decode_hopper import HAS_GLUON
 
 if HAS_GLUON:
@@ -55,7 +58,7 @@ def hopper_wgrad_applies(a_sorted: torch.Tensor, b_sorted: torch.Tensor, into: t
     if into is not None and not (into.dtype == a_sorted.dtype and into.dim() == 3 and into.shape[1:] == (m, n)
                                  and into.is_contiguous()):
         return False
-    return (torch.cuda.get_device_capability(a_sorted.device) == (9, 0)
+    return (is_sm90(a_sorted.device)
             and a_sorted.dtype == b_sorted.dtype == torch.bfloat16 and m % BLOCK_M == 0 and n % 8 == 0
             and a_sorted.is_contiguous() and b_sorted.is_contiguous())
 
@@ -189,6 +192,12 @@ if HAS_GLUON:
         ], [4, 1], [_CONSUMER_REGISTERS, 24])
 
 
+@functools.cache
+def _shared_layout(block: tuple):
+    """The bf16 tiles' shared-memory layout (built once: a layout takes longer to build than a launch)."""
+    return gl.NVMMASharedLayout.get_default_for(list(block), gl.bfloat16)
+
+
 def wgrad_hopper(a_sorted: torch.Tensor, b_sorted: torch.Tensor, offsets: torch.Tensor,
                  into: torch.Tensor | None = None, programs: int | None = None) -> torch.Tensor:
     """dW[e] = a_sorted[offsets[e]:offsets[e + 1]]^T @ b_sorted[offsets[e]:offsets[e + 1]], [E, M, N], as a new
@@ -198,16 +207,15 @@ def wgrad_hopper(a_sorted: torch.Tensor, b_sorted: torch.Tensor, offsets: torch.
     if a_sorted.shape[0] == 0:  # no rows: nothing to add, or zeros (TMA takes no empty tensor)
         return into if into is not None else a_sorted.new_zeros(experts, m, n)
     grad = into if into is not None else a_sorted.new_empty(experts, m, n)
-    dtype = gl.bfloat16
 
     def descriptor(tensor, block):
-        return TensorDescriptor.from_tensor(tensor, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
+        return TensorDescriptor.from_tensor(tensor, block, _shared_layout(tuple(block)))
 
     tiles_n = -(-n // BLOCK_N)
     tiles_mn = (m // BLOCK_M) * tiles_n
     num_tiles = experts * tiles_mn
     if programs is None:
-        programs = torch.cuda.get_device_properties(grad.device).multi_processor_count
+        programs = cuda_properties(grad.device).multi_processor_count
     if num_tiles:
         _wgrad_kernel[(min(num_tiles, programs),)](
             descriptor(a_sorted, [BLOCK_K, BLOCK_M]), descriptor(b_sorted, [BLOCK_K, BLOCK_N]),

@@ -263,18 +263,6 @@ def test_every_output_element_is_written(triton_path, dgrad_h, monkeypatch, name
 
 
 @needs_triton
-@pytest.mark.parametrize("case", [(300, 48, 40, 2, 1, "random"), (300, 48, 40, 4, 1, "one_expert")],
-                         ids=["two_experts_of_about_150_rows", "one_expert_of_300_rows"])
-def test_256_row_tiles_and_their_half_tiles(triton_path, dgrad_h, case):
-    """256-row tiles (V3's candidate for GEMM2, dgrad_x and dgrad_h: one weight tile read for an expert's ~256
-    rows): tiles of more than 128 rows run 256 high, the rest (an expert's tail) as 128-row half tiles; output and
-    every gradient match float64."""
-    blocks = (256, 16, 16, 1, 1, 4) if triton_path == "cpu" else (256, 128, 64, 8, 3, 8)
-    with config_override(KernelConfig(*blocks, weight_tma=True)):
-        check_against_reference(make_case(*case, seed=3, device=triton_path), tolerance=1e-5)
-
-
-@needs_triton
 @pytest.mark.parametrize("name", ["uneven_sizes", "experts_without_tokens", "all_tokens_on_one_expert",
                                   "block_multiples"])
 def test_weights_read_through_tma_descriptors(triton_path, dgrad_h, monkeypatch, name):
@@ -948,6 +936,42 @@ def test_deterministic_and_inference_path(triton_path):
         assert torch.equal(a, b)
     with torch.no_grad():  # no activations saved for a backward: same output
         assert torch.equal(fused_moe(*case), first.detach())
+
+
+@needs_triton
+@pytest.mark.parametrize("tokens, top_k, experts, routing", [
+    (300, 6, 64, "uniform"), (700, 2, 5, "uniform"), (40, 3, 7, "one_expert"), (9, 8, 8, "uniform"),
+    (1, 1, 1, "uniform"), (0, 2, 4, "uniform"), (130, 4, 256, "some_empty")])
+def test_routing_is_a_stable_sort_by_expert(triton_path, tokens, top_k, experts, routing):
+    """build_routing (a counting sort over blocks of slots, several blocks and scan chunks at these sizes) against
+    torch.sort(stable=True): perm, its inverse and the experts' offsets exactly."""
+    from modeling_moe.kernels.fused_moe_ops import build_routing
+
+    generator = torch.Generator().manual_seed(tokens * 7 + experts)
+    index = torch.randint(0, experts, (tokens, top_k), generator=generator)
+    if routing == "one_expert":
+        index[:] = experts - 2
+    elif routing == "some_empty":
+        index = index % (experts // 3)
+    perm, inv, offsets = build_routing(index.to(triton_path), experts)
+    sorted_experts, expected = torch.sort(index.flatten(), stable=True)
+    assert perm.dtype == inv.dtype == offsets.dtype == torch.int32
+    assert torch.equal(perm.cpu().long(), expected)
+    assert torch.equal(inv.cpu().long()[expected], torch.arange(tokens * top_k))
+    assert torch.equal(offsets.cpu().long(), torch.searchsorted(sorted_experts, torch.arange(experts + 1)))
+
+
+@needs_triton
+def test_routing_leaves_out_expert_ids_out_of_range(triton_path):
+    """Ids outside [0, E) get no sorted position (and write nothing out of bounds): the routed slots still sort
+    stably, and offsets[E] counts only them."""
+    from modeling_moe.kernels.fused_moe_ops import build_routing
+
+    index = torch.tensor([[2, 5], [-1, 0], [2, 1], [4, 2]])
+    perm, inv, offsets = build_routing(index.to(triton_path), 4)
+    assert offsets.tolist() == [0, 1, 2, 5, 5]
+    assert perm.tolist()[:5] == [3, 5, 0, 4, 7]
+    assert [inv.tolist()[slot] for slot in (3, 5, 0, 4, 7)] == [0, 1, 2, 3, 4]
 
 
 @needs_triton
