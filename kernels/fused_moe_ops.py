@@ -2,8 +2,8 @@
 function registered as `experts_implementation="fused"`.
 
 Forward:
-    routing      sort the T*k slots by expert (torch.sort, stable), per-expert offsets (searchsorted), inverse
-                 permutation and a tile list (Triton), all on the GPU without a host sync
+    routing      a stable counting sort of the T*k slots by expert (perm, its inverse, per-expert offsets) and a
+                 tile list, in Triton, all on the GPU without a host sync
     GEMM1        h = silu(x[tok] @ Wg[e].T) * (x[tok] @ Wu[e].T)  gather fused into the loads, SwiGLU in the epilogue,
                  the pre-activations gu = (gate | up) kept for the backward only when a gradient is needed
     GEMM2        y = h @ Wd[e].T                                                                    [N, H]
