@@ -137,32 +137,35 @@ def _schedule_kernel(offsets_ptr, tile_expert_ptr, tile_row_ptr, num_experts, ma
 
 
 # Routing: a stable counting sort of the N slots by expert in three launches (count, scan, place) over blocks of
-# BLOCK_N consecutive slots. Expert ids outside [0, E) are left out (their slots get no sorted position).
+# BLOCK_N consecutive slots. Expert ids outside [0, E) sort last, as if expert E (past offsets[E]: no GEMM reads
+# them), so that perm and inv stay a permutation whatever the ids.
 
 
 @triton.jit
 def _block_experts(index_ptr, N, num_experts, BLOCK_N: tl.constexpr):
-    """This program's block of slots: their offsets within the block, expert ids (int32) and which are routed."""
+    """This program's block of slots: their offsets within the block, their experts (int32; E for an id outside
+    [0, E)) and which are slots (< N)."""
     local = tl.arange(0, BLOCK_N)
     slot = tl.program_id(0) * BLOCK_N + local
-    expert = tl.load(index_ptr + slot, mask=slot < N, other=-1).to(tl.int32)
-    return local, expert, (slot < N) & (expert >= 0) & (expert < num_experts)
+    expert = tl.load(index_ptr + slot, mask=slot < N, other=0).to(tl.int32)
+    expert = tl.where((expert >= 0) & (expert < num_experts), expert, num_experts)
+    return local, expert, slot < N
 
 
 @triton.jit
 def _route_count_kernel(index_ptr, counts_ptr, N, num_experts, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
-    """counts[b, e]: the slots of block b routed to expert e."""
-    _, expert, routed = _block_experts(index_ptr, N, num_experts, BLOCK_N)
-    counts = tl.histogram(tl.where(routed, expert, 0), BLOCK_E, mask=routed)
+    """counts[b, e]: the slots of block b routed to expert e (e = E: those with an id out of range)."""
+    _, expert, is_slot = _block_experts(index_ptr, N, num_experts, BLOCK_N)
+    counts = tl.histogram(expert, BLOCK_E, mask=is_slot)
     tl.store(counts_ptr + tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E), counts)
 
 
 @triton.jit
 def _route_scan_kernel(counts_ptr, base_ptr, offsets_ptr, num_blocks, num_experts,
                        BLOCK_E: tl.constexpr, CHUNK_B: tl.constexpr):
-    """One program: offsets[e] (the sorted rows of expert e start there; offsets[E] = routed slots), and base[b, e] =
-    the sorted position of block b's first slot of expert e minus block b's slots of experts below e, so that the
-    place kernel's slot at position p of the block sorted by expert goes to base[b, e] + p."""
+    """One program: offsets[e] (the sorted rows of expert e start there; e = 0..E), and base[b, e] = the sorted
+    position of block b's first slot of expert e minus block b's slots of experts below e, so that the place kernel's
+    slot at position p of the block sorted by expert goes to base[b, e] + p."""
     offs_e = tl.arange(0, BLOCK_E)
     total = tl.zeros([BLOCK_E], dtype=tl.int32)
     for b0 in range(0, num_blocks, CHUNK_B):
@@ -170,8 +173,7 @@ def _route_scan_kernel(counts_ptr, base_ptr, offsets_ptr, num_blocks, num_expert
         total += tl.sum(tl.load(counts_ptr + rows[:, None] * BLOCK_E + offs_e[None, :],
                                 mask=rows[:, None] < num_blocks, other=0), axis=0)
     start = tl.cumsum(total, axis=0) - total
-    tl.store(offsets_ptr + offs_e, start, mask=offs_e < num_experts)
-    tl.store(offsets_ptr + num_experts, tl.sum(total, axis=0))
+    tl.store(offsets_ptr + offs_e, start, mask=offs_e <= num_experts)
     for b0 in range(0, num_blocks, CHUNK_B):
         rows = b0 + tl.arange(0, CHUNK_B)
         ptrs = rows[:, None] * BLOCK_E + offs_e[None, :]
@@ -185,16 +187,16 @@ def _route_scan_kernel(counts_ptr, base_ptr, offsets_ptr, num_blocks, num_expert
 @triton.jit
 def _route_place_kernel(index_ptr, base_ptr, perm_ptr, inv_ptr, N, num_experts,
                         BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
-    """perm[dest] = slot and inv[slot] = dest for this block's routed slots, dest being the slot's position in the
-    stable sort by expert: the block sorted by (expert, slot) in registers, then offset by base[b, expert]."""
-    local, expert, routed = _block_experts(index_ptr, N, num_experts, BLOCK_N)
-    key = tl.sort(tl.where(routed, expert, BLOCK_E) * BLOCK_N + local)  # slots left out sort last
+    """perm[dest] = slot and inv[slot] = dest for this block's slots, dest being the slot's position in the stable
+    sort by expert: the block sorted by (expert, slot) in registers, then offset by base[b, expert]."""
+    local, expert, is_slot = _block_experts(index_ptr, N, num_experts, BLOCK_N)
+    key = tl.sort(tl.where(is_slot, expert, BLOCK_E) * BLOCK_N + local)  # past N: last
     expert = key // BLOCK_N
     slot = tl.program_id(0) * BLOCK_N + key % BLOCK_N
-    routed = expert < num_experts
-    dest = tl.load(base_ptr + tl.program_id(0) * BLOCK_E + expert, mask=routed, other=0) + local
-    tl.store(perm_ptr + dest, slot, mask=routed)
-    tl.store(inv_ptr + slot, dest, mask=routed)
+    is_slot = expert < BLOCK_E
+    dest = tl.load(base_ptr + tl.program_id(0) * BLOCK_E + expert, mask=is_slot, other=0) + local
+    tl.store(perm_ptr + dest, slot, mask=is_slot)
+    tl.store(inv_ptr + slot, dest, mask=is_slot)
 
 
 @triton.jit

@@ -337,7 +337,7 @@ def build_routing(top_k_index: torch.Tensor, num_experts: int):
     flat = top_k_index.reshape(-1)
     n = flat.numel()
     cfg = ROUTING_GPU if flat.is_cuda else ROUTING_CPU
-    block_n, block_e = cfg["BLOCK_N"], 1 << max(0, num_experts - 1).bit_length()
+    block_n, block_e = cfg["BLOCK_N"], 1 << num_experts.bit_length()  # > E: bin E holds ids out of range
     blocks = max(1, triton_cdiv(n, block_n))
     perm = torch.empty(n, dtype=torch.int32, device=flat.device)
     inv = torch.empty_like(perm)
