@@ -183,6 +183,7 @@ SIZE_DEFAULTS = {
     "balancing_batch_size": (16, 4),
     "balancing_steps": (150, 12),
     "balancing_eval_steps": (15, 4),
+    "balancing_max_eval_samples": (None, 64),
     "balancing_logging_steps": (5, 2),
     "run_timeout": (300.0, 300.0),
 }
@@ -262,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--balancing_warmup_steps", type=int, default=None, help="Warmup steps (default: 10%% of the steps).")
     add("--balancing_eval_steps", type=int, default=None,
         help="Held-out loss every N steps, and before the first (default 15; small: 4).")
+    add("--balancing_max_eval_samples", type=int, default=None,
+        help="Evaluate on the first N held-out sequences only (default: all of them; small: 64, since on a CPU each "
+             "evaluation of the whole split against the 50k-token vocabulary takes ~20 s).")
     add("--balancing_logging_steps", type=int, default=None,
         help="Logging window: MaxVio is the mean of the window's per-step values (default 5; small: 2).")
     add("--bias_update_speed", default="0.001,0.01",
@@ -502,7 +506,7 @@ def balancing_runs(args) -> list[Run]:
             "--learning_rate", str(args.balancing_learning_rate),
             "--warmup_steps", str(warmup(steps, args.balancing_warmup_steps)),
             "--eval_steps", str(args.balancing_eval_steps), "--eval_on_start",
-        ]
+        ] + (["--max_eval_samples", str(args.balancing_max_eval_samples)] if args.balancing_max_eval_samples else [])
         runs.append(Run(name, "balancing", mode, "single_gpu", 1, 1, args.balancing_dtype, trainer,
                         gpus=gpus[index % len(gpus)], label=label + (f", seed {seed}" if several else ""),
                         overrides=overrides, kind=mode, variant=variant, seed=seed))
@@ -972,6 +976,8 @@ def summary_markdown(runs: list[Run], derived: list[dict], args, copied: list[st
     if balancing:
         res0 = next((r.result for r in balancing if r.result.get("steps")), balancing[0].result)
         steps = args.balancing_steps
+        held_out = (f"the first {args.balancing_max_eval_samples} held-out sequences" if args.balancing_max_eval_samples
+                    else "the whole held-out set")
         lines += [
             "## Load balancing", "",
             f"Model `{args.balancing_model}`; {args.balancing_batch_size} x {args.balancing_seq_len} tokens a step, "
@@ -979,7 +985,7 @@ def summary_markdown(runs: list[Run], derived: list[dict], args, copied: list[st
             f"{warmup(steps, args.balancing_warmup_steps)}, peak lr {args.balancing_learning_rate:g}, cosine; "
             f"{precision_label(args.balancing_dtype, 'single_gpu')}; experts `{args.experts_implementation}`; the same "
             f"seed and data order in every mode. MaxVio = (max load - mean load) / mean load. MaxVio_global (the "
-            f"paper's metric): of the loads summed over the whole held-out set at the final evaluation; MaxVio_batch: "
+            f"paper's metric): of the loads summed over {held_out} at the final evaluation; MaxVio_batch: "
             f"per training step, averaged over the last logged window (steps {res0.get('maxvio_window')}); each the "
             "mean and max over the decoder's MoE layers, MTP router apart.", "",
             "| mode | config overrides | final eval loss | MaxVio_global mean / max layer | MaxVio_batch mean / max "

@@ -113,6 +113,15 @@ def test_gpu_commands(tmp_path, capsys):
         if name.startswith("balancing"):
             assert "--model_config moe-100m" in lines[name] and "--warmup_steps 15 " in lines[name]
             assert "--max_steps 150" in lines[name] and "--seed 42" in lines[name]
+            assert "--max_eval_samples" not in lines[name]  # the whole held-out split
+
+
+def test_small_balancing_runs_evaluate_a_slice_of_the_held_out_split(tmp_path, capsys):
+    """On the CPU an evaluation of the whole held-out split (35k tokens against a 50k-token vocabulary) takes ~20 s, so
+    the dry run's balancing runs evaluate its first 64 sequences, and say so in the summary."""
+    driver.main(["--small", "--output_dir", str(tmp_path), "--list", "--parts", "balancing"])
+    lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    assert lines and all("--eval_on_start --max_eval_samples 64" in command for command in lines.values())
 
 
 def test_four_gpu_commands_of_the_named_model(tmp_path, capsys):
@@ -372,7 +381,7 @@ def test_small_dry_run(tmp_path):
                "--equality_steps", "3",
                "--balancing_modes", "loss_free,none", "--bias_update_speed", "0.01", "--balancing_steps", "4",
                "--balancing_eval_steps", "2", "--copy_run_files", "balancing-*/expert_load.png,scaling-ddp/loss.png"]
-    # ~210 s alone on a 2-core machine: the limit leaves room for a busy one
+    # ~70 s alone on a 2-core machine: the limit leaves room for a busy one
     process = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
@@ -401,6 +410,7 @@ def test_small_dry_run(tmp_path):
     assert balancing["maxvio_mtp"] is not None  # the tiny preset's MTP router, apart
     assert not list(work.glob("*/*.safetensors"))  # no weights saved
     assert "### Where the time goes (profiled steps 3-4)" in (out / "summary.md").read_text()
+    assert "summed over the first 64 held-out sequences at the final evaluation" in (out / "summary.md").read_text()
     summary = (out / "summary.md").read_text()
     assert "## Scaling" in summary and "## Load balancing" in summary
 
