@@ -234,6 +234,10 @@ def profile_layer(block, x, iterations=3) -> dict:
                                 for label, entry in summary["categories"].items()},
               "top_kernels_ms": [(k["name"][:100], round(k["time_s"] * 1e3 / iterations, 3), k["calls"])
                                  for k in summary["top_kernels"]]}
+    if "device" in summary:  # the GPU's busy time and its longest waits, each with what the host was running
+        result["busy_ms"] = round(summary["device"]["busy_s"] * 1e3 / iterations, 3)
+        result["idle_ms"] = round(summary["device"]["idle_between_kernels_s"] * 1e3 / iterations, 3)
+        result["longest_gaps"] = summary["device"]["longest_gaps"]
     if dev == "cuda":
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -44,6 +44,10 @@ try:  # the MLA decode kernel (Triton) likewise comes with the package
     from modeling_moe.kernels.mla_decode import mla_decode_attention
 except ImportError:
     MLA_DECODE_HAS_TRITON, mla_decode_attention = False, None
+try:  # and the router's selection in one kernel; without it the router runs its PyTorch ops
+    from modeling_moe.kernels.router_topk import router_topk, router_topk_applies
+except ImportError:
+    router_topk = router_topk_applies = None
 try:  # and the chunked loss (`skip_logits`); without it the loss is taken from the whole logits
     from modeling_moe.kernels.linear_cross_entropy import chunked_causal_lm_loss
 except ImportError:
@@ -474,15 +478,27 @@ class MoETopkRouter(nn.Module):
             biased = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(-1, self.num_experts)
         return biased.topk(self.top_k, dim=-1, sorted=False).indices
 
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        router_logits = router_logits_fp32(hidden_states.reshape(-1, hidden_states.shape[-1]), self.weight)
-        scores = self.scores(router_logits)
-        topk_indices = self.select(scores)
+    def weights_of(self, scores: torch.Tensor, topk_indices: torch.Tensor) -> torch.Tensor:
+        """The chosen experts' routing weights: their unbiased scores, normalised if configured, then scaled."""
         topk_weights = scores.gather(1, topk_indices)
         if self.config.norm_topk_prob:
             topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
-        topk_weights = topk_weights * self.config.routed_scaling_factor
-        return router_logits, topk_weights, topk_indices
+        return topk_weights * self.config.routed_scaling_factor
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        router_logits = router_logits_fp32(hidden_states.reshape(-1, hidden_states.shape[-1]), self.weight)
+        config = self.config
+        if router_topk is not None and router_topk_applies(router_logits, self.num_experts, config.scoring_func,
+                                                           config.n_group, config.topk_method == "group_limited"):
+            # scores, select and weights_of in one kernel (and one for their backward): eager launches add up
+            topk_weights, topk_indices = router_topk(
+                router_logits, self.e_score_correction_bias, self.top_k, config.scoring_func,
+                config.n_group if config.topk_method == "group_limited" else 1, config.topk_group,
+                config.norm_topk_prob, config.routed_scaling_factor)
+            return router_logits, topk_weights, topk_indices
+        scores = self.scores(router_logits)
+        topk_indices = self.select(scores)
+        return router_logits, self.weights_of(scores, topk_indices), topk_indices
 
     @torch.no_grad()
     def count_tokens(self, topk_indices: torch.Tensor, token_mask: torch.Tensor | None = None):
