@@ -45,9 +45,11 @@ try:  # the MLA decode kernel (Triton) likewise comes with the package
 except ImportError:
     MLA_DECODE_HAS_TRITON, mla_decode_attention = False, None
 try:  # and the router's selection in one kernel; without it the router runs its PyTorch ops
-    from modeling_moe.kernels.router_topk import router_topk, router_topk_applies
+    from modeling_moe.kernels import dispatch as kernel_dispatch
+    from modeling_moe.kernels.router import HAS_TRITON as ROUTER_HAS_TRITON
+    from modeling_moe.kernels.router import router_topk, router_topk_applies, split_bf16_
 except ImportError:
-    router_topk = router_topk_applies = None
+    router_topk = router_topk_applies = split_bf16_ = None
 try:  # and the chunked loss (`skip_logits`); without it the loss is taken from the whole logits
     from modeling_moe.kernels.linear_cross_entropy import chunked_causal_lm_loss
 except ImportError:
@@ -369,7 +371,11 @@ def max_violation(load: torch.Tensor) -> torch.Tensor:
 def split_bf16(t: torch.Tensor, parts: int = 3) -> torch.Tensor:
     """An fp32 tensor as `parts` bf16 tensors that sum to it, stacked: each the top 8 significand bits of what the ones
     before left, so three carry all 24 of fp32's exactly. Truncated, not rounded: each piece is exact in bf16, so a
-    compiler that keeps a cast's value in fp32 (as inductor does) cannot change them."""
+    compiler that keeps a cast's value in fp32 (as inductor does) cannot change them. Eager on a GPU, one kernel
+    (`kernels/router.py`) instead of six ops."""
+    if (parts == 3 and split_bf16_ is not None and t.dtype == torch.float32 and not torch.compiler.is_compiling()
+            and kernel_dispatch.use_triton(t, ROUTER_HAS_TRITON, "MOE_ROUTER_REFERENCE")):
+        return split_bf16_(t.contiguous(), t.new_empty(3, *t.shape, dtype=torch.bfloat16))
     pieces = []
     for _ in range(parts - 1):
         top = (t.view(torch.int32) & -65536).view(torch.float32)  # the sign, exponent and 7 significand bits

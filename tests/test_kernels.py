@@ -1299,3 +1299,27 @@ def test_gpu_bf16_second_backward_adds_into_grad(triton_path, monkeypatch, name)
     if torch.cuda.get_device_capability() == (9, 0):  # where the gradient's rows tile by BLOCK_M, TMA's strides fit
         applies = (2 * inter % BLOCK_M == 0 and hidden % 8 == 0) + (hidden % BLOCK_M == 0 and inter % 8 == 0)
         assert calls == [False] * applies + [True] * applies
+
+
+@needs_triton
+def test_eager_nodes_skip_the_dispatcher_with_the_ops_results(triton_path):
+    """Plain eager calls run the two nodes as autograd.Functions (no dispatcher round trip); under a dispatch mode
+    (as when traced) the custom ops run: the same outputs and gradients, bit for bit, and the same two-node graph."""
+    case = make_case(20, 48, 40, 6, 2, seed=11, device=triton_path)
+    grad = torch.randn(20, 48, generator=torch.Generator().manual_seed(12)).to(triton_path)
+    results = []
+    for recorder in (contextlib.nullcontext(), OpRecorder()):
+        x, gate_up, down, index, weights = case
+        leaves = [t.clone().requires_grad_(True) for t in (x, gate_up, down, weights)]
+        with recorder:
+            out = fused_moe(leaves[0], leaves[1], leaves[2], index, leaves[3])
+        results.append((out.grad_fn, [out.detach()] + [None] * 4))
+        out.backward(grad)
+        results[-1][1][1:] = [leaf.grad for leaf in leaves]
+        if isinstance(recorder, OpRecorder):
+            assert recorder.custom_ops() == ["fused_moe_gate_up", "fused_moe_down"]
+    (eager_node, eager), (op_node, ops) = results
+    assert type(eager_node).__name__ == "_FusedMoEDownNodeBackward"  # (torch 2.11 refuses its next_functions)
+    assert "FusedMoE" not in type(op_node).__name__
+    for a, b in zip(eager, ops):
+        assert torch.equal(a, b)

@@ -27,9 +27,11 @@ CATEGORY_PATTERNS = (
     ("all_to_all", ("alltoall", "all_to_all", "all2all", "sendrecv")),
     ("other_collectives", ("allgather", "all_gather", "reducescatter", "reduce_scatter", "allreduce", "all_reduce",
                            "nccl", "gloo", "c10d::")),  # c10d::broadcast_, ncclDevKernel_Broadcast, ... too
-    # kernels/fused_moe_kernels.py's Triton kernels, their custom ops, and torch's grouped_mm (CUTLASS on a GPU)
+    # kernels/fused_moe_kernels.py's Triton kernels, their custom ops and eager autograd nodes (_FusedMoE*Node), and
+    # torch's grouped_mm (CUTLASS on a GPU)
     ("routed_experts", ("_gemm1_swiglu_kernel", "_grouped_gemm_kernel", "_dgrad_h_kernel", "_swiglu_backward_kernel",
                         "_grouped_wgrad_kernel", "_combine_kernel", "_schedule_kernel", "_route_", "fused_moe",
+                        "fusedmoe",
                         "grouped_mm", "groupedmm", "groupproblemshape")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "mla_decode")),
     ("gemm", ("gemm", "gemv", "matmul", "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear",

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from modeling_moe import MoEConfig
-from modeling_moe.kernels import router_topk as rt
+from modeling_moe.kernels import router as rt
 from modeling_moe.modeling_moe import MoETopkRouter
 
 CASES = {
@@ -113,3 +113,18 @@ def test_the_router_runs_the_kernel_and_matches_its_pytorch_path(monkeypatch, tr
     experts = router.num_experts
     torch.testing.assert_close(by_expert(weights, chosen, experts), by_expert(ref_weights, ref_chosen, experts))
     torch.testing.assert_close(grad, hidden.grad)
+
+
+def test_split_kernel_is_the_reference_split_bit_for_bit(triton_device):
+    from modeling_moe.modeling_moe import split_bf16
+
+    torch.manual_seed(2)
+    t = torch.randn(37, 29) * torch.logspace(-30, 30, 29)  # every binade of use, both signs
+    t[0, :6] = torch.tensor([0.0, -0.0, 1.0, -2.5, 1e-40, float(torch.finfo(torch.float32).max)])  # 1e-40: subnormal
+    pieces = rt.split_bf16_(t.to(triton_device), torch.empty(3, 37, 29, dtype=torch.bfloat16, device=triton_device))
+    reference = split_bf16(t)  # a CPU tensor: the PyTorch ops
+    assert torch.equal(pieces.cpu().view(torch.int16), reference.view(torch.int16))
+    normal = t.abs() >= torch.finfo(torch.float32).tiny  # bf16 cannot hold a subnormal's last bits
+    assert torch.equal(pieces.cpu().double().sum(0)[normal], t.double()[normal])  # exact
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        rt.split_bf16_(t.double(), torch.empty(3, 37, 29, dtype=torch.bfloat16))

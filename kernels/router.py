@@ -1,14 +1,16 @@
-"""The router's selection in one kernel, forward and backward: the experts' scores from fp32 logits (sigmoid or
-softmax), the top-k experts by score plus the balancing bias (greedy, or limited to the best expert groups first),
-and their weights (the unbiased scores, normalised to sum to 1 if asked, then scaled).
+"""The router's small ops as Triton kernels, for eager mode on a GPU, where each PyTorch op costs the host a launch
+(10-40 us, more on slow hosts) and the GPU waits for the router: it runs between the shared experts' GEMMs and the
+routed experts' first GEMM, whose launch depends on it. Under torch.compile inductor fuses these ops itself, and the
+model keeps its PyTorch code there.
 
-Its reference is `MoETopkRouter`'s PyTorch path (modeling_moe.py: `scores`, `select`, `weights_of`), about ten small
-ops forward and as many backward. In eager mode the host pays a launch for each (10-40 us), and in an MoE layer the
-GPU waits for the router: it runs between the shared experts' GEMMs and the routed experts' first GEMM, whose launch
-depends on it. Under torch.compile inductor fuses those ops itself, and the model keeps the PyTorch path there.
-
-Ties between biased scores go to the lower expert index (torch.topk leaves their order unspecified); the k experts
-come in descending order of biased score.
+- `router_topk`, forward and backward: the experts' scores from fp32 logits (sigmoid or softmax), the top-k experts
+  by score plus the balancing bias (greedy, or limited to the best expert groups first), and their weights (the
+  unbiased scores, normalised to sum to 1 if asked, then scaled). Reference: `MoETopkRouter`'s PyTorch path
+  (modeling_moe.py: `scores`, `select`, `weights_of`), about ten ops forward and as many backward. Ties between
+  biased scores go to the lower expert index (torch.topk leaves their order unspecified); the k experts come in
+  descending order of biased score.
+- `split_bf16_`: an fp32 tensor as three bf16 tensors that sum to it exactly, for the router's fp32 GEMM on tensor
+  cores (`RouterLogits`). Reference: `split_bf16` in modeling_moe.py, six ops.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ try:  # Triton is optional: without it the model runs the PyTorch path
 except Exception:  # pragma: no cover - depends on the environment
     HAS_TRITON = False
 
-__all__ = ["RouterTopK", "router_topk", "router_topk_applies"]
+__all__ = ["RouterTopK", "router_topk", "router_topk_applies", "split_bf16_"]
 
 _KERNELS: dict = {}
 
@@ -72,8 +74,8 @@ if HAS_TRITON:  # the kernels' helpers; called from an interpreted kernel, the i
 
 
 def _kernels():
-    """(forward, backward), defined on first use, once per interpreter mode (Triton reads TRITON_INTERPRET at
-    decoration time)."""
+    """(top-k forward, top-k backward, split), defined on first use, once per interpreter mode (Triton reads
+    TRITON_INTERPRET at decoration time)."""
     key = dispatch.interpreting()
     if key not in _KERNELS:
 
@@ -139,7 +141,18 @@ def _kernels():
             mask = (rows < T)[:, None] & (cols < E)[None, :]
             tl.store(GRAD_LOGITS + rows.to(tl.int64)[:, None] * stride_gt + cols[None, :], grad_logits, mask=mask)
 
-        _KERNELS[key] = (router_topk_forward_kernel, router_topk_backward_kernel)
+        @triton.jit
+        def split_bf16_kernel(X, OUT, N, BLOCK: tl.constexpr):
+            offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            mask = offs < N
+            rest = tl.load(X + offs, mask=mask, other=0.0)
+            for part in tl.static_range(2):  # the sign, exponent and top 7 significand bits; then of what is left
+                top = (rest.to(tl.int32, bitcast=True) & -65536).to(tl.float32, bitcast=True)
+                tl.store(OUT + part * N + offs, top.to(tl.bfloat16), mask=mask)
+                rest = rest - top  # exact
+            tl.store(OUT + 2 * N + offs, rest.to(tl.bfloat16), mask=mask)  # 8 significand bits left: exact
+
+        _KERNELS[key] = (router_topk_forward_kernel, router_topk_backward_kernel, split_bf16_kernel)
     return _KERNELS[key]
 
 
@@ -211,3 +224,16 @@ def router_topk(logits: torch.Tensor, bias: torch.Tensor, top_k: int, scoring_fu
     return RouterTopK.apply(logits, bias.float().contiguous(), top_k, scoring_func == "sigmoid",
                             n_group if grouped else 1, topk_group if grouped else 1, norm_topk_prob,
                             float(routed_scaling_factor))
+
+
+def split_bf16_(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`out` [3, *t.shape] bf16 := three bf16 tensors that sum to the fp32 tensor `t` exactly (each the top 8
+    significand bits of what the ones before left, truncated, as `split_bf16` in modeling_moe.py). One launch."""
+    if t.dtype != torch.float32 or not t.is_contiguous() or out.dtype != torch.bfloat16 or not out.is_contiguous() \
+            or tuple(out.shape) != (3, *t.shape):
+        raise ValueError(f"split_bf16_ takes a contiguous fp32 tensor and a contiguous bf16 [3, *shape] output, got "
+                         f"{t.dtype} {tuple(t.shape)} and {out.dtype} {tuple(out.shape)}")
+    block = 1024 if t.is_cuda else 64
+    if t.numel():
+        _kernels()[2][(triton.cdiv(t.numel(), block),)](t, out, t.numel(), BLOCK=block)
+    return out
