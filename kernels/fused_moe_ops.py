@@ -31,6 +31,8 @@ larger of the two, not their sum (7 GiB less at the v3 shape, where dW_gate_up i
 The link between the nodes is gu, not h: node 2 returns dL/dgu (dgrad_h computes dSwiGLU) and h travels as a
 non-differentiable output that is freed after GEMM2. Linking by h would keep both h (node 2, for dgrad_h and
 wgrad_down) and gu (node 1, for dSwiGLU): N*I more saved elements per layer, v1's footprint.
+Each node is a torch custom op (what torch.compile traces); plain eager calls run the same node as an
+autograd.Function (`_FusedMoEGateUpNode`, `_FusedMoEDownNode`), skipping the dispatcher's host cost.
 
 dgrad_h has two variants (`set_dgrad_h_variant`, or MOE_DGRAD_H; the benchmark times both):
     store_wh        (default) h is recomputed from gu and w*h [N, I] written, wgrad_down's B operand; only gu is
