@@ -27,7 +27,7 @@ try:  # Triton is optional: without it the model runs the PyTorch path
 except Exception:  # pragma: no cover - depends on the environment
     HAS_TRITON = False
 
-__all__ = ["RouterTopK", "router_topk", "router_topk_applies", "split_bf16_"]
+__all__ = ["RouterTopK", "router_topk", "router_topk_applies", "split_bf16_", "split_bf16_applies"]
 
 _KERNELS: dict = {}
 
@@ -201,14 +201,14 @@ class RouterTopK(torch.autograd.Function):
         return grad_logits, None, None, None, None, None, None, None
 
 
-def router_topk_applies(logits: torch.Tensor, num_experts: int, scoring_func: str, n_group: int,
-                        group_limited: bool) -> bool:
+def router_topk_applies(logits: torch.Tensor, scoring_func: str, n_group: int, group_limited: bool) -> bool:
     """Whether `router_topk` runs these logits: fp32 [T, E] with unit column stride, on CUDA (or the CPU under
     TRITON_INTERPRET=1), not while torch.compile traces (inductor fuses the PyTorch path), groups of a power-of-two
     size when the selection is group-limited; MOE_ROUTER_REFERENCE=1 turns it off."""
     if logits.dtype != torch.float32 or logits.dim() != 2 or logits.stride(1) != 1 or scoring_func not in (
             "sigmoid", "softmax") or torch.compiler.is_compiling():
         return False
+    num_experts = logits.shape[1]
     if group_limited and (num_experts & (num_experts - 1) or n_group & (n_group - 1)):
         return False
     return dispatch.use_triton(logits, HAS_TRITON, "MOE_ROUTER_REFERENCE")
@@ -226,9 +226,17 @@ def router_topk(logits: torch.Tensor, bias: torch.Tensor, top_k: int, scoring_fu
                             float(routed_scaling_factor))
 
 
+def split_bf16_applies(t: torch.Tensor) -> bool:
+    """Whether `split_bf16_` runs `t`: fp32 on CUDA (or the CPU under TRITON_INTERPRET=1), not while torch.compile
+    traces (inductor fuses the PyTorch ops); MOE_ROUTER_REFERENCE=1 turns it off."""
+    return (t.dtype == torch.float32 and not torch.compiler.is_compiling()
+            and dispatch.use_triton(t, HAS_TRITON, "MOE_ROUTER_REFERENCE"))
+
+
 def split_bf16_(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """`out` [3, *t.shape] bf16 := three bf16 tensors that sum to the fp32 tensor `t` exactly (each the top 8
-    significand bits of what the ones before left, truncated, as `split_bf16` in modeling_moe.py). One launch."""
+    significand bits of what the ones before left, truncated, as `split_bf16` in modeling_moe.py; subnormals, below
+    1.2e-38, may be flushed). One launch."""
     if t.dtype != torch.float32 or not t.is_contiguous() or out.dtype != torch.bfloat16 or not out.is_contiguous() \
             or tuple(out.shape) != (3, *t.shape):
         raise ValueError(f"split_bf16_ takes a contiguous fp32 tensor and a contiguous bf16 [3, *shape] output, got "

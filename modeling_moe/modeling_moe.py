@@ -44,12 +44,10 @@ try:  # the MLA decode kernel (Triton) likewise comes with the package
     from modeling_moe.kernels.mla_decode import mla_decode_attention
 except ImportError:
     MLA_DECODE_HAS_TRITON, mla_decode_attention = False, None
-try:  # and the router's selection in one kernel; without it the router runs its PyTorch ops
-    from modeling_moe.kernels import dispatch as kernel_dispatch
-    from modeling_moe.kernels.router import HAS_TRITON as ROUTER_HAS_TRITON
-    from modeling_moe.kernels.router import router_topk, router_topk_applies, split_bf16_
+try:  # and the router's small ops as kernels (selection, weight split); without them the router runs PyTorch ops
+    from modeling_moe.kernels.router import router_topk, router_topk_applies, split_bf16_, split_bf16_applies
 except ImportError:
-    router_topk = router_topk_applies = split_bf16_ = None
+    router_topk = router_topk_applies = split_bf16_ = split_bf16_applies = None
 try:  # and the chunked loss (`skip_logits`); without it the loss is taken from the whole logits
     from modeling_moe.kernels.linear_cross_entropy import chunked_causal_lm_loss
 except ImportError:
@@ -373,8 +371,7 @@ def split_bf16(t: torch.Tensor, parts: int = 3) -> torch.Tensor:
     before left, so three carry all 24 of fp32's exactly. Truncated, not rounded: each piece is exact in bf16, so a
     compiler that keeps a cast's value in fp32 (as inductor does) cannot change them. Eager on a GPU, one kernel
     (`kernels/router.py`) instead of six ops."""
-    if (parts == 3 and split_bf16_ is not None and t.dtype == torch.float32 and not torch.compiler.is_compiling()
-            and kernel_dispatch.use_triton(t, ROUTER_HAS_TRITON, "MOE_ROUTER_REFERENCE")):
+    if parts == 3 and split_bf16_ is not None and split_bf16_applies(t):
         return split_bf16_(t.contiguous(), t.new_empty(3, *t.shape, dtype=torch.bfloat16))
     pieces = []
     for _ in range(parts - 1):
@@ -494,8 +491,8 @@ class MoETopkRouter(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         router_logits = router_logits_fp32(hidden_states.reshape(-1, hidden_states.shape[-1]), self.weight)
         config = self.config
-        if router_topk is not None and router_topk_applies(router_logits, self.num_experts, config.scoring_func,
-                                                           config.n_group, config.topk_method == "group_limited"):
+        if router_topk is not None and router_topk_applies(router_logits, config.scoring_func, config.n_group,
+                                                           config.topk_method == "group_limited"):
             # scores, select and weights_of in one kernel (and one for their backward): eager launches add up
             topk_weights, topk_indices = router_topk(
                 router_logits, self.e_score_correction_bias, self.top_k, config.scoring_func,

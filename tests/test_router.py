@@ -53,7 +53,7 @@ def test_selection_weights_and_gradient_match_the_router(triton_device, case, to
     torch.manual_seed(1)
     logits = (torch.randn(tokens, experts, dtype=torch.float64) * 2).to(triton_device)
     grouped = config.topk_method == "group_limited"
-    assert rt.router_topk_applies(logits.float(), experts, config.scoring_func, config.n_group, grouped)
+    assert rt.router_topk_applies(logits.float(), config.scoring_func, config.n_group, grouped)
 
     fp32 = logits.float().requires_grad_()
     weights, chosen = rt.router_topk(fp32, router.e_score_correction_bias.to(triton_device), config.num_experts_per_tok,
@@ -85,12 +85,15 @@ def test_ties_go_to_the_lower_expert_in_descending_order(triton_device):
 
 def test_where_it_applies(monkeypatch, triton_device):
     logits = torch.randn(4, 12, device=triton_device)
-    assert rt.router_topk_applies(logits, 12, "sigmoid", 1, False)
-    assert not rt.router_topk_applies(logits.double(), 12, "sigmoid", 1, False)  # float64 models: PyTorch
-    assert not rt.router_topk_applies(logits.t(), 4, "sigmoid", 1, False)
-    assert not rt.router_topk_applies(logits, 12, "sigmoid", 3, True)  # groups of 4 of 12 experts: PyTorch
+    assert rt.router_topk_applies(logits, "sigmoid", 1, False)
+    assert rt.split_bf16_applies(logits)
+    assert not rt.router_topk_applies(logits.double(), "sigmoid", 1, False)  # float64 models: PyTorch
+    assert not rt.split_bf16_applies(logits.double())
+    assert not rt.router_topk_applies(logits.t(), "sigmoid", 1, False)
+    assert not rt.router_topk_applies(logits, "sigmoid", 3, True)  # groups of 4 of 12 experts: PyTorch
     monkeypatch.setenv("MOE_ROUTER_REFERENCE", "1")
-    assert not rt.router_topk_applies(logits, 12, "sigmoid", 1, False)
+    assert not rt.router_topk_applies(logits, "sigmoid", 1, False)
+    assert not rt.split_bf16_applies(logits)
 
 
 def test_the_router_runs_the_kernel_and_matches_its_pytorch_path(monkeypatch, triton_device):
@@ -115,16 +118,26 @@ def test_the_router_runs_the_kernel_and_matches_its_pytorch_path(monkeypatch, tr
     torch.testing.assert_close(grad, hidden.grad)
 
 
-def test_split_kernel_is_the_reference_split_bit_for_bit(triton_device):
-    from modeling_moe.modeling_moe import split_bf16
+def test_split_kernel_is_the_reference_split_bit_for_bit(monkeypatch, triton_device):
+    """`split_bf16` (the router's fp32 weight and gradient in three bf16 pieces) runs the kernel where it applies, and
+    the kernel gives its PyTorch ops' pieces exactly."""
+    from modeling_moe import modeling_moe as mm
 
     torch.manual_seed(2)
     t = torch.randn(37, 29) * torch.logspace(-30, 30, 29)  # every binade of use, both signs
     t[0, :6] = torch.tensor([0.0, -0.0, 1.0, -2.5, 1e-40, float(torch.finfo(torch.float32).max)])  # 1e-40: subnormal
-    pieces = rt.split_bf16_(t.to(triton_device), torch.empty(3, 37, 29, dtype=torch.bfloat16, device=triton_device))
-    reference = split_bf16(t)  # a CPU tensor: the PyTorch ops
-    assert torch.equal(pieces.cpu().view(torch.int16), reference.view(torch.int16))
-    normal = t.abs() >= torch.finfo(torch.float32).tiny  # bf16 cannot hold a subnormal's last bits
-    assert torch.equal(pieces.cpu().double().sum(0)[normal], t.double()[normal])  # exact
+    t = t.to(triton_device)
+    calls = []
+    monkeypatch.setattr(mm, "split_bf16_", lambda *args, _split=rt.split_bf16_: calls.append(1) or _split(*args))
+    pieces = mm.split_bf16(t)
+    assert calls == [1]
+    monkeypatch.setenv("MOE_ROUTER_REFERENCE", "1")
+    reference = mm.split_bf16(t)  # the six PyTorch ops
+    assert calls == [1]
+    assert pieces.dtype == torch.bfloat16 and pieces.shape == (3, 37, 29)
+    normal = t.abs() >= torch.finfo(torch.float32).tiny  # subnormals: the kernel may flush them (only 1e-40 here)
+    assert torch.equal(pieces.view(torch.int16)[:, normal], reference.view(torch.int16)[:, normal])
+    assert torch.equal(pieces.double().sum(0)[normal], t.double()[normal])  # exact
+    assert (pieces.double().sum(0) - t.double()).abs().max() < 1e-37
     with pytest.raises(ValueError, match="contiguous fp32"):
-        rt.split_bf16_(t.double(), torch.empty(3, 37, 29, dtype=torch.bfloat16))
+        rt.split_bf16_(t.double(), torch.empty(3, 37, 29, dtype=torch.bfloat16, device=triton_device))
