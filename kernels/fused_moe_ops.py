@@ -54,6 +54,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import dispatch
 from .dispatch import interpreting
@@ -970,8 +971,6 @@ class _FusedMoEDownNode(torch.autograd.Function):
 
 def _plain_eager(*tensors: torch.Tensor) -> bool:
     """Whether the nodes may skip the dispatcher: not traced, no dispatch mode active, no tensor subclasses."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
     return (not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
             and all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors))
 

@@ -16,6 +16,7 @@ model keeps its PyTorch code there.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import dispatch
 
@@ -185,6 +186,7 @@ class RouterTopK(torch.autograd.Function):
         return weights, indices
 
     @staticmethod
+    @once_differentiable  # its Triton backward is not differentiable: a double backward raises, not ignores
     def backward(ctx, grad_weights, _):
         logits, indices = ctx.saved_tensors
         if grad_weights is None or not ctx.needs_input_grad[0]:

@@ -75,6 +75,14 @@ def test_selection_weights_and_gradient_match_the_router(triton_device, case, to
     torch.testing.assert_close(fp32.grad.double().cpu(), wide.grad, rtol=1e-5, atol=1e-6)  # fp32 vs float64
 
 
+def test_no_silent_second_derivative(triton_device):
+    logits = torch.randn(5, 8, device=triton_device, requires_grad=True)
+    weights, _ = rt.router_topk(logits, torch.zeros(8, device=triton_device), top_k=2, scoring_func="sigmoid")
+    (grad,) = torch.autograd.grad(weights.square().sum(), logits, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()
+
+
 def test_ties_go_to_the_lower_expert_in_descending_order(triton_device):
     logits = torch.zeros(5, 16, device=triton_device)
     logits[:, 9] = 1.0
