@@ -114,17 +114,31 @@ def _row_tile_matmul(a_ptr, b_ptr, a_row_offs, offs_n_ld, K, stride_ak, stride_b
 def _schedule_kernel(offsets_ptr, tile_expert_ptr, tile_row_ptr, num_experts, max_tiles,
                      BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr):
     """For each of this program's BLOCK_T tile ids, its expert and first row. Every program computes the per-expert
-    tile counts and their prefix sum (E loads), so the programs need not wait on one another.
+    tile counts and their prefix sum (E loads), so the programs need not wait on one another."""
+    cum, first, start = _expert_tiles(offsets_ptr, num_experts, BLOCK_M, BLOCK_E)
+    _write_tiles(tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T), cum, first, start, tile_expert_ptr, tile_row_ptr,
+                 num_experts, max_tiles, BLOCK_M, BLOCK_E)
 
-    Tile ids past the real count get expert = num_experts (the GEMM programs on them return at once)."""
+
+@triton.jit
+def _expert_tiles(offsets_ptr, num_experts, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Per expert (BLOCK_E >= E lanes): the running total of its and the earlier experts' row tiles, its first tile
+    id, its first sorted row."""
     offs_e = tl.arange(0, BLOCK_E)
     mask_e = offs_e < num_experts
     start = tl.load(offsets_ptr + offs_e, mask=mask_e, other=0)
     end = tl.load(offsets_ptr + offs_e + 1, mask=mask_e, other=0)
     tiles = (end - start + BLOCK_M - 1) // BLOCK_M
     cum = tl.cumsum(tiles, axis=0)
-    first = cum - tiles
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    return cum, cum - tiles, start
+
+
+@triton.jit
+def _write_tiles(t, cum, first, start, tile_expert_ptr, tile_row_ptr, num_experts, max_tiles,
+                 BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Tile ids t of the tile list: their expert and first row (from `_expert_tiles`). Ids past the real count get
+    expert = num_experts (the GEMM programs on them return at once)."""
+    offs_e = tl.arange(0, BLOCK_E)
     expert = tl.sum((cum[None, :] <= t[:, None]).to(tl.int32), axis=1)
     expert = tl.minimum(expert, num_experts)
     onehot = offs_e[None, :] == expert[:, None]
@@ -186,9 +200,15 @@ def _route_scan_kernel(counts_ptr, base_ptr, offsets_ptr, num_blocks, num_expert
 
 @triton.jit
 def _route_place_kernel(index_ptr, base_ptr, perm_ptr, inv_ptr, N, num_experts,
-                        BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+                        offsets_ptr, tile_expert_ptr, tile_row_ptr, max_tiles,
+                        BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, TILE_BLOCK_M: tl.constexpr,
+                        BLOCK_T: tl.constexpr):
     """perm[dest] = slot and inv[slot] = dest for this block's slots, dest being the slot's position in the stable
-    sort by expert: the block sorted by (expert, slot) in registers, then offset by base[b, expert]."""
+    sort by expert: the block sorted by (expert, slot) in registers, then offset by base[b, expert].
+
+    TILE_BLOCK_M > 0: the programs also write the tile list of the row-tiled GEMMs with BLOCK_M = TILE_BLOCK_M (as
+    `_schedule_kernel`, from the offsets the scan wrote), BLOCK_T tile ids at a time in steps of the grid: one launch
+    less before GEMM1."""
     local, expert, is_slot = _block_experts(index_ptr, N, num_experts, BLOCK_N)
     key = tl.sort(tl.where(is_slot, expert, BLOCK_E) * BLOCK_N + local)  # past N: last
     expert = key // BLOCK_N
@@ -197,6 +217,11 @@ def _route_place_kernel(index_ptr, base_ptr, perm_ptr, inv_ptr, N, num_experts,
     dest = tl.load(base_ptr + tl.program_id(0) * BLOCK_E + expert, mask=is_slot, other=0) + local
     tl.store(perm_ptr + dest, slot, mask=is_slot)
     tl.store(inv_ptr + slot, dest, mask=is_slot)
+    if TILE_BLOCK_M > 0:
+        cum, first, start = _expert_tiles(offsets_ptr, num_experts, TILE_BLOCK_M, BLOCK_E)
+        for t0 in range(tl.program_id(0) * BLOCK_T, max_tiles, tl.num_programs(0) * BLOCK_T):
+            _write_tiles(t0 + tl.arange(0, BLOCK_T), cum, first, start, tile_expert_ptr, tile_row_ptr, num_experts,
+                         max_tiles, TILE_BLOCK_M, BLOCK_E)
 
 
 @triton.jit

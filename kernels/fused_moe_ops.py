@@ -334,9 +334,10 @@ ROUTING_GPU = dict(BLOCK_N=1024, CHUNK_B=16, num_warps=8)
 ROUTING_CPU = dict(BLOCK_N=16, CHUNK_B=2, num_warps=1)  # several blocks and chunks at the tests' sizes
 
 
-def build_routing(top_k_index: torch.Tensor, num_experts: int):
+def build_routing(top_k_index: torch.Tensor, num_experts: int, tile_block_m: int = 0):
     """perm [N] (sorted position -> slot), inv [N] (slot -> sorted position), offsets [E + 1]; all int32, no sync.
-    A stable sort of the slots by expert (ties in slot order), in three launches (fused_moe_kernels.py)."""
+    A stable sort of the slots by expert (ties in slot order), in three launches (fused_moe_kernels.py). With
+    `tile_block_m`, the last launch also builds the tile list of the row-tiled GEMMs for that BLOCK_M (`tile_lists`)."""
     flat = top_k_index.reshape(-1)
     n = flat.numel()
     cfg = ROUTING_GPU if flat.is_cuda else ROUTING_CPU
@@ -352,8 +353,14 @@ def build_routing(top_k_index: torch.Tensor, num_experts: int):
     kernels._route_scan_kernel[(1,)](counts, base, offsets, blocks, num_experts, BLOCK_E=block_e,
                                      CHUNK_B=cfg["CHUNK_B"], num_warps=cfg["num_warps"])
     if n:
-        kernels._route_place_kernel[(blocks,)](flat, base, perm, inv, n, num_experts, BLOCK_N=block_n,
-                                               BLOCK_E=block_e, num_warps=cfg["num_warps"])
+        tile_expert, tile_row, max_tiles = (_empty_tile_list(offsets, tile_block_m, n, num_experts) if tile_block_m
+                                            else (perm, perm, 0))
+        kernels._route_place_kernel[(blocks,)](flat, base, perm, inv, n, num_experts, offsets, tile_expert, tile_row,
+                                               max_tiles, BLOCK_N=block_n, BLOCK_E=block_e, TILE_BLOCK_M=tile_block_m,
+                                               BLOCK_T=_tile_ids_a_step(block_e, max(max_tiles, 1), 2048),
+                                               num_warps=cfg["num_warps"])
+        if tile_block_m:
+            tile_lists(offsets)[tile_block_m] = tile_expert, tile_row, max_tiles
     return perm, inv, offsets
 
 
@@ -361,33 +368,57 @@ def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
-def tile_schedule(offsets: torch.Tensor, block_m: int, num_rows: int, num_experts: int):
-    """Tile list of the row-tiled GEMMs: a fixed upper bound cdiv(N, BLOCK_M) + E of tiles, built on the GPU."""
+def tile_lists(offsets: torch.Tensor) -> dict:
+    """The tile lists built over these offsets, by BLOCK_M: kept on the tensor itself, so that whatever reads the
+    same routing (GEMM1 and GEMM2, forward and backward) builds each list once, and it goes when the routing does."""
+    lists = getattr(offsets, "_moe_tile_lists", None)
+    if lists is None:
+        lists = offsets._moe_tile_lists = {}
+    return lists
+
+
+def _empty_tile_list(offsets, block_m: int, num_rows: int, num_experts: int):
+    """(tile_expert, tile_row, max_tiles): room for a fixed upper bound cdiv(N, BLOCK_M) + E of tiles."""
     max_tiles = triton_cdiv(num_rows, block_m) + num_experts
-    tile_expert = torch.empty(max_tiles, dtype=torch.int32, device=offsets.device)
-    tile_row = torch.empty(max_tiles, dtype=torch.int32, device=offsets.device)
+    tile_expert, tile_row = torch.empty(2, max_tiles, dtype=torch.int32, device=offsets.device)
+    return tile_expert, tile_row, max_tiles
+
+
+def _tile_ids_a_step(block_e: int, max_tiles: int, lanes: int = 8192) -> int:
+    """Tile ids a program handles at once ([ids, BLOCK_E] compares: `lanes` of them), no more than the list holds."""
+    return max(16, min(64, lanes // block_e, 1 << (max_tiles - 1).bit_length()))
+
+
+def tile_schedule(offsets: torch.Tensor, block_m: int, num_rows: int, num_experts: int):
+    """Tile list of the row-tiled GEMMs, built on the GPU: (tile_expert, tile_row, max_tiles)."""
+    tile_expert, tile_row, max_tiles = _empty_tile_list(offsets, block_m, num_rows, num_experts)
     block_e = max(16, 1 << (num_experts - 1).bit_length())
-    block_t = max(16, min(64, 8192 // block_e, 1 << (max_tiles - 1).bit_length()))  # no wider than the tile list
+    block_t = _tile_ids_a_step(block_e, max_tiles)
     _k()._schedule_kernel[(triton_cdiv(max_tiles, block_t),)](offsets, tile_expert, tile_row, num_experts, max_tiles,
                                                               BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_T=block_t)
     return tile_expert, tile_row, max_tiles
 
 
+def routing_key(num_rows, num_experts, hidden, inter, dtype, device) -> tuple:
+    """The tuning cache's key of a layer call."""
+    return _rows_bucket(num_rows), num_experts, hidden, inter, str(dtype), str(device)
+
+
 class Routing:
     """One layer call's routing (perm, inv, offsets), sizes and tuning key, and its tile lists (one per BLOCK_M,
-    built on first use)."""
+    built on first use, or by the routing itself for GEMM1's; `tile_lists`)."""
 
     def __init__(self, perm, inv, offsets, top_k, hidden, inter, dtype):
         self.perm, self.inv, self.offsets, self.top_k = perm, inv, offsets, top_k
         self.num_rows, self.num_experts = perm.numel(), offsets.numel() - 1
         self.hidden, self.inter, self.dtype = hidden, inter, dtype
-        self.key = (_rows_bucket(self.num_rows), self.num_experts, hidden, inter, str(dtype), str(perm.device))
-        self._tiles = {}
+        self.key = routing_key(self.num_rows, self.num_experts, hidden, inter, dtype, perm.device)
 
     def tiles(self, block_m):
-        if block_m not in self._tiles:
-            self._tiles[block_m] = tile_schedule(self.offsets, block_m, self.num_rows, self.num_experts)
-        return self._tiles[block_m]
+        lists = tile_lists(self.offsets)
+        if block_m not in lists:
+            lists[block_m] = tile_schedule(self.offsets, block_m, self.num_rows, self.num_experts)
+        return lists[block_m]
 
     def run(self, kind: str, family: str, launch, tune: bool = True) -> KernelConfig:
         """`launch(config)` with the config chosen for `kind` (candidates of `family`, tuned once unless `tune` is
@@ -611,12 +642,15 @@ def gate_up_forward_impl(x, gate_up, top_k_index, save_gu):
     top_k = top_k_index.shape[1]
     num_rows = tokens * top_k
     two_i = gate_up.shape[1]
-    perm, inv, offsets = build_routing(top_k_index, gate_up.shape[0])
-    h = x.new_empty(num_rows, two_i // 2)
+    num_experts, inter = gate_up.shape[0], two_i // 2
+    gemm1 = chosen_config("gemm1", routing_key(num_rows, num_experts, hidden, inter, x.dtype, x.device),
+                          _candidates("gemm1", num_rows, num_experts, x.dtype))
+    perm, inv, offsets = build_routing(top_k_index, num_experts, tile_block_m=gemm1.block_m)
+    h = x.new_empty(num_rows, inter)
     gu = x.new_empty(num_rows if save_gu else 0, two_i)
     if num_rows:
         x = x.contiguous()
-        routing = Routing(perm, inv, offsets, top_k, hidden, two_i // 2, x.dtype)
+        routing = Routing(perm, inv, offsets, top_k, hidden, inter, x.dtype)
         routing.run("gemm1", "gemm1", lambda c: _launch_gemm1(c, routing, x, gate_up, h, gu))
     return gu, h, perm, inv, offsets
 

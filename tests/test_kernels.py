@@ -1009,6 +1009,42 @@ def test_tile_schedule_over_many_programs(triton_path):
 
 
 @needs_triton
+@pytest.mark.parametrize("tokens, top_k, experts, block_m", [(300, 6, 64, 16), (700, 2, 5, 16), (5, 2, 100, 4),
+                                                             (130, 4, 256, 128), (9, 8, 8, 1)])
+def test_routing_builds_the_tile_list_it_is_asked_for(triton_path, tokens, top_k, experts, block_m):
+    """build_routing's tile list (written by the place kernel's programs, in steps of the grid where the list is
+    longer than the programs' first chunks: 5 x 2 slots over 100 experts) is the one tile_schedule builds from the
+    same offsets."""
+    from modeling_moe.kernels.fused_moe_ops import build_routing, tile_lists, tile_schedule
+
+    index = torch.randint(0, experts, (tokens, top_k), generator=torch.Generator().manual_seed(tokens + experts))
+    perm, inv, offsets = build_routing(index.to(triton_path), experts, tile_block_m=block_m)
+    assert list(tile_lists(offsets)) == [block_m]
+    tile_expert, tile_row, max_tiles = tile_lists(offsets)[block_m]
+    expected_expert, expected_row, expected_max = tile_schedule(offsets, block_m, tokens * top_k, experts)
+    assert max_tiles == expected_max
+    assert torch.equal(tile_expert, expected_expert)
+    real = expected_expert < experts  # tile_row past the real tiles is never read
+    assert torch.equal(tile_row[real], expected_row[real])
+
+
+@needs_triton
+def test_the_forward_and_backward_share_the_routings_tile_list(triton_path, monkeypatch):
+    """GEMM1, GEMM2 and the backward's row-tiled GEMMs run on one BLOCK_M here, so they all take the list the routing
+    built: no tile_schedule launch at all."""
+    from modeling_moe.kernels import fused_moe_ops as fm
+
+    built, tile_schedule = [], fm.tile_schedule
+    monkeypatch.setattr(fm, "tile_schedule", lambda *args: built.append(args[1]) or tile_schedule(*args))
+    fm.set_backward_gemm_backend("triton")
+    try:
+        check_against_reference(make_case(37, 40, 24, 5, 2, device=triton_path), 1e-4)
+    finally:
+        fm.set_backward_gemm_backend(None)
+    assert built == []
+
+
+@needs_triton
 def test_custom_op_fake_and_opcheck(triton_path):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
