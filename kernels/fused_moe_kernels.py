@@ -422,12 +422,13 @@ def _swiglu_backward_tile(da, gate, up, w, h_ptrs, dgate_ptrs, dup_ptrs, mask, S
 def _swiglu_backward_kernel(
     da_ptr, dgu_ptr, gu_ptr, h_ptr, topk_w_ptr, perm_ptr, dw_ptr, N, I,
     stride_dam, stride_dan, stride_dgm, stride_dgn, stride_gm, stride_gn, stride_hm, stride_hn,
-    STORE_WH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr,
+    STORE_WH: tl.constexpr, BY_SLOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
     """`_dgrad_h_kernel`'s epilogue as a pass of its own, after a plain GEMM wrote dA = dY[tok] @ Wd[e] into da: dgu's
     gate half (each element is read before its own position is overwritten) or a tensor of its own. Per sorted row r,
     over all I columns:
-    dw[r] = sum_n dA[r, n] h[r, n] (whole rows: one partial), and dgate, dup from dh = w[r] dA; STORE_WH as there."""
+    dw[r] = sum_n dA[r, n] h[r, n] (whole rows: one partial; BY_SLOT: stored at dw[perm[r]], the slot's), and dgate,
+    dup from dh = w[r] dA; STORE_WH as there."""
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < N
     rows = offs_r.to(tl.int64)
@@ -445,7 +446,10 @@ def _swiglu_backward_kernel(
         gate = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(g_ptrs + I * stride_gn, mask=mask, other=0.0).to(tl.float32)
         dw += _swiglu_backward_tile(da, gate, up, w, h_ptrs, dgu_ptrs, dgu_ptrs + I * stride_dgn, mask, STORE_WH)
-    tl.store(dw_ptr + offs_r, dw, mask=mask_r)
+    if BY_SLOT:
+        tl.store(dw_ptr + slot, dw, mask=mask_r)
+    else:
+        tl.store(dw_ptr + offs_r, dw, mask=mask_r)
 
 
 @triton.jit

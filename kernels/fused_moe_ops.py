@@ -545,15 +545,16 @@ def _launch_dgrad_h(config, routing, grad_out, down, dgu, gu, h, weights, dw, st
     )
 
 
-def _launch_swiglu_backward(da, dgu, gu, h, weights, perm, dw, store_wh):
-    """dgu from dA (= dY[tok] @ Wd[e], sorted rows; may be dgu's own gate half) and gu; dw [1, N] each row's whole
-    routing-weight gradient; h receives w*h (store_wh) or is the saved activation, read."""
+def _launch_swiglu_backward(da, dgu, gu, h, weights, perm, dw, store_wh, by_slot=False):
+    """dgu from dA (= dY[tok] @ Wd[e], sorted rows; may be dgu's own gate half) and gu; dw each row's whole
+    routing-weight gradient, at its sorted row (dw [1, N]) or `by_slot` at its slot (dw [N]: the gradient of the
+    routing weights as they are laid out); h receives w*h (store_wh) or is the saved activation, read."""
     cfg = SWIGLU_BACKWARD_GPU if dgu.is_cuda else SWIGLU_BACKWARD_CPU
     rows, inter = da.shape
     _k()._swiglu_backward_kernel[(triton_cdiv(rows, cfg["BLOCK_R"]),)](
         da, dgu, gu, h, weights, perm, dw, rows, inter, da.stride(0), da.stride(1),
         dgu.stride(0), dgu.stride(1), gu.stride(0), gu.stride(1), h.stride(0), h.stride(1),
-        STORE_WH=store_wh, **cfg,
+        STORE_WH=store_wh, BY_SLOT=by_slot, **cfg,
     )
 
 
@@ -726,13 +727,14 @@ def down_backward_impl(grad_out, gu, h, down, top_k_weights, perm, inv, offsets,
     if need_gu or need_weights or (need_down and store_wh):
         dgu = torch.empty_like(gu)
         if library:
-            dw = torch.empty(1, num_rows, dtype=torch.float32, device=gu.device)
+            dw = torch.empty(num_rows, dtype=torch.float32, device=gu.device)
             _launch_swiglu_backward(torch._grouped_mm(dy_sorted, down, offs=offsets[1:]), dgu, gu, wgrad_b, weights,
-                                    perm, dw, store_wh)
+                                    perm, dw, store_wh, by_slot=True)
         else:
             dw = _run_dgrad_h(routing, variant, grad_out, down, dgu, gu, wgrad_b, weights, store_wh)
+            dw = dw.sum(0).index_select(0, inv) if need_weights else None
         if need_weights:
-            dweights = dw.sum(0).index_select(0, inv).view_as(top_k_weights).to(top_k_weights.dtype)
+            dweights = dw.view_as(top_k_weights).to(top_k_weights.dtype)
     if need_down and library and _wgrad_on_sorted_rows(routing, grad_down, grad_out, wgrad_b):
         if not store_wh:
             dy_sorted.mul_(weights.index_select(0, perm).unsqueeze(1).to(dy_sorted.dtype))
