@@ -95,6 +95,15 @@ def dgrad_h(request):
     set_dgrad_h_variant(None)
 
 
+def cases_and_variants(names, other_variant_on):
+    """(case, dgrad_h variant) pairs for `parametrize("name, dgrad_h", ..., indirect=["dgrad_h"])`: every case with
+    the default variant, and on a GPU with the other too; on the CPU the other on `other_variant_on` only (its few
+    paths of its own, the dgrad_h epilogue reading h and wgrad scaling dY, take the interpreter ~10 s a case)."""
+    default, other = DGRAD_H_VARIANTS
+    return [(name, variant) for name in names for variant in (default, other)
+            if variant == default or CUDA or name in other_variant_on]
+
+
 def make_case(tokens, hidden, inter, experts, top_k, routing="random", seed=0, device="cpu", dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, hidden, generator=g)
@@ -162,7 +171,9 @@ CASES = {
 
 
 @needs_triton
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name, dgrad_h", cases_and_variants(
+    list(CASES), {"uneven_sizes", "experts_without_tokens", "all_tokens_on_one_expert", "half_last_tiles"}),
+    indirect=["dgrad_h"])
 def test_fused_matches_float64_reference(triton_path, dgrad_h, name):
     tokens, hidden, inter, experts, top_k, routing = CASES[name]
     case = make_case(tokens, hidden, inter, experts, top_k, routing, seed=len(name), device=triton_path)
@@ -240,7 +251,9 @@ def poison(tensor: torch.Tensor) -> torch.Tensor:
 
 @needs_triton
 @pytest.mark.parametrize("blocks", [None, (64, 64, 32)], ids=["default_blocks", "64x64x32_blocks"])
-@pytest.mark.parametrize("name", ["experts_without_tokens", "all_tokens_on_one_expert", "uneven_sizes", "one_token"])
+@pytest.mark.parametrize("name, dgrad_h", cases_and_variants(
+    ["experts_without_tokens", "all_tokens_on_one_expert", "uneven_sizes", "one_token"],
+    {"experts_without_tokens", "one_token"}), indirect=["dgrad_h"])
 def test_every_output_element_is_written(triton_path, dgrad_h, monkeypatch, name, blocks):
     """Buffers from torch.empty hold whatever the allocator recycled (on a GPU, often another tensor's NaN or -inf):
     with every fresh allocation poisoned, the outputs and all gradients still match the float64 reference, so no
@@ -263,8 +276,9 @@ def test_every_output_element_is_written(triton_path, dgrad_h, monkeypatch, name
 
 
 @needs_triton
-@pytest.mark.parametrize("name", ["uneven_sizes", "experts_without_tokens", "all_tokens_on_one_expert",
-                                  "block_multiples"])
+@pytest.mark.parametrize("name, dgrad_h", cases_and_variants(
+    ["uneven_sizes", "experts_without_tokens", "all_tokens_on_one_expert", "block_multiples"],
+    {"uneven_sizes", "experts_without_tokens"}), indirect=["dgrad_h"])
 def test_weights_read_through_tma_descriptors(triton_path, dgrad_h, monkeypatch, name):
     """The weight_tma candidates: every row-tiled GEMM (gemm1, gemm2, dgrad_h, dgrad_x) reads the expert weights
     and both wgrads write their gradients through a TMA descriptor, and output and gradients still match float64,
