@@ -1352,6 +1352,23 @@ def test_gpu_bf16_second_backward_adds_into_grad(triton_path, monkeypatch, name)
 
 
 @needs_triton
+def test_eager_nodes_bind_no_signatures(triton_path, monkeypatch):
+    """An autograd.Function with a `setup_context` binds its arguments through inspect.signature on every call (~40
+    us of host time each); the eager nodes set their context up in `forward`, so a forward+backward inspects
+    nothing."""
+    import inspect
+
+    case = make_case(20, 48, 40, 6, 2, seed=11, device=triton_path)
+    leaves = [t.clone().requires_grad_(True) for t in (case[0], case[1], case[2], case[4])]
+    fused_moe(leaves[0], leaves[1], leaves[2], case[3], leaves[3]).sum().backward()  # compiled / warm
+    calls = []
+    signature = inspect.signature
+    monkeypatch.setattr(inspect, "signature", lambda *a, **k: calls.append(a[0]) or signature(*a, **k))
+    fused_moe(leaves[0], leaves[1], leaves[2], case[3], leaves[3]).sum().backward()
+    assert calls == []
+
+
+@needs_triton
 def test_eager_nodes_skip_the_dispatcher_with_the_ops_results(triton_path):
     """Plain eager calls run the two nodes as autograd.Functions (no dispatcher round trip); under a dispatch mode
     (as when traced) the custom ops run: the same outputs and gradients, bit for bit, and the same two-node graph."""
