@@ -898,11 +898,12 @@ def _gate_up_backward(ctx, dgu, *unused):
         return None, None, None, None
     x, gate_up, perm, inv, offsets = ctx.saved_tensors
     into = _accumulation_target(gate_up) if need_gate_up else None
-    if into is None:
+    if into is None and not _plain_eager(dgu, x, gate_up):
         dx, dgate_up = torch.ops.modeling_moe.fused_moe_gate_up_backward(dgu, x, gate_up, perm, inv, offsets,
                                                                           ctx.top_k, need_x, need_gate_up)
-    else:  # eager only (never while tracing): the kernels write into .grad, which no functional op may
-        dx, dgate_up = gate_up_backward_impl(dgu, x, gate_up, perm, inv, offsets, ctx.top_k, need_x, True, into)
+    else:  # eager (the op's host cost spared), and always when the kernels write into .grad, which no op may
+        dx, dgate_up = gate_up_backward_impl(dgu, x, gate_up, perm, inv, offsets, ctx.top_k, need_x, need_gate_up,
+                                             into)
     return dx if need_x else None, _weight_grad(gate_up, dgate_up, into) if need_gate_up else None, None, None
 
 
@@ -922,12 +923,12 @@ def _down_backward(ctx, grad_out):
     if gu.shape[0] != perm.shape[0]:
         raise RuntimeError("fused MoE: the forward ran without saving activations (no input required grad)")
     into = _accumulation_target(down) if need_down else None
-    if into is None:
+    if into is None and not _plain_eager(grad_out, gu, down, top_k_weights):
         dgu, ddown, dweights = torch.ops.modeling_moe.fused_moe_down_backward(
             grad_out, gu, h, down, top_k_weights, perm, inv, offsets, ctx.variant, need_gu, need_down, need_weights)
-    else:  # eager only, as in _gate_up_backward
+    else:  # as in _gate_up_backward
         dgu, ddown, dweights = down_backward_impl(grad_out, gu, h, down, top_k_weights, perm, inv, offsets,
-                                                  ctx.variant, need_gu, True, need_weights, into)
+                                                  ctx.variant, need_gu, need_down, need_weights, into)
     return (dgu if need_gu else None, None, _weight_grad(down, ddown, into) if need_down else None,
             dweights if need_weights else None, None, None, None, None)
 
