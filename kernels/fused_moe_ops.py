@@ -334,10 +334,12 @@ ROUTING_GPU = dict(BLOCK_N=1024, CHUNK_B=16, num_warps=8)
 ROUTING_CPU = dict(BLOCK_N=16, CHUNK_B=2, num_warps=1)  # several blocks and chunks at the tests' sizes
 
 
-def build_routing(top_k_index: torch.Tensor, num_experts: int, tile_block_m: int = 0):
+def build_routing(top_k_index: torch.Tensor, num_experts: int, tiles: dict | None = None, tile_block_m: int = 0):
     """perm [N] (sorted position -> slot), inv [N] (slot -> sorted position), offsets [E + 1]; all int32, no sync.
-    A stable sort of the slots by expert (ties in slot order), in three launches (fused_moe_kernels.py). With
-    `tile_block_m`, the last launch also builds the tile list of the row-tiled GEMMs for that BLOCK_M (`tile_lists`)."""
+    A stable sort of the slots by expert (ties in slot order), in three launches (fused_moe_kernels.py). With a
+    `tiles` dict and `tile_block_m`, the last launch also builds the tile list of the row-tiled GEMMs for that
+    BLOCK_M, stored as tiles[tile_block_m] (what `Routing` takes)."""
+    tile_block_m = tile_block_m if tiles is not None else 0
     flat = top_k_index.reshape(-1)
     n = flat.numel()
     cfg = ROUTING_GPU if flat.is_cuda else ROUTING_CPU
@@ -360,21 +362,12 @@ def build_routing(top_k_index: torch.Tensor, num_experts: int, tile_block_m: int
                                                BLOCK_T=_tile_ids_a_step(block_e, max(max_tiles, 1), 2048),
                                                num_warps=cfg["num_warps"])
         if tile_block_m:
-            tile_lists(offsets)[tile_block_m] = tile_expert, tile_row, max_tiles
+            tiles[tile_block_m] = tile_expert, tile_row, max_tiles
     return perm, inv, offsets
 
 
 def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
-
-
-def tile_lists(offsets: torch.Tensor) -> dict:
-    """The tile lists built over these offsets, by BLOCK_M: kept on the tensor itself, so that whatever reads the
-    same routing (GEMM1 and GEMM2, forward and backward) builds each list once, and it goes when the routing does."""
-    lists = getattr(offsets, "_moe_tile_lists", None)
-    if lists is None:
-        lists = offsets._moe_tile_lists = {}
-    return lists
 
 
 def _empty_tile_list(offsets, block_m: int, num_rows: int, num_experts: int):
@@ -406,19 +399,21 @@ def routing_key(num_rows, num_experts, hidden, inter, dtype, device) -> tuple:
 
 class Routing:
     """One layer call's routing (perm, inv, offsets), sizes and tuning key, and its tile lists (one per BLOCK_M,
-    built on first use, or by the routing itself for GEMM1's; `tile_lists`)."""
+    built on first use; `tiles`: those `build_routing` built). The lists live as long as this object: a tensor kept
+    past the op that made it (say on the offsets it returns) would outlive a CUDA graph's outputs, which cudagraph
+    trees (torch.compile's reduce-overhead) refuse."""
 
-    def __init__(self, perm, inv, offsets, top_k, hidden, inter, dtype):
+    def __init__(self, perm, inv, offsets, top_k, hidden, inter, dtype, tiles: dict | None = None):
         self.perm, self.inv, self.offsets, self.top_k = perm, inv, offsets, top_k
         self.num_rows, self.num_experts = perm.numel(), offsets.numel() - 1
         self.hidden, self.inter, self.dtype = hidden, inter, dtype
         self.key = routing_key(self.num_rows, self.num_experts, hidden, inter, dtype, perm.device)
+        self._tiles = tiles if tiles is not None else {}
 
     def tiles(self, block_m):
-        lists = tile_lists(self.offsets)
-        if block_m not in lists:
-            lists[block_m] = tile_schedule(self.offsets, block_m, self.num_rows, self.num_experts)
-        return lists[block_m]
+        if block_m not in self._tiles:
+            self._tiles[block_m] = tile_schedule(self.offsets, block_m, self.num_rows, self.num_experts)
+        return self._tiles[block_m]
 
     def run(self, kind: str, family: str, launch, tune: bool = True) -> KernelConfig:
         """`launch(config)` with the config chosen for `kind` (candidates of `family`, tuned once unless `tune` is
@@ -637,8 +632,9 @@ def _gate_up_n(gate_up):  # B[e][k in 2I, n in H] = gate_up[e, k, n]
 # ------------------------------------------------------------------------------------------- forward and backward
 
 
-def gate_up_forward_impl(x, gate_up, top_k_index, save_gu):
-    """Node 1: routing, then h = SwiGLU(x[tok] @ Wgu[e].T) in sorted slot order; gu = (gate | up) when save_gu."""
+def gate_up_forward_impl(x, gate_up, top_k_index, save_gu, tiles: dict | None = None):
+    """Node 1: routing, then h = SwiGLU(x[tok] @ Wgu[e].T) in sorted slot order; gu = (gate | up) when save_gu.
+    The routing builds GEMM1's tile list; `tiles` (a dict) receives the tile lists, for node 2 to reuse."""
     tokens, hidden = x.shape
     top_k = top_k_index.shape[1]
     num_rows = tokens * top_k
@@ -646,12 +642,13 @@ def gate_up_forward_impl(x, gate_up, top_k_index, save_gu):
     num_experts, inter = gate_up.shape[0], two_i // 2
     gemm1 = chosen_config("gemm1", routing_key(num_rows, num_experts, hidden, inter, x.dtype, x.device),
                           _candidates("gemm1", num_rows, num_experts, x.dtype))
-    perm, inv, offsets = build_routing(top_k_index, num_experts, tile_block_m=gemm1.block_m)
+    tiles = {} if tiles is None else tiles
+    perm, inv, offsets = build_routing(top_k_index, num_experts, tiles, gemm1.block_m)
     h = x.new_empty(num_rows, inter)
     gu = x.new_empty(num_rows if save_gu else 0, two_i)
     if num_rows:
         x = x.contiguous()
-        routing = Routing(perm, inv, offsets, top_k, hidden, inter, x.dtype)
+        routing = Routing(perm, inv, offsets, top_k, hidden, inter, x.dtype, tiles)
         routing.run("gemm1", "gemm1", lambda c: _launch_gemm1(c, routing, x, gate_up, h, gu))
     return gu, h, perm, inv, offsets
 
@@ -690,14 +687,14 @@ def gate_up_backward_impl(dgu, x, gate_up, perm, inv, offsets, top_k, need_x, ne
     return dx, dgate_up
 
 
-def down_forward_impl(h, down, top_k_weights, perm, inv, offsets):
-    """Node 2: y = h @ Wd[e].T (sorted rows), out[t] = sum_j w[t, j] y[slot(t, j)]."""
+def down_forward_impl(h, down, top_k_weights, perm, inv, offsets, tiles: dict | None = None):
+    """Node 2: y = h @ Wd[e].T (sorted rows), out[t] = sum_j w[t, j] y[slot(t, j)]; `tiles`: node 1's tile lists."""
     tokens, top_k = top_k_weights.shape
     num_rows, inter = h.shape
     hidden = down.shape[1]
     if num_rows == 0:
         return h.new_zeros(tokens, hidden)
-    routing = Routing(perm, inv, offsets, top_k, hidden, inter, h.dtype)
+    routing = Routing(perm, inv, offsets, top_k, hidden, inter, h.dtype, tiles)
     y = h.new_empty(num_rows, hidden)
     routing.run("gemm2", "gemm2", lambda c: _launch_grouped(c, routing, h, down, y, hidden, inter, _down_t(down)))
     out = h.new_empty(tokens, hidden)
@@ -988,26 +985,32 @@ torch.library.register_autograd("modeling_moe::fused_moe_down", _down_backward, 
 # disable guard): ~90 us of host time a call more than an autograd.Function on a CPU, where the eager layer's GPU
 # waits for its host (shape "small", and the router's stretch at V2-Lite). Traced code, dispatch modes and tensor
 # subclasses get the ops, which they can see. `forward` takes ctx and sets it up itself: a Function with a
-# `setup_context` binds its arguments through inspect.signature on every call (~40 us of a CPU's time).
+# `setup_context` binds its arguments through inspect.signature on every call (~40 us of a CPU's time). `tiles`, one
+# dict for both nodes of a call, hands GEMM1's tile list to GEMM2 (the ops, whose calls may be CUDA graphs, keep
+# theirs to themselves).
 class _FusedMoEGateUpNode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gate_up, top_k_index, save_gu):
-        output = gate_up_forward_impl(x, gate_up, top_k_index, save_gu)
+    def forward(ctx, x, gate_up, top_k_index, save_gu, tiles):
+        output = gate_up_forward_impl(x, gate_up, top_k_index, save_gu, tiles)
         _gate_up_setup_context(ctx, (x, gate_up, top_k_index, save_gu), output)
         return output
 
-    backward = staticmethod(_gate_up_backward)
+    @staticmethod
+    def backward(ctx, *grads):
+        return *_gate_up_backward(ctx, *grads), None
 
 
 class _FusedMoEDownNode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gu, h, down, top_k_weights, perm, inv, offsets, dgrad_h):
+    def forward(ctx, gu, h, down, top_k_weights, perm, inv, offsets, dgrad_h, tiles):
         inputs = (gu, h, down, top_k_weights, perm, inv, offsets, dgrad_h)
-        output = down_forward_impl(h, down, top_k_weights, perm, inv, offsets)
+        output = down_forward_impl(h, down, top_k_weights, perm, inv, offsets, tiles)
         _down_setup_context(ctx, inputs, output)
         return output
 
-    backward = staticmethod(_down_backward)
+    @staticmethod
+    def backward(ctx, grad_out):
+        return *_down_backward(ctx, grad_out), None
 
 
 def _plain_eager(*tensors: torch.Tensor) -> bool:
@@ -1035,11 +1038,13 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj
     x, gate_up, down = (t.to(compute) for t in (hidden_states, gate_up_proj, down_proj))
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate_up, down, top_k_weights))
     if _plain_eager(x, gate_up, down, top_k_index, top_k_weights):
-        gate_up_node, down_node = _FusedMoEGateUpNode.apply, _FusedMoEDownNode.apply
+        tiles = {}
+        gu, h, perm, inv, offsets = _FusedMoEGateUpNode.apply(x, gate_up, top_k_index, save, tiles)
+        out = _FusedMoEDownNode.apply(gu, h, down, top_k_weights, perm, inv, offsets, dgrad_h_variant(), tiles)
     else:
-        gate_up_node, down_node = torch.ops.modeling_moe.fused_moe_gate_up, torch.ops.modeling_moe.fused_moe_down
-    gu, h, perm, inv, offsets = gate_up_node(x, gate_up, top_k_index, save)
-    out = down_node(gu, h, down, top_k_weights, perm, inv, offsets, dgrad_h_variant())
+        ops = torch.ops.modeling_moe
+        gu, h, perm, inv, offsets = ops.fused_moe_gate_up(x, gate_up, top_k_index, save)
+        out = ops.fused_moe_down(gu, h, down, top_k_weights, perm, inv, offsets, dgrad_h_variant())
     return out.to(dtype)
 
 
