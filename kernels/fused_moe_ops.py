@@ -58,6 +58,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import dispatch
 from .dispatch import interpreting
+from .launch import cdiv, launch
 from .offline_compile import programs_per_sm
 from .reference import moe_experts_reference
 from .wgrad_hopper import hopper_wgrad_applies, wgrad_hopper
@@ -344,35 +345,30 @@ def build_routing(top_k_index: torch.Tensor, num_experts: int, tiles: dict | Non
     n = flat.numel()
     cfg = ROUTING_GPU if flat.is_cuda else ROUTING_CPU
     block_n, block_e = cfg["BLOCK_N"], 1 << num_experts.bit_length()  # > E: bin E holds ids out of range
-    blocks = max(1, triton_cdiv(n, block_n))
+    blocks = max(1, cdiv(n, block_n))
     perm = torch.empty(n, dtype=torch.int32, device=flat.device)
     inv = torch.empty_like(perm)
     offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=flat.device)
     counts, base = torch.empty(2, blocks, block_e, dtype=torch.int32, device=flat.device)
     kernels = _k()
-    kernels._route_count_kernel[(blocks,)](flat, counts, n, num_experts, BLOCK_N=block_n, BLOCK_E=block_e,
-                                           num_warps=cfg["num_warps"])
-    kernels._route_scan_kernel[(1,)](counts, base, offsets, blocks, num_experts, BLOCK_E=block_e,
-                                     CHUNK_B=cfg["CHUNK_B"], num_warps=cfg["num_warps"])
+    launch(kernels._route_count_kernel, (blocks,), flat, counts, n, num_experts, BLOCK_N=block_n, BLOCK_E=block_e,
+           num_warps=cfg["num_warps"])
+    launch(kernels._route_scan_kernel, (1,), counts, base, offsets, blocks, num_experts, BLOCK_E=block_e,
+           CHUNK_B=cfg["CHUNK_B"], num_warps=cfg["num_warps"])
     if n:
         tile_expert, tile_row, max_tiles = (_empty_tile_list(offsets, tile_block_m, n, num_experts) if tile_block_m
                                             else (perm, perm, 0))
-        kernels._route_place_kernel[(blocks,)](flat, base, perm, inv, n, num_experts, offsets, tile_expert, tile_row,
-                                               max_tiles, BLOCK_N=block_n, BLOCK_E=block_e, TILE_BLOCK_M=tile_block_m,
-                                               BLOCK_T=_tile_ids_a_step(block_e, max(max_tiles, 1), 2048),
-                                               num_warps=cfg["num_warps"])
+        launch(kernels._route_place_kernel, (blocks,), flat, base, perm, inv, n, num_experts, offsets, tile_expert,
+               tile_row, max_tiles, BLOCK_N=block_n, BLOCK_E=block_e, TILE_BLOCK_M=tile_block_m,
+               BLOCK_T=_tile_ids_a_step(block_e, max(max_tiles, 1), 2048), num_warps=cfg["num_warps"])
         if tile_block_m:
             tiles[tile_block_m] = tile_expert, tile_row, max_tiles
     return perm, inv, offsets
 
 
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
-
-
 def _empty_tile_list(offsets, block_m: int, num_rows: int, num_experts: int):
     """(tile_expert, tile_row, max_tiles): room for a fixed upper bound cdiv(N, BLOCK_M) + E of tiles."""
-    max_tiles = triton_cdiv(num_rows, block_m) + num_experts
+    max_tiles = cdiv(num_rows, block_m) + num_experts
     tile_expert, tile_row = torch.empty(2, max_tiles, dtype=torch.int32, device=offsets.device)
     return tile_expert, tile_row, max_tiles
 
@@ -387,8 +383,8 @@ def tile_schedule(offsets: torch.Tensor, block_m: int, num_rows: int, num_expert
     tile_expert, tile_row, max_tiles = _empty_tile_list(offsets, block_m, num_rows, num_experts)
     block_e = max(16, 1 << (num_experts - 1).bit_length())
     block_t = _tile_ids_a_step(block_e, max_tiles)
-    _k()._schedule_kernel[(triton_cdiv(max_tiles, block_t),)](offsets, tile_expert, tile_row, num_experts, max_tiles,
-                                                              BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_T=block_t)
+    launch(_k()._schedule_kernel, (cdiv(max_tiles, block_t),), offsets, tile_expert, tile_row, num_experts,
+           max_tiles, BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_T=block_t)
     return tile_expert, tile_row, max_tiles
 
 
@@ -452,7 +448,7 @@ def _half_tiles(config) -> bool:
 def _row_tiles(config, routing, n):
     """Grid, tile-list arguments (tile_expert, tile_row, offsets, perm) and tile count of a row-tiled GEMM."""
     tile_expert, tile_row, max_tiles = routing.tiles(config.block_m)
-    grid = (max_tiles * triton_cdiv(n, config.block_n),)
+    grid = (max_tiles * cdiv(n, config.block_n),)
     return grid, (tile_expert, tile_row, routing.offsets, routing.perm), max_tiles
 
 
@@ -483,7 +479,8 @@ def _launch_gemm1(config, routing, x, gate_up, h, gu):
     store_gu = gu.shape[0] > 0
     gu_arg = gu if store_gu else h
     desc = _weight_desc(config, gate_up, b_kn=False)
-    _k()._gemm1_swiglu_kernel[grid](
+    launch(
+        _k()._gemm1_swiglu_kernel, grid,
         x, gate_up, desc, h, gu_arg, *tiles,
         routing.hidden, routing.inter, max_tiles, routing.top_k, routing.num_experts,
         x.stride(0), x.stride(1), gate_up.stride(0), gate_up.stride(1), gate_up.stride(2),
@@ -499,7 +496,8 @@ def _launch_grouped(config, routing, a, b, c, n, k, b_strides, gather_a=False):
     grid, tiles, max_tiles = _row_tiles(config, routing, n)
     b_kn = b_strides[2] == 1  # b stored [E, K, N]; else [E, N, K], read transposed
     desc = _weight_desc(config, b, b_kn)
-    _k()._grouped_gemm_kernel[grid](
+    launch(
+        _k()._grouped_gemm_kernel, grid,
         a, b, desc, c, *tiles, n, k, max_tiles, routing.num_experts, routing.top_k,
         a.stride(0), a.stride(1), *b_strides, c.stride(0), c.stride(1),
         EVEN_K=k % config.block_k == 0, EVEN_N=n % config.block_n == 0, WEIGHT_TMA=desc is not None, B_KN=b_kn,
@@ -510,7 +508,7 @@ def _launch_grouped(config, routing, a, b, c, n, k, b_strides, gather_a=False):
 
 def dgrad_h_partials(config, inter: int) -> int:
     """Rows of the routing-weight gradient's partial sums dgrad_h writes: one per column tile, or one (split)."""
-    return 1 if config.split else triton_cdiv(inter, config.block_n)
+    return 1 if config.split else cdiv(inter, config.block_n)
 
 
 SWIGLU_BACKWARD_GPU = dict(BLOCK_R=16, BLOCK_I=128, num_warps=4)  # 66 registers (sm_90): ~7 programs an SM
@@ -529,7 +527,8 @@ def _launch_dgrad_h(config, routing, grad_out, down, dgu, gu, h, weights, dw, st
         return
     grid, tiles, max_tiles = _row_tiles(config, routing, inter)
     desc = _weight_desc(config, down, b_kn=True)  # B[e][k in H, n in I] = down[e, k, n]
-    _k()._dgrad_h_kernel[grid](
+    launch(
+        _k()._dgrad_h_kernel, grid,
         grad_out, down, desc, dgu, gu, h, weights, dw, *tiles,
         inter, hidden, max_tiles, routing.top_k, routing.num_experts,
         grad_out.stride(0), grad_out.stride(1), down.stride(0), down.stride(1), down.stride(2),
@@ -546,7 +545,8 @@ def _launch_swiglu_backward(da, dgu, gu, h, weights, perm, dw, store_wh, by_slot
     routing weights as they are laid out); h receives w*h (store_wh) or is the saved activation, read."""
     cfg = SWIGLU_BACKWARD_GPU if dgu.is_cuda else SWIGLU_BACKWARD_CPU
     rows, inter = da.shape
-    _k()._swiglu_backward_kernel[(triton_cdiv(rows, cfg["BLOCK_R"]),)](
+    launch(
+        _k()._swiglu_backward_kernel, (cdiv(rows, cfg["BLOCK_R"]),),
         da, dgu, gu, h, weights, perm, dw, rows, inter, da.stride(0), da.stride(1),
         dgu.stride(0), dgu.stride(1), gu.stride(0), gu.stride(1), h.stride(0), h.stride(1),
         STORE_WH=store_wh, BY_SLOT=by_slot, **cfg,
@@ -581,7 +581,7 @@ def _launch_wgrad(config, routing, a, b, c, gather_a, gather_b, topk_w=None, acc
     its compile fits (`_persistent_programs`), and a tile a program elsewhere. An `operand_tma` config reads the
     operand that is not gathered (exactly one of A and B is) through TMA, where TMA can address it."""
     num_experts, m, n = c.shape
-    tiles_mn = triton_cdiv(m, config.block_m) * triton_cdiv(n, config.block_n)
+    tiles_mn = cdiv(m, config.block_m) * cdiv(n, config.block_n)
     desc = _tma_desc(c, [1, config.block_m, config.block_n]) if config.weight_tma or accumulate else None
     op_desc = None
     if config.operand_tma:
@@ -603,14 +603,15 @@ def _launch_wgrad(config, routing, a, b, c, gather_a, gather_b, topk_w=None, acc
         grid = (min(tiles_mn * num_experts, wave),)
     else:
         grid = (tiles_mn, num_experts)
-    kernel[grid](*args, **flags)
+    launch(kernel, grid, *args, **flags)
 
 
 def _launch_combine(y, inv, w, out, top_k):
     tokens, hidden = out.shape
     cfg = COMBINE_GPU if y.is_cuda else COMBINE_CPU
-    grid = (triton_cdiv(tokens, cfg["BLOCK_T"]), triton_cdiv(hidden, cfg["BLOCK_H"]))
-    _k()._combine_kernel[grid](
+    grid = (cdiv(tokens, cfg["BLOCK_T"]), cdiv(hidden, cfg["BLOCK_H"]))
+    launch(
+        _k()._combine_kernel, grid,
         y, inv, w if w is not None else inv, out, tokens, hidden,
         y.stride(0), y.stride(1), out.stride(0), out.stride(1),
         TOP_K=top_k, BLOCK_T=cfg["BLOCK_T"], BLOCK_H=cfg["BLOCK_H"], HAS_W=w is not None, num_warps=cfg["num_warps"],

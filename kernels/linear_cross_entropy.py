@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch
+from .launch import launch, next_power_of_2
 
 try:  # Triton is optional: without it everything runs the PyTorch reference
     import triton
@@ -105,8 +106,9 @@ def cross_entropy_rows_(logits: torch.Tensor, targets: torch.Tensor, ignore_inde
     torch._assert_async(((targets >= 0) & (targets < logits.shape[1]) | (targets == ignore_index)).all())
     losses = torch.empty(logits.shape[0], device=logits.device, dtype=torch.float32)
     if logits.shape[0]:
-        block_v = min(triton.next_power_of_2(logits.shape[1]), 4096 if logits.is_cuda else 64)
-        _kernel()[(logits.shape[0],)](
+        block_v = min(next_power_of_2(logits.shape[1]), 4096 if logits.is_cuda else 64)
+        launch(
+            _kernel(), (logits.shape[0],),
             logits, targets, losses, logits.stride(0), logits.shape[1], ignore_index,
             WITH_GRAD=with_grad, BLOCK_V=block_v, num_warps=8 if logits.is_cuda else 1,
         )

@@ -39,6 +39,7 @@ import torch
 
 from . import dispatch
 from .dispatch import interpreting
+from .launch import cdiv, launch
 from .mla_decode_hopper import hopper_kernel_applies, mla_decode_hopper_split
 from .offline_compile import programs_per_sm
 
@@ -525,7 +526,7 @@ def mla_decode_triton(
     if config.value_blocks < 1 or config.value_blocks & (config.value_blocks - 1) or block_r // config.value_blocks < 16:
         raise ValueError(f"value_blocks must be a power of two leaving >= 16 of the {block_r} latent columns to each "
                          f"program, got {config.value_blocks}")
-    head_blocks = triton.cdiv(heads, config.block_h)
+    head_blocks = cdiv(heads, config.block_h)
     if cache_seqlens is None:
         cache_seqlens = torch.full((batch,), kv_len, device=device, dtype=torch.int32)
     cache_seqlens = cache_seqlens.to(device=device, dtype=torch.int32)  # clamped to the cache in the kernel
@@ -551,13 +552,14 @@ def mla_decode_triton(
     hopper = not tiles_given and split_backend() == "auto" and hopper_kernel_applies(q_latent, q_rope, latent, k_rope)
     qk_scale = softmax_scale * 1.4426950408889634  # log2(e): the kernels use exp2
 
-    def launch(splits: int, partial: torch.Tensor, lse: torch.Tensor, sequences: str, has_mask: bool,
-               warmup: bool = False):
+    def run_split(splits: int, partial: torch.Tensor, lse: torch.Tensor, sequences: str, has_mask: bool,
+                  warmup: bool = False):
         if hopper and not has_mask and not warmup:
             return mla_decode_hopper_split(q_latent, q_rope, latent, k_rope, partial, lse, cache_seqlens, key_starts,
                                            mask_needed, qk_scale, splits, skip_holes=sequences == "window")
         grid = (batch * head_blocks * config.value_blocks, splits)
-        run = functools.partial(split_kernel.warmup, grid=grid) if warmup else split_kernel[grid]
+        run = (functools.partial(split_kernel.warmup, grid=grid) if warmup
+               else functools.partial(launch, split_kernel, grid))
         return run(
             q_latent, q_rope, latent, k_rope, mask, cache_seqlens, key_starts, mask_needed, partial, lse,
             *q_latent.stride(), *q_rope.stride(), *latent.stride(), *k_rope.stride(), *mask_strides,
@@ -582,7 +584,7 @@ def mla_decode_triton(
         if on_gpu and not hopper:
             signature = (device.index, config, rank, rope, latent.dtype, key_mask is None, mask_strides[1] == 0)
             if signature not in _RESIDENT:
-                compiled = launch(2, *partials(2), *launches[0], warmup=True)
+                compiled = run_split(2, *partials(2), *launches[0], warmup=True)
                 _RESIDENT[signature] = programs_per_sm(compiled, config.num_warps, device)
             resident = _RESIDENT[signature]
         num_splits = default_num_splits(batch, head_blocks, kv_len, config, resident, device)
@@ -595,10 +597,11 @@ def mla_decode_triton(
     else:
         partial, lse = partials(num_splits)
     for sequences, has_mask in launches:
-        launch(num_splits, partial, lse, sequences, has_mask)
+        run_split(num_splits, partial, lse, sequences, has_mask)
     if not direct:
         merge_block_r = block_r if on_gpu else min(block_r, 32)  # GPU: the whole row in one pass of loads
-        merge_kernel[(batch * heads * q_len,)](
+        launch(
+            merge_kernel, (batch * heads * q_len,),
             partial, lse, out, *partial.stride(), *lse.stride(), *out.stride(),
             heads, q_len, rank,
             NUM_SPLITS=num_splits, BLOCK_SPLITS=_next_pow2(num_splits, 2), BLOCK_R=merge_block_r,

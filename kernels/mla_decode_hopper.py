@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from .dispatch import is_sm90
+from .launch import launch
 
 try:
     from triton.experimental import gluon
@@ -311,7 +312,8 @@ def mla_decode_hopper_split(q_latent, q_rope, latent, k_rope, partial, lse, cach
     layout = gl.NVMMASharedLayout.get_default_for([KEYS, COLUMNS], _GL_DTYPES[latent.dtype])
     latent_desc = TensorDescriptor.from_tensor(latent.view(batch * kv_len, rank), [KEYS, COLUMNS], layout)
     rope_desc = TensorDescriptor.from_tensor(k_rope.view(batch * kv_len, ROPE), [KEYS, COLUMNS], layout)
-    _mla_decode_hopper_kernel[(batch * (heads // HEADS), num_splits)](
+    launch(
+        _mla_decode_hopper_kernel, (batch * (heads // HEADS), num_splits),
         latent_desc, rope_desc, q_latent, q_rope, cache_seqlens, key_starts, mask_needed, partial, lse,
         q_latent.stride(0), q_latent.stride(1), q_latent.stride(3),
         q_rope.stride(0), q_rope.stride(1), q_rope.stride(3),

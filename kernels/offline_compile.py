@@ -23,6 +23,8 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 
+from .launch import through_triton
+
 
 @dataclass(frozen=True)
 class ResourceUsage:
@@ -90,7 +92,8 @@ def compile_only(arch: int = 90, warp_size: int = 32):
     driver.set_active(_CompileOnlyDriver(GPUTarget("cuda", arch, warp_size)))
     JITFunction.run = compile_instead
     try:
-        yield compiled
+        with through_triton():
+            yield compiled
     finally:
         JITFunction.run = run
         driver._active = None  # the next use finds the real driver again (or fails as before, without a GPU)

@@ -19,6 +19,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import dispatch
+from .launch import cdiv, launch, next_power_of_2
 
 try:  # Triton is optional: without it the model runs the PyTorch path
     import triton
@@ -159,7 +160,7 @@ def _kernels():
 
 def _launch_shape(num_experts: int, on_gpu: bool) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_E, num_warps): about 4k fp32 scores a program on a GPU; a few rows under the interpreter."""
-    block_e = triton.next_power_of_2(num_experts)
+    block_e = next_power_of_2(num_experts)
     if not on_gpu:
         return 4, block_e, 1
     return max(1, min(64, 4096 // block_e)), block_e, 4
@@ -176,9 +177,10 @@ class RouterTopK(torch.autograd.Function):
         indices = torch.empty(tokens, top_k, device=logits.device, dtype=torch.int64)
         block_t, block_e, warps = _launch_shape(experts, logits.is_cuda)
         if tokens:
-            _kernels()[0][(triton.cdiv(tokens, block_t),)](
+            launch(
+                _kernels()[0], (cdiv(tokens, block_t),),
                 logits, bias, weights, indices, tokens, experts, logits.stride(0), scale,
-                K=top_k, K_PAD=triton.next_power_of_2(top_k), SIGMOID=sigmoid, N_GROUP=n_group,
+                K=top_k, K_PAD=next_power_of_2(top_k), SIGMOID=sigmoid, N_GROUP=n_group,
                 TOPK_GROUP=topk_group, NORM=norm, BLOCK_T=block_t, BLOCK_E=block_e, num_warps=warps)
         ctx.save_for_backward(logits, indices)
         ctx.mark_non_differentiable(indices)
@@ -197,7 +199,8 @@ class RouterTopK(torch.autograd.Function):
         grad_logits = torch.empty(tokens, experts, device=logits.device, dtype=torch.float32)
         block_t, block_e, warps = _launch_shape(experts, logits.is_cuda)
         if tokens:
-            _kernels()[1][(triton.cdiv(tokens, block_t),)](
+            launch(
+                _kernels()[1], (cdiv(tokens, block_t),),
                 logits, indices, grad_weights, grad_logits, tokens, experts, logits.stride(0), grad_logits.stride(0),
                 scale, K=top_k, SIGMOID=sigmoid, NORM=norm, BLOCK_T=block_t, BLOCK_E=block_e, num_warps=warps)
         return grad_logits, None, None, None, None, None, None, None
@@ -245,5 +248,5 @@ def split_bf16_(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
                          f"{t.dtype} {tuple(t.shape)} and {out.dtype} {tuple(out.shape)}")
     block = 1024 if t.is_cuda else 64
     if t.numel():
-        _kernels()[2][(triton.cdiv(t.numel(), block),)](t, out, t.numel(), BLOCK=block)
+        launch(_kernels()[2], (cdiv(t.numel(), block),), t, out, t.numel(), BLOCK=block)
     return out

@@ -21,6 +21,7 @@ import functools
 import torch
 
 from .dispatch import cuda_properties, is_sm90
+from .launch import launch
 from .mla_decode_hopper import HAS_GLUON
 
 if HAS_GLUON:
@@ -217,7 +218,8 @@ def wgrad_hopper(a_sorted: torch.Tensor, b_sorted: torch.Tensor, offsets: torch.
     if programs is None:
         programs = cuda_properties(grad.device).multi_processor_count
     if num_tiles:
-        _wgrad_kernel[(min(num_tiles, programs),)](
+        launch(
+            _wgrad_kernel, (min(num_tiles, programs),),
             descriptor(a_sorted, [BLOCK_K, BLOCK_M]), descriptor(b_sorted, [BLOCK_K, BLOCK_N]),
             descriptor(grad.view(experts * m, n), [BLOCK_M, BLOCK_N]), offsets, m, num_tiles, tiles_n, tiles_mn,
             ACCUMULATE=into is not None, BK=BLOCK_K, STAGES=STAGES, num_warps=4, maxnreg=MAX_REGISTERS,
