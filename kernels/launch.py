@@ -56,41 +56,52 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
-def _range(value: int) -> int:
-    """Triton's integer types by range: i32, i64, u64."""
-    return 0 if -(1 << 31) <= value < (1 << 31) else 1 if -(1 << 63) <= value < (1 << 63) else 2
-
-
 def _int_key(value: int) -> tuple:
-    return value == 1, value % 16 == 0, _range(value)
+    """1, divisibility by 16, and the range: i32, i64 or u64."""
+    return value == 1, value % 16 == 0, -2147483648 <= value <= 2147483647, value < 9223372036854775808
+
+
+def _key(args: tuple) -> tuple:
+    """`_specialization` of each argument, the ints (most arguments: sizes and strides) inline."""
+    return tuple([(a == 1, a % 16 == 0, -2147483648 <= a <= 2147483647, a < 9223372036854775808) if type(a) is int
+                  else _specialization(a) for a in args])
 
 
 def _specialization(arg):
     """What Triton specialises a kernel on for this argument, or finer."""
+    kind = type(arg)
+    if kind is int:
+        return _int_key(arg)
     if isinstance(arg, torch.Tensor):
         return arg.dtype, arg.data_ptr() % 16 == 0
-    if isinstance(arg, bool) or arg is None:
-        return type(arg), arg
-    if isinstance(arg, int):
-        return _int_key(arg)
-    if isinstance(arg, float):
+    if kind is bool or arg is None:
+        return kind, arg
+    if kind is float:
         return float
     base = getattr(arg, "base", None)
     if isinstance(base, torch.Tensor):  # a host tensor descriptor (triton's or gluon's)
-        return (type(arg), _specialization(base), tuple(arg.block_shape), getattr(arg, "layout", None),
+        return (kind, _specialization(base), tuple(arg.block_shape), getattr(arg, "layout", None),
                 getattr(arg, "padding", None), tuple(map(_int_key, arg.shape)), tuple(map(_int_key, arg.strides)))
-    return type(arg), arg  # anything else by value (and hashable, or Triton's own path takes it)
+    if isinstance(arg, int):  # an int subclass (numpy's ints are not)
+        return kind, _int_key(arg)
+    return kind, arg  # anything else by value (and hashable, or Triton's own path takes it)
 
 
 def _stream(device: int) -> int:
     return torch._C._cuda_getCurrentRawStream(device)
 
 
+_knobs = None
+
+
 def _hooked() -> bool:
     """Whether a launch hook is set (Triton's are chains, empty unless a profiler such as proton adds to them)."""
-    from triton import knobs
+    global _knobs
+    if _knobs is None:
+        from triton import knobs
 
-    hook = knobs.runtime.launch_enter_hook
+        _knobs = knobs
+    hook = _knobs.runtime.launch_enter_hook
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
@@ -102,7 +113,7 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
         return
     device = torch.cuda.current_device()
     try:
-        key = (kernel, device, tuple(map(_specialization, args)), tuple(kwargs.items()))
+        key = (kernel, device, _key(args), tuple(kwargs.items()))
         compiled = _COMPILED.get(key)
     except TypeError:  # an unhashable argument
         kernel[grid](*args, **kwargs)
