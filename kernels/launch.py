@@ -14,7 +14,8 @@ kept. A finer key than Triton's costs at most a second `run` for a kernel Triton
 launch a kernel compiled for other arguments, which the tests guard against (`tests/test_kernels.py`).
 
 Triton's own path runs under the interpreter (TRITON_INTERPRET=1), while torch.compile traces (dynamo then records
-the kernel call itself), with launch hooks set (profilers such as proton) and with a callable grid.
+the kernel call itself), with launch hooks set (profilers such as proton), in Triton's debug or instrumentation mode
+and with a callable grid.
 """
 
 from __future__ import annotations
@@ -94,15 +95,18 @@ def _stream(device: int) -> int:
 _knobs = None
 
 
-def _hooked() -> bool:
-    """Whether a launch hook is set (Triton's are chains, empty unless a profiler such as proton adds to them)."""
+def _triton_path_required(kernel) -> bool:
+    """Whether this launch must go through `JITFunction.run`: a launch hook set (Triton's are chains, empty unless a
+    profiler such as proton adds to them), Triton's debug or instrumentation mode on (they change the compiled
+    kernel), or the kernel's own pre-run hooks."""
     global _knobs
     if _knobs is None:
         from triton import knobs
 
         _knobs = knobs
     hook = _knobs.runtime.launch_enter_hook
-    return hook is not None and bool(getattr(hook, "calls", True))
+    return ((hook is not None and bool(getattr(hook, "calls", True))) or _knobs.runtime.debug
+            or bool(_knobs.compilation.instrumentation_mode) or bool(kernel.pre_run_hooks))
 
 
 def launch(kernel, grid: tuple, *args, **kwargs) -> None:
@@ -118,7 +122,7 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     except TypeError:  # an unhashable argument
         kernel[grid](*args, **kwargs)
         return
-    if compiled is None or _hooked() or kernel.pre_run_hooks:
+    if compiled is None or _triton_path_required(kernel):
         compiled = kernel[grid](*args, **kwargs)
         if hasattr(compiled, "packed_metadata"):
             _COMPILED[key] = _launcher(kernel, compiled, len(args), kwargs)

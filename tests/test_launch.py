@@ -112,6 +112,11 @@ def test_launch_goes_to_tritons_path_once_per_key_then_to_the_launcher(monkeypat
         assert len(kernel.run_calls) == calls + 1
     finally:
         knobs.runtime.launch_enter_hook.remove(hook)
+    monkeypatch.setattr(knobs.runtime, "debug", True)  # Triton's debug mode: another kernel, Triton's path
+    calls = len(kernel.run_calls)
+    lean.launch(kernel, (1,), x, 64, 0.5, BLOCK=16, num_warps=4)
+    assert len(kernel.run_calls) == calls + 1
+    monkeypatch.setattr(knobs.runtime, "debug", False)
     monkeypatch.setattr(lean, "_LEAN", False)  # switched off: Triton's path every time
     calls = len(kernel.run_calls)
     lean.launch(kernel, (1,), x, 64, 0.5, BLOCK=16, num_warps=4)
