@@ -89,7 +89,13 @@ def _specialization(arg):
 
 
 def _stream(device: int) -> int:
-    return torch._C._cuda_getCurrentRawStream(device)
+    """The current CUDA stream's handle, as Triton's driver reads it (torch's private call where it exists)."""
+    if _raw_stream is not None:
+        return _raw_stream(device)
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
 _knobs = None
