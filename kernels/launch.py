@@ -2,8 +2,8 @@
 
 `kernel[grid](*args, **kwargs)` goes through `JITFunction.run` on every call: it reads several knobs and the current
 device and stream, binds and specialises every argument, builds the cache key from them, looks the compiled kernel up
-and asks it for launch metadata, before the compiled kernel's own launcher runs. On the H200 hosts that costs 60-160
-us a launch, where the eager MoE layer's GPU waits for its host (the small shape, decode batches, the router's stretch).
+and asks it for launch metadata, before the compiled kernel's own launcher runs: about 20 us of an H200 host's time a
+launch (more on slower hosts), where the eager MoE layer's GPU waits for its host (the small shape, decode batches).
 
 `launch(kernel, grid, *args, **kwargs)` keys the compiled kernel by a specialisation of the arguments at least as fine
 as Triton's (`_specialization`: a pointer's dtype and 16-byte alignment; an int's being 1, its divisibility by 16 and
@@ -11,7 +11,7 @@ its range; a host tensor descriptor's block, dtype, layout and the same of its b
 arguments by value) and calls that kernel's launcher directly. The first call of each key goes through
 `JITFunction.run`, which compiles the kernel or finds it in Triton's caches, launches it, and hands it back to be
 kept. A finer key than Triton's costs at most a second `run` for a kernel Triton already holds; a coarser one would
-launch a kernel compiled for other arguments, which the tests guard against (`tests/test_kernels.py`).
+launch a kernel compiled for other arguments, which the tests guard against (`tests/test_launch.py`).
 
 Triton's own path runs under the interpreter (TRITON_INTERPRET=1), while torch.compile traces (dynamo then records
 the kernel call itself), with launch hooks set (profilers such as proton), in Triton's debug or instrumentation mode
