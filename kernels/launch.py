@@ -130,7 +130,8 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
         return
     if compiled is None or _triton_path_required(kernel):
         compiled = kernel[grid](*args, **kwargs)
-        if hasattr(compiled, "packed_metadata"):
+        # a tensor by keyword would key (and keep alive) each call's tensor: Triton's path every time instead
+        if hasattr(compiled, "packed_metadata") and not any(isinstance(v, torch.Tensor) for v in kwargs.values()):
             _COMPILED[key] = _launcher(kernel, compiled, len(args), kwargs)
         return
     run, function, metadata, tail = compiled

@@ -117,6 +117,11 @@ def test_launch_goes_to_tritons_path_once_per_key_then_to_the_launcher(monkeypat
     lean.launch(kernel, (1,), x, 64, 0.5, BLOCK=16, num_warps=4)
     assert len(kernel.run_calls) == calls + 1
     monkeypatch.setattr(knobs.runtime, "debug", False)
+    entries = len(lean._COMPILED)
+    for _ in range(2):  # a tensor by keyword: Triton's path each call, nothing kept
+        calls = len(kernel.run_calls)
+        lean.launch(kernel, (1,), x, 64, 0.5, BLOCK=16, FLAG=torch.zeros(2))
+        assert len(kernel.run_calls) == calls + 1 and len(lean._COMPILED) == entries
     monkeypatch.setattr(lean, "_LEAN", False)  # switched off: Triton's path every time
     calls = len(kernel.run_calls)
     lean.launch(kernel, (1,), x, 64, 0.5, BLOCK=16, num_warps=4)
