@@ -58,7 +58,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import dispatch
 from .dispatch import interpreting
-from .launch import cdiv, launch
+from .launch import cdiv, launch, next_power_of_2
 from .offline_compile import programs_per_sm
 from .reference import moe_experts_reference
 from .wgrad_hopper import hopper_wgrad_applies, wgrad_hopper
@@ -278,7 +278,7 @@ def _bucket(num_rows: int, num_experts: int) -> str:
 
 def _rows_bucket(num_rows: int) -> int:
     """Token-count bucket of the tuning cache: the next power of two of the number of slots."""
-    return 1 << max(0, (max(num_rows, 1) - 1).bit_length())
+    return next_power_of_2(num_rows)
 
 
 def _candidates(kind: str, num_rows: int, num_experts: int, dtype: torch.dtype = torch.bfloat16
@@ -375,13 +375,13 @@ def _empty_tile_list(offsets, block_m: int, num_rows: int, num_experts: int):
 
 def _tile_ids_a_step(block_e: int, max_tiles: int, lanes: int = 8192) -> int:
     """Tile ids a program handles at once ([ids, BLOCK_E] compares: `lanes` of them), no more than the list holds."""
-    return max(16, min(64, lanes // block_e, 1 << (max_tiles - 1).bit_length()))
+    return max(16, min(64, lanes // block_e, next_power_of_2(max_tiles)))
 
 
 def tile_schedule(offsets: torch.Tensor, block_m: int, num_rows: int, num_experts: int):
     """Tile list of the row-tiled GEMMs, built on the GPU: (tile_expert, tile_row, max_tiles)."""
     tile_expert, tile_row, max_tiles = _empty_tile_list(offsets, block_m, num_rows, num_experts)
-    block_e = max(16, 1 << (num_experts - 1).bit_length())
+    block_e = max(16, next_power_of_2(num_experts))
     block_t = _tile_ids_a_step(block_e, max_tiles)
     launch(_k()._schedule_kernel, (cdiv(max_tiles, block_t),), offsets, tile_expert, tile_row, num_experts,
            max_tiles, BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_T=block_t)

@@ -32,14 +32,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 from dataclasses import dataclass, replace
 
 import torch
 
 from . import dispatch
 from .dispatch import interpreting
-from .launch import cdiv, launch
+from .launch import cdiv, launch, next_power_of_2
 from .mla_decode_hopper import hopper_kernel_applies, mla_decode_hopper_split
 from .offline_compile import programs_per_sm
 
@@ -402,7 +401,7 @@ def _define_kernels():
 
 
 def _next_pow2(n: int, at_least: int = 1) -> int:
-    return max(at_least, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+    return max(at_least, next_power_of_2(n))
 
 
 @dataclass(frozen=True)
@@ -520,7 +519,7 @@ def mla_decode_triton(
     overrides = dict(block_h=block_h, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
                      value_blocks=value_blocks)
     config = replace(config, **{name: value for name, value in overrides.items() if value is not None})
-    config = replace(config, block_h=max(config.block_h, _next_pow2(-(-16 // config.block_s))))  # tl.dot: >= 16 rows
+    config = replace(config, block_h=max(config.block_h, _next_pow2(cdiv(16, config.block_s))))  # tl.dot: >= 16 rows
     block_r = _next_pow2(rank, 16)
     block_dr = _next_pow2(rope, 16)
     if config.value_blocks < 1 or config.value_blocks & (config.value_blocks - 1) or block_r // config.value_blocks < 16:

@@ -21,7 +21,7 @@ import functools
 import torch
 
 from .dispatch import cuda_properties, is_sm90
-from .launch import launch
+from .launch import cdiv, launch
 from .mla_decode_hopper import HAS_GLUON
 
 if HAS_GLUON:
@@ -212,7 +212,7 @@ def wgrad_hopper(a_sorted: torch.Tensor, b_sorted: torch.Tensor, offsets: torch.
     def descriptor(tensor, block):
         return TensorDescriptor.from_tensor(tensor, block, _shared_layout(tuple(block)))
 
-    tiles_n = -(-n // BLOCK_N)
+    tiles_n = cdiv(n, BLOCK_N)
     tiles_mn = (m // BLOCK_M) * tiles_n
     num_tiles = experts * tiles_mn
     if programs is None:
