@@ -1,7 +1,6 @@
 """MoE layer (routed + shared experts) on one GPU: our fused Triton experts against transformers, in one run.
 
     python benchmarks/bench_moe_layer.py [--parts layer,breakdown,decode,model] [--shapes v2lite,v3,small]
-                                         [--variants store_wh,scale_in_wgrad]
 
 Per anchor shape (../shared/anchors/README.md; bf16, routers fp32, weights N(0, 0.02), random inputs):
   layer      transformers' DeepseekV3MoE with grouped_mm (and eager: forward at v2lite and small, forward+backward at
@@ -28,9 +27,6 @@ Per anchor shape (../shared/anchors/README.md; bf16, routers fp32, weights N(0, 
              time and the GPU time alone (is the figure host-bound?), with the host's hotspots (cProfile).
   model      training step (AdamW) of the anchors' 1.26B model (our MoEForCausalLM, batch 8 x 2048), grouped_mm
              vs fused experts: tokens/s.
---variants runs the fused layer (check, timings, peak memory), its breakdown (the kernels a variant changes:
-dgrad_h, wgrad_down) and the model step once per dgrad_h variant, on the same weights and input; without it, the
-variant in effect (MOE_DGRAD_H, default store_wh) alone.
 The autotune (a handful of configs per kernel and token bucket, cached) is on unless --no-autotune.
 Prints JSON lines and a table last; writes $OUT/bench_moe_layer.jsonl when OUT is set.
 """
@@ -196,7 +192,7 @@ def drop_grads(block, x):
 
 
 def suffixed(label, note):
-    """'ours fused [store_wh]' + note -> 'ours fused [store_wh, note]'; 'ours grouped_mm' -> '... [note]'."""
+    """'ours fused' + note -> 'ours fused [note]'; 'ours fused [a]' + note -> 'ours fused [a, note]'."""
     return f"{label[:-1]}, {note}]" if label.endswith("]") else f"{label} [{note}]"
 
 
@@ -356,10 +352,9 @@ def part_layer(name, args):
     x = x0.clone().view(1, T, H).requires_grad_(True)
     grad = torch.randn(1, T, H, device=dev, dtype=DTYPE)
     reference = {}
-    for impl, variant in [("grouped_mm", None)] + [("fused", v) for v in args.variants]:
+    for impl in ("grouped_mm", "fused"):
         set_impl(block, impl)
-        fm.set_dgrad_h_variant(variant)
-        label = f"ours {impl}" + (f" [{variant}]" if variant else "")
+        label = f"ours {impl}"
         try:
             block.zero_grad(set_to_none=True)
             x.grad = None
@@ -376,16 +371,16 @@ def part_layer(name, args):
             del out, grads
             drop_grads(block, x)
             res = timings(block, x, fwd_flops)
-            emit(part="layer", shape=name, impl=label, dgrad_h=variant, tokens=T, **res, **check)
+            emit(part="layer", shape=name, impl=label, tokens=T, **res, **check)
             drop_grads(block, x)  # each backward into cleared gradients (fused: the library's weight gradients)
-            emit(part="layer", shape=name, impl=suffixed(label, "fresh .grad"), dgrad_h=variant, tokens=T,
+            emit(part="layer", shape=name, impl=suffixed(label, "fresh .grad"), tokens=T,
                  **timings(block, x, fwd_flops, fresh=True))
             if impl == "fused":
                 # the same without the gradient-accumulation fusion: how much of the figure above it is
                 drop_grads(block, x)
                 fm.set_grad_accumulation_fusion(False)
                 try:
-                    emit(part="layer", shape=name, impl=suffixed(label, "grad += dW"), dgrad_h=variant, tokens=T,
+                    emit(part="layer", shape=name, impl=suffixed(label, "grad += dW"), tokens=T,
                          **timings(block, x, fwd_flops))
                 finally:
                     fm.set_grad_accumulation_fusion(True)
@@ -396,11 +391,10 @@ def part_layer(name, args):
             traceback.print_exc()
             emit(part="layer", shape=name, impl=label, error=f"{type(error).__name__}: {str(error)[:300]}")
         free()
-    fm.set_dgrad_h_variant(None)
     reference.clear()
     if "breakdown" in args.parts:
         try:
-            part_breakdown(name, block, x0, args.variants)
+            part_breakdown(name, block, x0)
         except Exception as error:
             traceback.print_exc()
             emit(part="breakdown", shape=name, error=f"{type(error).__name__}: {str(error)[:300]}")
@@ -417,9 +411,9 @@ def part_layer(name, args):
     free()
 
 
-def part_breakdown(name, block, x0, variants):
-    """Each fused kernel alone, with the configs the layer runs (already chosen/tuned by the layer part); dgrad_h and
-    wgrad_down once per dgrad_h variant, with a sum per variant."""
+def part_breakdown(name, block, x0):
+    """Each fused kernel alone, with the configs the layer runs (already chosen/tuned by the layer part), and their
+    sum."""
     H, I, E, k, shared, ng, tg, T = SHAPES[name]
     N = T * k
     with torch.no_grad():
@@ -435,14 +429,16 @@ def part_breakdown(name, block, x0, variants):
     y = torch.empty(N, H, dtype=x.dtype, device=dev)
     out = torch.empty(T, H, dtype=x.dtype, device=dev)
     dgu = torch.randn_like(gu)  # the backward GEMMs below run before any dgrad_h has written it
-    hw = torch.empty_like(h)
+    hw = torch.empty_like(h)  # w * h, written by dgrad_h: wgrad_down's B
     dxs = torch.empty_like(y)
     dgrad_out = torch.randn_like(x)
     dgate_up, ddown = torch.empty_like(gate_up), torch.empty_like(down)
     c1, c2 = routing.config("gemm1", "gemm1"), routing.config("gemm2", "gemm2")
     cx, cwg = routing.config("dgrad_x", "dgrad_x"), routing.config("wgrad_gate_up", "wgrad_gate_up")
+    c_dh, c_wd = routing.config("dgrad_h", "dgrad_h"), routing.config("wgrad_down", "wgrad_down")
+    dw = torch.empty(fm.dgrad_h_partials(c_dh, I), N, dtype=torch.float32, device=dev)
     gemm = 2 * N * H * I
-    common = {
+    steps = {
         "routing": (lambda: fm.build_routing(index, E), 0, None),
         "schedule": (lambda: fm.tile_schedule(offsets, c1.block_m, N, E), 0, None),
         "gemm1_swiglu": (lambda: fm._launch_gemm1(c1, routing, x, gate_up, h, gu), 2 * gemm, c1),
@@ -453,26 +449,16 @@ def part_breakdown(name, block, x0, variants):
                     2 * gemm, cx),
         "combine_dx": (lambda: fm._launch_combine(dxs, inv, None, out, k), 0, None),
     }
-    common_ms = sum(time_step(name, step, *spec) for step, spec in common.items())
     even_rows_steps(name, x, gate_up, down, h, gu, y, c1, c2, gemm)
     if hasattr(torch, "_grouped_mm"):  # before dgrad_h below overwrites dgu
         grouped_mm_steps(name, routing, x, dgrad_out, gate_up, down, h, dgu, hw, outputs={
             "wgrad_gate_up": dgate_up, "dgrad_x": dxs})
-    for variant in variants:
-        store_wh = variant == "store_wh"
-        c_dh = routing.config(f"dgrad_h/{variant}", "dgrad_h")
-        c_wd = routing.config(f"wgrad_down/{variant}", "wgrad_down")
-        dw = torch.empty(fm.dgrad_h_partials(c_dh, I), N, dtype=torch.float32, device=dev)
-        h_operand = hw if store_wh else h  # written (w * h) / read (the saved h) by dgrad_h; wgrad_down's B
-        own = {
-            "dgrad_h": (lambda: fm._launch_dgrad_h(c_dh, routing, dgrad_out, down, dgu, gu, h_operand, w_flat, dw,
-                                                   store_wh), gemm, c_dh),
-            "wgrad_down": (lambda: fm._launch_wgrad(c_wd, routing, dgrad_out, h_operand, ddown, True, False,
-                                                    topk_w=None if store_wh else w_flat), gemm, c_wd),
-        }
-        own_ms = sum(time_step(name, step, *spec, variant=variant) for step, spec in own.items())
-        emit(part="breakdown", shape=name, step="sum", dgrad_h=variant, ms=round(common_ms + own_ms, 3),
-             rows_per_expert_min_max=[int(counts.min()), int(counts.max())])
+    steps["dgrad_h"] = (lambda: fm._launch_dgrad_h(c_dh, routing, dgrad_out, down, dgu, gu, hw, w_flat, dw), gemm,
+                        c_dh)
+    steps["wgrad_down"] = (lambda: fm._launch_wgrad(c_wd, routing, dgrad_out, hw, ddown, True, False), gemm, c_wd)
+    ms = sum(time_step(name, step, *spec) for step, spec in steps.items())
+    emit(part="breakdown", shape=name, step="sum", ms=round(ms, 3),
+         rows_per_expert_min_max=[int(counts.min()), int(counts.max())])
 
 
 def even_rows_steps(name, x, gate_up, down, h, gu, y, c1, c2, gemm):
@@ -526,10 +512,10 @@ def grouped_mm_steps(name, routing, x, dgrad_out, gate_up, down, h, dgu, hw, out
             emit(part="breakdown", shape=name, step=step, error=f"{type(error).__name__}: {str(error)[:200]}")
 
 
-def time_step(shape, step, fn, flops, config, variant=None):
+def time_step(shape, step, fn, flops, config):
     """Median ms of one kernel launch (emitted with its TF/s and config)."""
     ms = do_bench(fn, warmup=10, rep=50, return_mode="median")
-    emit(part="breakdown", shape=shape, step=step, dgrad_h=variant, ms=round(ms, 4),
+    emit(part="breakdown", shape=shape, step=step, ms=round(ms, 4),
          tflops=round(flops / ms / 1e9, 1) if flops else None, config=str(config) if config else None)
     return ms
 
@@ -604,9 +590,8 @@ def part_model(args):
         r.weight.data = r.weight.data.float()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev == "cuda")
     ids = torch.randint(0, config.vocab_size, (batch, seq), device=dev)
-    for impl, variant in [("grouped_mm", None)] + [("fused", v) for v in args.variants]:
+    for impl in ("grouped_mm", "fused"):
         set_impl(model, impl)
-        fm.set_dgrad_h_variant(variant)
 
         def step():
             model(input_ids=ids, labels=ids).loss.backward()
@@ -614,13 +599,12 @@ def part_model(args):
             optimizer.zero_grad(set_to_none=True)
         try:
             t = bench(step, 2, 5)
-            emit(part="model", impl=impl, dgrad_h=variant, batch=batch, seq=seq, step_ms=round(t, 1),
+            emit(part="model", impl=impl, batch=batch, seq=seq, step_ms=round(t, 1),
                  tokens_per_s=round(batch * seq / t * 1e3), peak_gib=peak_gib())
         except Exception as error:
             traceback.print_exc()
-            emit(part="model", impl=impl, dgrad_h=variant, error=f"{type(error).__name__}: {str(error)[:300]}")
+            emit(part="model", impl=impl, error=f"{type(error).__name__}: {str(error)[:300]}")
         free()
-    fm.set_dgrad_h_variant(None)
     del model, optimizer
     free()
 
@@ -638,7 +622,7 @@ def table():
             print(f"{r['shape']:<8}{'dense ceiling':<30}{r['ms']:>9}{r['tflops']:>10}")
     for r in RECORDS:
         if r["part"] == "breakdown" and "step" in r:
-            step = r["step"] + (f" [{r['dgrad_h']}]" if r.get("dgrad_h") else "")
+            step = r["step"]
             print(f"breakdown {r['shape']:<8}{step:<32}{r.get('ms', '-'):>9} ms {r.get('tflops') or '':>8} "
                   f"{r.get('config') or r.get('rows_per_expert_min_max') or r.get('error') or ''}")
     for r in RECORDS:
@@ -673,20 +657,13 @@ def main():
                              "use the winner, instead of the bucket's default")
     parser.add_argument("--budget-s", type=float, default=420, help="skip the remaining parts past this")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU (with TRITON_INTERPRET=1)")
-    parser.add_argument("--variants", default=None,
-                        help=f"dgrad_h variants of the fused experts to time side by side, comma separated, from "
-                             f"{','.join(fm.DGRAD_H_VARIANTS)} (default: the one in effect, MOE_DGRAD_H)")
     args = parser.parse_args()
     args.parts = args.parts.split(",")
-    args.variants = args.variants.split(",") if args.variants else [fm.dgrad_h_variant()]
-    for variant in args.variants:
-        fm.set_dgrad_h_variant(variant)  # rejects unknown names before anything runs
-    fm.set_dgrad_h_variant(None)
     kernels.set_autotune(not args.no_autotune)
     import triton
     emit(part="env", torch=torch.__version__, transformers=transformers.__version__, triton=triton.__version__,
          gpu=torch.cuda.get_device_name() if dev == "cuda" else "cpu (dry run)", date=time.strftime("%Y-%m-%d %H:%M"),
-         autotune=not args.no_autotune, dgrad_h_variants=args.variants)
+         autotune=not args.no_autotune)
     for name in args.shapes.split(","):
         if "layer" in args.parts and time.time() - T0 < args.budget_s:
             part_layer(name, args)

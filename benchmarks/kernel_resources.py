@@ -82,14 +82,12 @@ def compile_fused_kernel(kernel: str, config, hidden: int, inter: int, top_k: in
                                fm._gate_up_n(gate_up))
         elif kernel == "dgrad_h":
             dw = torch.empty(fm.dgrad_h_partials(config, inter), rows, dtype=torch.float32)
-            fm._launch_dgrad_h(config, routing, grad_out, down, torch.empty_like(gu), gu, h, weights, dw,
-                               fm.dgrad_h_variant() == "store_wh")
+            fm._launch_dgrad_h(config, routing, grad_out, down, torch.empty_like(gu), gu, h, weights, dw)
         elif kernel.startswith("wgrad_gate_up"):
             fm._launch_wgrad(config, routing, gu, x, torch.empty_like(gate_up), False, True,
                              accumulate=kernel.endswith("+"))
-        elif kernel.startswith("wgrad_down"):  # dgrad_h's scale_in_wgrad variant scales dY rows by w here
-            scale = None if fm.dgrad_h_variant() == "store_wh" else weights
-            fm._launch_wgrad(config, routing, grad_out, h, torch.empty_like(down), True, False, topk_w=scale,
+        elif kernel.startswith("wgrad_down"):
+            fm._launch_wgrad(config, routing, grad_out, h, torch.empty_like(down), True, False,
                              accumulate=kernel.endswith("+"))
         else:
             raise ValueError(f"unknown kernel {kernel!r}; choose from {', '.join(FAMILIES)}")

@@ -84,22 +84,20 @@ def launch(case: str, repeats: int = 3) -> None:
     gu = torch.randn(rows, 2 * inter, device=dev, dtype=dtype)
     h = torch.randn(rows, inter, device=dev, dtype=dtype)
     routing = fm.Routing(*fm.build_routing(index, experts), top_k, hidden, inter, dtype)
-    variant = fm.dgrad_h_variant()
     for _ in range(repeats):
         if kernel == "gemm1":
             fm._launch_gemm1(routing.config("gemm1", "gemm1"), routing, x, gate_up, torch.empty_like(h),
                              torch.empty_like(gu))
         elif kernel == "dgrad_h":
-            config = routing.config(f"dgrad_h/{variant}", "dgrad_h")
+            config = routing.config("dgrad_h", "dgrad_h")
             partial = torch.empty(fm.dgrad_h_partials(config, inter), rows, dtype=torch.float32, device=dev)
-            fm._launch_dgrad_h(config, routing, grad_out, down, torch.empty_like(gu), gu, h, weights, partial,
-                               variant == "store_wh")
+            fm._launch_dgrad_h(config, routing, grad_out, down, torch.empty_like(gu), gu, h, weights, partial)
         elif kernel == "wgrad_gate_up":
             fm._launch_wgrad(routing.config("wgrad_gate_up", "wgrad_gate_up"), routing, gu, x,
                              torch.empty_like(gate_up), False, True)
         elif kernel == "wgrad_down":
-            fm._launch_wgrad(routing.config(f"wgrad_down/{variant}", "wgrad_down"), routing, grad_out, h,
-                             torch.empty_like(down), True, False, topk_w=None if variant == "store_wh" else weights)
+            fm._launch_wgrad(routing.config("wgrad_down", "wgrad_down"), routing, grad_out, h,
+                             torch.empty_like(down), True, False)
         elif kernel.startswith("gluon_wgrad"):  # over rows gathered in expert order, as the fused backward runs it
             token = fm._sorted_tokens(routing.perm, top_k)
             gate_up_grad = kernel.startswith("gluon_wgrad_gate_up")

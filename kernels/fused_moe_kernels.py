@@ -345,42 +345,41 @@ def _grouped_gemm_tile(
 
 @triton.jit
 def _dgrad_h_kernel(
-    dy_ptr, down_ptr, down_desc, dgu_ptr, gu_ptr, h_ptr, topk_w_ptr, dw_ptr,
+    dy_ptr, down_ptr, down_desc, dgu_ptr, gu_ptr, wh_ptr, topk_w_ptr, dw_ptr,
     tile_expert_ptr, tile_row_ptr, offsets_ptr, perm_ptr,
     I, H, num_m_tiles, top_k, num_experts,
     stride_dyt, stride_dyh, stride_de, stride_dh, stride_di, stride_dgm, stride_dgn,
     stride_gm, stride_gn, stride_hm, stride_hn, stride_dw,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, STORE_WH: tl.constexpr, WEIGHT_TMA: tl.constexpr,
-    DOT_PREC: tl.constexpr, HALF_TILES: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, WEIGHT_TMA: tl.constexpr, DOT_PREC: tl.constexpr,
+    HALF_TILES: tl.constexpr,
 ):
     """Backward of GEMM2 + SwiGLU + combine weights: dA = dY[tok] @ Wd[e] ([rows, I], the gather fused into the A
     loads), and in the epilogue, per row r of the tile and its columns n:
         dw_partial[pid_n, r] = sum_n dA[r, n] h[r, n]              (routing-weight gradient, per column tile)
         dh = w[r] dA;  dgate = dh up silu'(gate);  dup = dh silu(gate)   -> dgu [N, 2I]
-    STORE_WH: h is recomputed from the saved gu = (gate | up) and w[r] h[r] is written to h_ptr (wgrad_down's B
-    operand, so that GEMM needs no scaling). Else h is read from h_ptr (saved by the forward) and nothing else is
-    written (wgrad_down scales its A operand by w instead)."""
+    with h recomputed from the saved gu = (gate | up), and w[r] h[r] written to wh_ptr (wgrad_down's B operand, so
+    that GEMM needs no scaling)."""
     pid_m, pid_n = _swizzle(tl.program_id(0), num_m_tiles, tl.cdiv(I, BLOCK_N), GROUP_M)
     expert, row_start, row_end = _tile_bounds(pid_m, tile_expert_ptr, tile_row_ptr, offsets_ptr, num_experts)
     if expert >= num_experts:
         return
-    args = (dy_ptr, down_ptr, down_desc, dgu_ptr, gu_ptr, h_ptr, topk_w_ptr, dw_ptr, perm_ptr, expert, row_start,
+    args = (dy_ptr, down_ptr, down_desc, dgu_ptr, gu_ptr, wh_ptr, topk_w_ptr, dw_ptr, perm_ptr, expert, row_start,
             row_end, pid_n, I, H, top_k, stride_dyt, stride_dyh, stride_de, stride_dh, stride_di, stride_dgm,
             stride_dgn, stride_gm, stride_gn, stride_hm, stride_hn, stride_dw)
     if _half_tile(row_start, row_end, BLOCK_M, HALF_TILES):
-        _dgrad_h_tile(*args, BLOCK_M // 2, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, STORE_WH, WEIGHT_TMA, DOT_PREC)
+        _dgrad_h_tile(*args, BLOCK_M // 2, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, WEIGHT_TMA, DOT_PREC)
     else:
-        _dgrad_h_tile(*args, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, STORE_WH, WEIGHT_TMA, DOT_PREC)
+        _dgrad_h_tile(*args, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, WEIGHT_TMA, DOT_PREC)
 
 
 @triton.jit
 def _dgrad_h_tile(
-    dy_ptr, down_ptr, down_desc, dgu_ptr, gu_ptr, h_ptr, topk_w_ptr, dw_ptr, perm_ptr, expert, row_start, row_end,
+    dy_ptr, down_ptr, down_desc, dgu_ptr, gu_ptr, wh_ptr, topk_w_ptr, dw_ptr, perm_ptr, expert, row_start, row_end,
     pid_n, I, H, top_k, stride_dyt, stride_dyh, stride_de, stride_dh, stride_di, stride_dgm, stride_dgn,
     stride_gm, stride_gn, stride_hm, stride_hn, stride_dw,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-    STORE_WH: tl.constexpr, WEIGHT_TMA: tl.constexpr, DOT_PREC: tl.constexpr,
+    WEIGHT_TMA: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     rows, mask_m, slot = _tile_rows(row_start, row_end, perm_ptr, BLOCK_M)
     tok = (slot // top_k).to(tl.int64)
@@ -390,27 +389,24 @@ def _dgrad_h_tile(
                            pid_n * BLOCK_N, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, WEIGHT_TMA, True, DOT_PREC)
     mask = mask_m[:, None] & (offs_n[None, :] < I)
     g_ptrs = gu_ptr + rows[:, None] * stride_gm + offs_n[None, :] * stride_gn
-    h_ptrs = h_ptr + rows[:, None] * stride_hm + offs_n[None, :] * stride_hn
+    wh_ptrs = wh_ptr + rows[:, None] * stride_hm + offs_n[None, :] * stride_hn
     dgu_ptrs = dgu_ptr + rows[:, None] * stride_dgm + offs_n[None, :] * stride_dgn
     gate = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(g_ptrs + I * stride_gn, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(topk_w_ptr + slot, mask=mask_m, other=0.0).to(tl.float32)
-    dw = _swiglu_backward_tile(acc, gate, up, w, h_ptrs, dgu_ptrs, dgu_ptrs + I * stride_dgn, mask, STORE_WH)
+    dw = _swiglu_backward_tile(acc, gate, up, w, wh_ptrs, dgu_ptrs, dgu_ptrs + I * stride_dgn, mask)
     tl.store(dw_ptr + pid_n * stride_dw + rows, dw, mask=mask_m)
 
 
 @triton.jit
-def _swiglu_backward_tile(da, gate, up, w, h_ptrs, dgate_ptrs, dup_ptrs, mask, STORE_WH: tl.constexpr):
+def _swiglu_backward_tile(da, gate, up, w, wh_ptrs, dgate_ptrs, dup_ptrs, mask):
     """The SwiGLU backward of one tile (da = dL/dh unscaled, gate, up in fp32; w the rows' routing weights): dh = w da,
-    dgate = dh up silu'(gate) and dup = dh silu(gate) stored; STORE_WH: h = silu(gate) up recomputed and w h stored
-    at h_ptrs, else h loaded from there. Returns the rows' sums of da h (their routing-weight gradients)."""
+    dgate = dh up silu'(gate) and dup = dh silu(gate) stored; h = silu(gate) up recomputed and w h stored at
+    wh_ptrs. Returns the rows' sums of da h (their routing-weight gradients)."""
     sig = tl.sigmoid(gate)
     silu = gate * sig
-    if STORE_WH:
-        h = (silu * up).to(h_ptrs.dtype.element_ty)  # the h GEMM2 consumed, up to rounding
-        tl.store(h_ptrs, (h.to(tl.float32) * w[:, None]).to(h_ptrs.dtype.element_ty), mask=mask)
-    else:
-        h = tl.load(h_ptrs, mask=mask, other=0.0)
+    h = (silu * up).to(wh_ptrs.dtype.element_ty)  # the h GEMM2 consumed, up to rounding
+    tl.store(wh_ptrs, (h.to(tl.float32) * w[:, None]).to(wh_ptrs.dtype.element_ty), mask=mask)
     dw = tl.sum(da * h.to(tl.float32), axis=1)
     dh = da * w[:, None]
     tl.store(dup_ptrs, (dh * silu).to(dup_ptrs.dtype.element_ty), mask=mask)
@@ -420,15 +416,15 @@ def _swiglu_backward_tile(da, gate, up, w, h_ptrs, dgate_ptrs, dup_ptrs, mask, S
 
 @triton.jit
 def _swiglu_backward_kernel(
-    da_ptr, dgu_ptr, gu_ptr, h_ptr, topk_w_ptr, perm_ptr, dw_ptr, N, I,
+    da_ptr, dgu_ptr, gu_ptr, wh_ptr, topk_w_ptr, perm_ptr, dw_ptr, N, I,
     stride_dam, stride_dan, stride_dgm, stride_dgn, stride_gm, stride_gn, stride_hm, stride_hn,
-    STORE_WH: tl.constexpr, BY_SLOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr,
+    BY_SLOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
     """`_dgrad_h_kernel`'s epilogue as a pass of its own, after a plain GEMM wrote dA = dY[tok] @ Wd[e] into da: dgu's
     gate half (each element is read before its own position is overwritten) or a tensor of its own. Per sorted row r,
     over all I columns:
     dw[r] = sum_n dA[r, n] h[r, n] (whole rows: one partial; BY_SLOT: stored at dw[perm[r]], the slot's), and dgate,
-    dup from dh = w[r] dA; STORE_WH as there."""
+    dup from dh = w[r] dA; wh as there."""
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < N
     rows = offs_r.to(tl.int64)
@@ -441,11 +437,11 @@ def _swiglu_backward_kernel(
         dgu_ptrs = dgu_ptr + rows[:, None] * stride_dgm + offs_n[None, :] * stride_dgn
         da_ptrs = da_ptr + rows[:, None] * stride_dam + offs_n[None, :] * stride_dan
         g_ptrs = gu_ptr + rows[:, None] * stride_gm + offs_n[None, :] * stride_gn
-        h_ptrs = h_ptr + rows[:, None] * stride_hm + offs_n[None, :] * stride_hn
+        wh_ptrs = wh_ptr + rows[:, None] * stride_hm + offs_n[None, :] * stride_hn
         da = tl.load(da_ptrs, mask=mask, other=0.0).to(tl.float32)
         gate = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(g_ptrs + I * stride_gn, mask=mask, other=0.0).to(tl.float32)
-        dw += _swiglu_backward_tile(da, gate, up, w, h_ptrs, dgu_ptrs, dgu_ptrs + I * stride_dgn, mask, STORE_WH)
+        dw += _swiglu_backward_tile(da, gate, up, w, wh_ptrs, dgu_ptrs, dgu_ptrs + I * stride_dgn, mask)
     if BY_SLOT:
         tl.store(dw_ptr + slot, dw, mask=mask_r)
     else:
@@ -454,11 +450,11 @@ def _swiglu_backward_kernel(
 
 @triton.jit
 def _grouped_wgrad_kernel(
-    a_ptr, b_ptr, c_ptr, c_desc, op_desc, perm_ptr, offsets_ptr, topk_w_ptr,
+    a_ptr, b_ptr, c_ptr, c_desc, op_desc, perm_ptr, offsets_ptr,
     M, N, top_k, num_experts,
     stride_ar, stride_am, stride_br, stride_bn, stride_ce, stride_cm, stride_cn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_A: tl.constexpr, EVEN_M: tl.constexpr,
+    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, EVEN_M: tl.constexpr,
     EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr, ACCUMULATE: tl.constexpr, C_TMA: tl.constexpr,
     OPERAND_TMA: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
@@ -466,9 +462,9 @@ def _grouped_wgrad_kernel(
     expert's sorted rows, so no tile crosses an expert and experts without tokens get zeros), or C[e] += that sum
     with ACCUMULATE (added in fp32 and rounded once).
 
-    GATHER_A / GATHER_B: that operand's row r is the per-token row perm[r] // top_k. SCALE_A: A's row r is scaled by
-    the routing weight of slot perm[r]. C_TMA: C's tile is written (and with ACCUMULATE read) through c_desc, a TMA
-    descriptor over C [E, M, N] with block [1, BLOCK_M, BLOCK_N], which clips at each expert's M and N edges.
+    GATHER_A / GATHER_B: that operand's row r is the per-token row perm[r] // top_k. C_TMA: C's tile is written (and
+    with ACCUMULATE read) through c_desc, a TMA descriptor over C [E, M, N] with block [1, BLOCK_M, BLOCK_N], which
+    clips at each expert's M and N edges.
     OPERAND_TMA: the operand that is not gathered (exactly one is) comes through op_desc, a TMA descriptor over it
     ([rows, M] or [rows, N], block [BLOCK_K, BLOCK_M or BLOCK_N]), for each of the expert's whole K blocks; the last,
     partial block (rows past the expert belong to the next one) takes masked pointer loads.
@@ -480,24 +476,24 @@ def _grouped_wgrad_kernel(
         # wait lands before the next tile's store); a program of one tile holds its SM slot until the store lands.
         for tile in range(tl.program_id(0), tiles_mn * num_experts, tl.num_programs(0)):
             _wgrad_tile(
-                tile // tiles_mn, tile % tiles_mn, a_ptr, b_ptr, c_ptr, c_desc, op_desc, perm_ptr, offsets_ptr, topk_w_ptr,
+                tile // tiles_mn, tile % tiles_mn, a_ptr, b_ptr, c_ptr, c_desc, op_desc, perm_ptr, offsets_ptr,
                 M, N, top_k, stride_ar, stride_am, stride_br, stride_bn, stride_ce, stride_cm, stride_cn,
-                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, GATHER_A, GATHER_B, SCALE_A, EVEN_M, EVEN_N, DOT_PREC,
+                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, GATHER_A, GATHER_B, EVEN_M, EVEN_N, DOT_PREC,
                 ACCUMULATE, C_TMA, OPERAND_TMA,
             )
     else:
         _wgrad_tile(
-            tl.program_id(1), tl.program_id(0), a_ptr, b_ptr, c_ptr, c_desc, op_desc, perm_ptr, offsets_ptr, topk_w_ptr,
+            tl.program_id(1), tl.program_id(0), a_ptr, b_ptr, c_ptr, c_desc, op_desc, perm_ptr, offsets_ptr,
             M, N, top_k, stride_ar, stride_am, stride_br, stride_bn, stride_ce, stride_cm, stride_cn,
-            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, GATHER_A, GATHER_B, SCALE_A, EVEN_M, EVEN_N, DOT_PREC,
+            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, GATHER_A, GATHER_B, EVEN_M, EVEN_N, DOT_PREC,
             ACCUMULATE, C_TMA, OPERAND_TMA,
         )
 
 
 @triton.jit
-def _wgrad_step(acc, r0, slot, end, offs_k, offs_m_ld, offs_n_ld, m0, n0, a_ptr, b_ptr, op_desc, perm_ptr, topk_w_ptr,
-                top_k, stride_ar, stride_am, stride_br, stride_bn, BLOCK_K: tl.constexpr, GATHER_A: tl.constexpr,
-                GATHER_B: tl.constexpr, SCALE_A: tl.constexpr, DOT_PREC: tl.constexpr, WHOLE: tl.constexpr):
+def _wgrad_step(acc, r0, slot, end, offs_k, offs_m_ld, offs_n_ld, m0, n0, a_ptr, b_ptr, op_desc, perm_ptr, top_k,
+                stride_ar, stride_am, stride_br, stride_bn, BLOCK_K: tl.constexpr, GATHER_A: tl.constexpr,
+                GATHER_B: tl.constexpr, DOT_PREC: tl.constexpr, WHOLE: tl.constexpr):
     """acc += A^T B over the K block at the sorted rows r0 + offs_k (`slot`: their slots); returns acc and the next
     block's slots. WHOLE: every row is the expert's, and the operand that is not gathered comes through op_desc;
     otherwise pointer loads, rows from `end` on masked to 0."""
@@ -519,26 +515,23 @@ def _wgrad_step(acc, r0, slot, end, offs_k, offs_m_ld, offs_n_ld, m0, n0, a_ptr,
         a = tl.load(a_ptrs)
     else:
         a = tl.load(a_ptrs, mask=mask_r[None, :], other=0.0)
-    if SCALE_A:
-        w = tl.load(topk_w_ptr + slot, mask=mask_r, other=0.0).to(tl.float32)
-        a = (a.to(tl.float32) * w[None, :]).to(a_ptr.dtype.element_ty)
     if WHOLE and not GATHER_B:
         b = op_desc.load([r0, n0])
     elif WHOLE:
         b = tl.load(b_ptrs)
     else:
         b = tl.load(b_ptrs, mask=mask_r[:, None], other=0.0)
-    if GATHER_A or GATHER_B or SCALE_A:
+    if GATHER_A or GATHER_B:
         slot = tl.load(perm_ptr + r0 + BLOCK_K + offs_k, mask=r0 + BLOCK_K + offs_k < end, other=0)
     return tl.dot(a, b, acc, input_precision=DOT_PREC), slot
 
 
 @triton.jit
 def _wgrad_tile(
-    expert, tile_mn, a_ptr, b_ptr, c_ptr, c_desc, op_desc, perm_ptr, offsets_ptr, topk_w_ptr,
+    expert, tile_mn, a_ptr, b_ptr, c_ptr, c_desc, op_desc, perm_ptr, offsets_ptr,
     M, N, top_k, stride_ar, stride_am, stride_br, stride_bn, stride_ce, stride_cm, stride_cn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_A: tl.constexpr, EVEN_M: tl.constexpr,
+    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, EVEN_M: tl.constexpr,
     EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr, ACCUMULATE: tl.constexpr, C_TMA: tl.constexpr,
     OPERAND_TMA: tl.constexpr,
 ):
@@ -555,7 +548,7 @@ def _wgrad_tile(
     # The next K block's slots are loaded one iteration ahead (a loop-carried value), so no tile address depends on
     # a load of the same iteration: Triton's pipeliner divides the stages by the loads' indirection depth, and with
     # the slots loaded in-loop the tiles got 2 buffers at 3-4 stages (sm_90 compile; now one per stage)
-    if GATHER_A or GATHER_B or SCALE_A:
+    if GATHER_A or GATHER_B:
         slot = tl.load(perm_ptr + start + offs_k, mask=start + offs_k < end, other=0)
     else:
         slot = offs_k
@@ -564,13 +557,12 @@ def _wgrad_tile(
         whole_end = start + (end - start) // BLOCK_K * BLOCK_K
         for r0 in range(start, whole_end, BLOCK_K):
             acc, slot = _wgrad_step(acc, r0, slot, end, offs_k, offs_m_ld, offs_n_ld, pid_m * BLOCK_M,
-                                    pid_n * BLOCK_N, a_ptr, b_ptr, op_desc, perm_ptr, topk_w_ptr, top_k, stride_ar,
-                                    stride_am, stride_br, stride_bn, BLOCK_K, GATHER_A, GATHER_B, SCALE_A, DOT_PREC,
-                                    True)
+                                    pid_n * BLOCK_N, a_ptr, b_ptr, op_desc, perm_ptr, top_k, stride_ar, stride_am,
+                                    stride_br, stride_bn, BLOCK_K, GATHER_A, GATHER_B, DOT_PREC, True)
     for r0 in range(whole_end, end, BLOCK_K):  # the rest (all of it without OPERAND_TMA): masked pointer loads
         acc, slot = _wgrad_step(acc, r0, slot, end, offs_k, offs_m_ld, offs_n_ld, pid_m * BLOCK_M, pid_n * BLOCK_N,
-                                a_ptr, b_ptr, op_desc, perm_ptr, topk_w_ptr, top_k, stride_ar, stride_am, stride_br,
-                                stride_bn, BLOCK_K, GATHER_A, GATHER_B, SCALE_A, DOT_PREC, False)
+                                a_ptr, b_ptr, op_desc, perm_ptr, top_k, stride_ar, stride_am, stride_br, stride_bn,
+                                BLOCK_K, GATHER_A, GATHER_B, DOT_PREC, False)
     if C_TMA:  # one bulk copy a tile, issued asynchronously, instead of per-thread addresses, masks and stores
         tile = [expert, pid_m * BLOCK_M, pid_n * BLOCK_N]
         if ACCUMULATE:

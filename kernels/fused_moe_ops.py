@@ -34,15 +34,10 @@ wgrad_down) and gu (node 1, for dSwiGLU): N*I more saved elements per layer, v1'
 Each node is a torch custom op (what torch.compile traces); plain eager calls run the same node as an
 autograd.Function (`_FusedMoEGateUpNode`, `_FusedMoEDownNode`), skipping the dispatcher's host cost.
 
-dgrad_h has two variants (`set_dgrad_h_variant`, or MOE_DGRAD_H; the benchmark times both):
-    store_wh        (default) h is recomputed from gu and w*h [N, I] written, wgrad_down's B operand; only gu is
-                    saved (N*I fewer saved elements per layer)
-    scale_in_wgrad  node 2 also saves h [N, I] (v1's memory); dgrad_h reads it and writes nothing more, and
-                    wgrad_down scales its A operand (dY rows) by w in registers
-Measured on an H200 (benchmarks/KERNEL_NOTES.md): with dgrad_h's fused epilogue (v3) scale_in_wgrad was the faster;
-since dgrad_h is a GEMM plus a SwiGLU-backward pass (session 17), writing w*h costs that pass little and wgrad_down
-runs faster unscaled: store_wh trains the 1.26B model 1.1% faster (80.3 vs 81.2 ms a step) with 1 GiB less peak
-memory, and the V3 layer 2% faster.
+Node 2 saves gu, not h: dgrad_h recomputes h = SwiGLU(gu) in its epilogue and writes w*h [N, I], wgrad_down's B
+operand, so that GEMM needs no scaling (KERNEL_NOTES "store_wh the default dgrad_h variant": saving h instead and
+scaling dY's rows inside wgrad_down trained the 1.26B model 1.1% slower with 1 GiB more peak memory; removed in
+session 26).
 """
 
 from __future__ import annotations
@@ -88,19 +83,6 @@ def _k():
 def use_triton(tensor: torch.Tensor) -> bool:
     """Triton path on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1; else the PyTorch reference."""
     return dispatch.use_triton(tensor, HAS_TRITON, "MOE_FUSED_REFERENCE")
-
-
-DGRAD_H_VARIANTS = ("store_wh", "scale_in_wgrad")
-_dgrad_h = dispatch.Choice("MOE_DGRAD_H", DGRAD_H_VARIANTS, "dgrad_h variant")
-
-
-def set_dgrad_h_variant(name: str | None):
-    """Use one dgrad_h variant (see the module docstring) from the next forward on, or follow MOE_DGRAD_H (None)."""
-    _dgrad_h.set(name)
-
-
-def dgrad_h_variant() -> str:
-    return _dgrad_h.get()
 
 
 # The backward's plain grouped GEMMs: dgrad_x (dXs = dgu @ Wgu[e]), dgrad_h's dA = dY[tok] @ Wd[e] (the SwiGLU
@@ -515,41 +497,41 @@ SWIGLU_BACKWARD_GPU = dict(BLOCK_R=16, BLOCK_I=128, num_warps=4)  # 66 registers
 SWIGLU_BACKWARD_CPU = dict(BLOCK_R=16, BLOCK_I=16, num_warps=1)
 
 
-def _launch_dgrad_h(config, routing, grad_out, down, dgu, gu, h, weights, dw, store_wh):
-    """dgu and the partial routing-weight gradients dw [dgrad_h_partials(config, I), N]; h receives w*h (store_wh),
-    or is the saved activation, read. A `split` config runs a plain GEMM into dgu's gate half, then the SwiGLU
-    backward as its own pass: the GEMM's epilogue is one store, which frees the registers the fused epilogue's tiles
-    hold (one 128x128 program an SM there) at the price of dA's round trip through memory."""
+def _launch_dgrad_h(config, routing, grad_out, down, dgu, gu, wh, weights, dw):
+    """dgu, the partial routing-weight gradients dw [dgrad_h_partials(config, I), N] and wh = w*h [N, I]. A `split`
+    config runs a plain GEMM into dgu's gate half, then the SwiGLU backward as its own pass: the GEMM's epilogue is one
+    store, which frees the registers the fused epilogue's tiles hold (one 128x128 program an SM there) at the price
+    of dA's round trip through memory."""
     inter, hidden = routing.inter, routing.hidden
     if config.split:
         _launch_grouped(config, routing, grad_out, down, dgu, inter, hidden, _down_n(down), gather_a=True)
-        _launch_swiglu_backward(dgu[:, :inter], dgu, gu, h, weights, routing.perm, dw, store_wh)
+        _launch_swiglu_backward(dgu[:, :inter], dgu, gu, wh, weights, routing.perm, dw)
         return
     grid, tiles, max_tiles = _row_tiles(config, routing, inter)
     desc = _weight_desc(config, down, b_kn=True)  # B[e][k in H, n in I] = down[e, k, n]
     launch(
         _k()._dgrad_h_kernel, grid,
-        grad_out, down, desc, dgu, gu, h, weights, dw, *tiles,
+        grad_out, down, desc, dgu, gu, wh, weights, dw, *tiles,
         inter, hidden, max_tiles, routing.top_k, routing.num_experts,
         grad_out.stride(0), grad_out.stride(1), down.stride(0), down.stride(1), down.stride(2),
-        dgu.stride(0), dgu.stride(1), gu.stride(0), gu.stride(1), h.stride(0), h.stride(1), dw.stride(0),
-        EVEN_K=hidden % config.block_k == 0, EVEN_N=inter % config.block_n == 0, STORE_WH=store_wh,
-        WEIGHT_TMA=desc is not None, DOT_PREC=_dot_precision(grad_out.dtype), HALF_TILES=_half_tiles(config),
+        dgu.stride(0), dgu.stride(1), gu.stride(0), gu.stride(1), wh.stride(0), wh.stride(1), dw.stride(0),
+        EVEN_K=hidden % config.block_k == 0, EVEN_N=inter % config.block_n == 0, WEIGHT_TMA=desc is not None,
+        DOT_PREC=_dot_precision(grad_out.dtype), HALF_TILES=_half_tiles(config),
         **config.launch_kwargs(),
     )
 
 
-def _launch_swiglu_backward(da, dgu, gu, h, weights, perm, dw, store_wh, by_slot=False):
+def _launch_swiglu_backward(da, dgu, gu, wh, weights, perm, dw, by_slot=False):
     """dgu from dA (= dY[tok] @ Wd[e], sorted rows; may be dgu's own gate half) and gu; dw each row's whole
     routing-weight gradient, at its sorted row (dw [1, N]) or `by_slot` at its slot (dw [N]: the gradient of the
-    routing weights as they are laid out); h receives w*h (store_wh) or is the saved activation, read."""
+    routing weights as they are laid out); wh receives w*h."""
     cfg = SWIGLU_BACKWARD_GPU if dgu.is_cuda else SWIGLU_BACKWARD_CPU
     rows, inter = da.shape
     launch(
         _k()._swiglu_backward_kernel, (cdiv(rows, cfg["BLOCK_R"]),),
-        da, dgu, gu, h, weights, perm, dw, rows, inter, da.stride(0), da.stride(1),
-        dgu.stride(0), dgu.stride(1), gu.stride(0), gu.stride(1), h.stride(0), h.stride(1),
-        STORE_WH=store_wh, BY_SLOT=by_slot, **cfg,
+        da, dgu, gu, wh, weights, perm, dw, rows, inter, da.stride(0), da.stride(1),
+        dgu.stride(0), dgu.stride(1), gu.stride(0), gu.stride(1), wh.stride(0), wh.stride(1),
+        BY_SLOT=by_slot, **cfg,
     )
 
 
@@ -573,7 +555,7 @@ def _persistent_programs(kernel, args, flags, dtypes, num_warps, device) -> int:
     return _PERSISTENT_PROGRAMS[key]
 
 
-def _launch_wgrad(config, routing, a, b, c, gather_a, gather_b, topk_w=None, accumulate=False):
+def _launch_wgrad(config, routing, a, b, c, gather_a, gather_b, accumulate=False):
     """C[e] = sum over expert e's rows r of A[r]^T B[r] (C[e] += that sum if `accumulate`); A [rows, M], B [rows, N],
     C [E, M, N]. C's tiles go through TMA with a `weight_tma` config, and always when adding into C: the pointer
     epilogue then holds the loaded tile beside the accumulator (sm_90, wgrad_gate_up 128x128x32: 251 registers, two
@@ -588,10 +570,10 @@ def _launch_wgrad(config, routing, a, b, c, gather_a, gather_b, topk_w=None, acc
         op_desc = (_tma_desc(b, [config.block_k, config.block_n]) if gather_a else
                    _tma_desc(a, [config.block_k, config.block_m]))
     kernel = _k()._grouped_wgrad_kernel
-    args = (a, b, c, desc, op_desc, routing.perm, routing.offsets, topk_w if topk_w is not None else routing.perm,
+    args = (a, b, c, desc, op_desc, routing.perm, routing.offsets,
             m, n, routing.top_k, num_experts,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), c.stride(2))
-    flags = dict(GATHER_A=gather_a, GATHER_B=gather_b, SCALE_A=topk_w is not None, EVEN_M=m % config.block_m == 0,
+    flags = dict(GATHER_A=gather_a, GATHER_B=gather_b, EVEN_M=m % config.block_m == 0,
                  EVEN_N=n % config.block_n == 0, DOT_PREC=_dot_precision(a.dtype), ACCUMULATE=accumulate,
                  C_TMA=desc is not None, OPERAND_TMA=op_desc is not None, PERSISTENT=config.persistent,
                  **config.launch_kwargs())
@@ -703,62 +685,57 @@ def down_forward_impl(h, down, top_k_weights, perm, inv, offsets, tiles: dict | 
     return out
 
 
-def down_backward_impl(grad_out, gu, h, down, top_k_weights, perm, inv, offsets, variant,
-                       need_gu, need_down, need_weights, grad_down=None):
+def down_backward_impl(grad_out, gu, down, top_k_weights, perm, inv, offsets, need_gu, need_down, need_weights,
+                       grad_down=None):
     """Node 2's backward: dgu (dL/d(gate | up)), dWd and the routing-weight gradient (see the module docstring).
-    h is the saved activation under "scale_in_wgrad" (unused, may be empty, under "store_wh"). With `grad_down`, dWd
-    is added into it in place and not returned."""
+    With `grad_down`, dWd is added into it in place and not returned."""
     top_k = top_k_weights.shape[1]
     num_rows, two_i = gu.shape
     inter, hidden = two_i // 2, down.shape[1]
-    store_wh = variant == "store_wh"
     if num_rows == 0:
         return (gu.new_zeros(gu.shape) if need_gu else None, _zero_grad(down, need_down, grad_down),
                 top_k_weights.new_zeros(top_k_weights.shape) if need_weights else None)
     grad_out = grad_out.to(gu.dtype).contiguous()
     weights = top_k_weights.contiguous().reshape(-1)
     routing = Routing(perm, inv, offsets, top_k, hidden, inter, gu.dtype)
-    wgrad_b = gu.new_empty(num_rows, inter) if store_wh else h  # w * h (written by dgrad_h) or the saved h
+    wh = gu.new_empty(num_rows, inter)  # w * h, written by dgrad_h: wgrad_down's B operand
     dgu = dweights = ddown = None
-    library = _library_gemm(grad_out, wgrad_b, down)
+    library = _library_gemm(grad_out, wh, down)
     dy_sorted = grad_out.index_select(0, _sorted_tokens(perm, top_k)) if library else None
-    if need_gu or need_weights or (need_down and store_wh):
+    if need_gu or need_weights or need_down:
         dgu = torch.empty_like(gu)
         if library:
             dw = torch.empty(num_rows, dtype=torch.float32, device=gu.device)
-            _launch_swiglu_backward(torch._grouped_mm(dy_sorted, down, offs=offsets[1:]), dgu, gu, wgrad_b, weights,
-                                    perm, dw, store_wh, by_slot=True)
+            _launch_swiglu_backward(torch._grouped_mm(dy_sorted, down, offs=offsets[1:]), dgu, gu, wh, weights,
+                                    perm, dw, by_slot=True)
         else:
-            dw = _run_dgrad_h(routing, variant, grad_out, down, dgu, gu, wgrad_b, weights, store_wh)
+            dw = _run_dgrad_h(routing, grad_out, down, dgu, gu, wh, weights)
             dw = dw.sum(0).index_select(0, inv) if need_weights else None
         if need_weights:
             dweights = dw.view_as(top_k_weights).to(top_k_weights.dtype)
-    if need_down and library and _wgrad_on_sorted_rows(routing, grad_down, grad_out, wgrad_b):
-        if not store_wh:
-            dy_sorted.mul_(weights.index_select(0, perm).unsqueeze(1).to(dy_sorted.dtype))
-        ddown = _sorted_rows_wgrad(grad_down, dy_sorted, wgrad_b, offsets)
-    elif need_down:  # dWd[e] [H, I] = sum_r (w_r dY[tok_r])^T h_r
+    if need_down and library and _wgrad_on_sorted_rows(routing, grad_down, grad_out, wh):
+        ddown = _sorted_rows_wgrad(grad_down, dy_sorted, wh, offsets)
+    elif need_down:  # dWd[e] [H, I] = sum_r dY[tok_r]^T (w_r h_r)
         into = grad_down if grad_down is not None else down.new_empty(down.shape)  # the fake's strides
-        scale = None if store_wh else weights
-        routing.run(f"wgrad_down/{variant}", "wgrad_down",
-                    lambda c: _launch_wgrad(c, routing, grad_out, wgrad_b, into, True, False, topk_w=scale,
+        routing.run("wgrad_down", "wgrad_down",
+                    lambda c: _launch_wgrad(c, routing, grad_out, wh, into, True, False,
                                             accumulate=grad_down is not None), tune=grad_down is None)
         ddown = into if grad_down is None else None
     return dgu if need_gu else None, ddown, dweights
 
 
-def _run_dgrad_h(routing, variant, grad_out, down, dgu, gu, h, weights, store_wh) -> torch.Tensor:
-    """Our dgrad_h with the config chosen for `variant`: dgu, and the partial routing-weight gradients [P, N] of the
-    sorted rows (summed over P, each row's)."""
+def _run_dgrad_h(routing, grad_out, down, dgu, gu, wh, weights) -> torch.Tensor:
+    """Our dgrad_h: dgu, wh, and the partial routing-weight gradients [P, N] of the sorted rows (summed over P, each
+    row's)."""
     partial = {}
 
     def launch(config):
         rows = dgrad_h_partials(config, routing.inter)
         if rows not in partial:
             partial[rows] = torch.empty(rows, routing.num_rows, dtype=torch.float32, device=gu.device)
-        _launch_dgrad_h(config, routing, grad_out, down, dgu, gu, h, weights, partial[rows], store_wh)
+        _launch_dgrad_h(config, routing, grad_out, down, dgu, gu, wh, weights, partial[rows])
 
-    config = routing.run(f"dgrad_h/{variant}", "dgrad_h", launch)
+    config = routing.run("dgrad_h", "dgrad_h", launch)
     return partial[dgrad_h_partials(config, routing.inter)]
 
 
@@ -845,30 +822,29 @@ def _(dgu, x, gate_up, perm, inv, offsets, top_k, need_x, need_gate_up):
 @torch.library.custom_op("modeling_moe::fused_moe_down", mutates_args=())
 def fused_moe_down_op(
     gu: torch.Tensor, h: torch.Tensor, down: torch.Tensor, top_k_weights: torch.Tensor, perm: torch.Tensor,
-    inv: torch.Tensor, offsets: torch.Tensor, dgrad_h: str,
+    inv: torch.Tensor, offsets: torch.Tensor,
 ) -> torch.Tensor:
-    """out [T, H] from h; gu is the differentiable input (h = SwiGLU(gu)) and `dgrad_h` the backward's variant."""
+    """out [T, H] from h; gu is the differentiable input (h = SwiGLU(gu), recomputed by the backward)."""
     return down_forward_impl(h, down, top_k_weights, perm, inv, offsets)
 
 
 @fused_moe_down_op.register_fake
-def _(gu, h, down, top_k_weights, perm, inv, offsets, dgrad_h):
+def _(gu, h, down, top_k_weights, perm, inv, offsets):
     return h.new_empty(top_k_weights.shape[0], down.shape[1])
 
 
 @torch.library.custom_op("modeling_moe::fused_moe_down_backward", mutates_args=())
 def fused_moe_down_backward_op(
-    grad_out: torch.Tensor, gu: torch.Tensor, h: torch.Tensor, down: torch.Tensor, top_k_weights: torch.Tensor,
-    perm: torch.Tensor, inv: torch.Tensor, offsets: torch.Tensor, dgrad_h: str, need_gu: bool, need_down: bool,
-    need_weights: bool,
+    grad_out: torch.Tensor, gu: torch.Tensor, down: torch.Tensor, top_k_weights: torch.Tensor, perm: torch.Tensor,
+    inv: torch.Tensor, offsets: torch.Tensor, need_gu: bool, need_down: bool, need_weights: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grads = down_backward_impl(grad_out, gu, h, down, top_k_weights, perm, inv, offsets, dgrad_h,
-                               need_gu, need_down, need_weights)
+    grads = down_backward_impl(grad_out, gu, down, top_k_weights, perm, inv, offsets, need_gu, need_down,
+                               need_weights)
     return _or_empty(grads, (gu, down, top_k_weights))
 
 
 @fused_moe_down_backward_op.register_fake
-def _(grad_out, gu, h, down, top_k_weights, perm, inv, offsets, dgrad_h, need_gu, need_down, need_weights):
+def _(grad_out, gu, down, top_k_weights, perm, inv, offsets, need_gu, need_down, need_weights):
     return _fake_grads((gu, down, top_k_weights), (need_gu, need_down, need_weights))
 
 
@@ -906,29 +882,27 @@ def _gate_up_backward(ctx, dgu, *unused):
 
 
 def _down_setup_context(ctx, inputs, output):
-    gu, h, down, top_k_weights, perm, inv, offsets, variant = inputs
+    gu, h, down, top_k_weights, perm, inv, offsets = inputs
     ctx.set_materialize_grads(False)
-    ctx.variant = variant
-    saved_h = h if variant == "scale_in_wgrad" else h.new_empty(0)
-    ctx.save_for_backward(gu, saved_h, down, top_k_weights, perm, inv, offsets)
+    ctx.save_for_backward(gu, down, top_k_weights, perm, inv, offsets)
 
 
 def _down_backward(ctx, grad_out):
     need_gu, _, need_down, need_weights = ctx.needs_input_grad[:4]
     if grad_out is None:
-        return (None,) * 8
-    gu, h, down, top_k_weights, perm, inv, offsets = ctx.saved_tensors
+        return (None,) * 7
+    gu, down, top_k_weights, perm, inv, offsets = ctx.saved_tensors
     if gu.shape[0] != perm.shape[0]:
         raise RuntimeError("fused MoE: the forward ran without saving activations (no input required grad)")
     into = _accumulation_target(down) if need_down else None
     if into is None and not _plain_eager(grad_out, gu, down, top_k_weights):
         dgu, ddown, dweights = torch.ops.modeling_moe.fused_moe_down_backward(
-            grad_out, gu, h, down, top_k_weights, perm, inv, offsets, ctx.variant, need_gu, need_down, need_weights)
+            grad_out, gu, down, top_k_weights, perm, inv, offsets, need_gu, need_down, need_weights)
     else:  # as in _gate_up_backward
-        dgu, ddown, dweights = down_backward_impl(grad_out, gu, h, down, top_k_weights, perm, inv, offsets,
-                                                  ctx.variant, need_gu, need_down, need_weights, into)
+        dgu, ddown, dweights = down_backward_impl(grad_out, gu, down, top_k_weights, perm, inv, offsets, need_gu,
+                                                  need_down, need_weights, into)
     return (dgu if need_gu else None, None, _weight_grad(down, ddown, into) if need_down else None,
-            dweights if need_weights else None, None, None, None, None)
+            dweights if need_weights else None, None, None, None)
 
 
 # Gradient-accumulation fusion (as Megatron-LM's): when a weight's .grad already holds a gradient (accumulation over
@@ -1003,8 +977,8 @@ class _FusedMoEGateUpNode(torch.autograd.Function):
 
 class _FusedMoEDownNode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gu, h, down, top_k_weights, perm, inv, offsets, dgrad_h, tiles):
-        inputs = (gu, h, down, top_k_weights, perm, inv, offsets, dgrad_h)
+    def forward(ctx, gu, h, down, top_k_weights, perm, inv, offsets, tiles):
+        inputs = (gu, h, down, top_k_weights, perm, inv, offsets)
         output = down_forward_impl(h, down, top_k_weights, perm, inv, offsets, tiles)
         _down_setup_context(ctx, inputs, output)
         return output
@@ -1041,11 +1015,11 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj
     if _plain_eager(x, gate_up, down, top_k_index, top_k_weights):
         tiles = {}
         gu, h, perm, inv, offsets = _FusedMoEGateUpNode.apply(x, gate_up, top_k_index, save, tiles)
-        out = _FusedMoEDownNode.apply(gu, h, down, top_k_weights, perm, inv, offsets, dgrad_h_variant(), tiles)
+        out = _FusedMoEDownNode.apply(gu, h, down, top_k_weights, perm, inv, offsets, tiles)
     else:
         ops = torch.ops.modeling_moe
         gu, h, perm, inv, offsets = ops.fused_moe_gate_up(x, gate_up, top_k_index, save)
-        out = ops.fused_moe_down(gu, h, down, top_k_weights, perm, inv, offsets, dgrad_h_variant())
+        out = ops.fused_moe_down(gu, h, down, top_k_weights, perm, inv, offsets)
     return out.to(dtype)
 
 
@@ -1123,5 +1097,5 @@ def register(name: str = "fused") -> bool:
 
 __all__ = ["fused_moe", "fused_experts_forward", "register", "preferred_by_default", "KernelConfig", "config_override",
            "set_autotune", "autotune_enabled", "clear_config_cache", "use_triton", "build_routing", "tile_schedule",
-           "TUNING_LOG", "DGRAD_H_VARIANTS", "set_dgrad_h_variant", "dgrad_h_variant", "set_grad_accumulation_fusion",
+           "TUNING_LOG", "set_grad_accumulation_fusion",
            "BACKWARD_GEMM_BACKENDS", "set_backward_gemm_backend", "backward_gemm_backend"]
