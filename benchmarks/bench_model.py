@@ -2,7 +2,8 @@
 
 Parts (`--parts`, default all):
   check     identical weights give the same logits (full forward, and one decode step over a cache).
-  train     forward + backward + AdamW step of a 1.26B model, batch 8 x 2048: tokens/s, peak memory.
+  train     forward + backward + AdamW step of a 1.26B model, batch 8 x 2048: tokens/s, peak memory (transformers
+            with torch's fused AdamW, as the anchors; ours on CUDA with the pretrain trainer's TritonAdamW).
   generate  greedy generate, batch 16, prompt 256, 256 new tokens: tokens/s.
   decode    one MLA layer, batch 32, 8192 cached tokens, one new token: ms per step, latent-cache GB/s.
 
@@ -32,6 +33,7 @@ import modeling_moe  # noqa: E402,F401  (registers MoEConfig with the Auto class
 from modeling_moe import MoEConfig  # noqa: E402
 from modeling_moe.cache_moe import MoEStaticCache  # noqa: E402
 from modeling_moe.kernels import mla_decode  # noqa: E402
+from modeling_moe.kernels.adamw import TritonAdamW  # noqa: E402
 from modeling_moe.modeling_moe import MoEMultiHeadLatentAttention, MoERotaryEmbedding  # noqa: E402
 from modeling_moe.presets import parameter_counts  # noqa: E402
 
@@ -235,7 +237,10 @@ def part_train(S, args, dev, dtype):
 
     def run(cfg, impl, update_bias=False, compiled=False, profile=False, skip_logits=False, compile_mode=None):
         model = build(cfg, impl, state, dev, dtype).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True if dev.type == "cuda" else None)
+        if isinstance(cfg, MoEConfig) and dev.type == "cuda":  # what `pretrain` steps with (--optim adamw_triton)
+            opt = TritonAdamW(model.parameters(), lr=1e-5)
+        else:  # as the anchors' script
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True if dev.type == "cuda" else None)
         if compiled:  # what `pretrain --torch_compile` does: accelerate's regional compilation, each decoder layer
             from accelerate.utils import compile_regions
 

@@ -69,7 +69,8 @@ def triton_device(monkeypatch):
     """Where the Triton kernels run: CUDA as it is, else the CPU through the interpreter (TRITON_INTERPRET=1)."""
     if not HAS_TRITON:
         pytest.skip("triton is not installed")
-    for forcing_the_reference in ("MLA_DECODE_REFERENCE", "CROSS_ENTROPY_REFERENCE", "MOE_ROUTER_REFERENCE"):
+    for forcing_the_reference in ("MLA_DECODE_REFERENCE", "CROSS_ENTROPY_REFERENCE", "MOE_ROUTER_REFERENCE",
+                                  "ADAMW_REFERENCE"):
         monkeypatch.delenv(forcing_the_reference, raising=False)
     if torch.cuda.is_available():
         yield "cuda"

@@ -19,6 +19,7 @@ from modeling_moe.trainers.data import DatasetReadError, load_documents
 from modeling_moe.trainers.pretrain import (
     KILL_DURING_SAVE_ENV,
     ConfigurationError,
+    build_optimizer,
     build_parser,
     main,
     parse_args,
@@ -665,6 +666,26 @@ def test_help_lists_every_option_and_yaml_config_is_overridable(tmp_path):
     config.write_text("no_such_option: 1\n")
     with pytest.raises(SystemExit):
         parse_args(["--config", str(config)])
+
+
+@pytest.mark.parametrize("optim, device_type, expected", [
+    (None, "cuda", "TritonAdamW"), (None, "cpu", "AdamW"), ("adamw_triton", "cpu", "TritonAdamW"),
+    ("adamw_torch_fused", "cuda", "AdamW"), ("adamw_torch", "cuda", "AdamW")])
+def test_optimizer_choice_groups_and_settings(optim, device_type, expected):
+    """--optim (default by device) picks the class; matrices decay, vectors do not; the flags reach every group."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    argv = ["--weight_decay", "0.2", "--learning_rate", "0.01", "--adam_beta2", "0.9"]
+    args = parse_args(argv + (["--optim", optim] if optim else []))[2]
+    optimizer = build_optimizer(model, args, device_type)
+    assert type(optimizer).__name__ == expected
+    assert optimizer.defaults["fused"] == (True if optim == "adamw_torch_fused" else None)
+    decay, no_decay = optimizer.param_groups
+    assert [p.dim() for p in decay["params"]] == [2] and decay["weight_decay"] == 0.2
+    assert [p.dim() for p in no_decay["params"]] == [1, 1, 1] and no_decay["weight_decay"] == 0.0
+    assert all(g["lr"] == 0.01 and g["betas"] == (0.9, 0.9) for g in optimizer.param_groups)
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--optim", "sgd"])
+    assert exit_info.value.code == 2
 
 
 def test_yaml_config_null_is_the_default(tmp_path):

@@ -60,6 +60,8 @@ KILL_DURING_SAVE_ENV = "MODELING_MOE_TEST_KILL_DURING_SAVE"
 
 
 
+# --optim: transformers' names, and ours (kernels/adamw.py: torch's AdamW and state, a Triton kernel a parameter)
+OPTIMIZERS = ("adamw_triton", "adamw_torch_fused", "adamw_torch")
 # transformers' schedulers that need nothing beyond the warmup and the number of steps (reduce_lr_on_plateau wants a
 # metric, cosine_with_min_lr a minimum: neither has a flag here).
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -159,7 +161,10 @@ class PretrainArguments:
     adam_beta2: float = field(default=0.95)
     adam_epsilon: float = field(default=1e-8)
     optim: str | None = field(
-        default=None, metadata={"help": "adamw_torch or adamw_torch_fused; default: fused on CUDA, adamw_torch else."}
+        default=None, metadata={"help": "adamw_triton (torch's AdamW, its step one Triton kernel per parameter: "
+                                        "modeling_moe.kernels.adamw), adamw_torch_fused or adamw_torch; default: "
+                                        "adamw_triton on CUDA, adamw_torch elsewhere.",
+                                "choices": list(OPTIMIZERS)}
     )
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (<= 0: no clipping)."})
     lr_scheduler_type: str = field(
@@ -528,15 +533,21 @@ def wrap_present_layer_classes(fsdp_plugin, model: torch.nn.Module):
 def build_optimizer(model, args: PretrainArguments, device_type: str):
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    optim = args.optim or ("adamw_torch_fused" if device_type == "cuda" else "adamw_torch")
-    if optim not in ("adamw_torch", "adamw_torch_fused"):
-        raise ConfigurationError(f"--optim {optim!r} is not supported: use adamw_torch or adamw_torch_fused.")
-    return torch.optim.AdamW(
+    optim = args.optim or ("adamw_triton" if device_type == "cuda" else "adamw_torch")
+    if optim not in OPTIMIZERS:
+        raise ConfigurationError(f"--optim {optim!r} is not supported: use one of {', '.join(OPTIMIZERS)}.")
+    if optim == "adamw_triton":
+        from modeling_moe.kernels.adamw import TritonAdamW as optimizer_class
+
+        options = {}
+    else:
+        optimizer_class, options = torch.optim.AdamW, dict(fused=True if optim == "adamw_torch_fused" else None)
+    return optimizer_class(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         eps=args.adam_epsilon,
-        fused=True if optim == "adamw_torch_fused" else None,
+        **options,
     )
 
 
