@@ -78,8 +78,13 @@ def test_steps_match_the_update_in_float64(triton_device, monkeypatch, dtype):
     optimizer = TritonAdamW(groups(params), lr=1e-2, **HYPER)
     decays = [0.1 if p.dim() >= 2 else 0.0 for p in params]
     reference = Float64AdamW(params, decays, **HYPER)
-    # bf16: half an ulp on the GPU; the interpreter truncates fp32 -> bf16 instead of rounding to nearest: one ulp
-    tolerance = 1e-6 if dtype == torch.float32 else 2 ** -8 if triton_device == "cuda" else 2 ** -7
+    # fp32: the GPU contracts products and sums into FMAs and divides to 2 ulp, which the first moment's cancellations
+    # (gradients of alternating sign) amplify. bf16: half an ulp on the GPU; the interpreter truncates fp32 -> bf16
+    # instead of rounding to nearest: one ulp.
+    if dtype == torch.float32:
+        tolerance = 1e-5 if triton_device == "cuda" else 1e-6
+    else:
+        tolerance = 2 ** -8 if triton_device == "cuda" else 2 ** -7
     for step, lr in enumerate([1e-2, 3e-3, 5e-2]):
         if dtype != torch.float32 and step:
             reference.params = [p.detach().double().cpu() for p in params]
