@@ -137,20 +137,25 @@ def test_checkpoints_move_between_this_and_torchs_adamw(triton_device):
             torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
 
 
+def same_steps_as_torchs(ours, theirs, steps, torch_only_options=None, **options) -> bool:
+    """`steps` steps of TritonAdamW over `ours` and of torch's AdamW over `theirs` (the same values and gradients):
+    bit-equal results."""
+    optimizers = TritonAdamW(ours, **options), torch.optim.AdamW(theirs, **options, **(torch_only_options or {}))
+    for step in range(steps):
+        set_grads(ours, step)
+        set_grads(theirs, step)
+        for optimizer in optimizers:
+            optimizer.step()
+    return all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
 @pytest.mark.parametrize("options", [dict(amsgrad=True), dict(maximize=True), dict(lr=torch.tensor(1e-2))],
                          ids=["amsgrad", "maximize", "tensor_lr"])
 def test_options_the_kernel_does_not_cover_run_torchs_step(triton_device, monkeypatch, options):
     """Equal to torch's AdamW with the same options, bit for bit, and no kernel launched."""
     monkeypatch.setattr(adamw_module, "launch", lambda *args, **kwargs: pytest.fail("the kernel ran"))
     ours, theirs = make_params(triton_device, torch.float32), make_params(triton_device, torch.float32)
-    kwargs = dict(dict(lr=1e-2, **HYPER), **options)
-    optimizers = TritonAdamW(ours, **kwargs), torch.optim.AdamW(theirs, **kwargs)
-    for step in range(2):
-        set_grads(ours, step)
-        set_grads(theirs, step)
-        for optimizer in optimizers:
-            optimizer.step()
-    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    assert same_steps_as_torchs(ours, theirs, 2, **dict(dict(lr=1e-2, **HYPER), **options))
 
 
 def test_tensor_subclasses_run_torchs_step(triton_device, monkeypatch):
@@ -162,24 +167,14 @@ def test_tensor_subclasses_run_torchs_step(triton_device, monkeypatch):
     ours = [Tagged(p.detach()) for p in make_params(triton_device, torch.float32)]
     theirs = make_params(triton_device, torch.float32)
     # torch takes its single-tensor path for a subclass (its foreach and fused ones only for plain tensors)
-    optimizers = TritonAdamW(ours, lr=1e-2, **HYPER), torch.optim.AdamW(theirs, lr=1e-2, foreach=False, **HYPER)
-    set_grads(ours, 0)
-    set_grads(theirs, 0)
-    for optimizer in optimizers:
-        optimizer.step()
-    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    assert same_steps_as_torchs(ours, theirs, 1, dict(foreach=False), lr=1e-2, **HYPER)
 
 
 def test_without_triton_runs_torchs_step(monkeypatch):
     """The CPU without the interpreter (or no Triton): torch's AdamW, bit for bit."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     ours, theirs = make_params("cpu", torch.float32), make_params("cpu", torch.float32)
-    optimizers = TritonAdamW(ours, lr=1e-2, **HYPER), torch.optim.AdamW(theirs, lr=1e-2, **HYPER)
-    set_grads(ours, 0)
-    set_grads(theirs, 0)
-    for optimizer in optimizers:
-        optimizer.step()
-    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    assert same_steps_as_torchs(ours, theirs, 1, lr=1e-2, **HYPER)
 
 
 def test_closure_is_evaluated_with_grad_enabled(triton_device):
