@@ -1,10 +1,11 @@
-"""AdamW whose step runs one Triton kernel per parameter: `TritonAdamW`, a drop-in `torch.optim.AdamW`.
+"""AdamW whose step runs a Triton kernel over up to SLOTS parameters a launch: `TritonAdamW`, a drop-in
+`torch.optim.AdamW`.
 
 torch's fused AdamW walks every parameter through one multi-tensor kernel in chunks of 64k elements: over the 1.26B
 model's bf16 parameters (7 bytes moved per parameter byte) it reaches ~2.7 TB/s on an H200, where a copy of the same
 bytes runs at ~4.3 TB/s. Programs of BLOCK contiguous elements with 16-byte loads, each parameter's pointers passed
-as arguments of their own (SLOTS parameters a launch), reach ~3.75 TB/s (6.5 -> 4.6 ms a step; KERNEL_NOTES.md
-"Session 26").
+as arguments of their own (SLOTS parameters a launch), reach ~3.8 TB/s (6.4 -> 4.6 ms a step;
+`python benchmarks/bench_adamw.py`, KERNEL_NOTES.md "Session 26").
 
 The update is torch's AdamW (decoupled weight decay), computed in fp32 and stored in the parameter's dtype:
     p <- p (1 - lr wd);  m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
@@ -131,8 +132,9 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class TritonAdamW(torch.optim.AdamW):
-    """`torch.optim.AdamW` (same arguments, state and checkpoints) whose step runs `adamw_kernel` once per parameter
-    on CUDA (and on the CPU under TRITON_INTERPRET=1); see the module docstring for what falls back to torch's step."""
+    """`torch.optim.AdamW` (same arguments, state and checkpoints) whose step runs `adamw_kernel` over the parameters
+    of each step count and dtypes, SLOTS a launch, on CUDA (and on the CPU under TRITON_INTERPRET=1); see the module
+    docstring for what falls back to torch's step."""
 
     def _kernel_applies(self) -> bool:
         if not HAS_TRITON:
@@ -168,10 +170,10 @@ class TritonAdamW(torch.optim.AdamW):
             beta1, beta2 = group["betas"]
             lr, eps = group["lr"], group["eps"]
             decay = 1 - lr * group["weight_decay"]
-            batches: dict = {}  # (step, dtypes) -> [(param, grad, exp_avg, exp_avg_sq)]
+            batches: dict = {}  # (step, dtypes) -> [(param, grad, exp_avg, exp_avg_sq)]: one compile each
             for param, grad, exp_avg, exp_avg_sq, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
                 if param.numel():
-                    key = (step.item(), param.dtype, grad.dtype, exp_avg.dtype)
+                    key = (step.item(), param.dtype, grad.dtype, exp_avg.dtype, exp_avg_sq.dtype)
                     batches.setdefault(key, []).append((param, grad.contiguous(), exp_avg, exp_avg_sq))
             for (step, *_), tensors in batches.items():
                 hyper = (decay, beta1, beta2, eps, lr / (1 - beta1**step), math.sqrt(1 - beta2**step))
