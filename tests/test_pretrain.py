@@ -668,17 +668,20 @@ def test_help_lists_every_option_and_yaml_config_is_overridable(tmp_path):
         parse_args(["--config", str(config)])
 
 
-@pytest.mark.parametrize("optim, device_type, expected", [
-    (None, "cuda", "TritonAdamW"), (None, "cpu", "AdamW"), ("adamw_triton", "cpu", "TritonAdamW"),
-    ("adamw_torch_fused", "cuda", "AdamW"), ("adamw_torch", "cuda", "AdamW")])
-def test_optimizer_choice_groups_and_settings(optim, device_type, expected):
-    """--optim (default by device) picks the class; matrices decay, vectors do not; the flags reach every group."""
+@pytest.mark.parametrize("optim, device_type, fsdp2, expected, fused", [
+    (None, "cuda", False, "TritonAdamW", None), (None, "cuda", True, "AdamW", True),
+    (None, "cpu", False, "AdamW", None),
+    ("adamw_triton", "cpu", False, "TritonAdamW", None), ("adamw_triton", "cuda", True, "TritonAdamW", None),
+    ("adamw_torch_fused", "cuda", False, "AdamW", True), ("adamw_torch", "cuda", False, "AdamW", None)])
+def test_optimizer_choice_groups_and_settings(optim, device_type, fsdp2, expected, fused):
+    """--optim (default by device, and FSDP2's sharded parameters) picks the class; matrices decay, vectors do not;
+    the flags reach every group."""
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
     argv = ["--weight_decay", "0.2", "--learning_rate", "0.01", "--adam_beta2", "0.9"]
     args = parse_args(argv + (["--optim", optim] if optim else []))[2]
-    optimizer = build_optimizer(model, args, device_type)
+    optimizer = build_optimizer(model, args, device_type, fsdp2=fsdp2)
     assert type(optimizer).__name__ == expected
-    assert optimizer.defaults["fused"] == (True if optim == "adamw_torch_fused" else None)
+    assert optimizer.defaults["fused"] == fused
     decay, no_decay = optimizer.param_groups
     assert [p.dim() for p in decay["params"]] == [2] and decay["weight_decay"] == 0.2
     assert [p.dim() for p in no_decay["params"]] == [1, 1, 1] and no_decay["weight_decay"] == 0.0

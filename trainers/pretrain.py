@@ -161,9 +161,10 @@ class PretrainArguments:
     adam_beta2: float = field(default=0.95)
     adam_epsilon: float = field(default=1e-8)
     optim: str | None = field(
-        default=None, metadata={"help": "adamw_triton (torch's AdamW, its step one Triton kernel per parameter: "
-                                        "modeling_moe.kernels.adamw), adamw_torch_fused or adamw_torch; default: "
-                                        "adamw_triton on CUDA, adamw_torch elsewhere.",
+        default=None, metadata={"help": "adamw_triton (torch's AdamW, its step a Triton kernel over up to 8 "
+                                        "parameters a launch: modeling_moe.kernels.adamw), adamw_torch_fused or "
+                                        "adamw_torch; default: adamw_triton on CUDA (adamw_torch_fused with FSDP2, "
+                                        "whose sharded parameters the kernel does not take), adamw_torch elsewhere.",
                                 "choices": list(OPTIMIZERS)}
     )
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (<= 0: no clipping)."})
@@ -530,10 +531,11 @@ def wrap_present_layer_classes(fsdp_plugin, model: torch.nn.Module):
         fsdp_plugin.transformer_cls_names_to_wrap = [name for name in names if name in present]
 
 
-def build_optimizer(model, args: PretrainArguments, device_type: str):
+def build_optimizer(model, args: PretrainArguments, device_type: str, fsdp2: bool = False):
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    optim = args.optim or ("adamw_triton" if device_type == "cuda" else "adamw_torch")
+    # FSDP2 hands the optimizer DTensors, which TritonAdamW leaves to torch's (unfused) step: torch's fused one there
+    optim = args.optim or ("adamw_torch" if device_type != "cuda" else "adamw_torch_fused" if fsdp2 else "adamw_triton")
     if optim not in OPTIMIZERS:
         raise ConfigurationError(f"--optim {optim!r} is not supported: use one of {', '.join(OPTIMIZERS)}.")
     if optim == "adamw_triton":
@@ -942,7 +944,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
         else:
             expert_parallel.exclude_from_ddp(model)
     model.train()
-    optimizer = build_optimizer(model, args, accelerator.device.type)
+    optimizer = build_optimizer(model, args, accelerator.device.type, fsdp2=accelerator.is_fsdp2)
     phases.mark("model")
     if eval_loader is not None:
         model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
