@@ -3,7 +3,9 @@
 Parts (`--parts`, default all):
   check     identical weights give the same logits (full forward, and one decode step over a cache).
   train     forward + backward + AdamW step of a 1.26B model, batch 8 x 2048: tokens/s, peak memory (transformers
-            with torch's fused AdamW, as the anchors; ours on CUDA with the pretrain trainer's TritonAdamW).
+            with torch's fused AdamW, as the anchors; ours on CUDA with the pretrain trainer's TritonAdamW). Steps
+            synchronised one by one, as the anchors' script times them; `back_to_back_tokens_per_s`: the same steps
+            with one synchronisation at the end, as a training loop runs them.
   generate  greedy generate, batch 16, prompt 256, 256 new tokens: tokens/s.
   decode    one MLA layer, batch 32, 8192 cached tokens, one new token: ms per step, latent-cache GB/s.
 
@@ -89,10 +91,18 @@ def sync(dev):
 def timed(fn, dev, warmup: int, iters: int, clock: str = "wall") -> float:
     """Median seconds of `iters` calls after `warmup` calls, each synchronised. clock "wall": host time from the call
     to the end of the synchronisation; "events" (CUDA): device time between events recorded around the call, as
-    `../shared/anchors/hf_anchor_bench.py` times its steps (no host launch or wake-up latency)."""
+    `../shared/anchors/hf_anchor_bench.py` times its steps (no host launch or wake-up latency); "back_to_back": the
+    mean over `iters` calls without a synchronisation between them (one at the end), as a training loop runs its
+    steps: a call's first launches queue behind the previous call's work instead of meeting an idle GPU."""
     for _ in range(warmup):
         fn()
     sync(dev)
+    if clock == "back_to_back":
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        sync(dev)
+        return (time.perf_counter() - start) / iters
     times = []
     for _ in range(iters):
         if clock == "events" and dev.type == "cuda":
@@ -261,8 +271,10 @@ def part_train(S, args, dev, dtype):
 
         free()
         seconds = timed(step, dev, args.warmup, args.steps)
+        back_to_back = timed(step, dev, 0, args.steps, clock="back_to_back")
         result = dict(step_ms=sig(seconds * 1e3), tokens_per_s=sig(batch * seq / seconds),
-                      tflops=sig(flops_per_token * batch * seq / seconds / 1e12), peak_gib=peak_gib(dev))
+                      tflops=sig(flops_per_token * batch * seq / seconds / 1e12), peak_gib=peak_gib(dev),
+                      back_to_back_tokens_per_s=sig(batch * seq / back_to_back))
         if profile:
             result["profile"] = profile_step(step, dev, args.profile_top)
         del model, opt

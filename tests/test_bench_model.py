@@ -17,7 +17,8 @@ def test_train_part_with_profile_reports_time_shares(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "bench_model.jsonl").read_text().splitlines()]
     rows = {r["model"]: r for r in records if r.get("part") == "train"}
     assert {"hf", "ours", "ours + update_expert_bias"} <= set(rows)
-    assert all(row["tokens_per_s"] > 0 for row in rows.values())
+    assert all(row["tokens_per_s"] > 0 and row["back_to_back_tokens_per_s"] > 0 for row in rows.values())
+    assert rows["ours"]["vs_hf"]["back_to_back_tokens_per_s"] > 0  # a ratio to the same figure of transformers
     profile = rows["ours + update_expert_bias"]["profile"]  # the profiled row without CUDA
     shares = profile["shares"]
     assert shares["routed_experts"] > 0 and shares["gemm"] > 0  # grouped_mm experts, then the other matmuls
