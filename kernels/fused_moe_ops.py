@@ -176,7 +176,8 @@ CANDIDATES = {  # first entry = default (autotune off): the H200 winners of v1/v
                            C(128, 128, 64, 8, 4)],
     # wgrad (v5): a pipeline buffer per stage (the row indices prefetched), so 3-4 stages of 128x128x64 take 96-128
     # KiB and 128x256x64 at 4 stages 192 KiB; BLOCK_K 32 keeps 3 programs per SM. The two weight gradients prefer
-    # different tiles (H200, session 8): gate_up's B operand is the gathered x, down's A the gathered, scaled dY.
+    # different tiles (H200, session 8): gate_up's B operand is the gathered x, down's A the gathered dY (scaled by
+    # the routing weights until session 17's store_wh).
     # 256x128 / 128x256 tiles with BLOCK_K 32 (2 programs per SM) lost at every shape (session 9: 6-60% slower).
     # With few rows per expert ("small": V3) the gradient's stores weigh most, and writing them through TMA won
     # (session 14: V3 wgrad_down 8.72 -> 7.93 ms, gate_up 13.23 -> 12.77); at the "big" shapes it was even.
