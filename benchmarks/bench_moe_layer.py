@@ -191,11 +191,6 @@ def drop_grads(block, x):
     free()
 
 
-def suffixed(label, note):
-    """'ours fused' + note -> 'ours fused [note]'; 'ours fused [a]' + note -> 'ours fused [a, note]'."""
-    return f"{label[:-1]}, {note}]" if label.endswith("]") else f"{label} [{note}]"
-
-
 def timings(layer, x, flops, warm_f=3, it_f=10, warm_b=2, it_b=6, backward=True, fresh=False):
     result = {}
     with torch.no_grad():
@@ -373,14 +368,14 @@ def part_layer(name, args):
             res = timings(block, x, fwd_flops)
             emit(part="layer", shape=name, impl=label, tokens=T, **res, **check)
             drop_grads(block, x)  # each backward into cleared gradients (fused: the library's weight gradients)
-            emit(part="layer", shape=name, impl=suffixed(label, "fresh .grad"), tokens=T,
+            emit(part="layer", shape=name, impl=f"{label} [fresh .grad]", tokens=T,
                  **timings(block, x, fwd_flops, fresh=True))
             if impl == "fused":
                 # the same without the gradient-accumulation fusion: how much of the figure above it is
                 drop_grads(block, x)
                 fm.set_grad_accumulation_fusion(False)
                 try:
-                    emit(part="layer", shape=name, impl=suffixed(label, "grad += dW"), tokens=T,
+                    emit(part="layer", shape=name, impl=f"{label} [grad += dW]", tokens=T,
                          **timings(block, x, fwd_flops))
                 finally:
                     fm.set_grad_accumulation_fusion(True)

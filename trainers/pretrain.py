@@ -60,7 +60,7 @@ KILL_DURING_SAVE_ENV = "MODELING_MOE_TEST_KILL_DURING_SAVE"
 
 
 
-# --optim: transformers' names, and ours (kernels/adamw.py: torch's AdamW and state, a Triton kernel a parameter)
+# --optim: transformers' names, and ours (kernels/adamw.py: torch's AdamW and state, its step in Triton)
 OPTIMIZERS = ("adamw_triton", "adamw_torch_fused", "adamw_torch")
 # transformers' schedulers that need nothing beyond the warmup and the number of steps (reduce_lr_on_plateau wants a
 # metric, cosine_with_min_lr a minimum: neither has a flag here).
