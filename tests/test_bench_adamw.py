@@ -1,4 +1,5 @@
-"""benchmarks/bench_adamw.py on the CPU (--dry-run: TritonAdamW through the Triton interpreter); the timing needs a GPU."""
+"""benchmarks/bench_adamw.py on the CPU (--dry-run: TritonAdamW through the Triton interpreter); timing needs a
+GPU."""
 
 import importlib.util
 import json

@@ -397,10 +397,10 @@ def test_every_wgrad_candidate_matches_float64(triton_path, kind, bucket):
 @pytest.mark.parametrize("tokens", [23, 32, 5], ids=["whole_blocks_and_a_tail", "whole_blocks_only", "a_tail_only"])
 @pytest.mark.parametrize("flags", [{}, {"weight_tma": True, "persistent": True}], ids=["plain", "c_tma_persistent"])
 def test_wgrad_reads_its_sorted_operand_through_tma(triton_path, monkeypatch, kind, tokens, flags):
-    """An `operand_tma` wgrad config: the operand that is not gathered (dgu for gate_up, w*h for down) comes through a TMA descriptor for each expert's whole K blocks, and the last,
-    partial block through masked pointer loads (the rows after it are the next expert's). Against float64, into a
-    fresh output and added into one: experts whose rows are whole blocks only, a tail only, both, and experts
-    without rows."""
+    """An `operand_tma` wgrad config: the operand that is not gathered (dgu for gate_up, w*h for down) comes through a
+    TMA descriptor for each expert's whole K blocks, and the last, partial block through masked pointer loads (the rows
+    after it are the next expert's). Against float64, into a fresh output and added into one: experts whose rows are
+    whole blocks only, a tail only, both, and experts without rows."""
     from modeling_moe.kernels import fused_moe_ops as fm
 
     built = []
