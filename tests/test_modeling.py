@@ -14,7 +14,9 @@ from modeling_moe.modeling_moe import (
     MoETopkRouter,
     RouterLogits,
     expert_balance_loss,
+    largest,
     let_keyless_queries_see_themselves,
+    routed_load,
     router_logits_fp32,
     split_bf16,
 )
@@ -366,6 +368,39 @@ def test_balance_loss_counts_the_experts_the_router_chose():
     normalised = scores / scores.sum()
     expected = (torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64) * 4 / 2 * normalised[0]).sum()
     torch.testing.assert_close(expert_balance_loss(router, logits), expected)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["histogram", "scatter_add"])
+def test_routed_load_counts_each_sequences_real_choices(deterministic):
+    """routed_load against a loop over (sequence, token, slot), with padding; histc's path and, under
+    torch.use_deterministic_algorithms, scatter_add's."""
+    torch.manual_seed(0)
+    sequences, tokens, k, experts = 3, 7, 2, 5
+    chosen = torch.stack([torch.randperm(experts)[:k] for _ in range(sequences * tokens)])
+    mask = (torch.rand(sequences, tokens) > 0.3).long()
+    expected = torch.zeros(sequences, experts, dtype=torch.float64)
+    for row, (experts_of_token, real) in enumerate(zip(chosen.tolist(), mask.reshape(-1).tolist())):
+        for expert in experts_of_token:
+            expected[row // tokens, expert] += real
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        masked = routed_load(chosen, experts, sequences, token_mask=mask, dtype=torch.float64)
+        unmasked = routed_load(chosen, experts)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert torch.equal(masked, expected)
+    assert unmasked.dtype == torch.float32 and torch.equal(unmasked, torch.bincount(chosen.reshape(-1), minlength=5)
+                                                           .float().unsqueeze(0))
+
+
+def test_largest_picks_in_descending_order_with_ties_to_the_lower_index():
+    """`largest` against a sort by (value descending, index ascending), with ties and -inf entries."""
+    values = torch.tensor([[0.5, 0.9, 0.5, -math.inf, 0.9, 0.1], [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    picked_values, picked = largest(values, 4)
+    for row, (v, i) in enumerate(zip(picked_values.tolist(), picked.tolist())):
+        order = sorted(range(values.shape[1]), key=lambda e: (-values[row, e].item(), e))[:4]
+        assert i == order and v == [values[row, e].item() for e in order]
 
 
 def test_padding_takes_no_part_in_the_balance_loss_nor_the_expert_load():
