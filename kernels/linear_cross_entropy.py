@@ -96,14 +96,24 @@ def cross_entropy_rows_(logits: torch.Tensor, targets: torch.Tensor, ignore_inde
     if logits.dim() != 2 or logits.stride(1) != 1 or targets.shape != logits.shape[:1]:
         raise ValueError(f"logits must be [N, V] with contiguous rows and targets [N], got logits "
                          f"{tuple(logits.shape)} (strides {logits.stride()}) and targets {tuple(targets.shape)}")
+    _check_targets(targets, logits.shape[1], ignore_index)
+    return _cross_entropy_rows(logits, targets, ignore_index, with_grad)
+
+
+def _check_targets(targets: torch.Tensor, vocab_size: int, ignore_index: int):
+    """Fails (on the device, without a host sync) unless every target is a column of the logits or `ignore_index`:
+    the kernel would read another row's logit for one outside the vocabulary."""
+    torch._assert_async(((targets >= 0) & (targets < vocab_size) | (targets == ignore_index)).all())
+
+
+def _cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, with_grad: bool):
+    """`cross_entropy_rows_` on logits and targets already checked."""
     if logits.dtype == torch.float64 or not dispatch.use_triton(logits, HAS_TRITON, "CROSS_ENTROPY_REFERENCE"):
         losses, grad = cross_entropy_rows_reference(logits, targets, ignore_index, with_grad)
         if grad is not None:
             logits.copy_(grad)
         return losses
     targets = targets.contiguous()  # the kernel reads one target per row at unit stride
-    # A target outside the vocabulary would read another row's logit: checked on the device (no host sync).
-    torch._assert_async(((targets >= 0) & (targets < logits.shape[1]) | (targets == ignore_index)).all())
     losses = torch.empty(logits.shape[0], device=logits.device, dtype=torch.float32)
     if logits.shape[0]:
         block_v = min(next_power_of_2(logits.shape[1]), 4096 if logits.is_cuda else 64)
@@ -145,10 +155,11 @@ class LinearCrossEntropySum(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=loss_dtype) if with_grads and weight.requires_grad else None
         total = torch.zeros((), device=hidden.device, dtype=loss_dtype)
         wants_grad = grad_hidden is not None or grad_weight is not None
+        _check_targets(targets, weight.shape[0], ignore_index)  # once, not per chunk: 7 small kernels each time
         for start in range(0, hidden.shape[0], chunk_tokens):
             chunk = hidden[start:start + chunk_tokens]
             logits = chunk @ weight.t()  # the model's compute dtype (bf16 under autocast)
-            total += cross_entropy_rows_(logits, targets[start:start + chunk_tokens], ignore_index, wants_grad).sum()
+            total += _cross_entropy_rows(logits, targets[start:start + chunk_tokens], ignore_index, wants_grad).sum()
             if not wants_grad:
                 continue
             grad = logits  # now the gradient of the chunk's summed loss w.r.t. its logits
