@@ -85,6 +85,8 @@ def _kernel():
                          S1, S2, S3, S4, S5, S6, S7, decay, beta1, beta2, eps, step_size, bias_correction2_sqrt,
                          BLOCK: tl.constexpr):
             pid = tl.program_id(0)
+            # One call per slot rather than one call over pointers picked by `if pid >= S_j` reassignments: the
+            # latter compiles to fewer registers but ran slower (4.75 against 4.61 ms a 1.26B step, session 27).
             if pid < S1:
                 _adamw_block(P0, G0, M0, V0, N0, pid, decay, beta1, beta2, eps, step_size,
                              bias_correction2_sqrt, BLOCK)
