@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import modeling_moe  # noqa: E402,F401  (registers MoEConfig with the Auto classes)
 from modeling_moe import MoEConfig  # noqa: E402
 from modeling_moe.cache_moe import MoEStaticCache  # noqa: E402
+from modeling_moe.deepseek_checkpoint import interleave_rope_rows  # noqa: E402
 from modeling_moe.kernels import mla_decode  # noqa: E402
 from modeling_moe.kernels.adamw import TritonAdamW  # noqa: E402
 from modeling_moe.modeling_moe import MoEMultiHeadLatentAttention, MoERotaryEmbedding  # noqa: E402
@@ -71,13 +72,16 @@ RECORDS = []
 
 
 def configs(shape: dict, max_positions: int = 4096) -> tuple[DeepseekV3Config, MoEConfig]:
-    """The same model in transformers' and in our config class (our MTP off, DeepSeek-V3 sigmoid routing)."""
+    """The same model in transformers' and in our config class (our MTP off, DeepSeek-V3 sigmoid routing). Ours
+    rotates half-split pairs, the faster layout; `build` reorders the rotary rows of transformers' interleaved
+    weights for it, so that both compute the same function."""
     common = dict(shape, num_key_value_heads=shape["num_attention_heads"], routed_scaling_factor=2.5,
-                  norm_topk_prob=True, rope_interleave=True, max_position_embeddings=max_positions,
+                  norm_topk_prob=True, max_position_embeddings=max_positions,
                   bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
     topk_method = "group_limited" if shape["n_group"] > 1 else "greedy"
-    ours = MoEConfig(**common, scoring_func="sigmoid", topk_method=topk_method, num_nextn_predict_layers=0)
-    hf = DeepseekV3Config(**common)
+    ours = MoEConfig(**common, scoring_func="sigmoid", topk_method=topk_method, num_nextn_predict_layers=0,
+                     rope_interleave=False)
+    hf = DeepseekV3Config(**common, rope_interleave=True)
     for config in (hf, ours):
         config._attn_implementation = "sdpa"
     return hf, ours
@@ -170,10 +174,13 @@ def random_state(module: torch.nn.Module, dev, std: float = 0.02) -> dict:
 
 
 def build(config, impl: str, state: dict, dev, dtype):
-    """transformers' or our causal LM (picked by the config class), routers in the dtype the class keeps them."""
+    """transformers' or our causal LM (picked by the config class), routers in the dtype the class keeps them.
+    `state` holds transformers' (interleaved) rotary rows."""
     with torch.device(dev):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, experts_implementation=impl,
                                                  attn_implementation="sdpa")
+    if isinstance(config, MoEConfig) and not config.rope_interleave:
+        state = {name: interleave_rope_rows(name, tensor, config, inverse=True) for name, tensor in state.items()}
     model.load_state_dict(state)
     return model
 
@@ -458,6 +465,7 @@ def part_decode(S, args, dev, dtype):
     batch, cache_len = S["decode"]
     for case, shape in S["attention"].items():
         hf_cfg, our_cfg = configs(dict(CHECK, **shape), max_positions=cache_len + 64)
+        our_cfg.rope_interleave = True  # the attention modules load transformers' state as it is
         with torch.device("meta"):
             meta_attention = hf_deepseek.DeepseekV3Attention(hf_cfg, 0).to(dtype)
         state = random_state(meta_attention, dev)

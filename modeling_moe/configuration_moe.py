@@ -34,6 +34,12 @@ class MoEConfig(PretrainedConfig):
         - Both weigh the mean of the per-layer losses over the MoE layers. DeepSeek's `aux_loss_alpha` weighs their
           sum, so its alpha is `coef / num_moe_layers` (DeepSeek-V2 checkpoints are converted that way).
 
+    Rotary embeddings: `rope_interleave=True` rotates the pairs (0, 1), (2, 3), ... of each head's rotary dimensions,
+    DeepSeek's checkpoint layout; `False` rotates (j, j + d/2), which compiles to contiguous loads and trains ~1% faster
+    (the rotary kernels of the 1.26B model's step: 2.4 -> 1.3 ms on an H200). Both compute the same function once the
+    rotary rows of the query and `kv_a_proj_with_mqa` projections are reordered (`deepseek_checkpoint.
+    interleave_rope_rows` and its inverse), which DeepSeek export does.
+
     Multi-token prediction: `num_nextn_predict_layers` DeepSeek-V3 MTP modules (sharing the embedding and the head)
     add `mtp_loss_weight` times their mean loss in training forwards with labels; they are skipped otherwise, so an
     evaluation loss is the plain language-modelling loss.

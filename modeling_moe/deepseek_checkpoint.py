@@ -378,15 +378,18 @@ def _split_experts(stacked_key: str, parts, projs) -> dict:
     }
 
 
-def interleave_rope_rows(key: str, tensor: torch.Tensor, config: MoEConfig) -> torch.Tensor:
+def interleave_rope_rows(key: str, tensor: torch.Tensor, config: MoEConfig, inverse: bool = False) -> torch.Tensor:
     """Reorder the rotary rows of a non-interleaved model's projection so that interleaved RoPE computes the same
-    attention: the rotated pairs (j, j + d/2) become (2j, 2j + 1). Other tensors are returned unchanged."""
+    attention: the rotated pairs (j, j + d/2) become (2j, 2j + 1); with `inverse`, back. Other tensors are returned
+    unchanged."""
     if not key.endswith(ROPE_ROW_SUFFIXES):
         return tensor
     rope = config.qk_rope_head_dim
     block = config.kv_lora_rank + rope if ".kv_a_proj_with_mqa." in key else config.qk_head_dim
     rows = tensor.reshape(-1, block, *tensor.shape[1:])
     order = torch.arange(rope, device=tensor.device).view(2, -1).t().flatten()  # 0, d/2, 1, d/2 + 1, ...
+    if inverse:
+        order = order.argsort()
     rotary = rows[:, block - rope:][:, order]
     return torch.cat((rows[:, : block - rope], rotary), dim=1).reshape(tensor.shape)
 

@@ -105,6 +105,7 @@ PRESETS: dict[str, dict] = {
         num_nextn_predict_layers=1,
         max_position_embeddings=4096,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        rope_interleave=False,  # the faster rotary layout; DeepSeek export reorders the rows
         bos_token_id=GPT2_EOS,
         eos_token_id=GPT2_EOS,
     ),

@@ -14,6 +14,7 @@ from modeling_moe.deepseek_checkpoint import (
     TRAINING_FIELDS,
     deepseek_config_to_moe,
     deepseek_state_dict_to_moe,
+    interleave_rope_rows,
     moe_config_to_deepseek,
     moe_state_dict_to_deepseek,
     save_deepseek_checkpoint,
@@ -250,6 +251,24 @@ def test_state_dict_conversions_are_inverse():
     back = deepseek_state_dict_to_moe(hub, config)
     assert back.keys() == state_dict.keys()
     assert all(torch.equal(back[name], state_dict[name]) for name in state_dict)
+
+
+def test_half_split_model_with_reordered_rotary_rows_computes_the_interleaved_model():
+    """transformers' interleaved DeepseekV3 and our half-split model over its weights with the rotary rows reordered
+    (what the benchmarks do; the faster layout): the same logits. The reordering must be needed (the weights as they
+    are give other logits), and interleaving undoes it."""
+    theirs = randomize(DeepseekV3ForCausalLM(v3_config(num_nextn_predict_layers=0)))
+    config = moe_config(rope_interleave=False, num_nextn_predict_layers=0)
+    state = theirs.state_dict()
+    reordered = {name: interleave_rope_rows(name, tensor, config, inverse=True) for name, tensor in state.items()}
+    assert sum(not torch.equal(reordered[name], state[name]) for name in state) == 2 * TINY["num_hidden_layers"]
+    assert all(torch.equal(interleave_rope_rows(name, reordered[name], config), state[name]) for name in state)
+    ours = MoEForCausalLM(config).eval()
+    ours.load_state_dict(reordered)
+    assert_same_logits(ours, theirs)
+    ours.load_state_dict(state)
+    with pytest.raises(AssertionError):
+        assert_same_logits(ours, theirs)
 
 
 def test_exported_config_is_accepted_by_transformers():
