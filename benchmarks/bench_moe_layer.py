@@ -446,6 +446,8 @@ def part_breakdown(name, block, x0):
     }
     even_rows_steps(name, x, gate_up, down, h, gu, y, c1, c2, gemm)
     if hasattr(torch, "_grouped_mm"):  # before dgrad_h below overwrites dgu
+        for step in ("wgrad_gate_up", "dgrad_x"):  # their products, which the library's are compared with
+            steps[step][0]()
         grouped_mm_steps(name, routing, x, dgrad_out, gate_up, down, h, dgu, hw, outputs={
             "wgrad_gate_up": dgate_up, "dgrad_x": dxs})
     steps["dgrad_h"] = (lambda: fm._launch_dgrad_h(c_dh, routing, dgrad_out, down, dgu, gu, hw, w_flat, dw), gemm,
