@@ -299,10 +299,14 @@ def part_train(S, args, dev, dtype):
                     run, our_cfg, "fused", True, True)
                 rows["ours (fused experts, compiled layers, chunked loss) + update_expert_bias"] = measure(
                     run, our_cfg, "fused", True, True, profile=args.profile_train, skip_logits=True)
-                for mode in filter(None, args.train_compile_modes.split(",")):
-                    rows[f"ours (fused experts, layers compiled {mode}, chunked loss) + update_expert_bias"] = measure(
-                        run, our_cfg, "fused", True, True, profile=args.profile_train, skip_logits=True,
-                        compile_mode=mode)
+                from torch._inductor import config as inductor_config
+
+                for spec in filter(None, args.train_compile_modes.split(",")):
+                    mode, *options = spec.split("+")
+                    with inductor_config.patch({option: True for option in options}):
+                        rows[f"ours (fused experts, layers compiled {spec}, chunked loss) + update_expert_bias"] = \
+                            measure(run, our_cfg, "fused", True, True, profile=args.profile_train, skip_logits=True,
+                                    compile_mode=mode)
         report("train", f"experts={impl} B{batch}xS{seq}", rows, gflop_per_token=sig(flops_per_token / 1e9))
 
 
@@ -632,10 +636,13 @@ def main():
                         help="profile one more training step of our fastest row (what pretraining runs; grouped_mm "
                              "without CUDA): time share per category (routed experts, attention, other GEMMs, the "
                              "rest) and the busiest kernels")
-    parser.add_argument("--train-compile-modes", default="reduce-overhead",
+    parser.add_argument("--train-compile-modes", default="reduce-overhead,reduce-overhead+coordinate_descent_tuning",
                         help="train part: also time the fused, compiled, chunked-loss row with its layers compiled in "
-                             "each of these torch.compile modes, comma-separated (reduce-overhead, the default: each "
-                             "layer's forward and backward replayed from CUDA graphs; empty for none)")
+                             "each of these torch.compile modes, comma-separated (reduce-overhead: each layer's "
+                             "forward and backward replayed from CUDA graphs; empty for none); a mode may carry "
+                             "inductor options set to True after '+' (coordinate_descent_tuning: inductor retunes its "
+                             "kernels' block sizes, what TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 turns on for "
+                             "`pretrain --torch_compile`; ~2 min more of first compilation)")
     parser.add_argument("--profile-top", type=int, default=40, help="how many of the busiest kernels --profile-train "
                                                                       "lists")
     parser.add_argument("--profile-decode", action="store_true",

@@ -7,6 +7,7 @@ Forward:
     GEMM1        h = silu(x[tok] @ Wg[e].T) * (x[tok] @ Wu[e].T)  gather fused into the loads, SwiGLU in the epilogue,
                  the pre-activations gu = (gate | up) kept for the backward only when a gradient is needed
     GEMM2        y = h @ Wd[e].T                                                                    [N, H]
+                 (torch._grouped_mm on an H100/H200 in bf16 where I <= LIBRARY_GEMM2_MAX_INTER)
     combine      out[t] = sum_j w[t, j] y[slot(t, j)] in fp32, in j order (no atomics), cast to x's dtype
 Backward:
     dgrad_h      dA = dY[tok] @ Wd[e], then dw = <dA, h> per row, dh = w dA, dSwiGLU -> dgu [N, 2I]: by default
@@ -91,7 +92,11 @@ def use_triton(tensor: torch.Tensor) -> bool:
 # .grad in place, where its shapes fit (session 20: V3's 12.1 + 6.2 ms of Triton wgrad, 9.3 + 5.0 of
 # torch._grouped_mm -> 9.0 + 4.5 fresh); dgrad_x and dA by torch._grouped_mm's CUTLASS kernels, a few percent faster
 # than ours (session 18). Our Triton kernels keep the forward's fused gather and SwiGLU, fp32 operands, other GPUs,
-# and the shapes the library's 16-byte alignment rules out.
+# and the shapes the library's 16-byte alignment rules out. The forward's GEMM2 (y = h @ Wd[e].T, no gather, no
+# epilogue of its own) also goes to the library where its reduction, the intermediate size, is short: at I = 512 (the
+# 1.26B model) the library's kernel led ours alone (0.218 against 0.256 ms, session 28) and in the training step
+# (2.60 -> 2.30 ms a step, session 29); at I = 1408 and 2048 ours leads (0.902 against 0.957, 4.02 against 4.51).
+LIBRARY_GEMM2_MAX_INTER = 512
 BACKWARD_GEMM_BACKENDS = ("auto", "triton", "grouped_mm")  # auto: as above on sm_90 in bf16, else triton
 _backward_gemm = dispatch.Choice("MOE_BACKWARD_GEMM", BACKWARD_GEMM_BACKENDS, "backward GEMM backend")
 
@@ -108,7 +113,7 @@ def backward_gemm_backend() -> str:
 
 
 def _library_gemm(*operands: torch.Tensor) -> bool:
-    """Whether a backward GEMM over these operands (activation rows and the expert weight, last) goes through
+    """Whether a plain grouped GEMM over these operands (activation rows and the expert weight, last) goes through
     torch._grouped_mm."""
     backend, weight = backward_gemm_backend(), operands[-1]
     if backend == "triton" or not hasattr(torch, "_grouped_mm") or any(t.dtype != weight.dtype for t in operands):
@@ -678,9 +683,12 @@ def down_forward_impl(h, down, top_k_weights, perm, inv, offsets, tiles: dict | 
     hidden = down.shape[1]
     if num_rows == 0:
         return h.new_zeros(tokens, hidden)
-    routing = Routing(perm, inv, offsets, top_k, hidden, inter, h.dtype, tiles)
-    y = h.new_empty(num_rows, hidden)
-    routing.run("gemm2", "gemm2", lambda c: _launch_grouped(c, routing, h, down, y, hidden, inter, _down_t(down)))
+    if inter <= LIBRARY_GEMM2_MAX_INTER and _library_gemm(h, down):
+        y = torch._grouped_mm(h, down.transpose(1, 2), offs=offsets[1:])
+    else:
+        routing = Routing(perm, inv, offsets, top_k, hidden, inter, h.dtype, tiles)
+        y = h.new_empty(num_rows, hidden)
+        routing.run("gemm2", "gemm2", lambda c: _launch_grouped(c, routing, h, down, y, hidden, inter, _down_t(down)))
     out = h.new_empty(tokens, hidden)
     _launch_combine(y, inv, top_k_weights.contiguous().reshape(-1), out, top_k)
     return out

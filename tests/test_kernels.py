@@ -177,13 +177,31 @@ def grouped_mm_calls(monkeypatch):
 @needs_triton
 @pytest.mark.parametrize("name", ["experts_without_tokens", "all_tokens_on_one_expert", "uneven_sizes", "one_token"])
 def test_weight_gradients_through_torch_grouped_mm(triton_path, library_gemms, grouped_mm_calls, name):
-    """The library path of the backward (rows gathered, then torch._grouped_mm over the sorted rows: dgrad_x, dgrad_h's
-    dA before the SwiGLU-backward pass, both weight gradients) against float64; four library GEMMs."""
+    """The library path (GEMM2 at a short intermediate size; in the backward rows gathered, then torch._grouped_mm over
+    the sorted rows: dgrad_x, dgrad_h's dA before the SwiGLU-backward pass, both weight gradients) against float64:
+    five library GEMMs."""
     calls = grouped_mm_calls
     tokens, hidden, inter, experts, top_k, routing = CASES[name]
     case = make_case(tokens, hidden, inter, experts, top_k, routing, seed=len(name) + 7, device=triton_path)
     check_against_reference(case, tolerance=1e-5)
-    assert len(calls) == 4
+    assert len(calls) == 5
+
+
+@needs_triton
+@pytest.mark.parametrize("max_inter", [0, 40], ids=["gemm2_ours", "gemm2_library"])
+def test_forward_gemm2_through_the_library_only_at_short_intermediate_sizes(triton_path, library_gemms,
+                                                                          grouped_mm_calls, monkeypatch, max_inter):
+    """GEMM2 goes through torch._grouped_mm where the intermediate size is at most LIBRARY_GEMM2_MAX_INTER, through
+    our kernel above it; the forward matches float64 either way."""
+    from modeling_moe.kernels import fused_moe_ops as fm
+
+    monkeypatch.setattr(fm, "LIBRARY_GEMM2_MAX_INTER", max_inter)
+    x, gate_up, down, index, weights = make_case(20, 48, 40, 6, 2, seed=11, device=triton_path)
+    out = fused_moe(x, gate_up, down, index, weights)
+    assert len(grouped_mm_calls) == (1 if max_inter >= 40 else 0)
+    reference = moe_experts_reference(x.double().cpu(), gate_up.double().cpu(), down.double().cpu(), index.cpu(),
+                                      weights.double().cpu())
+    assert relative_error(out.cpu(), reference) < 1e-5
 
 
 @needs_triton
@@ -203,13 +221,13 @@ def test_library_weight_gradients_only_where_they_are_fresh(triton_path, library
     for _ in range(2):
         fused_moe(x, gate_up, down, index, weights).square().sum().backward()
         grads.append((gate_up.grad.clone(), down.grad.clone()))
-    assert len(calls) == 4 + 2  # dgrad_x, dA and both weight gradients, then dgrad_x and dA
+    assert len(calls) == 5 + 3  # GEMM2, dgrad_x, dA and both weight gradients, then GEMM2, dgrad_x and dA
     torch.testing.assert_close(grads[1][0], 2 * grads[0][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads[1][1], 2 * grads[0][1], rtol=1e-5, atol=1e-6)
     # with many rows an expert the library's product is added into .grad instead (here: any number of rows)
     monkeypatch.setattr(fm, "LIBRARY_THEN_ADD_ROWS_PER_EXPERT", 0)
     fused_moe(x, gate_up, down, index, weights).square().sum().backward()
-    assert len(calls) == 6 + 4
+    assert len(calls) == 8 + 5
     torch.testing.assert_close(gate_up.grad, 3 * grads[0][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(down.grad, 3 * grads[0][1], rtol=1e-5, atol=1e-6)
     set_backward_gemm_backend("auto")
