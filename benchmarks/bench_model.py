@@ -262,8 +262,12 @@ def part_train(S, args, dev, dtype):
             from accelerate.utils import compile_regions
 
             # `pretrain --torch_compile_mode`: "reduce-overhead" replays each layer's forward and backward from CUDA
-            # graphs (inductor's CUDA graph trees)
-            forward = compile_regions(model, mode=compile_mode)
+            # graphs (inductor's CUDA graph trees). Inductor options after "+" go in as torch.compile's options (not
+            # as a config patch: a compiled frame is reused by any later torch.compile call with equal arguments)
+            mode, *options = (compile_mode or "default").split("+")
+            forward = compile_regions(model, options={**torch._inductor.list_mode_options(mode),
+                                                      **dict.fromkeys(options, True)}) if options else \
+                compile_regions(model, mode=compile_mode)
         else:
             forward = model
 
@@ -299,14 +303,10 @@ def part_train(S, args, dev, dtype):
                     run, our_cfg, "fused", True, True)
                 rows["ours (fused experts, compiled layers, chunked loss) + update_expert_bias"] = measure(
                     run, our_cfg, "fused", True, True, profile=args.profile_train, skip_logits=True)
-                from torch._inductor import config as inductor_config
-
                 for spec in filter(None, args.train_compile_modes.split(",")):
-                    mode, *options = spec.split("+")
-                    with inductor_config.patch({option: True for option in options}):
-                        rows[f"ours (fused experts, layers compiled {spec}, chunked loss) + update_expert_bias"] = \
-                            measure(run, our_cfg, "fused", True, True, profile=args.profile_train, skip_logits=True,
-                                    compile_mode=mode)
+                    rows[f"ours (fused experts, layers compiled {spec}, chunked loss) + update_expert_bias"] = measure(
+                        run, our_cfg, "fused", True, True, profile=args.profile_train, skip_logits=True,
+                        compile_mode=spec)
         report("train", f"experts={impl} B{batch}xS{seq}", rows, gflop_per_token=sig(flops_per_token / 1e9))
 
 
