@@ -262,12 +262,8 @@ def part_train(S, args, dev, dtype):
             from accelerate.utils import compile_regions
 
             # `pretrain --torch_compile_mode`: "reduce-overhead" replays each layer's forward and backward from CUDA
-            # graphs (inductor's CUDA graph trees). Inductor options after "+" go in as torch.compile's options (not
-            # as a config patch: a compiled frame is reused by any later torch.compile call with equal arguments)
-            mode, *options = (compile_mode or "default").split("+")
-            forward = compile_regions(model, options={**torch._inductor.list_mode_options(mode),
-                                                      **dict.fromkeys(options, True)}) if options else \
-                compile_regions(model, mode=compile_mode)
+            # graphs (inductor's CUDA graph trees)
+            forward = compile_regions(model, **compile_arguments(compile_mode))
         else:
             forward = model
 
@@ -308,6 +304,17 @@ def part_train(S, args, dev, dtype):
                         run, our_cfg, "fused", True, True, profile=args.profile_train, skip_logits=True,
                         compile_mode=spec)
         report("train", f"experts={impl} B{batch}xS{seq}", rows, gflop_per_token=sig(flops_per_token / 1e9))
+
+
+def compile_arguments(spec: str | None) -> dict:
+    """torch.compile's keyword arguments for a `--train-compile-modes` entry: a mode, then inductor options set to True
+    after "+" ("reduce-overhead+coordinate_descent_tuning"), which go in with the mode's own options as `options`. Not
+    as an inductor config patch around the call: dynamo reuses a compiled frame for any later torch.compile call with
+    equal arguments, whatever the config."""
+    mode, *options = (spec or "default").split("+")
+    if not options:
+        return dict(mode=spec)
+    return dict(options={**torch._inductor.list_mode_options(mode), **dict.fromkeys(options, True)})
 
 
 def profile_step(step, dev, top: int = 40) -> dict:

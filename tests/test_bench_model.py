@@ -1,10 +1,16 @@
-"""benchmarks/bench_model.py's training part with --profile-train, end to end on the CPU (--small)."""
+"""benchmarks/bench_model.py's training part with --profile-train, end to end on the CPU (--small); its compile
+modes."""
 
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
+
+from .helpers import load_benchmark_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,3 +30,17 @@ def test_train_part_with_profile_reports_time_shares(tmp_path):
     assert shares["routed_experts"] > 0 and shares["gemm"] > 0  # grouped_mm experts, then the other matmuls
     assert 0.5 < sum(shares.values()) <= 1.05  # CPU op self times within the step's wall time
     assert profile["top_kernels"] and "profile" not in rows["ours"]
+
+
+def test_compile_modes_with_inductor_options():
+    """A plain mode stays torch.compile's mode; options after "+" join the mode's own options (as torch.compile takes
+    them, which keys its cache on them), and torch.compile rejects an unknown one by name."""
+    bench = load_benchmark_script("bench_model")
+    assert bench.compile_arguments(None) == {"mode": None}
+    assert bench.compile_arguments("reduce-overhead") == {"mode": "reduce-overhead"}
+    assert bench.compile_arguments("reduce-overhead+coordinate_descent_tuning") == {
+        "options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True}}
+    assert bench.compile_arguments("default+coordinate_descent_tuning") == {
+        "options": {"coordinate_descent_tuning": True}}
+    with pytest.raises(RuntimeError, match="not_an_option"):
+        torch.compile(torch.nn.Linear(2, 2), **bench.compile_arguments("default+not_an_option"))
