@@ -195,7 +195,7 @@ class PretrainArguments:
                                          "reduce-overhead replays each layer's forward and backward from CUDA graphs: "
                                          "no launch overhead (benchmarks/RESULTS.md). TORCHINDUCTOR_COORDINATE_DESCENT_"
                                          "TUNING=1 in the environment also retunes inductor's kernels (~2 min more of "
-                                         "first compilation, 0.3-1% faster steps)."}
+                                         "first compilation, steps 0.3 to 1 percent faster)."}
     )
     report_to: list[str] = field(
         default_factory=lambda: ["none"],
