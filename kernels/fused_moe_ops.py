@@ -124,6 +124,12 @@ def _library_gemm(*operands: torch.Tensor) -> bool:
             and weight.dtype == torch.bfloat16 and all(t.shape[-1] % 8 == 0 for t in operands))
 
 
+def _library_gemm2(h: torch.Tensor, down: torch.Tensor) -> bool:
+    """Whether GEMM2 (h [N, I] @ down[e].T) goes through torch._grouped_mm: at most LIBRARY_GEMM2_MAX_INTER, where the
+    library takes the operands (the transposed weight's last dimension is H: both I and H 16-byte aligned)."""
+    return h.shape[1] <= LIBRARY_GEMM2_MAX_INTER and _library_gemm(h, down.transpose(1, 2))
+
+
 def _grouped_wgrad(a_sorted: torch.Tensor, b_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """dW [E, M, N'] with dW[e] = sum over expert e's rows r of a_r^T b_r (zeros for an expert without rows)."""
     return torch._grouped_mm(a_sorted.t(), b_sorted, offs=offsets[1:])
@@ -683,7 +689,7 @@ def down_forward_impl(h, down, top_k_weights, perm, inv, offsets, tiles: dict | 
     hidden = down.shape[1]
     if num_rows == 0:
         return h.new_zeros(tokens, hidden)
-    if inter <= LIBRARY_GEMM2_MAX_INTER and _library_gemm(h, down):
+    if _library_gemm2(h, down):
         y = torch._grouped_mm(h, down.transpose(1, 2), offs=offsets[1:])
     else:
         routing = Routing(perm, inv, offsets, top_k, hidden, inter, h.dtype, tiles)

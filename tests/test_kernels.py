@@ -236,6 +236,34 @@ def test_library_weight_gradients_only_where_they_are_fresh(triton_path, library
     assert not fm._library_gemm(fp32.bfloat16(), fp32, fp32.new_zeros(1, 8, 8))
 
 
+def test_gemm2_goes_to_the_library_on_an_h200_only_where_it_leads_and_takes_the_operands(monkeypatch):
+    """"auto" on an sm_90 GPU (fake CUDA tensors, the capability check patched): GEMM2 through torch._grouped_mm at
+    I <= LIBRARY_GEMM2_MAX_INTER in bf16 with I and H multiples of 8; ours above it, for unaligned I or H, in fp32, and
+    with the "triton" backend."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from modeling_moe.kernels import dispatch
+    from modeling_moe.kernels import fused_moe_ops as fm
+
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no _grouped_mm")
+    monkeypatch.setattr(dispatch, "is_sm90", lambda device: True)
+    with FakeTensorMode():
+        def library(hidden, inter, dtype=torch.bfloat16):
+            h = torch.empty(96, inter, dtype=dtype, device="cuda")
+            return fm._library_gemm2(h, torch.empty(4, hidden, inter, dtype=dtype, device="cuda"))
+
+        assert library(1024, 512) and library(40, 24)
+        assert not library(2048, 1408)  # the V2-Lite shape: ours leads
+        assert not library(36, 24) and not library(40, 36)  # H, then I, not 16-byte aligned
+        assert not library(1024, 512, torch.float32)
+        set_backward_gemm_backend("triton")
+        try:
+            assert not library(1024, 512)
+        finally:
+            set_backward_gemm_backend(None)
+
+
 def poison(tensor: torch.Tensor) -> torch.Tensor:
     """Fill a fresh buffer with what recycled GPU memory may hold: NaN, or an out-of-range index."""
     return tensor.fill_(float("nan") if tensor.is_floating_point() else 2**20)
