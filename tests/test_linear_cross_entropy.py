@@ -189,7 +189,26 @@ def test_errors_and_chunk_size():
     with pytest.raises(RuntimeError, match="no second derivative"):  # the gradients come from the forward
         torch.autograd.grad(loss, hidden, create_graph=True)
     assert default_chunk_tokens(32000) == 2048 and default_chunk_tokens(129280) == 512
+    assert default_chunk_tokens(32000, 2) == 4096 and default_chunk_tokens(129280, 2) == 1024
     assert default_chunk_tokens(50) == 8192 and default_chunk_tokens(10**8) == 256
+
+
+def test_default_chunk_counts_the_logits_dtype(monkeypatch):
+    """Without chunk_tokens the chunk holds CHUNK_BYTES of logits in the dtype the product has: the operands', or
+    autocast's."""
+    from modeling_moe.kernels import linear_cross_entropy as lce
+
+    chunks = []
+    apply = lce.LinearCrossEntropySum.apply
+    monkeypatch.setattr(lce.LinearCrossEntropySum, "apply", lambda *a: chunks.append(a[4]) or apply(*a))
+    monkeypatch.setattr(lce, "CHUNK_BYTES", 4 * 16 * 256)  # 256 fp32 logits of a 16-wide vocabulary...
+    hidden, weight, labels = inputs(vocab=16)
+    hidden, weight = hidden.detach().float(), weight.detach().float()
+    chunked_causal_lm_loss(hidden, weight, labels)
+    chunked_causal_lm_loss(hidden.bfloat16(), weight.bfloat16(), labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        chunked_causal_lm_loss(hidden, weight, labels)
+    assert chunks == [256, 512, 512]  # ... or 512 in bf16
 
 
 @pytest.mark.parametrize("mtp", [0, 1])
