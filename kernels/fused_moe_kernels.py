@@ -399,6 +399,21 @@ def _dgrad_h_tile(
 
 
 @triton.jit
+def _swiglu_kernel(gu_ptr, h_ptr, N, I, stride_gm, stride_gn, stride_hm, stride_hn,
+                   BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
+    """h = silu(gate) * up for gu = (gate | up) [N, 2I] (GEMM1's epilogue, where the library ran the GEMM)."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_n = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    mask = (offs_r[:, None] < N) & (offs_n[None, :] < I)
+    rows = offs_r.to(tl.int64)[:, None]
+    g_ptrs = gu_ptr + rows * stride_gm + offs_n[None, :] * stride_gn
+    gate = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(g_ptrs + I * stride_gn, mask=mask, other=0.0).to(tl.float32)
+    h = gate * tl.sigmoid(gate) * up
+    tl.store(h_ptr + rows * stride_hm + offs_n[None, :] * stride_hn, h.to(h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _swiglu_backward_tile(da, gate, up, w, wh_ptrs, dgate_ptrs, dup_ptrs, mask):
     """The SwiGLU backward of one tile (da = dL/dh unscaled, gate, up in fp32; w the rows' routing weights): dh = w da,
     dgate = dh up silu'(gate) and dup = dh silu(gate) stored; h = silu(gate) up recomputed and w h stored at

@@ -6,8 +6,10 @@ Forward:
                  tile list, in Triton, all on the GPU without a host sync
     GEMM1        h = silu(x[tok] @ Wg[e].T) * (x[tok] @ Wu[e].T)  gather fused into the loads, SwiGLU in the epilogue,
                  the pre-activations gu = (gate | up) kept for the backward only when a gradient is needed
+                 (on an H100/H200 in bf16 where I <= LIBRARY_ROW_GEMM_MAX_INTER: x's rows gathered in expert order,
+                 torch._grouped_mm, a SwiGLU pass; the gathered rows are kept for wgrad_gu instead of a regather)
     GEMM2        y = h @ Wd[e].T                                                                    [N, H]
-                 (torch._grouped_mm on an H100/H200 in bf16 where I <= LIBRARY_GEMM2_MAX_INTER)
+                 (torch._grouped_mm on an H100/H200 in bf16 where I <= LIBRARY_ROW_GEMM_MAX_INTER)
     combine      out[t] = sum_j w[t, j] y[slot(t, j)] in fp32, in j order (no atomics), cast to x's dtype
 Backward:
     dgrad_h      dA = dY[tok] @ Wd[e], then dw = <dA, h> per row, dh = w dA, dSwiGLU -> dgu [N, 2I]: by default
@@ -25,6 +27,7 @@ which dgrad_h has at hand.
 
 Two autograd nodes, as with grouped_mm, so that the backward frees memory in the same order:
     node 1  fused_moe_gate_up   routing + GEMM1 + SwiGLU -> gu, h (+ perm, inv, offsets)   saves x, Wgu, routing
+                                                                    (and xs, where the library ran GEMM1)
     node 2  fused_moe_down      GEMM2 + combine          -> out                           saves gu, Wd, w, routing
 Node 2's backward returns dW_down, which autograd accumulates into .grad (AccumulateGrad runs before any other
 ready node) and frees before node 1's backward allocates dW_gate_up: the transient weight-gradient memory is the
@@ -92,11 +95,14 @@ def use_triton(tensor: torch.Tensor) -> bool:
 # .grad in place, where its shapes fit (session 20: V3's 12.1 + 6.2 ms of Triton wgrad, 9.3 + 5.0 of
 # torch._grouped_mm -> 9.0 + 4.5 fresh); dgrad_x and dA by torch._grouped_mm's CUTLASS kernels, a few percent faster
 # than ours (session 18). Our Triton kernels keep the forward's fused gather and SwiGLU, fp32 operands, other GPUs,
-# and the shapes the library's 16-byte alignment rules out. The forward's GEMM2 (y = h @ Wd[e].T, no gather, no
-# epilogue of its own) also goes to the library where its reduction, the intermediate size, is short: at I = 512 (the
-# 1.26B model) the library's kernel led ours alone (0.218 against 0.256 ms, session 28) and in the training step
-# (2.60 -> 2.30 ms a step, session 29); at I = 1408 and 2048 ours leads (0.902 against 0.957, 4.02 against 4.51).
-LIBRARY_GEMM2_MAX_INTER = 512
+# and the shapes the library's 16-byte alignment rules out. The forward's row GEMMs also go to the library where the
+# intermediate size is short. GEMM2 (y = h @ Wd[e].T, no gather, no epilogue of its own): at I = 512 (the 1.26B
+# model) the library's kernel led ours alone (0.218 against 0.256 ms, session 28) and in the training step (2.60 ->
+# 2.30 ms a step, session 29); at I = 1408 and 2048 ours leads (0.902 against 0.957, 4.02 against 4.51). GEMM1 at
+# I = 512: the library's GEMM 0.40 ms against our 0.61 with the gather fused (session 30); its gather (0.11) and a
+# SwiGLU pass (~0.1) take most of that back, but the gathered rows are what wgrad_gu regathers in the backward, so
+# they are kept for it. At V2-Lite's I = 1408 ours leads whole (2.33 against 2.62 ms).
+LIBRARY_ROW_GEMM_MAX_INTER = 512
 BACKWARD_GEMM_BACKENDS = ("auto", "triton", "grouped_mm")  # auto: as above on sm_90 in bf16, else triton
 _backward_gemm = dispatch.Choice("MOE_BACKWARD_GEMM", BACKWARD_GEMM_BACKENDS, "backward GEMM backend")
 
@@ -124,10 +130,16 @@ def _library_gemm(*operands: torch.Tensor) -> bool:
             and weight.dtype == torch.bfloat16 and all(t.shape[-1] % 8 == 0 for t in operands))
 
 
+def _library_gemm1(x: torch.Tensor, gate_up: torch.Tensor) -> bool:
+    """Whether GEMM1 (x[tok] @ gate_up[e].T) goes through torch._grouped_mm: I at most LIBRARY_ROW_GEMM_MAX_INTER, where
+    the library takes the operands (H and 2I 16-byte aligned)."""
+    return gate_up.shape[1] // 2 <= LIBRARY_ROW_GEMM_MAX_INTER and _library_gemm(x, gate_up.transpose(1, 2))
+
+
 def _library_gemm2(h: torch.Tensor, down: torch.Tensor) -> bool:
-    """Whether GEMM2 (h [N, I] @ down[e].T) goes through torch._grouped_mm: at most LIBRARY_GEMM2_MAX_INTER, where the
-    library takes the operands (the transposed weight's last dimension is H: both I and H 16-byte aligned)."""
-    return h.shape[1] <= LIBRARY_GEMM2_MAX_INTER and _library_gemm(h, down.transpose(1, 2))
+    """Whether GEMM2 (h [N, I] @ down[e].T) goes through torch._grouped_mm: I at most LIBRARY_ROW_GEMM_MAX_INTER, where
+    the library takes the operands (the transposed weight's last dimension is H: both I and H 16-byte aligned)."""
+    return h.shape[1] <= LIBRARY_ROW_GEMM_MAX_INTER and _library_gemm(h, down.transpose(1, 2))
 
 
 def _grouped_wgrad(a_sorted: torch.Tensor, b_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -507,6 +519,8 @@ def dgrad_h_partials(config, inter: int) -> int:
 
 SWIGLU_BACKWARD_GPU = dict(BLOCK_R=16, BLOCK_I=128, num_warps=4)  # 66 registers (sm_90): ~7 programs an SM
 SWIGLU_BACKWARD_CPU = dict(BLOCK_R=16, BLOCK_I=16, num_warps=1)
+SWIGLU_GPU = dict(BLOCK_R=16, BLOCK_I=128, num_warps=4)
+SWIGLU_CPU = dict(BLOCK_R=16, BLOCK_I=16, num_warps=1)
 
 
 def _launch_dgrad_h(config, routing, grad_out, down, dgu, gu, wh, weights, dw):
@@ -531,6 +545,13 @@ def _launch_dgrad_h(config, routing, grad_out, down, dgu, gu, wh, weights, dw):
         DOT_PREC=_dot_precision(grad_out.dtype), HALF_TILES=_half_tiles(config),
         **config.launch_kwargs(),
     )
+
+
+def _launch_swiglu(gu, h):
+    cfg = SWIGLU_GPU if gu.is_cuda else SWIGLU_CPU
+    rows, inter = h.shape
+    launch(_k()._swiglu_kernel, (cdiv(rows, cfg["BLOCK_R"]), cdiv(inter, cfg["BLOCK_I"])), gu, h, rows, inter,
+           gu.stride(0), gu.stride(1), h.stride(0), h.stride(1), **cfg)
 
 
 def _launch_swiglu_backward(da, dgu, gu, wh, weights, perm, dw, by_slot=False):
@@ -628,13 +649,24 @@ def _gate_up_n(gate_up):  # B[e][k in 2I, n in H] = gate_up[e, k, n]
 
 
 def gate_up_forward_impl(x, gate_up, top_k_index, save_gu, tiles: dict | None = None):
-    """Node 1: routing, then h = SwiGLU(x[tok] @ Wgu[e].T) in sorted slot order; gu = (gate | up) when save_gu.
-    The routing builds GEMM1's tile list; `tiles` (a dict) receives the tile lists, for node 2 to reuse."""
+    """Node 1: routing, then h = SwiGLU(x[tok] @ Wgu[e].T) in sorted slot order; gu = (gate | up) when save_gu, and
+    then xs, x's rows in sorted order, where the library ran GEMM1 over them (else empty). The routing builds GEMM1's
+    tile list; `tiles` (a dict) receives the tile lists, for node 2 to reuse."""
     tokens, hidden = x.shape
     top_k = top_k_index.shape[1]
     num_rows = tokens * top_k
     two_i = gate_up.shape[1]
     num_experts, inter = gate_up.shape[0], two_i // 2
+    if _library_gemm1(x, gate_up):
+        perm, inv, offsets = build_routing(top_k_index, num_experts)
+        xs = x.index_select(0, _sorted_tokens(perm, top_k))
+        gu = torch._grouped_mm(xs, gate_up.transpose(1, 2), offs=offsets[1:])
+        h = x.new_empty(num_rows, inter)
+        if num_rows:
+            _launch_swiglu(gu, h)
+        if not save_gu:  # fresh empties: views of gu and xs would keep their memory
+            gu, xs = x.new_empty(0, two_i), x.new_empty(0, hidden)
+        return gu, h, perm, inv, offsets, xs
     gemm1 = chosen_config("gemm1", routing_key(num_rows, num_experts, hidden, inter, x.dtype, x.device),
                           _candidates("gemm1", num_rows, num_experts, x.dtype))
     tiles = {} if tiles is None else tiles
@@ -645,12 +677,12 @@ def gate_up_forward_impl(x, gate_up, top_k_index, save_gu, tiles: dict | None = 
         x = x.contiguous()
         routing = Routing(perm, inv, offsets, top_k, hidden, inter, x.dtype, tiles)
         routing.run("gemm1", "gemm1", lambda c: _launch_gemm1(c, routing, x, gate_up, h, gu))
-    return gu, h, perm, inv, offsets
+    return gu, h, perm, inv, offsets, x.new_empty(0, hidden)
 
 
-def gate_up_backward_impl(dgu, x, gate_up, perm, inv, offsets, top_k, need_x, need_gate_up, grad_gate_up=None):
-    """Node 1's backward: dWgu[e] = sum_r dgu_r^T x[tok_r]; dx[t] = sum_j (dgu @ Wgu[e])[slot(t, j)]. With
-    `grad_gate_up`, dWgu is added into it in place and not returned."""
+def gate_up_backward_impl(dgu, x, xs, gate_up, perm, inv, offsets, top_k, need_x, need_gate_up, grad_gate_up=None):
+    """Node 1's backward: dWgu[e] = sum_r dgu_r^T x[tok_r]; dx[t] = sum_j (dgu @ Wgu[e])[slot(t, j)]. xs: the forward's
+    x[tok_r] (sorted rows), or empty. With `grad_gate_up`, dWgu is added into it in place and not returned."""
     hidden = x.shape[1]
     two_i = gate_up.shape[1]
     if perm.numel() == 0:
@@ -672,7 +704,9 @@ def gate_up_backward_impl(dgu, x, gate_up, perm, inv, offsets, top_k, need_x, ne
         _launch_combine(dxs, inv, None, dx, top_k)
         del dxs
     if need_gate_up and library and _wgrad_on_sorted_rows(routing, grad_gate_up, dgu, x):
-        dgate_up = _sorted_rows_wgrad(grad_gate_up, dgu, x.index_select(0, _sorted_tokens(perm, top_k)), offsets)
+        if xs.shape[0] != perm.numel():
+            xs = x.index_select(0, _sorted_tokens(perm, top_k))
+        dgate_up = _sorted_rows_wgrad(grad_gate_up, dgu, xs, offsets)
     elif need_gate_up:
         into = grad_gate_up if grad_gate_up is not None else gate_up.new_empty(gate_up.shape)  # the fake's strides
         routing.run("wgrad_gate_up", "wgrad_gate_up",
@@ -802,8 +836,9 @@ def _zero_grad(weight, needed, accumulate_into):
 @torch.library.custom_op("modeling_moe::fused_moe_gate_up", mutates_args=())
 def fused_moe_gate_up_op(
     x: torch.Tensor, gate_up: torch.Tensor, top_k_index: torch.Tensor, save_gu: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(gu [N, 2I] (empty unless save_gu), h [N, I], perm, inv, offsets); rows in sorted slot order."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gu [N, 2I] (empty unless save_gu), h [N, I], perm, inv, offsets, xs [N, H] (empty unless save_gu and the
+    library ran GEMM1)); rows in sorted slot order."""
     return gate_up_forward_impl(x, gate_up, top_k_index, save_gu)
 
 
@@ -817,20 +852,21 @@ def _(x, gate_up, top_k_index, save_gu):
         top_k_index.new_empty(num_rows, dtype=torch.int32),
         top_k_index.new_empty(num_rows, dtype=torch.int32),
         top_k_index.new_empty(gate_up.shape[0] + 1, dtype=torch.int32),
+        x.new_empty(num_rows if save_gu and _library_gemm1(x, gate_up) else 0, x.shape[1]),
     )
 
 
 @torch.library.custom_op("modeling_moe::fused_moe_gate_up_backward", mutates_args=())
 def fused_moe_gate_up_backward_op(
-    dgu: torch.Tensor, x: torch.Tensor, gate_up: torch.Tensor, perm: torch.Tensor, inv: torch.Tensor,
-    offsets: torch.Tensor, top_k: int, need_x: bool, need_gate_up: bool,
+    dgu: torch.Tensor, x: torch.Tensor, xs: torch.Tensor, gate_up: torch.Tensor, perm: torch.Tensor,
+    inv: torch.Tensor, offsets: torch.Tensor, top_k: int, need_x: bool, need_gate_up: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    grads = gate_up_backward_impl(dgu, x, gate_up, perm, inv, offsets, top_k, need_x, need_gate_up)
+    grads = gate_up_backward_impl(dgu, x, xs, gate_up, perm, inv, offsets, top_k, need_x, need_gate_up)
     return _or_empty(grads, (x, gate_up))
 
 
 @fused_moe_gate_up_backward_op.register_fake
-def _(dgu, x, gate_up, perm, inv, offsets, top_k, need_x, need_gate_up):
+def _(dgu, x, xs, gate_up, perm, inv, offsets, top_k, need_x, need_gate_up):
     return _fake_grads((x, gate_up), (need_x, need_gate_up))
 
 
@@ -874,25 +910,25 @@ def _fake_grads(like, needs):
 
 def _gate_up_setup_context(ctx, inputs, output):
     x, gate_up, top_k_index, _ = inputs
-    _, h, perm, inv, offsets = output
-    ctx.mark_non_differentiable(h, perm, inv, offsets)
+    _, h, perm, inv, offsets, xs = output
+    ctx.mark_non_differentiable(h, perm, inv, offsets, xs)
     ctx.set_materialize_grads(False)
     ctx.top_k = top_k_index.shape[1]
-    ctx.save_for_backward(x, gate_up, perm, inv, offsets)
+    ctx.save_for_backward(x, xs, gate_up, perm, inv, offsets)
 
 
 def _gate_up_backward(ctx, dgu, *unused):
     need_x, need_gate_up = ctx.needs_input_grad[:2]
     if dgu is None:
         return None, None, None, None
-    x, gate_up, perm, inv, offsets = ctx.saved_tensors
+    x, xs, gate_up, perm, inv, offsets = ctx.saved_tensors
     into = _accumulation_target(gate_up) if need_gate_up else None
     if into is None and not _plain_eager(dgu, x, gate_up):
-        dx, dgate_up = torch.ops.modeling_moe.fused_moe_gate_up_backward(dgu, x, gate_up, perm, inv, offsets,
+        dx, dgate_up = torch.ops.modeling_moe.fused_moe_gate_up_backward(dgu, x, xs, gate_up, perm, inv, offsets,
                                                                           ctx.top_k, need_x, need_gate_up)
     else:  # eager (the op's host cost spared), and always when the kernels write into .grad, which no op may
-        dx, dgate_up = gate_up_backward_impl(dgu, x, gate_up, perm, inv, offsets, ctx.top_k, need_x, need_gate_up,
-                                             into)
+        dx, dgate_up = gate_up_backward_impl(dgu, x, xs, gate_up, perm, inv, offsets, ctx.top_k, need_x,
+                                             need_gate_up, into)
     return dx if need_x else None, _weight_grad(gate_up, dgate_up, into) if need_gate_up else None, None, None
 
 
@@ -1029,11 +1065,11 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate_up, down, top_k_weights))
     if _plain_eager(x, gate_up, down, top_k_index, top_k_weights):
         tiles = {}
-        gu, h, perm, inv, offsets = _FusedMoEGateUpNode.apply(x, gate_up, top_k_index, save, tiles)
+        gu, h, perm, inv, offsets, _ = _FusedMoEGateUpNode.apply(x, gate_up, top_k_index, save, tiles)
         out = _FusedMoEDownNode.apply(gu, h, down, top_k_weights, perm, inv, offsets, tiles)
     else:
         ops = torch.ops.modeling_moe
-        gu, h, perm, inv, offsets = ops.fused_moe_gate_up(x, gate_up, top_k_index, save)
+        gu, h, perm, inv, offsets, _ = ops.fused_moe_gate_up(x, gate_up, top_k_index, save)
         out = ops.fused_moe_down(gu, h, down, top_k_weights, perm, inv, offsets)
     return out.to(dtype)
 

@@ -177,31 +177,44 @@ def grouped_mm_calls(monkeypatch):
 @needs_triton
 @pytest.mark.parametrize("name", ["experts_without_tokens", "all_tokens_on_one_expert", "uneven_sizes", "one_token"])
 def test_weight_gradients_through_torch_grouped_mm(triton_path, library_gemms, grouped_mm_calls, name):
-    """The library path (GEMM2 at a short intermediate size; in the backward rows gathered, then torch._grouped_mm over
-    the sorted rows: dgrad_x, dgrad_h's dA before the SwiGLU-backward pass, both weight gradients) against float64:
-    five library GEMMs."""
+    """The library path (GEMM1 over gathered rows and GEMM2 at a short intermediate size; in the backward
+    torch._grouped_mm over the sorted rows: dgrad_x, dgrad_h's dA before the SwiGLU-backward pass, both weight
+    gradients, wgrad_gu's rows those GEMM1 gathered) against float64: six library GEMMs."""
     calls = grouped_mm_calls
     tokens, hidden, inter, experts, top_k, routing = CASES[name]
     case = make_case(tokens, hidden, inter, experts, top_k, routing, seed=len(name) + 7, device=triton_path)
     check_against_reference(case, tolerance=1e-5)
-    assert len(calls) == 5
+    assert len(calls) == 6
 
 
 @needs_triton
-@pytest.mark.parametrize("max_inter", [0, 40], ids=["gemm2_ours", "gemm2_library"])
-def test_forward_gemm2_through_the_library_only_at_short_intermediate_sizes(triton_path, library_gemms,
-                                                                          grouped_mm_calls, monkeypatch, max_inter):
-    """GEMM2 goes through torch._grouped_mm where the intermediate size is at most LIBRARY_GEMM2_MAX_INTER, through
-    our kernel above it; the forward matches float64 either way."""
+@pytest.mark.parametrize("max_inter", [0, 40], ids=["ours", "library"])
+def test_forward_row_gemms_through_the_library_only_at_short_intermediate_sizes(triton_path, library_gemms,
+                                                                              grouped_mm_calls, monkeypatch,
+                                                                              max_inter):
+    """GEMM1 and GEMM2 go through torch._grouped_mm where the intermediate size is at most LIBRARY_ROW_GEMM_MAX_INTER,
+    through our kernels above it; the forward matches float64 either way. Node 1 returns x's rows in sorted order
+    (for wgrad_gu) only where the library ran GEMM1 and a gradient is needed."""
     from modeling_moe.kernels import fused_moe_ops as fm
 
-    monkeypatch.setattr(fm, "LIBRARY_GEMM2_MAX_INTER", max_inter)
+    monkeypatch.setattr(fm, "LIBRARY_ROW_GEMM_MAX_INTER", max_inter)
+    library = max_inter >= 40
     x, gate_up, down, index, weights = make_case(20, 48, 40, 6, 2, seed=11, device=triton_path)
     out = fused_moe(x, gate_up, down, index, weights)
-    assert len(grouped_mm_calls) == (1 if max_inter >= 40 else 0)
+    assert len(grouped_mm_calls) == (2 if library else 0)
     reference = moe_experts_reference(x.double().cpu(), gate_up.double().cpu(), down.double().cpu(), index.cpu(),
                                       weights.double().cpu())
     assert relative_error(out.cpu(), reference) < 1e-5
+    for save in (False, True):
+        gu, h, perm, inv, offsets, xs = torch.ops.modeling_moe.fused_moe_gate_up(x, gate_up, index, save)
+        tokens = torch.div(perm.long(), 2, rounding_mode="floor")
+        assert torch.equal(xs, x[tokens] if save and library else x[:0])
+        assert gu.shape[0] == (40 if save else 0)
+    checks = ("test_schema", "test_faketensor")  # the fake's xs follows the same rule
+    torch.library.opcheck(torch.ops.modeling_moe.fused_moe_gate_up.default, (x, gate_up, index, True),
+                          test_utils=checks)
+    torch.library.opcheck(torch.ops.modeling_moe.fused_moe_gate_up_backward.default, (
+        gu.new_ones(gu.shape), x, xs, gate_up, perm, inv, offsets, 2, True, True), test_utils=checks)
 
 
 @needs_triton
@@ -221,13 +234,13 @@ def test_library_weight_gradients_only_where_they_are_fresh(triton_path, library
     for _ in range(2):
         fused_moe(x, gate_up, down, index, weights).square().sum().backward()
         grads.append((gate_up.grad.clone(), down.grad.clone()))
-    assert len(calls) == 5 + 3  # GEMM2, dgrad_x, dA and both weight gradients, then GEMM2, dgrad_x and dA
+    assert len(calls) == 6 + 4  # GEMM1, GEMM2, dgrad_x, dA, both weight gradients; then GEMM1, GEMM2, dgrad_x, dA
     torch.testing.assert_close(grads[1][0], 2 * grads[0][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads[1][1], 2 * grads[0][1], rtol=1e-5, atol=1e-6)
     # with many rows an expert the library's product is added into .grad instead (here: any number of rows)
     monkeypatch.setattr(fm, "LIBRARY_THEN_ADD_ROWS_PER_EXPERT", 0)
     fused_moe(x, gate_up, down, index, weights).square().sum().backward()
-    assert len(calls) == 8 + 5
+    assert len(calls) == 10 + 6
     torch.testing.assert_close(gate_up.grad, 3 * grads[0][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(down.grad, 3 * grads[0][1], rtol=1e-5, atol=1e-6)
     set_backward_gemm_backend("auto")
@@ -236,10 +249,10 @@ def test_library_weight_gradients_only_where_they_are_fresh(triton_path, library
     assert not fm._library_gemm(fp32.bfloat16(), fp32, fp32.new_zeros(1, 8, 8))
 
 
-def test_gemm2_goes_to_the_library_on_an_h200_only_where_it_leads_and_takes_the_operands(monkeypatch):
-    """"auto" on an sm_90 GPU (fake CUDA tensors, the capability check patched): GEMM2 through torch._grouped_mm at
-    I <= LIBRARY_GEMM2_MAX_INTER in bf16 with I and H multiples of 8; ours above it, for unaligned I or H, in fp32, and
-    with the "triton" backend."""
+def test_row_gemms_go_to_the_library_on_an_h200_only_where_it_leads_and_takes_the_operands(monkeypatch):
+    """"auto" on an sm_90 GPU (fake CUDA tensors, the capability check patched): GEMM1 and GEMM2 through
+    torch._grouped_mm at I <= LIBRARY_ROW_GEMM_MAX_INTER in bf16 with H and I (GEMM1: 2I) multiples of 8; ours above
+    it, for unaligned operands, in fp32, and with the "triton" backend."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from modeling_moe.kernels import dispatch
@@ -250,16 +263,22 @@ def test_gemm2_goes_to_the_library_on_an_h200_only_where_it_leads_and_takes_the_
     monkeypatch.setattr(dispatch, "is_sm90", lambda device: True)
     with FakeTensorMode():
         def library(hidden, inter, dtype=torch.bfloat16):
+            """(GEMM1, GEMM2) through the library."""
+            x = torch.empty(96, hidden, dtype=dtype, device="cuda")
             h = torch.empty(96, inter, dtype=dtype, device="cuda")
-            return fm._library_gemm2(h, torch.empty(4, hidden, inter, dtype=dtype, device="cuda"))
+            gate_up = torch.empty(4, 2 * inter, hidden, dtype=dtype, device="cuda")
+            down = torch.empty(4, hidden, inter, dtype=dtype, device="cuda")
+            return fm._library_gemm1(x, gate_up), fm._library_gemm2(h, down)
 
-        assert library(1024, 512) and library(40, 24)
-        assert not library(2048, 1408)  # the V2-Lite shape: ours leads
-        assert not library(36, 24) and not library(40, 36)  # H, then I, not 16-byte aligned
-        assert not library(1024, 512, torch.float32)
+        assert library(1024, 512) == library(40, 24) == (True, True)
+        assert library(2048, 1408) == (False, False)  # the V2-Lite shape: ours leads
+        assert library(36, 24) == (False, False)  # H not 16-byte aligned
+        assert library(40, 36) == (True, False)  # I not 16-byte aligned, 2I is
+        assert library(40, 34) == (False, False)
+        assert library(1024, 512, torch.float32) == (False, False)
         set_backward_gemm_backend("triton")
         try:
-            assert not library(1024, 512)
+            assert library(1024, 512) == (False, False)
         finally:
             set_backward_gemm_backend(None)
 
@@ -767,7 +786,7 @@ def test_two_autograd_nodes_and_their_boundary(triton_path):
     """Node 1 returns the sorted pre-activations gu (its differentiable output); node 2's backward returns dL/dgu."""
     ops = torch.ops.modeling_moe
     x, gate_up, down, index, weights = make_case(20, 48, 40, 6, 2, seed=3, device=triton_path)
-    gu, h, perm, inv, offsets = ops.fused_moe_gate_up(x, gate_up, index, True)
+    gu, h, perm, inv, offsets, xs = ops.fused_moe_gate_up(x, gate_up, index, True)
     assert relative_error(gu, sorted_pre_activations(x.double(), gate_up.double(), index)) < 1e-6
     gu_in = gu.clone().requires_grad_(True)
     out = ops.fused_moe_down(gu_in, h, down, weights, perm, inv, offsets)
@@ -1071,19 +1090,19 @@ def test_custom_op_fake_and_opcheck(triton_path):
     x, gate_up, down, index, weights = make_case(5, 16, 16, 4, 2, device=triton_path)
     with FakeTensorMode() as mode:
         x_, gate_up_, down_, index_, weights_ = [mode.from_tensor(t) for t in (x, gate_up, down, index, weights)]
-        gu, h, perm, inv, offsets = ops.fused_moe_gate_up(x_, gate_up_, index_, True)
+        gu, h, perm, inv, offsets, xs = ops.fused_moe_gate_up(x_, gate_up_, index_, True)
         assert gu.shape == (10, 32) and h.shape == (10, 16) and perm.shape == (10,) and offsets.shape == (5,)
         out = ops.fused_moe_down(gu, h, down_, weights_, perm, inv, offsets)
         assert out.shape == (5, 16)
-    gu, h, perm, inv, offsets = ops.fused_moe_gate_up(x, gate_up, index, True)
+    gu, h, perm, inv, offsets, xs = ops.fused_moe_gate_up(x, gate_up, index, True)
     checks = ("test_schema", "test_faketensor")
     torch.library.opcheck(ops.fused_moe_gate_up.default, (x, gate_up, index, False), test_utils=checks)
     torch.library.opcheck(ops.fused_moe_down.default, (gu, h, down, weights, perm, inv, offsets), test_utils=checks)
     grad = torch.randn_like(x)
     torch.library.opcheck(ops.fused_moe_down_backward.default, (grad, gu, down, weights, perm, inv, offsets, True,
                                                                 True, False), test_utils=checks)
-    torch.library.opcheck(ops.fused_moe_gate_up_backward.default, (gu, x, gate_up, perm, inv, offsets, 2, True, True),
-                          test_utils=checks)
+    torch.library.opcheck(ops.fused_moe_gate_up_backward.default, (
+        gu, x, xs, gate_up, perm, inv, offsets, 2, True, True), test_utils=checks)
 
 
 @needs_triton
@@ -1093,13 +1112,13 @@ def test_weight_gradients_of_strided_weights_match_the_fake(triton_path):
     ops = torch.ops.modeling_moe
     x, gate_up, down, index, weights = make_case(5, 16, 16, 4, 2, device=triton_path)
     gate_up, down = (w.transpose(1, 2).contiguous().transpose(1, 2) for w in (gate_up, down))
-    gu, h, perm, inv, offsets = ops.fused_moe_gate_up(x, gate_up, index, True)
+    gu, h, perm, inv, offsets, xs = ops.fused_moe_gate_up(x, gate_up, index, True)
     checks = ("test_schema", "test_faketensor")
     grad = torch.randn_like(x)
     torch.library.opcheck(ops.fused_moe_down_backward.default, (grad, gu, down, weights, perm, inv, offsets, True,
                                                                 True, True), test_utils=checks)
-    torch.library.opcheck(ops.fused_moe_gate_up_backward.default, (gu, x, gate_up, perm, inv, offsets, 2, True, True),
-                          test_utils=checks)
+    torch.library.opcheck(ops.fused_moe_gate_up_backward.default, (
+        gu, x, xs, gate_up, perm, inv, offsets, 2, True, True), test_utils=checks)
 
 
 def test_reference_path_without_triton_matches_eager(monkeypatch):
