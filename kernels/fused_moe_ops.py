@@ -6,8 +6,9 @@ Forward:
                  tile list, in Triton, all on the GPU without a host sync
     GEMM1        h = silu(x[tok] @ Wg[e].T) * (x[tok] @ Wu[e].T)  gather fused into the loads, SwiGLU in the epilogue,
                  the pre-activations gu = (gate | up) kept for the backward only when a gradient is needed
-                 (on an H100/H200 in bf16 where I <= LIBRARY_ROW_GEMM_MAX_INTER: x's rows gathered in expert order,
-                 torch._grouped_mm, a SwiGLU pass; the gathered rows are kept for wgrad_gu instead of a regather)
+                 (on an H100/H200 in bf16 where I <= LIBRARY_ROW_GEMM_MAX_INTER and a gradient is needed: x's rows
+                 gathered in expert order, torch._grouped_mm, a SwiGLU pass; the gathered rows are kept for wgrad_gu
+                 instead of a regather)
     GEMM2        y = h @ Wd[e].T                                                                    [N, H]
                  (torch._grouped_mm on an H100/H200 in bf16 where I <= LIBRARY_ROW_GEMM_MAX_INTER)
     combine      out[t] = sum_j w[t, j] y[slot(t, j)] in fp32, in j order (no atomics), cast to x's dtype
@@ -98,10 +99,12 @@ def use_triton(tensor: torch.Tensor) -> bool:
 # and the shapes the library's 16-byte alignment rules out. The forward's row GEMMs also go to the library where the
 # intermediate size is short. GEMM2 (y = h @ Wd[e].T, no gather, no epilogue of its own): at I = 512 (the 1.26B
 # model) the library's kernel led ours alone (0.218 against 0.256 ms, session 28) and in the training step (2.60 ->
-# 2.30 ms a step, session 29); at I = 1408 and 2048 ours leads (0.902 against 0.957, 4.02 against 4.51). GEMM1 at
-# I = 512: the library's GEMM 0.40 ms against our 0.61 with the gather fused (session 30); its gather (0.11) and a
-# SwiGLU pass (~0.1) take most of that back, but the gathered rows are what wgrad_gu regathers in the backward, so
-# they are kept for it. At V2-Lite's I = 1408 ours leads whole (2.33 against 2.62 ms).
+# 2.30 ms a step, session 29); at I = 1408 and 2048 ours leads (0.902 against 0.957, 4.02 against 4.51). GEMM1, in
+# training: at I = 512 the library's GEMM took 0.40 ms against our 0.61 with the gather fused (session 30); its
+# gather (0.11) and a SwiGLU pass (0.07) take most of that back, but the gathered rows are what wgrad_gu regathers in
+# the backward, so they are kept for it: the 1.26B step -0.8 ms. At V2-Lite and V3 the same gained nothing
+# measurable in the layer (13.67 / 13.88 -> 13.77 / 13.79 ms, 50.77 / 50.45 -> 50.57 / 50.84) for 0.4 / 0.9 GiB more
+# peak memory; without a gradient the gathered rows serve nothing.
 LIBRARY_ROW_GEMM_MAX_INTER = 512
 BACKWARD_GEMM_BACKENDS = ("auto", "triton", "grouped_mm")  # auto: as above on sm_90 in bf16, else triton
 _backward_gemm = dispatch.Choice("MOE_BACKWARD_GEMM", BACKWARD_GEMM_BACKENDS, "backward GEMM backend")
@@ -130,10 +133,12 @@ def _library_gemm(*operands: torch.Tensor) -> bool:
             and weight.dtype == torch.bfloat16 and all(t.shape[-1] % 8 == 0 for t in operands))
 
 
-def _library_gemm1(x: torch.Tensor, gate_up: torch.Tensor) -> bool:
-    """Whether GEMM1 (x[tok] @ gate_up[e].T) goes through torch._grouped_mm: I at most LIBRARY_ROW_GEMM_MAX_INTER, where
-    the library takes the operands (H and 2I 16-byte aligned)."""
-    return gate_up.shape[1] // 2 <= LIBRARY_ROW_GEMM_MAX_INTER and _library_gemm(x, gate_up.transpose(1, 2))
+def _library_gemm1(x: torch.Tensor, gate_up: torch.Tensor, save_gu: bool) -> bool:
+    """Whether GEMM1 (x[tok] @ gate_up[e].T) goes through torch._grouped_mm: where the backward will use its gathered
+    rows (save_gu), I is at most LIBRARY_ROW_GEMM_MAX_INTER and the library takes the operands (H and 2I 16-byte
+    aligned)."""
+    return (save_gu and gate_up.shape[1] // 2 <= LIBRARY_ROW_GEMM_MAX_INTER
+            and _library_gemm(x, gate_up.transpose(1, 2)))
 
 
 def _library_gemm2(h: torch.Tensor, down: torch.Tensor) -> bool:
@@ -650,22 +655,20 @@ def _gate_up_n(gate_up):  # B[e][k in 2I, n in H] = gate_up[e, k, n]
 
 def gate_up_forward_impl(x, gate_up, top_k_index, save_gu, tiles: dict | None = None):
     """Node 1: routing, then h = SwiGLU(x[tok] @ Wgu[e].T) in sorted slot order; gu = (gate | up) when save_gu, and
-    then xs, x's rows in sorted order, where the library ran GEMM1 over them (else empty). The routing builds GEMM1's
-    tile list; `tiles` (a dict) receives the tile lists, for node 2 to reuse."""
+    then xs, x's rows in sorted order, where the library ran GEMM1 over them (else empty). Our GEMM1's routing builds
+    its tile list; `tiles` (a dict) receives the tile lists, for node 2 to reuse."""
     tokens, hidden = x.shape
     top_k = top_k_index.shape[1]
     num_rows = tokens * top_k
     two_i = gate_up.shape[1]
     num_experts, inter = gate_up.shape[0], two_i // 2
-    if _library_gemm1(x, gate_up):
+    if _library_gemm1(x, gate_up, save_gu):
         perm, inv, offsets = build_routing(top_k_index, num_experts)
         xs = x.index_select(0, _sorted_tokens(perm, top_k))
         gu = torch._grouped_mm(xs, gate_up.transpose(1, 2), offs=offsets[1:])
         h = x.new_empty(num_rows, inter)
         if num_rows:
             _launch_swiglu(gu, h)
-        if not save_gu:  # fresh empties: views of gu and xs would keep their memory
-            gu, xs = x.new_empty(0, two_i), x.new_empty(0, hidden)
         return gu, h, perm, inv, offsets, xs
     gemm1 = chosen_config("gemm1", routing_key(num_rows, num_experts, hidden, inter, x.dtype, x.device),
                           _candidates("gemm1", num_rows, num_experts, x.dtype))
@@ -852,7 +855,7 @@ def _(x, gate_up, top_k_index, save_gu):
         top_k_index.new_empty(num_rows, dtype=torch.int32),
         top_k_index.new_empty(num_rows, dtype=torch.int32),
         top_k_index.new_empty(gate_up.shape[0] + 1, dtype=torch.int32),
-        x.new_empty(num_rows if save_gu and _library_gemm1(x, gate_up) else 0, x.shape[1]),
+        x.new_empty(num_rows if _library_gemm1(x, gate_up, save_gu) else 0, x.shape[1]),
     )
 
 

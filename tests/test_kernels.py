@@ -192,19 +192,24 @@ def test_weight_gradients_through_torch_grouped_mm(triton_path, library_gemms, g
 def test_forward_row_gemms_through_the_library_only_at_short_intermediate_sizes(triton_path, library_gemms,
                                                                               grouped_mm_calls, monkeypatch,
                                                                               max_inter):
-    """GEMM1 and GEMM2 go through torch._grouped_mm where the intermediate size is at most LIBRARY_ROW_GEMM_MAX_INTER,
-    through our kernels above it; the forward matches float64 either way. Node 1 returns x's rows in sorted order
-    (for wgrad_gu) only where the library ran GEMM1 and a gradient is needed."""
+    """GEMM1 (where a gradient is needed) and GEMM2 go through torch._grouped_mm where the intermediate size is at most
+    LIBRARY_ROW_GEMM_MAX_INTER, through our kernels above it; the forward matches float64 either way. Node 1 returns
+    x's rows in sorted order (for wgrad_gu) only where the library ran GEMM1."""
     from modeling_moe.kernels import fused_moe_ops as fm
 
     monkeypatch.setattr(fm, "LIBRARY_ROW_GEMM_MAX_INTER", max_inter)
     library = max_inter >= 40
     x, gate_up, down, index, weights = make_case(20, 48, 40, 6, 2, seed=11, device=triton_path)
-    out = fused_moe(x, gate_up, down, index, weights)
-    assert len(grouped_mm_calls) == (2 if library else 0)
     reference = moe_experts_reference(x.double().cpu(), gate_up.double().cpu(), down.double().cpu(), index.cpu(),
                                       weights.double().cpu())
+    out = fused_moe(x, gate_up.requires_grad_(True), down, index, weights)
+    assert len(grouped_mm_calls) == (2 if library else 0)
+    assert relative_error(out.detach().cpu(), reference) < 1e-5
+    with torch.no_grad():  # GEMM1 stays ours: no backward to use its gathered rows
+        out = fused_moe(x, gate_up, down, index, weights)
+    assert len(grouped_mm_calls) == (3 if library else 0)
     assert relative_error(out.cpu(), reference) < 1e-5
+    gate_up = gate_up.detach()
     for save in (False, True):
         gu, h, perm, inv, offsets, xs = torch.ops.modeling_moe.fused_moe_gate_up(x, gate_up, index, save)
         tokens = torch.div(perm.long(), 2, rounding_mode="floor")
@@ -250,7 +255,7 @@ def test_library_weight_gradients_only_where_they_are_fresh(triton_path, library
 
 
 def test_row_gemms_go_to_the_library_on_an_h200_only_where_it_leads_and_takes_the_operands(monkeypatch):
-    """"auto" on an sm_90 GPU (fake CUDA tensors, the capability check patched): GEMM1 and GEMM2 through
+    """"auto" on an sm_90 GPU (fake CUDA tensors, the capability check patched): GEMM1 (in training) and GEMM2 through
     torch._grouped_mm at I <= LIBRARY_ROW_GEMM_MAX_INTER in bf16 with H and I (GEMM1: 2I) multiples of 8; ours above
     it, for unaligned operands, in fp32, and with the "triton" backend."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -268,7 +273,8 @@ def test_row_gemms_go_to_the_library_on_an_h200_only_where_it_leads_and_takes_th
             h = torch.empty(96, inter, dtype=dtype, device="cuda")
             gate_up = torch.empty(4, 2 * inter, hidden, dtype=dtype, device="cuda")
             down = torch.empty(4, hidden, inter, dtype=dtype, device="cuda")
-            return fm._library_gemm1(x, gate_up), fm._library_gemm2(h, down)
+            assert not fm._library_gemm1(x, gate_up, save_gu=False)
+            return fm._library_gemm1(x, gate_up, save_gu=True), fm._library_gemm2(h, down)
 
         assert library(1024, 512) == library(40, 24) == (True, True)
         assert library(2048, 1408) == (False, False)  # the V2-Lite shape: ours leads
