@@ -240,6 +240,7 @@ DISTRIBUTED_DRIVER = textwrap.dedent(
         torch.testing.assert_close(got, expected)
         torch.testing.assert_close((x.grad, weights.grad), expected_grads)
     main([*common, "--output_dir", out + "/ddp"])
+    main([*common, "--output_dir", out + "/ddp-unclipped", "--max_grad_norm", "0"])
     main([*common, "--output_dir", out + "/ep2", "--expert_parallel_size", "2"])
     main([*common, "--output_dir", out + "/ep2-resumed", "--expert_parallel_size", "2",
           "--resume_from_checkpoint", out + "/ep2/checkpoint-2"])
@@ -250,7 +251,7 @@ DISTRIBUTED_DRIVER = textwrap.dedent(
     from pretrain_runs import forced_cpu_fsdp2
 
     with forced_cpu_fsdp2():
-        main([*common, "--output_dir", out + "/fsdp2-ep2", "--expert_parallel_size", "2"])
+        main([*common, "--output_dir", out + "/fsdp2-ep2", "--expert_parallel_size", "2", "--max_grad_norm", "0"])
     dist.destroy_process_group()
     """
 )
@@ -496,9 +497,14 @@ def test_two_process_expert_parallel_resume_is_bitwise(two_process_runs):
 
 
 def test_two_process_fsdp2_with_expert_parallel_matches_ddp(two_process_runs):
-    ddp, fsdp = read_metrics(two_process_runs / "ddp"), read_metrics(two_process_runs / "fsdp2-ep2")
+    """FSDP2 + EP=2 trains as DDP, both unclipped. Their gradients agree to float32 rounding, but FSDP2's gradient norm
+    sums its shards' squares in another order: in float32 the two norms differ by up to ~3e-5 of their value (the
+    tiny preset's norms stray from the float64 one by up to 6e-5), so clipped runs take different steps and part by
+    more than 1e-5 once AdamW's first updates amplify it."""
+    ddp, fsdp = read_metrics(two_process_runs / "ddp-unclipped"), read_metrics(two_process_runs / "fsdp2-ep2")
     for a, b in zip(ddp, fsdp, strict=True):
         assert abs(a["loss"] - b["loss"]) <= 1e-5, (a["step"], a["loss"], b["loss"])
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), a["step"]
     assert abs(ddp[-1]["eval_loss"] - fsdp[-1]["eval_loss"]) <= 1e-5
     assert (two_process_runs / "fsdp2-ep2" / "checkpoint-4").is_dir()
     assert not list((two_process_runs / "fsdp2-ep2").glob("_fsdp*.py"))  # saved as a plain MoEForCausalLM
