@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/ab_candidate.sh benchmarks/candidates/NAME.patch \
 #       python benchmarks/bench_moe_layer.py --parts layer,breakdown --no-autotune
+#   bash benchmarks/ab_candidate.sh benchmarks/candidates/NAME.patch python benchmarks/bench_model.py --parts step
 #
 # The patch is applied to this checkout for the B runs and taken out again after each (also when interrupted), so
 # A and B import the package the same way, installed or not. Each run's output goes to $OUT/ab-<A|B>-<round>.log

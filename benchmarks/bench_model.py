@@ -8,9 +8,13 @@ Parts (`--parts`, default all):
             with one synchronisation at the end, as a training loop runs them.
   generate  greedy generate, batch 16, prompt 256, 256 new tokens: tokens/s.
   decode    one MLA layer, batch 32, 8192 cached tokens, one new token: ms per step, latent-cache GB/s.
+  step      (not in the default) our training step of the train part alone, as pretraining runs it: back-to-back and
+            synchronised times and one profiled step's GPU kernel time, without the anchor, to compare a change
+            with the tree without it (ROUNDS=2 bash benchmarks/ab_candidate.sh X.patch python
+            benchmarks/bench_model.py --parts step).
 
-Every figure is reported as an absolute value and as a ratio to the transformers ("hf") row measured in the same
-run. JSON lines go to $OUT/bench_model.jsonl, or to benchmarks/out/ when OUT is unset. See benchmarks/README.md.
+Every figure but the step part's is reported as an absolute value and as a ratio to the transformers ("hf") row
+measured in the same run. JSON lines go to $OUT/bench_model.jsonl, or to benchmarks/out/ when OUT is unset. See benchmarks/README.md.
 """
 import argparse
 import contextlib
@@ -243,7 +247,8 @@ def part_check(S, args, dev, dtype):
                         passed=bool(forward_diff <= tolerance and decode_diff <= tolerance)))
 
 
-def part_train(S, args, dev, dtype):
+def train_inputs(S, dev, dtype):
+    """The train part's transformers and our configs, one random state for both, the batch, and FLOPs a token."""
     batch, seq = S["train"]
     hf_cfg, our_cfg = configs(S["model"], max_positions=seq + 512)
     state = random_state(meta_model(hf_cfg, dtype), dev)
@@ -251,31 +256,44 @@ def part_train(S, args, dev, dtype):
     flops_per_token = (6 * parameter_counts(our_cfg)["activated"]
                        + 3 * seq * our_cfg.num_hidden_layers * our_cfg.num_attention_heads
                        * (our_cfg.qk_head_dim + our_cfg.v_head_dim))  # causal attention: half the score matrix
+    return hf_cfg, our_cfg, state, ids, flops_per_token
+
+
+def training_step(cfg, impl, state, ids, dev, dtype, update_bias=False, compiled=False, skip_logits=False,
+                  compile_mode=None):
+    """(model, optimizer, step): one forward + backward + optimizer step of the model `cfg` describes."""
+    model = build(cfg, impl, state, dev, dtype).train()
+    if isinstance(cfg, MoEConfig) and dev.type == "cuda":  # what `pretrain` steps with (--optim adamw_triton)
+        opt = TritonAdamW(model.parameters(), lr=1e-5)
+    else:  # as the anchors' script
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True if dev.type == "cuda" else None)
+    if compiled:  # what `pretrain --torch_compile` does: accelerate's regional compilation, each decoder layer
+        from accelerate.utils import compile_regions
+
+        # `pretrain --torch_compile_mode`: "reduce-overhead" replays each layer's forward and backward from CUDA
+        # graphs (inductor's CUDA graph trees)
+        forward = compile_regions(model, **compile_arguments(compile_mode))
+    else:
+        forward = model
+    loss_kwargs = dict(skip_logits=True) if skip_logits else {}  # the chunked loss, as pretraining computes it
+
+    def step():
+        forward(input_ids=ids, labels=ids, use_cache=False, **loss_kwargs).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if update_bias:
+            model.update_expert_bias()
+
+    return model, opt, step
+
+
+def part_train(S, args, dev, dtype):
+    batch, seq = S["train"]
+    hf_cfg, our_cfg, state, ids, flops_per_token = train_inputs(S, dev, dtype)
 
     def run(cfg, impl, update_bias=False, compiled=False, profile=False, skip_logits=False, compile_mode=None):
-        model = build(cfg, impl, state, dev, dtype).train()
-        if isinstance(cfg, MoEConfig) and dev.type == "cuda":  # what `pretrain` steps with (--optim adamw_triton)
-            opt = TritonAdamW(model.parameters(), lr=1e-5)
-        else:  # as the anchors' script
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True if dev.type == "cuda" else None)
-        if compiled:  # what `pretrain --torch_compile` does: accelerate's regional compilation, each decoder layer
-            from accelerate.utils import compile_regions
-
-            # `pretrain --torch_compile_mode`: "reduce-overhead" replays each layer's forward and backward from CUDA
-            # graphs (inductor's CUDA graph trees)
-            forward = compile_regions(model, **compile_arguments(compile_mode))
-        else:
-            forward = model
-
-        loss_kwargs = dict(skip_logits=True) if skip_logits else {}  # the chunked loss, as pretraining computes it
-
-        def step():
-            forward(input_ids=ids, labels=ids, use_cache=False, **loss_kwargs).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if update_bias:
-                model.update_expert_bias()
-
+        model, opt, step = training_step(cfg, impl, state, ids, dev, dtype, update_bias, compiled, skip_logits,
+                                         compile_mode)
         free()
         seconds = timed(step, dev, args.warmup, args.steps)
         back_to_back = timed(step, dev, 0, args.steps, clock="back_to_back")
@@ -304,6 +322,34 @@ def part_train(S, args, dev, dtype):
                         run, our_cfg, "fused", True, True, profile=args.profile_train, skip_logits=True,
                         compile_mode=spec)
         report("train", f"experts={impl} B{batch}xS{seq}", rows, gflop_per_token=sig(flops_per_token / 1e9))
+
+
+def part_step(S, args, dev, dtype):
+    """Our training step alone, as pretraining runs it (the experts fused where they run, layers compiled in
+    --step-compile-mode, the chunked loss, the balancing bias updated): --step-runs runs of --steps back-to-back steps,
+    the median of --steps synchronised ones, and one profiled step's GPU kernel time. No anchor: for comparing two
+    runs of this part, e.g. a change and the tree without it (benchmarks/ab_candidate.sh)."""
+    batch, seq = S["train"]
+    _, our_cfg, state, ids, flops_per_token = train_inputs(S, dev, dtype)
+    impl = "fused" if fused_available(dev) else "grouped_mm"
+    mode = args.step_compile_mode or None
+    model, opt, step = training_step(our_cfg, impl, state, ids, dev, dtype, update_bias=True,
+                                     compiled=mode != "none", skip_logits=True, compile_mode=mode)
+    free()
+    start = time.perf_counter()
+    seconds = timed(step, dev, args.warmup, args.steps)
+    warm_and_synchronised_s = time.perf_counter() - start
+    runs = [timed(step, dev, 0, args.steps, clock="back_to_back") for _ in range(args.step_runs)]
+    record = dict(part="step", case=f"experts={impl} B{batch}xS{seq}", model=f"ours (layers compiled {mode})",
+                  step_ms=sig(seconds * 1e3), tokens_per_s=sig(batch * seq / seconds),
+                  back_to_back_ms=[sig(t * 1e3) for t in runs],
+                  back_to_back_tokens_per_s=sig(batch * seq / statistics.median(runs)),
+                  tflops=sig(flops_per_token * batch * seq / seconds / 1e12), peak_gib=peak_gib(dev),
+                  warmup_and_synchronised_s=round(warm_and_synchronised_s, 1), vs_hf={})
+    record["profile"] = profile_step(step, dev, args.profile_top)
+    RECORDS.append(record)
+    print(json.dumps(record), flush=True)
+    del model, opt
 
 
 def compile_arguments(spec: str | None) -> dict:
@@ -650,6 +696,10 @@ def main():
                              "inductor options set to True after '+' (coordinate_descent_tuning: inductor retunes its "
                              "kernels' block sizes, what TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 turns on for "
                              "`pretrain --torch_compile`; ~2 min more of first compilation)")
+    parser.add_argument("--step-compile-mode", default="reduce-overhead",
+                        help="step part: the torch.compile mode of the layers, with inductor options after '+' as "
+                             "in --train-compile-modes (empty: torch.compile's default; none: not compiled)")
+    parser.add_argument("--step-runs", type=int, default=3, help="step part: runs of --steps back-to-back steps")
     parser.add_argument("--profile-top", type=int, default=40, help="how many of the busiest kernels --profile-train "
                                                                       "lists")
     parser.add_argument("--profile-decode", action="store_true",
@@ -671,7 +721,8 @@ def main():
     env = dict(part="env", torch=torch.__version__, transformers=transformers.__version__, dtype=str(dtype),
                device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", args=vars(args))
     print(json.dumps(env), flush=True)
-    parts = {"check": part_check, "train": part_train, "generate": part_generate, "decode": part_decode}
+    parts = {"check": part_check, "train": part_train, "step": part_step, "generate": part_generate,
+             "decode": part_decode}
     run_parts(parts, args.parts.split(","), RECORDS, shapes, args, dev, dtype)
     if "modeling_moe.kernels.fused_moe_ops" in sys.modules:  # MOE_FUSED_AUTOTUNE=1: which expert tiles won
         tuning = dict(part="tuning", log=sys.modules["modeling_moe.kernels.fused_moe_ops"].TUNING_LOG)

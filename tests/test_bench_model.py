@@ -1,5 +1,5 @@
-"""benchmarks/bench_model.py's training part with --profile-train, end to end on the CPU (--small); its compile
-modes."""
+"""benchmarks/bench_model.py's training part with --profile-train and its step part, end to end on the CPU (--small);
+its compile modes."""
 
 import json
 import os
@@ -30,6 +30,20 @@ def test_train_part_with_profile_reports_time_shares(tmp_path):
     assert shares["routed_experts"] > 0 and shares["gemm"] > 0  # grouped_mm experts, then the other matmuls
     assert 0.5 < sum(shares.values()) <= 1.05  # CPU op self times within the step's wall time
     assert profile["top_kernels"] and "profile" not in rows["ours"]
+
+
+def test_step_part_times_our_step_alone(tmp_path):
+    """--parts step: our training step alone (no anchor row), back-to-back runs, a synchronised median, a profile."""
+    env = {**os.environ, "OUT": str(tmp_path)}
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_model.py"), "--small", "--parts", "step",
+                    "--steps", "2", "--warmup", "1", "--step-runs", "2", "--step-compile-mode", "none",
+                    "--device", "cpu"], check=True, env=env, cwd=ROOT, capture_output=True, timeout=600)
+    records = [json.loads(line) for line in (tmp_path / "bench_model.jsonl").read_text().splitlines()]
+    (step,) = [r for r in records if r.get("part") == "step"]
+    assert [r["part"] for r in records if r.get("part") in ("train", "check")] == []
+    assert len(step["back_to_back_ms"]) == 2 and all(t > 0 for t in step["back_to_back_ms"])
+    assert step["step_ms"] > 0 and step["tokens_per_s"] == pytest.approx(2 * 64 / step["step_ms"] * 1e3, rel=1e-3)
+    assert step["profile"]["kernel_ms"] > 0 and step["profile"]["top_kernels"]
 
 
 def test_compile_modes_with_inductor_options():
