@@ -14,7 +14,8 @@ Parts (`--parts`, default all):
             benchmarks/bench_model.py --parts step).
 
 Every figure but the step part's is reported as an absolute value and as a ratio to the transformers ("hf") row
-measured in the same run. JSON lines go to $OUT/bench_model.jsonl, or to benchmarks/out/ when OUT is unset. See benchmarks/README.md.
+measured in the same run. JSON lines go to $OUT/bench_model.jsonl, or to benchmarks/out/ when OUT is unset. See
+benchmarks/README.md.
 """
 import argparse
 import contextlib
