@@ -261,14 +261,17 @@ def train_inputs(S, dev, dtype):
 
 
 def training_step(cfg, impl, state, ids, dev, dtype, update_bias=False, compiled=False, skip_logits=False,
-                  compile_mode=None):
-    """(model, optimizer, step): one forward + backward + optimizer step of the model `cfg` describes."""
+                  compile_mode=None, whole_model=False):
+    """(model, optimizer, step): one forward + backward + optimizer step of the model `cfg` describes; compiled layer
+    by layer, or with `whole_model` as one torch.compile region."""
     model = build(cfg, impl, state, dev, dtype).train()
     if isinstance(cfg, MoEConfig) and dev.type == "cuda":  # what `pretrain` steps with (--optim adamw_triton)
         opt = TritonAdamW(model.parameters(), lr=1e-5)
     else:  # as the anchors' script
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True if dev.type == "cuda" else None)
-    if compiled:  # what `pretrain --torch_compile` does: accelerate's regional compilation, each decoder layer
+    if compiled and whole_model:
+        forward = torch.compile(model, **compile_arguments(compile_mode))
+    elif compiled:  # what `pretrain --torch_compile` does: accelerate's regional compilation, each decoder layer
         from accelerate.utils import compile_regions
 
         # `pretrain --torch_compile_mode`: "reduce-overhead" replays each layer's forward and backward from CUDA
@@ -335,13 +338,15 @@ def part_step(S, args, dev, dtype):
     impl = "fused" if fused_available(dev) else "grouped_mm"
     mode = args.step_compile_mode or None
     model, opt, step = training_step(our_cfg, impl, state, ids, dev, dtype, update_bias=True,
-                                     compiled=mode != "none", skip_logits=True, compile_mode=mode)
+                                     compiled=mode != "none", skip_logits=True, compile_mode=mode,
+                                     whole_model=args.step_compile_whole_model)
     free()
     start = time.perf_counter()
     seconds = timed(step, dev, args.warmup, args.steps)
     warm_and_synchronised_s = time.perf_counter() - start
     runs = [timed(step, dev, 0, args.steps, clock="back_to_back") for _ in range(args.step_runs)]
-    record = dict(part="step", case=f"experts={impl} B{batch}xS{seq}", model=f"ours (layers compiled {mode})",
+    scope = "model" if args.step_compile_whole_model else "layers"
+    record = dict(part="step", case=f"experts={impl} B{batch}xS{seq}", model=f"ours ({scope} compiled {mode})",
                   step_ms=sig(seconds * 1e3), tokens_per_s=sig(batch * seq / seconds),
                   back_to_back_ms=[sig(t * 1e3) for t in runs],
                   back_to_back_tokens_per_s=sig(batch * seq / statistics.median(runs)),
@@ -701,6 +706,9 @@ def main():
                         help="step part: the torch.compile mode of the layers, with inductor options after '+' as "
                              "in --train-compile-modes (empty: torch.compile's default; none: not compiled)")
     parser.add_argument("--step-runs", type=int, default=3, help="step part: runs of --steps back-to-back steps")
+    parser.add_argument("--step-compile-whole-model", action="store_true",
+                        help="step part: compile the whole model as one region (one forward and one backward graph, "
+                             "fewer guard checks and graph launches a step) instead of layer by layer")
     parser.add_argument("--profile-top", type=int, default=40, help="how many of the busiest kernels --profile-train "
                                                                       "lists")
     parser.add_argument("--profile-decode", action="store_true",

@@ -32,15 +32,20 @@ def test_train_part_with_profile_reports_time_shares(tmp_path):
     assert profile["top_kernels"] and "profile" not in rows["ours"]
 
 
-def test_step_part_times_our_step_alone(tmp_path):
-    """--parts step: our training step alone (no anchor row), back-to-back runs, a synchronised median, a profile."""
+@pytest.mark.parametrize("compiled", [["--step-compile-mode", "none"],
+                                      ["--step-compile-mode", "", "--step-compile-whole-model"]],
+                         ids=["eager", "whole_model_compiled"])
+def test_step_part_times_our_step_alone(tmp_path, compiled):
+    """--parts step: our training step alone (no anchor row), back-to-back runs, a synchronised median, a profile;
+    eager, and compiled as one region."""
     env = {**os.environ, "OUT": str(tmp_path)}
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_model.py"), "--small", "--parts", "step",
-                    "--steps", "2", "--warmup", "1", "--step-runs", "2", "--step-compile-mode", "none",
-                    "--device", "cpu"], check=True, env=env, cwd=ROOT, capture_output=True, timeout=600)
+                    "--steps", "2", "--warmup", "1", "--step-runs", "2", *compiled, "--device", "cpu"],
+                   check=True, env=env, cwd=ROOT, capture_output=True, timeout=600)
     records = [json.loads(line) for line in (tmp_path / "bench_model.jsonl").read_text().splitlines()]
     (step,) = [r for r in records if r.get("part") == "step"]
     assert [r["part"] for r in records if r.get("part") in ("train", "check")] == []
+    assert step["model"] == ("ours (model compiled None)" if len(compiled) == 3 else "ours (layers compiled none)")
     assert len(step["back_to_back_ms"]) == 2 and all(t > 0 for t in step["back_to_back_ms"])
     assert step["step_ms"] > 0 and step["tokens_per_s"] == pytest.approx(2 * 64 / step["step_ms"] * 1e3, rel=1e-3)
     assert step["profile"]["kernel_ms"] > 0 and step["profile"]["top_kernels"]
