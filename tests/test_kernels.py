@@ -933,10 +933,22 @@ def test_decode_bucket_tile_candidates(triton_path, candidate):
     assert relative_error(out.cpu(), reference) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
-def test_no_tokens(triton_path):
-    x, gate_up, down, index, weights = make_case(0, 16, 16, 4, 2, device=triton_path)
-    out = fused_moe(x, gate_up, down, index, weights)
-    assert out.shape == (0, 16)
+@pytest.mark.parametrize("backend", [None, "grouped_mm"], ids=["default", "library"])
+def test_no_tokens(triton_path, backend):
+    """An empty batch: an empty output and zero weight gradients, on our kernels and through the library."""
+    if backend and not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no _grouped_mm")
+    x, gate_up, down, index, weights = (t.requires_grad_(t.is_floating_point()) for t in make_case(
+        0, 16, 16, 4, 2, device=triton_path))
+    set_backward_gemm_backend(backend)
+    try:
+        out = fused_moe(x, gate_up, down, index, weights)
+        assert out.shape == (0, 16)
+        out.sum().backward()
+    finally:
+        set_backward_gemm_backend(None)
+    assert x.grad.shape == (0, 16) and weights.grad.shape == (0, 2)
+    assert not gate_up.grad.any() and not down.grad.any()
 
 
 def test_no_tokens_on_the_reference_path(monkeypatch):
