@@ -665,9 +665,10 @@ def gate_up_forward_impl(x, gate_up, top_k_index, save_gu, tiles: dict | None = 
     if _library_gemm1(x, gate_up, save_gu):
         perm, inv, offsets = build_routing(top_k_index, num_experts)
         xs = x.index_select(0, _sorted_tokens(perm, top_k))
-        gu, h = x.new_empty(num_rows, two_i), x.new_empty(num_rows, inter)
-        if num_rows:  # (the library is not asked for an empty product)
-            gu = torch._grouped_mm(xs, gate_up.transpose(1, 2), offs=offsets[1:])
+        # (the library is not asked for an empty product)
+        gu = torch._grouped_mm(xs, gate_up.transpose(1, 2), offs=offsets[1:]) if num_rows else x.new_empty(0, two_i)
+        h = x.new_empty(num_rows, inter)
+        if num_rows:
             _launch_swiglu(gu, h)
         return gu, h, perm, inv, offsets, xs
     gemm1 = chosen_config("gemm1", routing_key(num_rows, num_experts, hidden, inter, x.dtype, x.device),
