@@ -64,18 +64,21 @@ def relative_error(actual, expected):
     return ((actual.double().cpu() - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
+@pytest.mark.parametrize("capturable", [False, True], ids=["host_scalars", "capturable"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_steps_match_the_update_in_float64(triton_device, monkeypatch, dtype):
+def test_steps_match_the_update_in_float64(triton_device, monkeypatch, dtype, capturable):
     """Three steps with the learning rate changed between them (a schedule), two weight-decay groups and a parameter
     without a gradient in one step: parameters and both moments match float64 (fp32: the whole run; bf16, whose
     rounding compounds over steps: each step from the same bf16 state, to bf16's rounding), the kernel ran once per
-    parameter with a gradient and elements, and the state is torch's (a CPU step count)."""
+    parameter with a gradient and elements, and the state is torch's (a step count on the CPU; capturable, with a
+    tensor learning rate written in place as a scheduler does: on the parameters' device, read by the kernel)."""
     launched = []
     launch = adamw_module._launch_adamw
-    monkeypatch.setattr(adamw_module, "_launch_adamw", lambda tensors, hyper, config: launched.append(
-        [t[0] for t in tensors]) or launch(tensors, hyper, config))
+    monkeypatch.setattr(adamw_module, "_launch_adamw", lambda tensors, *args: launched.append(
+        [t[0] for t in tensors]) or launch(tensors, *args))
     params = make_params(triton_device, dtype)
-    optimizer = TritonAdamW(groups(params), lr=1e-2, **HYPER)
+    lr = torch.tensor(1e-2, device=triton_device) if capturable else 1e-2
+    optimizer = TritonAdamW(groups(params), lr=lr, capturable=capturable, **HYPER)
     decays = [0.1 if p.dim() >= 2 else 0.0 for p in params]
     reference = Float64AdamW(params, decays, **HYPER)
     # fp32: the GPU contracts products and sums into FMAs and divides to 2 ulp, which the first moment's cancellations
@@ -94,22 +97,28 @@ def test_steps_match_the_update_in_float64(triton_device, monkeypatch, dtype):
                            for i, p in enumerate(params)]
         set_grads(params, step)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            if capturable:
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
         launched.clear()
         optimizer.step()
-        # each parameter with a gradient and elements once, SLOTS at most a launch, each launch one step count
+        # each parameter with a gradient and elements once, SLOTS at most a launch; with host scalars each launch
+        # one step count: at step 2 the parameter a step behind launches apart
         updated = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None and p.numel()]
         assert sorted(map(id, sum(launched, []))) == sorted(map(id, updated))
         assert all(len(tensors) <= adamw_module.SLOTS for tensors in launched)
-        assert all(len({optimizer.state[p]["step"].item() for p in tensors}) == 1 for tensors in launched)
-        assert len(launched) == {0: 3, 1: 3, 2: 4}[step]  # step 2: the parameter a step behind launches apart
+        if not capturable:
+            assert all(len({optimizer.state[p]["step"].item() for p in tensors}) == 1 for tensors in launched)
+        assert len(launched) == {0: 3, 1: 3, 2: 3 if capturable else 4}[step]
         reference.step([p.grad for p in params], lr)
         for i, p in enumerate(params):
             if p.numel():
                 assert relative_error(p, reference.params[i]) < tolerance, (step, i)
     for i, p in enumerate(params):
         state = optimizer.state[p]
-        assert state["step"].device.type == "cpu" and state["step"].item() == reference.t[i]
+        assert state["step"].device.type == ("cpu" if not capturable else torch.device(triton_device).type)
+        assert state["step"].item() == reference.t[i]
         if p.numel():
             assert relative_error(state["exp_avg"], reference.m[i]) < tolerance
             assert relative_error(state["exp_avg_sq"], reference.v[i]) < tolerance
@@ -135,6 +144,30 @@ def test_checkpoints_move_between_this_and_torchs_adamw(triton_device):
     for first, second in ((TritonAdamW, torch.optim.AdamW), (torch.optim.AdamW, TritonAdamW)):
         for ours, expected in zip(run(first, second), torch_only):
             torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+
+
+def test_capturable_state_resumes(triton_device):
+    """A capturable run's state (step counts and learning rate as tensors) saved after two steps and loaded into a
+    fresh capturable optimizer: its third step equals three steps of torch's AdamW (host scalars)."""
+    def run(capturable):
+        params = make_params(triton_device, torch.float32, seed=3)
+        options = dict(lr=torch.tensor(1e-2, device=triton_device), capturable=True) if capturable else dict(lr=1e-2)
+        optimizer = (TritonAdamW if capturable else torch.optim.AdamW)(groups(params), **options, **HYPER)
+        for step in range(2):
+            set_grads(params, step)
+            optimizer.step()
+        state = optimizer.state_dict()
+        if capturable:
+            optimizer = TritonAdamW(groups(params), **dict(options, lr=torch.tensor(0.5, device=triton_device)),
+                                    **HYPER)
+            optimizer.load_state_dict(state)
+            assert optimizer.param_groups[0]["lr"].item() == pytest.approx(1e-2)
+        set_grads(params, 2)
+        optimizer.step()
+        return [p.detach().double().cpu() for p in params]
+
+    for ours, expected in zip(run(True), run(False)):
+        torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
 
 
 def same_steps_as_torchs(ours, theirs, steps, torch_only_options=None, **options) -> bool:
@@ -195,17 +228,21 @@ def test_closure_is_evaluated_with_grad_enabled(triton_device):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+@pytest.mark.parametrize("capturable", [False, True], ids=["host_scalars", "capturable"])
 @pytest.mark.parametrize("dtype, loads", [(torch.bfloat16, 8), (torch.float32, 16)])
-def test_kernel_compiles_for_hopper_with_16_byte_accesses(monkeypatch, dtype, loads):
+def test_kernel_compiles_for_hopper_with_16_byte_accesses(monkeypatch, dtype, loads, capturable):
     """Compiled for an H100 / H200 (sm_90) on the CPU, as a launch of SLOTS parameters of odd sizes builds it: the
     whole blocks' loads and stores of all four tensors are 16 bytes wide (16 elements a thread: 2 or 4 accesses of
-    each tensor), whatever the sizes (not specialised on), and nothing spills."""
+    each tensor), whatever the sizes (not specialised on), and nothing spills; also reading the step counts and the
+    learning rate from device tensors (capturable)."""
     from modeling_moe.kernels.offline_compile import compile_only, resource_usage
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    tensors = [tuple(torch.empty(n, dtype=dtype) for _ in range(4)) for n in (4096, 100, 7, 2049, 1, 3000, 64, 5)]
+    tensors = [tuple(torch.empty(n, dtype=dtype) for _ in range(4)) + (torch.empty(()),)
+               for n in (4096, 100, 7, 2049, 1, 3000, 64, 5)]
+    hyper = (0.1, 0.9, 0.95, 1e-8) if capturable else (0.1, 0.9, 0.95, 1e-8, 0.99, 1e-3, 0.5)
     with compile_only() as compiled:
-        adamw_module._launch_adamw(tensors, (0.99, 0.9, 0.95, 1e-8, 1e-3, 0.5), adamw_module.BLOCK_GPU)
+        adamw_module._launch_adamw(tensors, hyper, adamw_module.BLOCK_GPU, torch.empty(()) if capturable else None)
     ptx = compiled[-1].asm["ptx"]
     assert len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.b32", ptx)) >= loads
     assert len(re.findall(r"st\.global(?:\.\w+)*\.v4\.b32", ptx)) >= loads * 3 // 4
@@ -229,3 +266,47 @@ def test_gpu_bf16_matches_torchs_fused_adamw():
             optimizer.step()
     for a, b in zip(ours, theirs):
         assert relative_error(a, b.double().cpu()) < 4e-3
+
+
+@pytest.mark.gpu
+def test_gpu_capturable_step_replays_from_a_cuda_graph():
+    """The capturable step captured once in a CUDA graph and replayed with a new learning rate written in place each
+    time (as a scheduler does) and new gradients copied into the captured ones: the same parameters as the step run
+    eagerly, and the step counts advance on the device."""
+    shapes = [(4096, 1000), (7, 5), (1 << 20,), (3,)]
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(s, generator=g).cuda().bfloat16() for s in shapes]
+    grads = [[torch.randn(s, generator=g).cuda().bfloat16() for s in shapes] for _ in range(4)]
+    rates = [1e-3, 2e-3, 5e-4, 1e-3]
+
+    def optimizer_for(params):
+        return TritonAdamW(params, lr=torch.tensor(rates[0], device="cuda"), capturable=True, weight_decay=0.1,
+                           **HYPER)
+
+    eager = [torch.nn.Parameter(p.clone()) for p in start]
+    optimizer = optimizer_for(eager)
+    for rate, step_grads in zip(rates, grads):
+        for p, grad in zip(eager, step_grads):
+            p.grad = grad.clone()
+        optimizer.param_groups[0]["lr"].fill_(rate)
+        optimizer.step()
+
+    graphed = [torch.nn.Parameter(p.clone()) for p in start]
+    optimizer = optimizer_for(graphed)
+    for p, grad in zip(graphed, grads[0]):
+        p.grad = grad.clone()
+    optimizer.step()  # step 1 eagerly: the state exists before the capture
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.cuda.graph(graph):
+        optimizer.step()
+    torch.cuda.current_stream().wait_stream(side)
+    for rate, step_grads in zip(rates[1:], grads[1:]):
+        for p, grad in zip(graphed, step_grads):
+            p.grad.copy_(grad)
+        optimizer.param_groups[0]["lr"].fill_(rate)
+        graph.replay()
+    for a, b in zip(graphed, eager):
+        assert torch.equal(a, b)
+    assert all(optimizer.state[p]["step"].item() == len(rates) for p in graphed)
