@@ -44,6 +44,7 @@ from modeling_moe.kernels import mla_decode  # noqa: E402
 from modeling_moe.kernels.adamw import TritonAdamW  # noqa: E402
 from modeling_moe.modeling_moe import MoEMultiHeadLatentAttention, MoERotaryEmbedding  # noqa: E402
 from modeling_moe.presets import parameter_counts  # noqa: E402
+from modeling_moe.trainers.cuda_graph import GraphedStep  # noqa: E402
 
 # transformers 5.2x renamed the cache keyword (and output field) from `past_key_values` to `cache`.
 CACHE_KW = "cache" if "cache" in inspect.signature(DeepseekV3ForCausalLM.forward).parameters else "past_key_values"
@@ -261,11 +262,16 @@ def train_inputs(S, dev, dtype):
 
 
 def training_step(cfg, impl, state, ids, dev, dtype, update_bias=False, compiled=False, skip_logits=False,
-                  compile_mode=None, whole_model=False):
+                  compile_mode=None, whole_model=False, cuda_graph=False):
     """(model, optimizer, step): one forward + backward + optimizer step of the model `cfg` describes; compiled layer
-    by layer, or with `whole_model` as one torch.compile region."""
+    by layer, or with `whole_model` as one torch.compile region; with `cuda_graph` replayed from one CUDA graph after
+    two eager steps, as `pretrain --cuda_graph` runs it (AdamW capturable, its learning rate a device tensor)."""
+    if cuda_graph and dev.type != "cuda":
+        raise ValueError(f"a step replayed from a CUDA graph needs a CUDA device, not {dev.type}")
     model = build(cfg, impl, state, dev, dtype).train()
-    if isinstance(cfg, MoEConfig) and dev.type == "cuda":  # what `pretrain` steps with (--optim adamw_triton)
+    if cuda_graph:
+        opt = TritonAdamW(model.parameters(), lr=torch.tensor(1e-5, device=dev), capturable=True)
+    elif isinstance(cfg, MoEConfig) and dev.type == "cuda":  # what `pretrain` steps with (--optim adamw_triton)
         opt = TritonAdamW(model.parameters(), lr=1e-5)
     else:  # as the anchors' script
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True if dev.type == "cuda" else None)
@@ -281,23 +287,25 @@ def training_step(cfg, impl, state, ids, dev, dtype, update_bias=False, compiled
         forward = model
     loss_kwargs = dict(skip_logits=True) if skip_logits else {}  # the chunked loss, as pretraining computes it
 
-    def step():
-        forward(input_ids=ids, labels=ids, use_cache=False, **loss_kwargs).loss.backward()
+    def optimizer_step(batch):
+        forward(input_ids=batch, labels=batch, use_cache=False, **loss_kwargs).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if update_bias:
             model.update_expert_bias()
 
-    return model, opt, step
+    run = GraphedStep(optimizer_step) if cuda_graph else optimizer_step
+    return model, opt, lambda: run(ids)
 
 
 def part_train(S, args, dev, dtype):
     batch, seq = S["train"]
     hf_cfg, our_cfg, state, ids, flops_per_token = train_inputs(S, dev, dtype)
 
-    def run(cfg, impl, update_bias=False, compiled=False, profile=False, skip_logits=False, compile_mode=None):
+    def run(cfg, impl, update_bias=False, compiled=False, profile=False, skip_logits=False, compile_mode=None,
+            cuda_graph=False):
         model, opt, step = training_step(cfg, impl, state, ids, dev, dtype, update_bias, compiled, skip_logits,
-                                         compile_mode)
+                                         compile_mode, cuda_graph=cuda_graph)
         free()
         seconds = timed(step, dev, args.warmup, args.steps)
         back_to_back = timed(step, dev, 0, args.steps, clock="back_to_back")
@@ -325,6 +333,11 @@ def part_train(S, args, dev, dtype):
                     rows[f"ours (fused experts, layers compiled {spec}, chunked loss) + update_expert_bias"] = measure(
                         run, our_cfg, "fused", True, True, profile=args.profile_train, skip_logits=True,
                         compile_mode=spec)
+                for spec in filter(None, args.train_graph_compile_modes.split(",")):
+                    rows[f"ours (fused experts, layers compiled {spec}, chunked loss) + update_expert_bias, the "
+                         "step one CUDA graph"] = measure(
+                        run, our_cfg, "fused", True, True, profile=args.profile_train, skip_logits=True,
+                        compile_mode=spec, cuda_graph=True)
         report("train", f"experts={impl} B{batch}xS{seq}", rows, gflop_per_token=sig(flops_per_token / 1e9))
 
 
@@ -339,14 +352,15 @@ def part_step(S, args, dev, dtype):
     mode = args.step_compile_mode or None
     model, opt, step = training_step(our_cfg, impl, state, ids, dev, dtype, update_bias=True,
                                      compiled=mode != "none", skip_logits=True, compile_mode=mode,
-                                     whole_model=args.step_compile_whole_model)
+                                     whole_model=args.step_compile_whole_model, cuda_graph=args.step_cuda_graph)
     free()
     start = time.perf_counter()
     seconds = timed(step, dev, args.warmup, args.steps)
     warm_and_synchronised_s = time.perf_counter() - start
     runs = [timed(step, dev, 0, args.steps, clock="back_to_back") for _ in range(args.step_runs)]
     scope = "model" if args.step_compile_whole_model else "layers"
-    record = dict(part="step", case=f"experts={impl} B{batch}xS{seq}", model=f"ours ({scope} compiled {mode})",
+    graph = ", the step one CUDA graph" if args.step_cuda_graph else ""
+    record = dict(part="step", case=f"experts={impl} B{batch}xS{seq}", model=f"ours ({scope} compiled {mode}{graph})",
                   step_ms=sig(seconds * 1e3), tokens_per_s=sig(batch * seq / seconds),
                   back_to_back_ms=[sig(t * 1e3) for t in runs],
                   back_to_back_tokens_per_s=sig(batch * seq / statistics.median(runs)),
@@ -706,6 +720,14 @@ def main():
                         help="step part: the torch.compile mode of the layers, with inductor options after '+' as "
                              "in --train-compile-modes (empty: torch.compile's default; none: not compiled)")
     parser.add_argument("--step-runs", type=int, default=3, help="step part: runs of --steps back-to-back steps")
+    parser.add_argument("--train-graph-compile-modes", default="default",
+                        help="train part: also time the fused, compiled, chunked-loss row replayed from one CUDA "
+                             "graph a step (`pretrain --cuda_graph`) with its layers compiled in each of these "
+                             "torch.compile modes, as in --train-compile-modes but without CUDA graphs of their own "
+                             "(default, max-autotune-no-cudagraphs; empty for none)")
+    parser.add_argument("--step-cuda-graph", action="store_true",
+                        help="step part: replay the step from one CUDA graph (`pretrain --cuda_graph`; give a "
+                             "--step-compile-mode without CUDA graphs of its own, e.g. default)")
     parser.add_argument("--step-compile-whole-model", action="store_true",
                         help="step part: compile the whole model as one region (one forward and one backward graph, "
                              "fewer guard checks and graph launches a step) instead of layer by layer")

@@ -63,3 +63,11 @@ def test_compile_modes_with_inductor_options():
         "options": {"coordinate_descent_tuning": True}}
     with pytest.raises(RuntimeError, match="not_an_option"):
         torch.compile(torch.nn.Linear(2, 2), **bench.compile_arguments("default+not_an_option"))
+
+
+def test_a_step_replayed_from_a_cuda_graph_needs_cuda():
+    """--step-cuda-graph / --train-graph-compile-modes (`pretrain --cuda_graph`) on a CPU: a clear error before any
+    model is built (tests/test_cuda_graph.py and test_pretrain.py run the graphed step on a GPU)."""
+    bench = load_benchmark_script("bench_model")
+    with pytest.raises(ValueError, match="needs a CUDA device, not cpu"):
+        bench.training_step(None, "eager", {}, None, torch.device("cpu"), torch.float32, cuda_graph=True)

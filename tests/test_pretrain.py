@@ -531,6 +531,10 @@ def test_two_process_fsdp2_with_expert_parallel_matches_ddp(two_process_runs):
         (["--warmup_steps", "-5"], "--warmup_steps must be >= 0"),
         (["--report_to", "bogus"], "--report_to 'bogus' is not a tracker"),
         (["--max_steps", "0", "--num_train_epochs", "0"], "Nothing to train"),
+        (["--cuda_graph", "--gradient_checkpointing", "--torch_compile", "--torch_compile_mode", "reduce-overhead"],
+         "--cuda_graph needs a CUDA device (this run is on cpu); no --gradient_checkpointing (its recomputation "
+         "saves and restores the random state, which a capture forbids); a --torch_compile_mode without CUDA graphs "
+         "of its own (got reduce-overhead"),
     ],
 )
 def test_configuration_errors_are_clear(tmp_path, data_cache, extra, message):
@@ -558,6 +562,45 @@ def test_gpu_training_in_bf16_with_the_fused_experts(tmp_path, data_cache):
     assert all(math.isfinite(r["loss"]) and r["mfu"] is not None for r in records)
     assert records[-1]["loss"] < records[0]["loss"]
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["MoEForCausalLM"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_steps_replayed_from_one_cuda_graph_train_as_eager_ones(tmp_path, data_cache, monkeypatch):
+    """--cuda_graph replays steps 3 on from one captured graph: the losses, gradient norms, held-out losses and
+    MaxVio of the same run with every step eager (the graph never captured), with two micro-batches and MTP a step;
+    and a run resumed from its step-4 checkpoint (the learning-rate tensors loaded back onto the GPU) captures anew
+    and logs the uninterrupted run's losses."""
+    from modeling_moe.trainers import cuda_graph
+
+    flags = ["--data_cache_dir", data_cache, "--max_steps", "8", "--torch_compile", "--tf32", "false",
+             "--cuda_graph", "--gradient_accumulation_steps", "2", "--logging_steps", "1", "--eval_steps", "4",
+             "--save_final_model", "false", "--config_overrides", '{"num_nextn_predict_layers": 1}']
+    main([*ON_GPU, *flags, "--output_dir", str(tmp_path / "graph"), "--save_steps", "4"])
+    main([*ON_GPU, *flags, "--output_dir", str(tmp_path / "graph"), "--save_steps", "0", "--overwrite_output_dir",
+          "--resume_from_checkpoint", str(tmp_path / "graph" / "checkpoint-4")])
+    resumed = read_metrics(tmp_path / "graph")
+    captured = []
+    original_capture = cuda_graph.GraphedStep._capture
+    monkeypatch.setattr(cuda_graph.GraphedStep, "_capture",
+                        lambda self, inputs: captured.append(self.calls) or original_capture(self, inputs))
+    main([*ON_GPU, *flags, "--output_dir", str(tmp_path / "graph-again"), "--save_steps", "0"])
+    assert captured == [3]
+    graphed = read_metrics(tmp_path / "graph-again")
+    monkeypatch.setattr(cuda_graph.GraphedStep, "_capture", lambda self, inputs: pytest.fail("captured"))
+    monkeypatch.setattr(cuda_graph.GraphedStep, "__call__", lambda self, inputs: self.step(inputs))
+    main([*ON_GPU, *flags, "--output_dir", str(tmp_path / "eager"), "--save_steps", "0"])
+    eager = read_metrics(tmp_path / "eager")
+    assert [r["step"] for r in graphed if "loss" in r] == list(range(1, 9))
+    for a, b in zip(eager, graphed, strict=True):
+        for key in ("loss", "eval_loss", "grad_norm", "lr"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-6), (a["step"], key)
+        assert b.get("maxvio") == a.get("maxvio")
+    resumed_steps = {r["step"]: r for r in resumed if "loss" in r}
+    for record in graphed:
+        if "loss" in record and record["step"] > 4:
+            assert resumed_steps[record["step"]]["loss"] == pytest.approx(record["loss"], rel=1e-6)
 
 
 @pytest.mark.gpu
@@ -692,6 +735,13 @@ def test_optimizer_choice_groups_and_settings(optim, device_type, fsdp2, expecte
     assert [p.dim() for p in decay["params"]] == [2] and decay["weight_decay"] == 0.2
     assert [p.dim() for p in no_decay["params"]] == [1, 1, 1] and no_decay["weight_decay"] == 0.0
     assert all(g["lr"] == 0.01 and g["betas"] == (0.9, 0.9) for g in optimizer.param_groups)
+    assert not optimizer.defaults["capturable"]
+    if device_type == "cpu":  # --cuda_graph: capturable, the learning rate a tensor on the device (rejected on a CPU
+        # by the trainer; built here all the same)
+        optimizer = build_optimizer(model, parse_args(argv + ["--cuda_graph"])[2], device_type)
+        assert optimizer.defaults["capturable"]
+        assert all(isinstance(g["lr"], torch.Tensor) and g["lr"].item() == pytest.approx(0.01)
+                   for g in optimizer.param_groups)
     with pytest.raises(SystemExit) as exit_info:
         parse_args(["--optim", "sgd"])
     assert exit_info.value.code == 2

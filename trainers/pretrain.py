@@ -197,6 +197,14 @@ class PretrainArguments:
                                          "TUNING=1 in the environment also retunes inductor's kernels (~2 min more of "
                                          "first compilation, steps 0.3 to 1 percent faster)."}
     )
+    cuda_graph: bool = field(
+        default=False,
+        metadata={"help": "One GPU: replay each optimizer step (forward, backward, clipping, AdamW, the balancing "
+                          "bias update) from one CUDA graph captured at step 3, so that the host's speed no longer "
+                          "matters (benchmarks/RESULTS.md). Needs batches of one shape (packed blocks are), one "
+                          "process without expert parallelism, and a --torch_compile_mode without CUDA graphs of its "
+                          "own (default, max-autotune-no-cudagraphs)."},
+    )
     report_to: list[str] = field(
         default_factory=lambda: ["none"],
         metadata={"help": "Trackers besides metrics.jsonl: none, tensorboard, or any accelerate tracker (wandb, ...)."},
@@ -533,7 +541,10 @@ def wrap_present_layer_classes(fsdp_plugin, model: torch.nn.Module):
         fsdp_plugin.transformer_cls_names_to_wrap = [name for name in names if name in present]
 
 
-def build_optimizer(model, args: PretrainArguments, device_type: str, fsdp2: bool = False):
+def build_optimizer(model, args: PretrainArguments, device: torch.device | str, fsdp2: bool = False):
+    """AdamW as --optim names it, matrices with weight decay and the rest without; with --cuda_graph capturable,
+    its learning rate a tensor on `device` that the scheduler writes in place (a graph replays what it reads)."""
+    device_type = torch.device(device).type
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     # FSDP2 hands the optimizer DTensors, which TritonAdamW leaves to torch's (unfused) step: torch's fused one there
@@ -546,9 +557,11 @@ def build_optimizer(model, args: PretrainArguments, device_type: str, fsdp2: boo
         options = {}
     else:
         optimizer_class, options = torch.optim.AdamW, dict(fused=True if optim == "adamw_torch_fused" else None)
+    if args.cuda_graph:
+        options["capturable"] = True
     return optimizer_class(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.learning_rate,
+        lr=torch.tensor(args.learning_rate, device=device) if args.cuda_graph else args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         eps=args.adam_epsilon,
         **options,
@@ -811,6 +824,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
     )
     from transformers import get_scheduler
 
+    from modeling_moe.trainers.cuda_graph import GraphedStep
     from modeling_moe.trainers.expert_parallel import ExpertParallel, check_expert_parallel_size
     from modeling_moe.trainers.metrics import PhaseTimes, peak_flops_per_device, training_flops_per_token
     from modeling_moe.trainers.profiling import StepProfiler, parse_profile_steps, profile_record
@@ -869,6 +883,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
         check_expert_parallel_size(ep_size, world, config.n_routed_experts)
     except ValueError as error:
         raise ConfigurationError(str(error)) from error
+    if args.cuda_graph:
+        _check_cuda_graph(args, accelerator.device, world)
     if args.tf32 is not None and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
         torch.backends.cudnn.allow_tf32 = args.tf32
@@ -946,7 +962,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
         else:
             expert_parallel.exclude_from_ddp(model)
     model.train()
-    optimizer = build_optimizer(model, args, accelerator.device.type, fsdp2=accelerator.is_fsdp2)
+    optimizer = build_optimizer(model, args, accelerator.device, fsdp2=accelerator.is_fsdp2)
     phases.mark("model")
     if eval_loader is not None:
         model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
@@ -983,6 +999,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
                 f"(got {world}): each process restores its own random and data state."
             )
         accelerator.load_state(str(checkpoint))
+        if args.cuda_graph:  # the loaded learning rates are the checkpoint's tensors, on the CPU: back where read
+            for group in optimizer.param_groups:
+                group["lr"] = group["lr"].to(accelerator.device)
         state.log_history = [r for r in state.log_history if r["step"] <= state.global_step]
         if main_process:
             logger.info("resumed from %s at step %d", checkpoint, state.global_step)
@@ -1037,7 +1056,40 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
         return accelerator.reduce(torch.stack([window["lm"], window["objective"]]), reduction="mean")
 
     last_window_load, last_window_steps = None, None
-    grad_norm = torch.zeros((), device=device)
+
+    def optimizer_step(micro_batches: list[dict]) -> dict:
+        """One optimizer step over `micro_batches`: its losses (summed over them, for the window), the gradient norm
+        and the balancing statistics. No host sync: --cuda_graph replays it from a graph."""
+        objective = torch.zeros((), device=device)
+        lm = torch.zeros((), device=device)
+        num_items, *mtp_items = predicted_tokens(micro_batches, accelerator, len(unwrapped.model.mtp_layers))
+        for batch in micro_batches:
+            with accelerator.accumulate(model):
+                # the loss from the hidden states in chunks: the [tokens, vocab] logits are never held whole; each
+                # micro-batch's loss is its share of the mean over the step's tokens on all ranks (MTP's too)
+                output = model(**batch, use_cache=False, skip_logits=True, num_items_in_batch=num_items,
+                               mtp_items_in_batch=mtp_items or None)
+                # accelerator.backward divides by the accumulation steps and DDP / FSDP average over the ranks:
+                # the shares must add up instead
+                accelerator.backward(output.loss * (args.gradient_accumulation_steps * world))
+            objective += output.loss.detach().float() * world  # (the logged window averages over the ranks)
+            lm += output.lm_loss.detach().float() * world
+            del output
+        if not accelerator.sync_gradients:
+            raise RuntimeError("gradient accumulation fell out of step with the optimizer")
+        if expert_parallel is not None:
+            expert_parallel.finish_gradients()
+            grad_norm = expert_parallel.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        else:
+            max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        balance = unwrapped.update_expert_bias()  # once per optimizer step, counts summed over all ranks
+        return dict(objective=objective, lm=lm, grad_norm=grad_norm, **balance)
+
+    # --cuda_graph: steps 1 and 2 eager (compilation, the optimizer's state), step 3 captured, then replays
+    run_step = GraphedStep(optimizer_step, warmup=2) if args.cuda_graph else optimizer_step
 
     if args.eval_on_start and eval_loader is not None and state.global_step == 0:
         record_metrics({"step": 0, **evaluate(model, eval_loader, accelerator, show_progress)})
@@ -1070,36 +1122,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
             started = time.perf_counter()
             profiler.start_if(step)
             window["start"] += time.perf_counter() - started  # the profiler's set-up is not training time
-        objective = torch.zeros((), device=device)
-        lm = torch.zeros((), device=device)
         micro_batches = [batches.next() for _ in range(args.gradient_accumulation_steps)]
-        num_items, *mtp_items = predicted_tokens(micro_batches, accelerator, len(unwrapped.model.mtp_layers))
-        for batch in micro_batches:
-            with accelerator.accumulate(model):
-                # the loss from the hidden states in chunks: the [tokens, vocab] logits are never held whole; each
-                # micro-batch's loss is its share of the mean over the step's tokens on all ranks (MTP's too)
-                output = model(**batch, use_cache=False, skip_logits=True, num_items_in_batch=num_items,
-                               mtp_items_in_batch=mtp_items or None)
-                # accelerator.backward divides by the accumulation steps and DDP / FSDP average over the ranks:
-                # the shares must add up instead
-                accelerator.backward(output.loss * (args.gradient_accumulation_steps * world))
-            objective += output.loss.detach().float() * world  # (the logged window averages over the ranks)
-            lm += output.lm_loss.detach().float() * world
-            del output
-        if not accelerator.sync_gradients:
-            raise RuntimeError("gradient accumulation fell out of step with the optimizer")
-        if expert_parallel is not None:
-            expert_parallel.finish_gradients()
-            grad_norm = expert_parallel.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        else:
-            max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
+        result = run_step(micro_batches)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        balance = unwrapped.update_expert_bias()  # once per optimizer step, counts summed over all ranks
-
         state.global_step = step
         if args.max_train_seconds > 0:  # one rank's clock decides, for all (an all-reduce of a flag)
             if time.perf_counter() - train_start >= args.max_train_seconds:
@@ -1111,12 +1137,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
         if "first_step" not in phases.seconds:  # host time to run step 1: kernel compilation, allocator growth
             phases.mark("first_step")
         state.tokens_seen += tokens_per_step
-        window["objective"] += objective
-        window["lm"] += lm
+        window["objective"] += result["objective"]
+        window["lm"] += result["lm"]
         window["steps"] += 1
         if num_layers:
-            window["maxvio"] += balance["maxvio"].to(device)
-            window["load"] += balance["tokens_per_expert"].to(device)
+            window["maxvio"] += result["maxvio"].to(device)
+            window["load"] += result["tokens_per_expert"].to(device)
 
         record = {}
         if step % args.logging_steps == 0 or step == max_steps or out_of_time:
@@ -1140,8 +1166,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PretrainAr
                 "epoch": round(state.epoch + state.samples_in_epoch / max(len(train_set), 1), 4),
                 "loss": losses[0],
                 "train_objective": losses[1],
-                "lr": lr,
-                "grad_norm": _to_float(grad_norm),
+                "lr": _to_float(lr),
+                "grad_norm": _to_float(result["grad_norm"]),
                 "tokens_per_second": round(tokens_per_second, 1),
                 "mfu": round(tokens_per_second * flops_per_token / (peak * world), 4) if peak else None,
                 "maxvio": [round(v, 4) for v in maxvio],
@@ -1297,6 +1323,24 @@ def _check_profile_steps(steps: tuple[int, int], max_steps: int):
         raise ConfigurationError(
             f"--profile_steps {steps[0]},{steps[1]}: step {steps[1]} is beyond the run's {max_steps} optimizer steps."
         )
+
+
+def _check_cuda_graph(args: PretrainArguments, device: torch.device, world: int):
+    """--cuda_graph's needs, each named: a failed capture would say far less."""
+    problems = []
+    if device.type != "cuda":
+        problems.append(f"a CUDA device (this run is on {device.type})")
+    if world > 1:
+        problems.append(f"one process (this run has {world}: DDP, FSDP2 and expert parallelism synchronise ranks "
+                        "inside the step)")
+    if args.gradient_checkpointing:
+        problems.append("no --gradient_checkpointing (its recomputation saves and restores the random state, which "
+                        "a capture forbids)")
+    if args.torch_compile and args.torch_compile_mode in ("reduce-overhead", "max-autotune"):
+        problems.append(f"a --torch_compile_mode without CUDA graphs of its own (got {args.torch_compile_mode}; "
+                        "use default or max-autotune-no-cudagraphs)")
+    if problems:
+        raise ConfigurationError("--cuda_graph needs " + "; ".join(problems) + ".")
 
 
 def _steps(span: list[int]) -> str:
