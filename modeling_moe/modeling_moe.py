@@ -23,7 +23,7 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import utils as generation_utils
 from transformers.integrations import use_experts_implementation
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, packed_sequence_mask_function
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -135,6 +135,13 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     probs = softmax_in_at_least_fp32(scores).to(query.dtype)
     probs = F.dropout(probs, p=dropout, training=module.training)
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+
+
+def document_indices(position_ids: torch.Tensor) -> torch.Tensor:
+    """Which packed document each position [..., seq] belongs to (0, 1, ...): a new one wherever the positions do not
+    go up by one."""
+    new_document = position_ids.diff(dim=-1) != 1
+    return torch.cat([torch.zeros_like(position_ids[..., :1]), new_document.cumsum(-1)], dim=-1)
 
 
 def let_keyless_queries_see_themselves(mask: torch.Tensor) -> torch.Tensor:
@@ -889,9 +896,26 @@ class MoEModel(MoEPreTrainedModel):
 
     def causal_mask(self, inputs_embeds, attention_mask, cache, position_ids):
         """transformers' mask for the configured attention; in training, a boolean one lets each query that would see
-        no key (left padding) see itself (`let_keyless_queries_see_themselves`)."""
+        no key (left padding) see itself (`let_keyless_queries_see_themselves`).
+
+        Pretraining's masks (no cache; sdpa or eager) come out the same whether or not a CUDA graph is being captured
+        (`pretrain --cuda_graph`), which transformers treats as tracing: given positions mask each packed document on
+        the device, where transformers would first read on the host whether any row packs several (a sync each
+        forward); sdpa without a padding mask or positions gets None (its `is_causal`), which transformers gives
+        only outside a capture.
+        """
+        implementation = self.config._attn_implementation
+        documents = None
+        if cache is None and implementation in ("sdpa", "eager"):
+            if position_ids is not None:
+                documents = packed_sequence_mask_function(
+                    document_indices(position_ids.expand(inputs_embeds.shape[0], -1)))
+                position_ids = None  # (transformers' own search for packed documents reads them on the host)
+            elif attention_mask is None and implementation == "sdpa":
+                return None
         # Positional arguments: the cache keyword was renamed across transformers 5.x.
-        mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
+        mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids,
+                                  and_mask_function=documents)
         if self.training and isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
             mask = let_keyless_queries_see_themselves(mask)
         return mask

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers.masking_utils import create_causal_mask
 
 import modeling_moe.modeling_moe
 from modeling_moe import MoEForCausalLM
@@ -13,6 +14,7 @@ from modeling_moe.modeling_moe import (
     MoESparseMoeBlock,
     MoETopkRouter,
     RouterLogits,
+    document_indices,
     expert_balance_loss,
     largest,
     let_keyless_queries_see_themselves,
@@ -287,22 +289,44 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone(make_confi
         assert row.tolist() == expected.tolist()
 
 
-def test_only_given_positions_are_checked_for_packed_documents(monkeypatch):
-    """transformers reads position_ids on the host to find packed documents (a GPU sync each forward): the model hands
-    it the caller's positions, packed or not, and never the plain ones it makes itself."""
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_pretraining_masks_are_built_on_the_device_and_the_same_while_capturing(monkeypatch, implementation):
+    """Packed documents (positions given, no cache): the mask transformers builds from the positions, made without
+    transformers' host read of them (a GPU sync each forward) and never from the plain positions the model makes
+    itself. It and the plain causal mask (sdpa: None, its is_causal) stay the same while a CUDA graph is being
+    captured, which transformers treats as tracing (`pretrain --cuda_graph` captures a step after eager ones)."""
     import transformers.masking_utils as masking_utils
 
-    checked = []
-    original = masking_utils.find_packed_sequence_indices
-    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices",
-                        lambda position_ids: checked.append(position_ids.clone()) or original(position_ids))
-    model = seeded_model(small_config(num_hidden_layers=2, num_nextn_predict_layers=1)).train()
+    config = small_config(num_hidden_layers=2, num_nextn_predict_layers=1)
+    config._attn_implementation = implementation
+    model = seeded_model(config).train()
     ids = torch.randint(3, 97, (2, 8), generator=torch.Generator().manual_seed(0))
-    plain = model(input_ids=ids, labels=ids, use_cache=False).loss  # as the pretraining trainer calls it
-    assert checked == []
-    packed = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]] * 2)  # two documents a row: attention stays inside each
-    assert model(input_ids=ids, labels=ids, position_ids=packed, use_cache=False).loss != plain
-    assert len(checked) == 2 and torch.equal(checked[0], packed)  # the decoder's mask, then the MTP layer's
+    embeds = model.model.embed_tokens(ids)
+    packed = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0], [0, 1, 2, 3, 4, 5, 6, 7]])  # three documents, then one
+    expected = create_causal_mask(config, embeds, None, None, packed)  # transformers' own, outside a capture
+    if expected is None:  # sdpa: no row packs several documents
+        expected = torch.ones(8, 8, dtype=torch.bool).tril()
+    plain = model.model.causal_mask(embeds, None, None, None)
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices",
+                        lambda position_ids: pytest.fail("transformers read the positions on the host"))
+    for capturing in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
+        mask = model.model.causal_mask(embeds, None, None, packed)
+        if implementation == "eager":  # additive float masks: 0 where attended
+            mask, expected_bool = mask == 0, expected == 0
+        else:
+            expected_bool = expected
+        assert torch.equal(mask, expected_bool.expand_as(mask))
+        assert mask[0, 0, 5, :4].logical_not().all() and mask[0, 0, 5, 4:6].all()  # document 2 sees itself only
+        again = model.model.causal_mask(embeds, None, None, None)
+        assert (again is None and plain is None) if implementation == "sdpa" else torch.equal(again, plain)
+        model(input_ids=ids, labels=ids, position_ids=packed, use_cache=False).loss.backward()  # MTP's mask too
+    assert implementation == "eager" or create_causal_mask(config, embeds, None, None, None) is None
+
+
+def test_document_indices_start_a_document_wherever_positions_do_not_step_by_one():
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 0, 1], [5, 6, 7, 8, 9, 10, 11, 12]])
+    assert document_indices(positions).tolist() == [[0, 0, 0, 1, 1, 2, 3, 3], [0] * 8]
 
 
 def test_a_training_forward_keeps_packed_documents_apart():
