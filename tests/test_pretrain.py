@@ -575,7 +575,7 @@ def test_gpu_steps_replayed_from_one_cuda_graph_train_as_eager_ones(tmp_path, da
 
     flags = ["--data_cache_dir", data_cache, "--max_steps", "8", "--torch_compile", "--tf32", "false",
              "--cuda_graph", "--gradient_accumulation_steps", "2", "--logging_steps", "1", "--eval_steps", "4",
-             "--save_final_model", "false", "--config_overrides", '{"num_nextn_predict_layers": 1}']
+             "--save_final_model", "false", "--config_overrides", "num_nextn_predict_layers=1"]
     main([*ON_GPU, *flags, "--output_dir", str(tmp_path / "graph"), "--save_steps", "4"])
     main([*ON_GPU, *flags, "--output_dir", str(tmp_path / "graph"), "--save_steps", "0", "--overwrite_output_dir",
           "--resume_from_checkpoint", str(tmp_path / "graph" / "checkpoint-4")])
