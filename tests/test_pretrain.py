@@ -605,6 +605,27 @@ def test_gpu_steps_replayed_from_one_cuda_graph_train_as_eager_ones(tmp_path, da
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_steps_replayed_from_one_cuda_graph_in_bf16_autocast(tmp_path, data_cache, monkeypatch):
+    """--cuda_graph with --bf16 (accelerate's autocast, entered and left inside each captured forward, so the casts
+    of the weights are made anew by every replay, not cached from the capture): the losses of every step eager, to
+    bf16's run-to-run spread (cuDNN's attention backward accumulates with atomics); replays that read the weights of
+    the capture would lose the improvement of the later steps."""
+    from modeling_moe.trainers import cuda_graph
+
+    flags = ["--data_cache_dir", data_cache, "--max_steps", "10", "--torch_compile", "--bf16", "--cuda_graph",
+             "--save_steps", "0", "--save_final_model", "false", "--learning_rate", "1e-2"]
+    main([*ON_GPU, *flags, "--output_dir", str(tmp_path / "graph")])
+    monkeypatch.setattr(cuda_graph.GraphedStep, "__call__", lambda self, inputs: self.step(inputs))
+    main([*ON_GPU, *flags, "--output_dir", str(tmp_path / "eager")])
+    graphed, eager = losses(tmp_path / "graph"), losses(tmp_path / "eager")
+    assert [step for step, _ in graphed] == list(range(1, 11))
+    assert eager[2][1] - eager[-1][1] > 0.1  # the steps after the capture improve the model
+    for (step, a), (_, b) in zip(eager, graphed, strict=True):
+        assert b == pytest.approx(a, rel=2e-3, abs=5e-3), step
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_layers_replayed_from_cuda_graphs_train_as_compiled_ones(tmp_path, data_cache):
     """--torch_compile_mode reduce-overhead replays each decoder layer's forward and backward (fused experts
     included) from CUDA graphs: the same run as plain compiled layers, without the host's launches."""
